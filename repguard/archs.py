@@ -1,0 +1,81 @@
+"""The one place that knows where each architecture keeps its MLP activation.
+
+Hook points are templates relative to the causal-LM module, in the spirit of TransformerLens'
+``blocks.{L}.mlp.hook_post``. The recorded quantity is the paper's: the activation module's
+output, which for gated MLPs is ``act(gate_proj(x))`` *before* the product with ``up_proj(x)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    family: str
+    model_types: tuple[str, ...]
+    layers: str  # dotted path of the decoder-layer list, from the *ForCausalLM module
+    act: str  # dotted path of the activation module, from one decoder layer
+    gated: bool
+    computes: str  # what the act module's output is
+    final_norm: str  # dotted path of the final norm (its weights feed the model fingerprint)
+    intermediate_attr: str = "intermediate_size"
+    layers_attr: str = "num_hidden_layers"
+
+    def intermediate_size(self, config) -> int:
+        value = getattr(config, self.intermediate_attr, None)
+        if value is None and self.family == "gpt2":
+            value = 4 * config.n_embd
+        return int(value)
+
+    def num_layers(self, config) -> int:
+        return int(getattr(config, self.layers_attr))
+
+    @property
+    def hook_point(self) -> str:
+        return f"{self.layers}.{{L}}.{self.act}:output"
+
+
+_GATED = "act(gate_proj(x)), before the product with up_proj(x)"
+
+ARCHITECTURES: tuple[ArchSpec, ...] = (
+    ArchSpec("llama", ("llama",), "model.layers", "mlp.act_fn", True, _GATED, "model.norm"),
+    ArchSpec("mistral", ("mistral",), "model.layers", "mlp.act_fn", True, _GATED, "model.norm"),
+    ArchSpec("qwen2", ("qwen2",), "model.layers", "mlp.act_fn", True, _GATED, "model.norm"),
+    ArchSpec("gemma", ("gemma",), "model.layers", "mlp.act_fn", True, _GATED, "model.norm"),
+    ArchSpec("gemma2", ("gemma2",), "model.layers", "mlp.act_fn", True, _GATED, "model.norm"),
+    ArchSpec("gemma3", ("gemma3_text", "gemma3"), "model.layers", "mlp.act_fn", True, _GATED, "model.norm"),
+    ArchSpec(
+        "gpt2", ("gpt2",), "transformer.h", "mlp.act", False, "GELU(c_fc(x))", "transformer.ln_f",
+        intermediate_attr="n_inner", layers_attr="n_layer",
+    ),
+    ArchSpec(
+        "gpt_neox", ("gpt_neox",), "gpt_neox.layers", "mlp.act", False, "GELU(dense_h_to_4h(x))",
+        "gpt_neox.final_layer_norm",
+    ),
+)
+
+_BY_TYPE = {t: spec for spec in ARCHITECTURES for t in spec.model_types}
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_BY_TYPE)
+
+
+def arch_for(model_type: str) -> ArchSpec:
+    try:
+        return _BY_TYPE[model_type]
+    except KeyError:
+        raise UnsupportedModelError(
+            f"model_type '{model_type}' is not supported; supported: {', '.join(supported_model_types())}"
+        ) from None
+
+
+def resolve(root, dotted: str):
+    """Follow a dotted attribute path (integers index into lists)."""
+    obj = root
+    for part in dotted.split("."):
+        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+    return obj

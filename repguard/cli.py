@@ -1,0 +1,63 @@
+"""The ``repguard`` command line: one entry point, one module per subcommand in ``repguard.commands``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from . import __version__
+from .errors import RepGuardError
+
+# (subcommand, module); each module defines add_parser(subparsers) and sets a ``func`` default.
+COMMANDS = (
+    ("generate", "repguard.commands.generate"),
+    ("calibrate", "repguard.commands.calibrate"),
+    ("inspect", "repguard.commands.inspect"),
+    ("models", "repguard.commands.models"),
+    ("serve", "repguard.commands.serve"),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="repguard",
+        description="Guard language-model decoding against repetition loops by switching off the model's "
+        "repetition neurons for looping sequences only.",
+    )
+    parser.add_argument("--version", action="version", version=f"repguard {__version__}")
+    parser.add_argument(
+        "--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="logging verbosity (default: WARNING)",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module in COMMANDS:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            continue  # a subcommand not present in this build
+        mod.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level), format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except RepGuardError as exc:
+        print(f"repguard: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

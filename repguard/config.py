@@ -1,0 +1,123 @@
+"""``GuardConfig``: every knob of the runtime guard, validated, serialisable, with presets."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+PRESETS = ("default", "monitor", "paper", "off")
+
+
+class GuardConfig(BaseModel):
+    """Settings of the runtime guard. Levels: MONITOR -> DEACTIVATE -> ESCALATE -> STOP.
+
+    >>> GuardConfig.from_preset("monitor").deactivate
+    False
+    >>> GuardConfig(k=64).to_dict()["k"]
+    64
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    preset: Literal["default", "monitor", "paper", "off", "custom"] = "default"
+    enabled: bool = Field(True, description="False leaves generation untouched and reports nothing.")
+
+    # -- detection ---------------------------------------------------------------------------------
+    paper_trigger: bool = Field(True, description="Fire on the paper's criterion (n-gram seen k times, equally spaced).")
+    ngram: int = Field(10, ge=2, le=64, description="Paper criterion: n-gram length n.")
+    window: int = Field(100, ge=4, le=4096, description="Paper criterion: window r in tokens.")
+    min_count: int = Field(3, ge=3, le=16, description="Paper criterion: occurrences k.")
+    suffix_trigger: bool = Field(True, description="Fire early on back-to-back copies (longest repeated suffix).")
+    min_repeat: int = Field(12, ge=2, le=4096, description="Suffix trigger: repeated tokens needed.")
+    min_copies: float = Field(2.0, ge=1.5, le=16.0, description="Suffix trigger: back-to-back copies needed.")
+    max_period: int = Field(64, ge=1, le=4096, description="Suffix trigger: longest loop period considered.")
+    watch_prompt: bool = Field(False, description="Feed prompt tokens to the detector (loops can start in the prompt).")
+    monitor_gate: float | None = Field(
+        None, description="If set, a token trigger only counts when the neuron score (mean z) is >= this value."
+    )
+
+    # -- deactivation (the paper's actuator) -------------------------------------------------------
+    deactivate: bool = Field(True, description="Switch the mapped neurons off when a loop is detected.")
+    always_on: bool = Field(False, description="Deactivate from the first token, as in the paper (no trigger).")
+    k: int | None = Field(None, ge=1, description="Neurons to deactivate; None uses the map's selection.")
+    deactivate_value: Literal["zero", "pre_onset_mean"] = Field(
+        "zero", description="Value written into deactivated neurons."
+    )
+    layers: tuple[int, ...] | None = Field(None, description="Restrict deactivation to these layers.")
+    deactivate_window: int = Field(
+        32, ge=0, le=100000, description="Tokens to keep neurons off after a trigger (0: until the loop breaks)."
+    )
+
+    # -- escalation: DRY-style penalty on the loop's next token -------------------------------------
+    escalate: bool = Field(True, description="Penalise the tokens that would extend a persisting loop.")
+    escalate_after: int = Field(4, ge=0, le=100000, description="Loop tokens with neurons off before escalating.")
+    penalty_multiplier: float = Field(0.8, gt=0.0, le=1000.0)
+    penalty_base: float = Field(1.75, ge=1.0, le=16.0)
+    penalty_allowed_length: int = Field(2, ge=0, le=4096)
+    penalty_max: float = Field(1e4, gt=0.0, description="Cap on one penalty, in logits.")
+
+    # -- stop: the last resort ----------------------------------------------------------------------
+    stop: bool = Field(True, description="Finish the sequence with reason 'repetition' if the loop survives.")
+    stop_after: int = Field(48, ge=1, le=100000, description="Loop tokens under escalation before stopping.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "GuardConfig":
+        if self.enabled and not (self.paper_trigger or self.suffix_trigger or self.always_on):
+            raise ValueError("at least one of paper_trigger, suffix_trigger or always_on must be on")
+        if self.window < self.ngram:
+            raise ValueError(f"window ({self.window}) must be >= ngram ({self.ngram})")
+        if self.layers is not None and (not self.layers or min(self.layers) < 0):
+            raise ValueError("layers must be a non-empty list of non-negative layer indexes")
+        return self
+
+    # -- construction ------------------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str = "default", **overrides: Any) -> "GuardConfig":
+        """Named starting points: default (trigger -> deactivate -> escalate -> stop), monitor
+        (detect and report only), paper (deactivation always on, no trigger), off."""
+        base: dict[str, Any] | None = {
+            "default": {},
+            "monitor": {"deactivate": False, "escalate": False, "stop": False},
+            "paper": {"always_on": True, "escalate": False, "stop": False},
+            "off": {"enabled": False},
+        }.get(name)
+        if base is None:
+            raise ConfigError(f"preset: unknown preset '{name}'; choose one of {', '.join(PRESETS)}")
+        return _validate(cls, {**base, **overrides, "preset": "custom" if overrides else name})
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> "GuardConfig":
+        """Build from plain data (request bodies, files). A ``preset`` key picks the starting point."""
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"invalid GuardConfig: expected an object, got {type(data).__name__}")
+        data = dict(data or {})
+        name = data.pop("preset", "default")
+        if name == "custom":
+            return _validate(cls, {**data, "preset": "custom"})
+        if not isinstance(name, str):
+            raise ConfigError(f"preset: expected a string, got {name!r}")
+        return cls.from_preset(name, **data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def replace(self, **changes: Any) -> "GuardConfig":
+        return _validate(type(self), {**self.to_dict(), **changes})
+
+
+def _validate(cls, data: dict[str, Any]) -> GuardConfig:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, "GuardConfig")) from None
+
+
+def format_validation_error(exc: ValidationError, what: str) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err.get("loc", ())) or what
+        parts.append(f"{loc}: {err.get('msg')} (got {err.get('input')!r})")
+    return f"invalid {what}: " + "; ".join(parts)

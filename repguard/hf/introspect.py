@@ -1,0 +1,50 @@
+"""Where a transformers model keeps its MLP activations, via the architecture table."""
+
+from __future__ import annotations
+
+import torch
+
+from ..archs import ArchSpec, arch_for, resolve
+from ..errors import UnsupportedModelError
+from ..neuron_map import FINGERPRINT_WIDTH, Fingerprint, config_fingerprint
+
+
+def text_config(model):
+    config = model.config
+    return getattr(config, "text_config", None) or config if config.model_type == "gemma3" else config
+
+
+def arch_of(model) -> ArchSpec:
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "model_type"):
+        raise UnsupportedModelError(f"{type(model).__name__} has no config.model_type; pass a transformers causal LM")
+    return arch_for(text_config(model).model_type)
+
+
+def act_modules(model) -> list[torch.nn.Module]:
+    """The activation module of every decoder layer, in layer order."""
+    spec = arch_of(model)
+    try:
+        layers = resolve(model, spec.layers)
+        return [resolve(layer, spec.act) for layer in layers]
+    except (AttributeError, IndexError, TypeError) as exc:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} ({spec.family}): expected {spec.layers}[i].{spec.act} ({exc})"
+        ) from None
+
+
+def shape_of(model) -> tuple[int, int]:
+    """(num_layers, intermediate_size)."""
+    spec = arch_of(model)
+    config = text_config(model)
+    return spec.num_layers(config), spec.intermediate_size(config)
+
+
+def fingerprint(model) -> Fingerprint:
+    spec = arch_of(model)
+    config = text_config(model)
+    num_layers, width = shape_of(model)
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
+    key = config_fingerprint(config.model_type, num_layers, width, int(hidden), int(config.vocab_size))
+    weights = resolve(model, spec.final_norm).weight.detach().flatten()[:FINGERPRINT_WIDTH].float().cpu().clone()
+    return Fingerprint(key, weights)

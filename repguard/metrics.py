@@ -1,0 +1,100 @@
+"""Every Prometheus metric repguard exports, defined in this one module.
+
+Names follow prometheus-client conventions: prefix ``repguard_``, base units, ``_total`` on counters,
+low-cardinality labels (``model``, ``level``, ``where``). Works in multiprocess mode when
+``PROMETHEUS_MULTIPROC_DIR`` is set before the process starts (served by several workers, or
+incremented inside vLLM worker processes).
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+from . import __version__
+
+LEVELS = ("deactivate", "escalate", "stop")
+
+REQUESTS_GUARDED = Counter(
+    "repguard_requests_guarded_total", "Sequences generated with the guard enabled.", ["model"]
+)
+LOOPS_DETECTED = Counter(
+    "repguard_loops_detected_total", "Sequences in which the loop detector fired (first detection only).", ["model"]
+)
+INTERVENTIONS = Counter(
+    "repguard_interventions_total", "Times a sequence entered an intervention level.", ["model", "level"]
+)
+INTERVENTION_TOKENS = Counter(
+    "repguard_intervention_tokens_total", "Tokens generated while an intervention was active.", ["model"]
+)
+GENERATED_TOKENS = Counter(
+    "repguard_generated_tokens_total", "Tokens generated under the guard (guarded sequences only).", ["model"]
+)
+DETECTION_POSITION = Histogram(
+    "repguard_detection_position_tokens",
+    "Generated-token position at which the loop detector first fired.",
+    ["model"],
+    buckets=(8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024, 2048, 4096),
+)
+OVERHEAD = Histogram(
+    "repguard_guard_overhead_seconds",
+    "Guard time (detector, policy, hooks' bookkeeping) per decoding step.",
+    ["model"],
+    buckets=(1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2),
+)
+ERRORS = Counter(
+    "repguard_guard_errors_total", "Exceptions inside the guard (generation continued unguarded).", ["model", "where"]
+)
+INFO = Gauge(
+    "repguard_info", "Static information: repguard version, model and neuron map.",
+    ["version", "model", "neuron_map"], multiprocess_mode="max",
+)
+
+ALL = (
+    REQUESTS_GUARDED, LOOPS_DETECTED, INTERVENTIONS, INTERVENTION_TOKENS, GENERATED_TOKENS,
+    DETECTION_POSITION, OVERHEAD, ERRORS, INFO,
+)
+
+
+def metric_names() -> set[str]:
+    """Every sample name the module can export (what dashboards may query)."""
+    names: set[str] = set()
+    for metric in ALL:
+        base = metric._name
+        if isinstance(metric, Counter):
+            names |= {base + "_total", base + "_created"}
+        elif isinstance(metric, Histogram):
+            names |= {base + "_bucket", base + "_sum", base + "_count", base + "_created"}
+        else:
+            names.add(base)
+    return names
+
+
+def set_info(model: str, neuron_map: str) -> None:
+    INFO.labels(version=__version__, model=model, neuron_map=neuron_map).set(1)
+
+
+def record_report(model: str, report) -> None:
+    """Count one finished sequence's report (a ``SequenceReport``)."""
+    REQUESTS_GUARDED.labels(model).inc()
+    GENERATED_TOKENS.labels(model).inc(report.tokens_observed)
+    if report.detections:
+        LOOPS_DETECTED.labels(model).inc()
+        DETECTION_POSITION.labels(model).observe(report.detections[0].position)
+    for change in report.actions:
+        if change.level in LEVELS:
+            INTERVENTIONS.labels(model, change.level).inc()
+    if report.tokens_under_intervention:
+        INTERVENTION_TOKENS.labels(model).inc(report.tokens_under_intervention)
+
+
+def registry() -> CollectorRegistry:
+    """The registry to expose: a multiprocess collector when PROMETHEUS_MULTIPROC_DIR is set."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        reg = CollectorRegistry()
+        multiprocess.MultiProcessCollector(reg)
+        return reg
+    return REGISTRY

@@ -1,0 +1,313 @@
+"""``NeuronMap``: the repetition neurons of one model, as a safetensors file with validated metadata.
+
+Tensors (all 1-D over the stored neurons, in rank order, best first):
+``layer`` (int32), ``neuron`` (int32), ``score`` (float32), ``mean_before``, ``std_before``,
+``mean_after``, ``std_after`` (float32). Optional: ``random_layer``/``random_neuron`` (the paper's
+random control), ``score_matrix`` [num_layers, intermediate_size] (every neuron's score), and
+``fingerprint_weights`` (a slice of the final norm's weights, see ``fingerprint``).
+The metadata is JSON under the safetensors metadata key ``repguard``. Never pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from . import __version__
+from .errors import CorruptMapError, MapMismatchError, MapVersionError
+
+FORMAT_VERSION = 1
+META_KEY = "repguard"
+_VECTORS = ("layer", "neuron", "score", "mean_before", "std_before", "mean_after", "std_after")
+_INT = {"layer", "neuron", "random_layer", "random_neuron"}
+FINGERPRINT_WIDTH = 64
+
+
+class CalibrationInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    method: str = "hiraoka-inui-2024"
+    ngram: int = 10
+    window: int = 100
+    min_count: int = 3
+    context: int = 30
+    prompt_tokens: int = 10
+    greedy_tokens: int = 200
+    min_second_occurrence: int = 50
+    seed: int = 0
+    dtype: str = "float32"
+    texts_generated: int = 0
+    texts_kept: int = 0
+    seconds: float | None = None
+
+
+class MapMetadata(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: int
+    model_name: str
+    architecture: str
+    num_layers: int = Field(ge=1)
+    intermediate_size: int = Field(ge=1)
+    hook_point: str
+    quantity: str
+    fingerprint: str
+    score_kind: str = "paper_mean_diff"
+    num_selected: int = Field(ge=0)
+    num_stored: int = Field(ge=0)
+    split_half_jaccard: float | None = None
+    calibration: CalibrationInfo = Field(default_factory=CalibrationInfo)
+    repguard_version: str = __version__
+    created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
+def config_fingerprint(architecture: str, num_layers: int, intermediate_size: int, hidden_size: int, vocab_size: int) -> str:
+    """The shape part of a model fingerprint; the weight part is ``fingerprint_weights``."""
+    key = f"{architecture}|{num_layers}|{intermediate_size}|{hidden_size}|{vocab_size}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Fingerprint:
+    """Identity of a model: its shape hash plus the first weights of its final norm."""
+
+    config: str
+    weights: torch.Tensor
+
+    def matches(self, other: "Fingerprint") -> bool:
+        if self.config != other.config:
+            return False
+        a, b = self.weights.float().flatten(), other.weights.float().flatten()
+        n = min(a.numel(), b.numel())
+        return n > 0 and torch.allclose(a[:n], b[:n], rtol=2e-2, atol=2e-2)
+
+
+@dataclass
+class NeuronMap:
+    """Ranked repetition neurons with the statistics the runtime monitor needs."""
+
+    meta: MapMetadata
+    layer: torch.Tensor
+    neuron: torch.Tensor
+    score: torch.Tensor
+    mean_before: torch.Tensor
+    std_before: torch.Tensor
+    mean_after: torch.Tensor
+    std_after: torch.Tensor
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    # -- selection ---------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self.layer.numel())
+
+    def _take(self, count: int) -> "NeuronMap":
+        count = max(0, min(int(count), len(self)))
+        return NeuronMap(
+            self.meta.model_copy(update={"num_selected": count, "num_stored": count}),
+            *(getattr(self, name)[:count].clone() for name in _VECTORS),
+            extra=self.extra,
+        )
+
+    def selected(self) -> "NeuronMap":
+        """The neurons the calibration selected (``meta.num_selected``)."""
+        return self._take(self.meta.num_selected)
+
+    def top(self, k: int) -> "NeuronMap":
+        if k < 0:
+            raise ValueError(f"k must be >= 0, got {k}")
+        return self._take(k)
+
+    def fraction(self, p: float) -> "NeuronMap":
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"fraction must be in [0, 1], got {p}")
+        return self._take(round(p * self.meta.num_layers * self.meta.intermediate_size))
+
+    def in_layers(self, layers) -> "NeuronMap":
+        keep = torch.isin(self.layer, torch.as_tensor(list(layers), dtype=self.layer.dtype))
+        idx = keep.nonzero().flatten()
+        sub = {name: getattr(self, name)[idx].clone() for name in _VECTORS}
+        n = int(idx.numel())
+        return NeuronMap(self.meta.model_copy(update={"num_selected": n, "num_stored": n}), **sub, extra=self.extra)
+
+    def by_layer(self) -> dict[int, torch.Tensor]:
+        """Neuron indexes per layer (layers with none are absent)."""
+        out: dict[int, torch.Tensor] = {}
+        for layer in torch.unique(self.layer).tolist():
+            out[int(layer)] = self.neuron[self.layer == layer].long()
+        return out
+
+    def counts_per_layer(self) -> list[int]:
+        return torch.bincount(self.layer.long(), minlength=self.meta.num_layers).tolist()
+
+    def random_control(self) -> "NeuronMap | None":
+        """The paper's control: random neurons, as many as selected."""
+        if "random_layer" not in self.extra:
+            return None
+        n = min(self.meta.num_selected, int(self.extra["random_layer"].numel()))
+        zeros = torch.zeros(n)
+        return NeuronMap(
+            self.meta.model_copy(update={"num_selected": n, "num_stored": n, "score_kind": "random"}),
+            self.extra["random_layer"][:n].clone(), self.extra["random_neuron"][:n].clone(),
+            zeros, zeros, zeros.clone() + 1, zeros, zeros.clone() + 1,
+        )
+
+    @property
+    def fingerprint(self) -> Fingerprint:
+        return Fingerprint(self.meta.fingerprint, self.extra.get("fingerprint_weights", torch.zeros(0)))
+
+    def check_model(self, fingerprint: Fingerprint, where: str = "model") -> None:
+        """Raise ``MapMismatchError`` unless the map was calibrated on this model."""
+        if fingerprint.config != self.meta.fingerprint:
+            raise MapMismatchError(
+                f"neuron map for '{self.meta.model_name}' ({self.meta.architecture}, {self.meta.num_layers} layers x "
+                f"{self.meta.intermediate_size} neurons) does not fit {where}: shape fingerprint "
+                f"{fingerprint.config} != {self.meta.fingerprint}"
+            )
+        mine = self.extra.get("fingerprint_weights")
+        if mine is not None and fingerprint.weights.numel() and not self.fingerprint.matches(fingerprint):
+            raise MapMismatchError(
+                f"neuron map for '{self.meta.model_name}' does not fit {where}: same shape, different weights "
+                "(was the map calibrated on another checkpoint?)"
+            )
+
+    # -- persistence -------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {name: getattr(self, name).contiguous() for name in _VECTORS}
+        tensors.update({k: v.contiguous() for k, v in self.extra.items()})
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        save_file(tensors, str(tmp), metadata={META_KEY: self.meta.model_dump_json()})
+        os.replace(tmp, path)  # never leave a half-written map behind
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "NeuronMap":
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise CorruptMapError(f"{path}: no such neuron map file")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                raw_meta = f.metadata() or {}
+                tensors = {key: f.get_tensor(key) for key in f.keys()}
+        except Exception as exc:  # safetensors raises several types for bad headers/truncation
+            raise CorruptMapError(f"{path}: not a readable safetensors file ({exc})") from None
+        return cls.from_tensors(tensors, raw_meta, where=str(path))
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], raw_meta: dict[str, str], where: str = "map") -> "NeuronMap":
+        if META_KEY not in raw_meta:
+            raise CorruptMapError(f"{where}: no '{META_KEY}' metadata; this is not a repguard neuron map")
+        try:
+            data = json.loads(raw_meta[META_KEY])
+        except json.JSONDecodeError as exc:
+            raise CorruptMapError(f"{where}: metadata is not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise CorruptMapError(f"{where}: metadata must be a JSON object")
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise MapVersionError(
+                f"{where}: format_version {version!r} is not supported (this repguard reads {FORMAT_VERSION})"
+            )
+        try:
+            meta = MapMetadata.model_validate(data)
+        except ValidationError as exc:
+            from .config import format_validation_error
+
+            raise CorruptMapError(f"{where}: {format_validation_error(exc, 'metadata')}") from None
+        missing = [name for name in _VECTORS if name not in tensors]
+        if missing:
+            raise CorruptMapError(f"{where}: missing tensors: {', '.join(missing)}")
+        n = meta.num_stored
+        for name in _VECTORS:
+            t = tensors[name]
+            if t.dim() != 1 or t.numel() != n:
+                raise CorruptMapError(f"{where}: tensor '{name}' has shape {tuple(t.shape)}, metadata says ({n},)")
+        if meta.num_selected > n:
+            raise CorruptMapError(f"{where}: num_selected {meta.num_selected} > stored neurons {n}")
+        layer, neuron = tensors["layer"].long(), tensors["neuron"].long()
+        if n and (layer.min() < 0 or layer.max() >= meta.num_layers):
+            raise CorruptMapError(f"{where}: layer index out of range [0, {meta.num_layers})")
+        if n and (neuron.min() < 0 or neuron.max() >= meta.intermediate_size):
+            raise CorruptMapError(f"{where}: neuron index out of range [0, {meta.intermediate_size})")
+        if "score_matrix" in tensors and tuple(tensors["score_matrix"].shape) != (meta.num_layers, meta.intermediate_size):
+            raise CorruptMapError(
+                f"{where}: score_matrix has shape {tuple(tensors['score_matrix'].shape)}, metadata says "
+                f"({meta.num_layers}, {meta.intermediate_size})"
+            )
+        vec = {name: (tensors[name].to(torch.int32) if name in _INT else tensors[name].float()) for name in _VECTORS}
+        extra = {k: v for k, v in tensors.items() if k not in _VECTORS}
+        return cls(meta, **vec, extra=extra)
+
+    def summary(self, top: int = 10) -> str:
+        m = self.meta
+        lines = [
+            f"neuron map: {m.model_name} ({m.architecture}), format v{m.format_version}, repguard {m.repguard_version}",
+            f"  hook point: {m.hook_point}  quantity: {m.quantity}  score: {m.score_kind}",
+            f"  neurons: {m.num_selected} selected of {m.num_layers} x {m.intermediate_size}"
+            f" ({100.0 * m.num_selected / (m.num_layers * m.intermediate_size):.2f}%), {m.num_stored} stored",
+            f"  fingerprint: {m.fingerprint}  created: {m.created}",
+            f"  calibration: {m.calibration.texts_kept} texts kept of {m.calibration.texts_generated}, "
+            f"seed {m.calibration.seed}, {m.calibration.dtype}"
+            + (f", {m.calibration.seconds:.0f} s" if m.calibration.seconds else ""),
+            f"  split-half Jaccard (top set): {m.split_half_jaccard if m.split_half_jaccard is not None else 'n/a'}",
+            "  selected per layer: "
+            + " ".join(f"L{i}:{c}" for i, c in enumerate(self.selected().counts_per_layer()) if c),
+            f"  top {min(top, len(self))} neurons:  rank layer neuron   score  before(mean±sd)  after(mean±sd)",
+        ]
+        for i in range(min(top, len(self))):
+            lines.append(
+                f"    {i + 1:4d} {int(self.layer[i]):5d} {int(self.neuron[i]):6d} {float(self.score[i]):7.3f}"
+                f"  {float(self.mean_before[i]):6.3f}±{float(self.std_before[i]):.3f}"
+                f"  {float(self.mean_after[i]):6.3f}±{float(self.std_after[i]):.3f}"
+            )
+        return "\n".join(lines)
+
+
+def jaccard(a: NeuronMap | set, b: NeuronMap | set) -> float:
+    sa = a if isinstance(a, set) else set(zip(a.layer.tolist(), a.neuron.tolist()))
+    sb = b if isinstance(b, set) else set(zip(b.layer.tolist(), b.neuron.tolist()))
+    return len(sa & sb) / max(1, len(sa | sb))
+
+
+def map_from_scores(
+    meta: dict[str, Any] | MapMetadata,
+    score_matrix: torch.Tensor,
+    stats: dict[str, torch.Tensor],
+    num_selected: int,
+    num_stored: int | None = None,
+    extra: dict[str, torch.Tensor] | None = None,
+) -> NeuronMap:
+    """Rank every neuron globally by score and keep the best (never a negative score).
+
+    ``stats`` holds [num_layers, intermediate_size] matrices ``mean_before``, ``std_before``,
+    ``mean_after``, ``std_after``.
+    """
+    num_layers, width = score_matrix.shape
+    flat = score_matrix.flatten().float()
+    order = torch.argsort(flat, descending=True, stable=True)
+    positive = int((flat > 0).sum())
+    stored = min(positive, num_stored if num_stored is not None else num_selected)
+    selected = min(num_selected, stored)
+    order = order[:stored]
+    layer, neuron = (order // width).to(torch.int32), (order % width).to(torch.int32)
+    vec = {name: stats[name].flatten()[order].float() for name in ("mean_before", "std_before", "mean_after", "std_after")}
+    meta_d = meta.model_dump() if isinstance(meta, MapMetadata) else dict(meta)
+    meta_d.update(num_selected=selected, num_stored=stored, num_layers=num_layers, intermediate_size=width)
+    meta_d.setdefault("format_version", FORMAT_VERSION)
+    return NeuronMap(
+        MapMetadata.model_validate(meta_d), layer, neuron, flat[order].clone(), **vec,
+        extra={"score_matrix": score_matrix.float().contiguous(), **(extra or {})},
+    )

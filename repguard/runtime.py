@@ -1,0 +1,203 @@
+"""``GuardRuntime``: the framework-neutral part of a live guard, shared by the HF and vLLM adapters.
+
+It owns the per-sequence ``SequenceGuard`` objects and the tensors that the adapters' hooks read:
+which neurons to watch and switch off (``LayerPlan``), per-row masks, the monitor buffer, and the
+per-row penalty/stop requests. Hooks do tensor math on these buffers only (graph-safe); all Python
+decisions happen once per token in ``observe``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+
+from .config import GuardConfig
+from .neuron_map import NeuronMap
+from .policy import Level, SequenceGuard, SequenceReport
+
+log = logging.getLogger("repguard")
+
+
+@dataclass
+class LayerPlan:
+    """What one layer's hook touches: neuron indexes, their slots in the row buffers, fill values."""
+
+    layer: int
+    neurons: torch.Tensor  # long [n]
+    slots: slice  # columns of the [rows, K] buffers that belong to this layer
+    zero: torch.Tensor  # [n] zeros
+    pre_onset: torch.Tensor  # [n] pre-onset means
+
+
+class NeuronSet:
+    """The map's stored neurons, grouped by layer, with each neuron's global rank."""
+
+    def __init__(self, neuron_map: NeuronMap, device=None, dtype=torch.float32) -> None:
+        self.map = neuron_map
+        n = len(neuron_map)
+        order = sorted(range(n), key=lambda i: (int(neuron_map.layer[i]), i))
+        idx = torch.tensor(order, dtype=torch.long)
+        self.num_slots = n
+        self.rank = idx.to(device)  # rank of the neuron in each slot
+        self.layer_of_slot = neuron_map.layer[idx].long().to(device)
+        self.mean_before = neuron_map.mean_before[idx].to(device, torch.float32)
+        std = neuron_map.std_before[idx].to(device, torch.float32)
+        self.std_before = torch.where(std > 1e-6, std, torch.ones_like(std))
+        self.plans: dict[int, LayerPlan] = {}
+        start = 0
+        layers = neuron_map.layer[idx].tolist()
+        for layer in sorted(set(layers)):
+            count = layers.count(layer)
+            sl = slice(start, start + count)
+            neurons = neuron_map.neuron[idx[sl]].long().to(device)
+            means = neuron_map.mean_before[idx[sl]].to(device, dtype)
+            self.plans[int(layer)] = LayerPlan(int(layer), neurons, sl, torch.zeros_like(means), means)
+            start += count
+
+
+class GuardRuntime:
+    """Per-row guard state for one engine/model. Rows are batch slots; adapters map them to sequences."""
+
+    def __init__(
+        self,
+        neuron_map: NeuronMap,
+        config: GuardConfig | None = None,
+        max_rows: int = 1,
+        device=None,
+        dtype=torch.float32,
+        on_event: Callable[[str, dict], None] | None = None,
+    ) -> None:
+        self.config = config or GuardConfig()
+        self.neurons = NeuronSet(neuron_map, device, dtype)
+        self.default_k = neuron_map.meta.num_selected or len(neuron_map)
+        self.device, self.dtype = device, dtype
+        self.on_event = on_event
+        self.seqs: list[SequenceGuard | None] = []
+        self.monitor_k: list[int] = []
+        self._alloc(max_rows)
+
+    # -- buffers ---------------------------------------------------------------------------------------
+    def _alloc(self, rows: int) -> None:
+        k = self.neurons.num_slots
+        dev = self.device
+        self.rows = rows
+        self.acts = torch.zeros(rows, k, device=dev, dtype=torch.float32)  # monitor buffer, written by hooks
+        self.off = torch.zeros(rows, k, device=dev, dtype=torch.bool)  # which slots are switched off, per row
+        self.use_mean = torch.zeros(rows, 1, device=dev, dtype=torch.bool)
+        self.any_off = False
+        self.watch = torch.zeros(rows, k, device=dev, dtype=torch.float32)  # monitor weights per row
+        self.seqs = [None] * rows
+        self.row_k = [0] * rows
+        self._chosen: dict[int, torch.Tensor] = {}
+
+    def ensure_rows(self, rows: int) -> None:
+        if rows > self.rows:
+            old, chosen, off, watch, use_mean = self.seqs, self._chosen, self.off, self.watch, self.use_mean
+            n = len(old)
+            self._alloc(rows)
+            self.seqs[:n] = old
+            self._chosen.update(chosen)
+            self.off[:n], self.watch[:n], self.use_mean[:n] = off, watch, use_mean
+            self.any_off = bool(self.off.any())
+
+    # -- sequences ---------------------------------------------------------------------------------------
+    def open(self, row: int, config: GuardConfig | None = None, prompt_ids: Iterable[int] | None = None) -> SequenceGuard:
+        cfg = config or self.config
+        seq = SequenceGuard(cfg, prompt_ids)
+        self.seqs[row] = seq
+        k = min(cfg.k or self.default_k, self.neurons.num_slots)
+        self.row_k[row] = k
+        ranks = self.neurons.rank
+        chosen = ranks < k
+        if cfg.layers is not None:
+            chosen &= torch.isin(self.neurons.layer_of_slot, torch.tensor(cfg.layers, device=ranks.device))
+        self._chosen[row] = chosen
+        monitor = (ranks < self.default_k).float()
+        self.watch[row] = monitor / monitor.sum().clamp(min=1.0)
+        self.use_mean[row] = cfg.deactivate_value == "pre_onset_mean"
+        self._refresh(row)
+        return seq
+
+    def close(self, row: int) -> SequenceReport | None:
+        seq = self.seqs[row]
+        self.seqs[row] = None
+        self.off[row] = False
+        self.any_off = bool(self.off.any())
+        return seq.report if seq is not None else None
+
+    def reset(self) -> None:
+        self.seqs = [None] * self.rows
+        self.off.zero_()
+        self.any_off = False
+
+    def reports(self) -> list[SequenceReport | None]:
+        return [s.report if s is not None else None for s in self.seqs]
+
+    # -- the per-token step ------------------------------------------------------------------------------
+    def neuron_scores(self) -> torch.Tensor:
+        """Mean z-score (against pre-onset statistics) of each row's monitored neurons, from the last forward."""
+        z = (self.acts - self.neurons.mean_before) / self.neurons.std_before
+        return (z * self.watch).sum(dim=1)
+
+    def observe(self, tokens: dict[int, int], scores: torch.Tensor | None = None) -> None:
+        """Feed each row's newest token; updates masks for the next forward."""
+        score_list = scores.tolist() if scores is not None else None
+        changed = False
+        for row, token in tokens.items():
+            seq = self.seqs[row]
+            if seq is None or seq.stopped:
+                continue
+            before = seq.level
+            was_off = seq.deactivated
+            n_det = len(seq.report.detections)
+            seq.observe(token, score_list[row] if score_list is not None else None)
+            if seq.deactivated != was_off:
+                self._refresh(row)
+                changed = True
+            if self.on_event is not None:
+                if len(seq.report.detections) != n_det:
+                    self.on_event("detect", {"row": row, "detection": seq.report.detections[-1]})
+                if seq.level != before:
+                    self.on_event("level", {"row": row, "level": seq.level, "from": before})
+        if changed:
+            self.any_off = bool(self.off.any())
+
+    def _refresh(self, row: int) -> None:
+        seq = self.seqs[row]
+        if seq is not None and seq.deactivated:
+            self.off[row] = self._chosen[row]
+        else:
+            self.off[row] = False
+        self.any_off = bool(self.off.any())
+
+    def penalties(self) -> list[tuple[int, int, float]]:
+        """(row, token id, amount) for every row whose loop should be penalised at this step."""
+        out = []
+        for row, seq in enumerate(self.seqs):
+            if seq is not None and seq._penalty is not None:
+                token, amount = seq._penalty
+                out.append((row, token, amount))
+        return out
+
+    def stops(self) -> list[int]:
+        return [row for row, seq in enumerate(self.seqs) if seq is not None and seq.stopped]
+
+    # -- tensor math used inside hooks (graph-safe: no Python branching on tensor values) -----------------
+    def apply_layer(self, plan: LayerPlan, act: torch.Tensor, rows: torch.Tensor, monitor: bool = True) -> torch.Tensor:
+        """Monitor and deactivate one layer. ``act`` is [tokens, d_ff]; ``rows`` indexes the newest
+        token of each batch row. Returns ``act`` (modified in place where a row is switched off)."""
+        cur = act.index_select(0, rows).index_select(1, plan.neurons)  # [B, n]
+        if monitor:
+            self.acts[: cur.shape[0], plan.slots] = cur.float()
+        if self.any_off:
+            off = self.off[: cur.shape[0], plan.slots]
+            fill = torch.where(self.use_mean[: cur.shape[0]], plan.pre_onset.to(act.dtype), plan.zero.to(act.dtype))
+            new = torch.where(off, fill, cur)
+            act[rows.unsqueeze(1), plan.neurons.unsqueeze(0)] = new
+        return act
+
+
+__all__ = ["GuardRuntime", "LayerPlan", "NeuronSet", "Level"]
