@@ -1,0 +1,278 @@
+"""The runtime guard for transformers: ``with repguard.guard(model, neuron_map, config) as g:``.
+
+Everything happens in forward hooks, so plain ``model.generate`` (greedy or sampling, batched with
+left padding, KV cache on) is guarded without touching transformers:
+
+* a forward pre-hook on the causal LM sees each row's newest token and advances that row's policy;
+* a hook on each mapped layer's activation module records the mapped neurons (monitor) and writes
+  the deactivation value for rows whose policy says so, at the newest position only;
+* a hook on the output embedding (``lm_head``) applies the escalation penalty to exactly the token
+  that would extend the loop, or forces EOS for a row the policy stops.
+
+A row whose policy never leaves MONITOR is never written to, so its output is byte-identical to an
+unguarded run. Any exception inside a hook is logged once, counted, and turns the guard off for the
+rest of that generation: generation itself continues, unguarded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Iterable, Sequence
+
+import torch
+
+from .. import metrics
+from ..config import GuardConfig
+from ..errors import ConfigError, RepGuardError
+from ..maps import find_map
+from ..neuron_map import NeuronMap
+from ..policy import SequenceReport
+from ..runtime import GuardRuntime
+from .introspect import act_modules, arch_of, fingerprint, shape_of
+
+log = logging.getLogger("repguard")
+
+SUPPORTED_TRANSFORMERS = (">=4.56", "<5.20")
+
+
+def _eos_ids(model) -> list[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+class Guard:
+    """Hooks plus per-row state for one model. Use through ``guard(...)`` as a context manager."""
+
+    def __init__(
+        self,
+        model,
+        neuron_map: NeuronMap | str | None = None,
+        config: GuardConfig | dict | None = None,
+        *,
+        model_name: str | None = None,
+        check_model: bool = True,
+    ) -> None:
+        arch_of(model)  # raises UnsupportedModelError with the supported list
+        self.model = model
+        self.model_name = model_name or str(getattr(model.config, "name_or_path", "") or type(model).__name__)
+        if neuron_map is None or isinstance(neuron_map, str):
+            neuron_map = find_map(neuron_map or self.model_name)
+        num_layers, width = shape_of(model)
+        if check_model:
+            neuron_map.check_model(fingerprint(model), where=f"model '{self.model_name}'")
+        elif (neuron_map.meta.num_layers, neuron_map.meta.intermediate_size) != (num_layers, width):
+            raise RepGuardError(
+                f"neuron map shape {neuron_map.meta.num_layers}x{neuron_map.meta.intermediate_size} does not fit "
+                f"the model ({num_layers}x{width})"
+            )
+        self.neuron_map = neuron_map
+        self.config = config if isinstance(config, GuardConfig) else GuardConfig.from_dict(config)
+        if self.config.k is not None and self.config.k > len(neuron_map):
+            raise ConfigError(f"k: {self.config.k} exceeds the {len(neuron_map)} neurons stored in the map")
+        if self.config.layers is not None and max(self.config.layers) >= num_layers:
+            raise ConfigError(f"layers: the model has {num_layers} layers (0..{num_layers - 1})")
+        param = next(model.parameters())
+        self.runtime = GuardRuntime(neuron_map, self.config, max_rows=1, device=param.device, dtype=param.dtype)
+        self.eos = _eos_ids(model)
+        self._row_configs: list[GuardConfig] | None = None
+        self._handles: list = []
+        self._rows_index: torch.Tensor | None = None
+        self._done: list[bool] = []
+        self._active = False  # hooks act only between a prefill and the end of that generation
+        self._broken = False
+        self._failed_once = False
+        self._reports: list[SequenceReport] = []
+        self._recorded = True
+        self.errors = 0
+        self.steps = 0
+        self.overhead_seconds = 0.0
+        self._acts = act_modules(model)
+
+    # -- public API ------------------------------------------------------------------------------------
+    @property
+    def reports(self) -> list[SequenceReport]:
+        """One report per row of the most recent ``generate`` call."""
+        return self._reports
+
+    def configure_rows(self, configs: Sequence[GuardConfig | dict | None] | None) -> None:
+        """Per-row settings for the next generation (None entries use the guard's config)."""
+        if configs is None:
+            self._row_configs = None
+            return
+        self._row_configs = [
+            self.config if c is None else (c if isinstance(c, GuardConfig) else GuardConfig.from_dict(c)) for c in configs
+        ]
+
+    def install(self) -> "Guard":
+        if self._handles:
+            return self
+        try:
+            self._handles.append(self.model.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+            for layer, plan in self.runtime.neurons.plans.items():
+                self._handles.append(self._acts[layer].register_forward_hook(self._make_act_hook(plan)))
+            head = self.model.get_output_embeddings()
+            if head is None:
+                raise RepGuardError(f"{type(self.model).__name__} has no output embedding to apply penalties on")
+            self._handles.append(head.register_forward_hook(self._logits_hook))
+        except Exception:
+            self.remove()
+            raise
+        metrics.set_info(self.model_name, self.neuron_map.meta.model_name)
+        return self
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._finish()
+
+    def __enter__(self) -> "Guard":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    # -- hooks -----------------------------------------------------------------------------------------
+    def _fail(self, where: str, exc: BaseException) -> None:
+        self.errors += 1
+        self._broken = True
+        self.runtime.off.zero_()
+        self.runtime.any_off = False
+        metrics.ERRORS.labels(self.model_name, where).inc()
+        for report in self._reports:
+            report.errors += 1
+        if not self._failed_once:
+            self._failed_once = True
+            log.exception("repguard: guard failed in %s; this generation continues unguarded", where)
+
+    def _pre_hook(self, module, args, kwargs):
+        if self._broken and not self._is_prefill(args, kwargs):
+            return None
+        t0 = time.perf_counter()
+        try:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if ids is None:
+                self._active = False  # inputs_embeds only: nothing to watch
+                return None
+            batch, length = ids.shape
+            if self._is_prefill(args, kwargs):
+                self._begin(ids, kwargs.get("attention_mask"))
+            elif self._active:
+                self._observe(ids)
+            if self._active:
+                self._rows_index = torch.arange(batch, device=ids.device) * length + (length - 1)
+        except Exception as exc:  # fail open
+            self._fail("observe", exc)
+        self.overhead_seconds += time.perf_counter() - t0
+        return None
+
+    @staticmethod
+    def _is_prefill(args, kwargs) -> bool:
+        past = kwargs.get("past_key_values")
+        if past is None:
+            return True
+        get_len = getattr(past, "get_seq_length", None)
+        return get_len is not None and int(get_len()) == 0
+
+    def _begin(self, ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        self._finish()  # count the previous generation's reports
+        batch = ids.shape[0]
+        self._broken = False
+        self._failed_once = False
+        rt = self.runtime
+        rt.ensure_rows(batch)
+        rt.reset()
+        configs = self._row_configs
+        if configs is not None and len(configs) != batch:
+            raise ConfigError(f"configure_rows got {len(configs)} configs for a batch of {batch}")
+        for row in range(batch):
+            cfg = configs[row] if configs is not None else self.config
+            prompt = None
+            if cfg.watch_prompt:
+                row_ids = ids[row] if attention_mask is None else ids[row][attention_mask[row].bool()]
+                prompt = row_ids.tolist()
+            rt.open(row, cfg, prompt)
+        self._done = [False] * batch
+        self._reports = [seq.report for seq in rt.seqs[:batch]]
+        self._recorded = False
+        self._active = True
+
+    def _observe(self, ids: torch.Tensor) -> None:
+        rt = self.runtime
+        newest = ids[:, -1].tolist()
+        scores = rt.neuron_scores()
+        tokens = {}
+        eos = self.eos
+        for row, token in enumerate(newest):
+            if self._done[row]:
+                continue
+            tokens[row] = token
+            if token in eos:
+                self._done[row] = True  # its later tokens are padding
+        rt.observe(tokens, scores)
+        self.steps += 1
+
+    def _make_act_hook(self, plan):
+        rt = self.runtime
+
+        def hook(module, inputs, output):
+            if not self._active or self._broken:
+                return None
+            try:
+                flat = output.view(-1, output.shape[-1])
+                rt.apply_layer(plan, flat, self._rows_index)
+            except Exception as exc:
+                self._fail("deactivate", exc)
+            return None
+
+        return hook
+
+    def _logits_hook(self, module, inputs, output):
+        if not self._active or self._broken:
+            return None
+        t0 = time.perf_counter()
+        try:
+            rt = self.runtime
+            penalties = rt.penalties()
+            stops = rt.stops()
+            if penalties or stops:
+                logits = output[:, -1, :] if output.dim() == 3 else output
+                for row, token, amount in penalties:
+                    if not self._done[row] and 0 <= token < logits.shape[-1]:
+                        logits[row, token] -= amount
+                for row in stops:
+                    if self._done[row]:
+                        continue
+                    if self.eos:
+                        keep = logits[row, self.eos[0]].clone()
+                        logits[row].fill_(float("-inf"))
+                        logits[row, self.eos[0]] = keep if torch.isfinite(keep) else 0.0
+                    self._done[row] = True
+        except Exception as exc:
+            self._fail("penalty", exc)
+        self.overhead_seconds += time.perf_counter() - t0
+        return None
+
+    def _finish(self) -> None:
+        if self._recorded:
+            return
+        self._recorded = True
+        self._active = False
+        for report in self._reports:
+            metrics.record_report(self.model_name, report)
+        if self.steps:
+            metrics.OVERHEAD.labels(self.model_name).observe(self.overhead_seconds / max(1, self.steps))
+
+
+def guard(model, neuron_map: NeuronMap | str | None = None, config: GuardConfig | dict | None = None, **kwargs) -> Guard:
+    """Install the guard's hooks on ``model``; use as ``with guard(model, nmap, cfg) as g: model.generate(...)``.
+
+    ``neuron_map`` is a ``NeuronMap``, a path, or None to use the shipped map of the model's name.
+    Hooks are removed on exit, exceptions included; ``g.reports`` holds one report per row.
+    """
+    return Guard(model, neuron_map, config, **kwargs)
