@@ -86,7 +86,11 @@ class GuardConfig(BaseModel):
         }.get(name)
         if base is None:
             raise ConfigError(f"preset: unknown preset '{name}'; choose one of {', '.join(PRESETS)}")
-        return _validate(cls, {**base, **overrides, "preset": "custom" if overrides else name})
+        if overrides:
+            cfg = _validate(cls, {**base, **overrides, "preset": "custom"})
+            named = _validate(cls, {**base, "preset": name})
+            return named if cfg.to_dict() | {"preset": name} == named.to_dict() else cfg
+        return _validate(cls, {**base, "preset": name})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "GuardConfig":

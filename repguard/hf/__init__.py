@@ -1,0 +1,9 @@
+"""transformers integration: ``guard`` (context manager), ``custom_generate`` (drop-in), embedded models.
+
+Supported: transformers >= 4.56, < 5.20 (tested with 5.19).
+"""
+
+from .generate import custom_generate
+from .guard import Guard, guard
+
+__all__ = ["Guard", "guard", "custom_generate"]

@@ -1,0 +1,218 @@
+"""``repguard generate``: guarded generation on a model, optionally beside the unguarded output."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import textwrap
+import time
+
+DEFAULT_PROMPTS = (
+    "The tower is 100 meters high. The tower is",
+    "Here is a list of the planets in the solar system:\n1.",
+    "Once upon a time",
+)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate with the guard (and, with --compare, without it, side by side)",
+        description="Generate text with repguard on an embedded model (smollm2-135m, gemma3-270m) or a local "
+        "Hugging Face folder. Without --prompt/--prompt-file, a few loop-prone example prompts are used.",
+    )
+    p.add_argument("--model", default="smollm2-135m", help="embedded model name or local HF folder (default: smollm2-135m)")
+    p.add_argument("--map", default=None, help="neuron map path (default: the shipped map for the model)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompt-file", help="a file with one prompt per line (use \\n for newlines inside a prompt)")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=160, help="tokens to generate per prompt (default: 160)")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature with --sample (default: 0.7)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling with --sample (default: 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--preset", default="default", choices=["default", "monitor", "paper", "off"], help="guard preset")
+    p.add_argument("--config", help="GuardConfig as JSON text or a path to a JSON file (overrides --preset)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override one GuardConfig field, e.g. --set k=64 (repeatable; VALUE is JSON)")
+    p.add_argument("--compare", action="store_true", help="also generate unguarded and print both side by side")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default: 8)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", action="store_true", help="print results as JSON lines")
+    p.set_defaults(func=run)
+
+
+def _load_config(args):
+    from ..config import GuardConfig
+    from ..errors import ConfigError
+
+    data: dict = {"preset": args.preset}
+    if args.config:
+        text = args.config
+        if not text.lstrip().startswith("{"):
+            with open(text) as f:
+                text = f.read()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--config: not valid JSON ({exc})") from None
+    for item in args.set:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected FIELD=VALUE")
+        key, value = item.split("=", 1)
+        try:
+            data[key] = json.loads(value)
+        except json.JSONDecodeError:
+            data[key] = value
+    return GuardConfig.from_dict(data)
+
+
+def _prompts(args) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompt_file:
+        with open(args.prompt_file) as f:
+            prompts += [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
+    return prompts or list(DEFAULT_PROMPTS)
+
+
+def run(args) -> int:
+    import torch
+
+    from ..errors import ConfigError
+    from ..hf.guard import guard
+    from ..hf.models import load_model
+    from ..maps import find_map
+
+    if args.max_new_tokens < 1:
+        raise ConfigError("--max-new-tokens must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = _load_config(args)
+    prompts = _prompts(args)
+    model, tok, name = load_model(args.model, dtype=args.dtype)
+    nmap = find_map(args.map or name)
+    texts = [_render(tok, p, args.chat) for p in prompts]
+    gen_kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, pad_token_id=tok.pad_token_id)
+    if args.sample:
+        gen_kwargs.update(temperature=args.temperature, top_p=args.top_p)
+    batches = [(start, texts[start : start + args.batch_size]) for start in range(0, len(texts), args.batch_size)]
+    encoded = [tok(batch, return_tensors="pt", padding=True, add_special_tokens=not args.chat) for _, batch in batches]
+    plain: list[list[int]] = []
+    if args.compare:  # the reference run has no hooks installed at all
+        for enc in encoded:
+            torch.manual_seed(args.seed)
+            out = model.generate(**enc, **gen_kwargs)[:, enc.input_ids.shape[1]:]
+            plain += [_strip(row.tolist(), tok) for row in out]
+    results = []
+    with guard(model, nmap, config, model_name=name) as g:
+        for (start, batch), enc in zip(batches, encoded):
+            torch.manual_seed(args.seed)
+            t0 = time.perf_counter()
+            guarded = model.generate(**enc, **gen_kwargs)[:, enc.input_ids.shape[1]:]
+            if not args.json:
+                print(f"[{len(batch)} prompt(s) guarded in {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
+            for i, prompt in enumerate(prompts[start : start + len(batch)]):
+                results.append({
+                    "prompt": prompt,
+                    "guarded_ids": _strip(guarded[i].tolist(), tok),
+                    "unguarded_ids": plain[start + i] if plain else None,
+                    "report": g.reports[i],
+                })
+    for r in results:
+        if args.json:
+            print(json.dumps({
+                "prompt": r["prompt"],
+                "guarded": tok.decode(r["guarded_ids"], skip_special_tokens=True),
+                "unguarded": tok.decode(r["unguarded_ids"], skip_special_tokens=True) if r["unguarded_ids"] is not None else None,
+                "identical": r["unguarded_ids"] == r["guarded_ids"] if r["unguarded_ids"] is not None else None,
+                "report": r["report"].to_dict(),
+            }))
+        else:
+            _show(r, tok)
+    return 0
+
+
+def _render(tok, prompt: str, chat: bool) -> str:
+    if not chat:
+        return prompt
+    if not getattr(tok, "chat_template", None):
+        from ..errors import ConfigError
+
+        raise ConfigError("--chat: this model's tokenizer has no chat template")
+    return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+
+
+def _strip(ids: list[int], tok) -> list[int]:
+    """Drop trailing padding (rows that ended early are padded)."""
+    pad = tok.pad_token_id
+    while ids and ids[-1] == pad and pad != tok.eos_token_id:
+        ids.pop()
+    return ids
+
+
+def _marked(ids: list[int], report, tok) -> str:
+    """Decode ``ids`` with markers where the guard acted (after the token that triggered it)."""
+    marks: dict[int, list[str]] = {}
+    for change in report.actions:
+        marks.setdefault(change.position, []).append(f"⟦{change.level.upper()}⟧")
+    if not marks:
+        return tok.decode(ids, skip_special_tokens=True)
+    out, last = [], 0
+    for pos in sorted(marks):
+        cut = min(pos + 1, len(ids)) if pos > 0 or report.actions[0].reason != "always_on" else 0
+        out.append(tok.decode(ids[last:cut], skip_special_tokens=True))
+        out.append("".join(marks[pos]))
+        last = cut
+    out.append(tok.decode(ids[last:], skip_special_tokens=True))
+    return "".join(out)
+
+
+def _show(r, tok) -> None:
+    width = shutil.get_terminal_size((120, 20)).columns
+    report = r["report"]
+    guarded = _marked(r["guarded_ids"], report, tok)
+    print("=" * width)
+    print("PROMPT: " + r["prompt"].replace("\n", "⏎ "))
+    if r["unguarded_ids"] is not None:
+        same = r["unguarded_ids"] == r["guarded_ids"]
+        col = max(30, (width - 3) // 2)
+        left = _wrap("UNGUARDED", tok.decode(r["unguarded_ids"], skip_special_tokens=True), col)
+        right = _wrap("GUARDED" + ("  (identical)" if same else ""), guarded, col)
+        for i in range(max(len(left), len(right))):
+            a = left[i] if i < len(left) else ""
+            b = right[i] if i < len(right) else ""
+            print(f"{a:<{col}} │ {b}")
+        if not same:
+            first = next((i for i, (a, b) in enumerate(zip(r["unguarded_ids"], r["guarded_ids"])) if a != b),
+                         min(len(r["unguarded_ids"]), len(r["guarded_ids"])))
+            print(f"-- outputs first differ at generated token {first}")
+    else:
+        for line in _wrap("GUARDED", guarded, width):
+            print(line)
+    print("-- repguard report: " + _summary(report))
+
+
+def _wrap(title: str, text: str, width: int) -> list[str]:
+    lines = [title, "-" * min(width, len(title))]
+    for para in text.replace("\r", "").split("\n"):
+        lines += textwrap.wrap(para, width) or [""]
+    return lines
+
+
+def _summary(report) -> str:
+    if not report.detections and not report.actions:
+        return f"no loop detected in {report.tokens_observed} tokens; output untouched"
+    det = report.detections[0] if report.detections else None
+    parts = []
+    if det:
+        parts.append(f"loop detected at token {det.position} (onset {det.onset}, period {det.period}, {det.trigger} trigger)")
+    if report.actions:
+        parts.append("actions: " + ", ".join(f"{a.level}@{a.position} ({a.reason})" for a in report.actions))
+    parts.append(f"{report.tokens_under_intervention} tokens under intervention")
+    if report.finish_reason:
+        parts.append(f"finish_reason={report.finish_reason}")
+    if report.max_neuron_score is not None:
+        parts.append(f"max neuron z={report.max_neuron_score:.2f}")
+    return "; ".join(parts)

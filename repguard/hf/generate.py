@@ -1,0 +1,48 @@
+"""Drop-in use through ``generate``: guard settings travel in the generation config.
+
+    from transformers import GenerationConfig
+    from repguard.hf import custom_generate
+
+    out = model.generate(
+        **inputs,
+        generation_config=GenerationConfig(max_new_tokens=200, do_sample=False, repguard={"preset": "default"}),
+        custom_generate=custom_generate,
+    )
+    out.repguard_reports  # one SequenceReport per row
+
+``repguard`` may be a dict of ``GuardConfig`` fields, a ``GuardConfig``, or a list of them (one per row).
+``repguard_map`` (optional) is a ``NeuronMap`` or a path; by default the shipped map of the model's name.
+The decoding itself is transformers' own sampling/greedy loop; only the guard's hooks are added.
+"""
+
+from __future__ import annotations
+
+from ..config import GuardConfig
+from ..errors import ConfigError
+from .guard import Guard
+
+
+def custom_generate(model, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs):
+    """A ``custom_generate`` callable for ``model.generate`` (transformers >= 4.56)."""
+    from transformers.generation.utils import GenerationMixin
+
+    if getattr(generation_config, "num_beams", 1) not in (None, 1):
+        raise ConfigError("repguard: beam search is not supported (rows are reordered between steps); use num_beams=1")
+    settings = getattr(generation_config, "repguard", None)
+    nmap = getattr(generation_config, "repguard_map", None)
+    rows = None
+    if isinstance(settings, (list, tuple)):
+        rows, settings = list(settings), None
+    config = settings if isinstance(settings, GuardConfig) else GuardConfig.from_dict(settings)
+    with Guard(model, nmap, config) as g:
+        if rows is not None:
+            g.configure_rows(rows)
+        out = GenerationMixin._sample(
+            model, input_ids, logits_processor=logits_processor, stopping_criteria=stopping_criteria,
+            generation_config=generation_config, **model_kwargs,
+        )
+    try:
+        out.repguard_reports = g.reports
+    except AttributeError:  # pragma: no cover - tensors and ModelOutputs both accept attributes
+        pass
+    return out

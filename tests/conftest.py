@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny random models for plumbing, the embedded model for behaviour."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(int(os.environ.get("REPGUARD_TEST_THREADS", "2")))
+
+
+def tiny_config(arch: str):
+    """A 2-layer, 256-token random model config of one supported architecture."""
+    import transformers as tf
+
+    common = dict(vocab_size=256, num_hidden_layers=2, num_attention_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if arch == "llama":
+        return tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_key_value_heads=4, **common)
+    if arch == "mistral":
+        return tf.MistralConfig(hidden_size=64, intermediate_size=128, num_key_value_heads=4, **common)
+    if arch == "qwen2":
+        return tf.Qwen2Config(hidden_size=64, intermediate_size=128, num_key_value_heads=4, **common)
+    if arch == "gemma":
+        return tf.GemmaConfig(hidden_size=64, intermediate_size=128, num_key_value_heads=4, head_dim=16, **common)
+    if arch == "gemma2":
+        return tf.Gemma2Config(hidden_size=64, intermediate_size=128, num_key_value_heads=4, head_dim=16, **common)
+    if arch == "gemma3":
+        return tf.Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_key_value_heads=4, head_dim=16, **common)
+    if arch == "gpt2":
+        return tf.GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if arch == "gpt_neox":
+        return tf.GPTNeoXConfig(hidden_size=64, intermediate_size=128, **common)
+    raise ValueError(arch)
+
+
+TINY_ARCHS = ("llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3", "gpt2", "gpt_neox")
+
+
+def tiny_model(arch: str = "llama", seed: int = 0):
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config = tiny_config(arch)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def random_map(model, num_selected: int = 16, num_stored: int = 48, seed: int = 0, name: str = "tiny"):
+    """A map with random scores that fits ``model`` (for plumbing tests; calibration makes real ones)."""
+    from repguard.hf.introspect import arch_of, fingerprint, shape_of
+    from repguard.neuron_map import map_from_scores
+
+    layers, width = shape_of(model)
+    fp = fingerprint(model)
+    g = torch.Generator().manual_seed(seed)
+    stats = {k: torch.rand(layers, width, generator=g) + 0.1 for k in ("mean_before", "std_before", "mean_after", "std_after")}
+    meta = dict(
+        model_name=name, architecture=arch_of(model).family, num_layers=layers, intermediate_size=width,
+        hook_point=arch_of(model).hook_point, quantity="test", fingerprint=fp.config, num_selected=0, num_stored=0,
+    )
+    return map_from_scores(meta, torch.rand(layers, width, generator=g) + 0.01, stats, num_selected, num_stored,
+                           extra={"fingerprint_weights": fp.weights})
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """(model, tokenizer, name) of the embedded default model, converted once into the cache."""
+    from repguard.hf.models import load_model
+
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm_map():
+    from repguard.maps import find_map
+
+    return find_map("smollm2-135m")
