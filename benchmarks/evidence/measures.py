@@ -1,0 +1,69 @@
+"""The benchmark's measures, on plain token lists (no framework)."""
+
+from __future__ import annotations
+
+from statistics import mean
+from typing import Sequence
+
+from repguard.detect import find_repetition
+
+
+def loops(cont: Sequence[int], stopped: bool = False) -> bool:
+    """The paper's detector (n=10, r=100, k=3) on the continuation; a stopped output is an unrepaired loop."""
+    return stopped or find_repetition(list(cont)) is not None
+
+
+def seq_rep(cont: Sequence[int], n: int = 4) -> float:
+    """Welleck et al.: 1 - unique n-grams / n-grams of one continuation (0 when it has no n-gram)."""
+    grams = [tuple(cont[i : i + n]) for i in range(len(cont) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def distinct(cont: Sequence[int], n: int = 2) -> float:
+    """Unique n-grams / n-grams of one continuation (1 when it has no n-gram)."""
+    grams = [tuple(cont[i : i + n]) for i in range(len(cont) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 1.0
+
+
+def distortion(base: Sequence[Sequence[int]], outs: Sequence[Sequence[int]], base_loops: Sequence[bool]) -> float | None:
+    """Share of outputs, among those whose unguarded run did not loop, that differ from unguarded."""
+    idx = [i for i, looped in enumerate(base_loops) if not looped]
+    if not idx:
+        return None
+    return sum(list(outs[i]) != list(base[i]) for i in idx) / len(idx)
+
+
+def identity(base: Sequence[Sequence[int]], outs: Sequence[Sequence[int]], triggered: Sequence[bool]) -> float | None:
+    """Share of never-triggered outputs byte-identical to unguarded (None when every output triggered)."""
+    idx = [i for i, t in enumerate(triggered) if not t]
+    if not idx:
+        return None
+    return sum(list(outs[i]) == list(base[i]) for i in idx) / len(idx)
+
+
+def precision_recall(fired: Sequence[bool], truth: Sequence[bool]) -> tuple[float | None, float | None]:
+    """Trigger precision and recall against a reference labelling (the paper's detector)."""
+    tp = sum(f and t for f, t in zip(fired, truth))
+    nf, nt = sum(fired), sum(truth)
+    return (tp / nf if nf else None, tp / nt if nt else None)
+
+
+def summary(base, outs, base_loops, stopped, triggered=None) -> dict:
+    """All per-method numbers for one run."""
+    looped = [loops(o, s) for o, s in zip(outs, stopped)]
+    n = len(outs)
+    rate = sum(looped) / n
+    rate0 = sum(base_loops) / n
+    return {
+        "n": n,
+        "loop_rate": rate,
+        "loop_cut": (1 - rate / rate0) if rate0 else None,
+        "stopped": sum(stopped) / n,
+        "seq_rep_4": mean(seq_rep(o) for o in outs),
+        "distinct_2": mean(distinct(o) for o in outs),
+        "distortion": distortion(base, outs, base_loops),
+        "changed": sum(list(o) != list(b) for o, b in zip(outs, base)) / n,
+        "identity": identity(base, outs, triggered) if triggered is not None else None,
+        "triggered": sum(triggered) / n if triggered is not None else None,
+        "mean_len": mean(len(o) for o in outs),
+    }

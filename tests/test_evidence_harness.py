@@ -1,0 +1,83 @@
+"""The evidence benchmark's measures and its DRY baseline, on hand-made token lists and tensors."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.evidence import measures  # noqa: E402
+from benchmarks.evidence.dry import DRYLogitsProcessor  # noqa: E402
+
+
+def test_seq_rep_4_counts_repeated_4grams():
+    assert measures.seq_rep([1, 2, 3, 4, 5, 6]) == 0.0
+    # 1 2 3 4 1 2 3 4: 5 four-grams, 4 distinct
+    assert measures.seq_rep([1, 2, 3, 4, 1, 2, 3, 4]) == pytest.approx(1 - 4 / 5)
+    assert measures.seq_rep([7] * 10) == pytest.approx(1 - 1 / 7)
+    assert measures.seq_rep([1, 2, 3]) == 0.0  # no 4-gram
+
+
+def test_distinct_2_is_unique_bigrams_over_bigrams():
+    assert measures.distinct([1, 2, 3, 4]) == 1.0
+    assert measures.distinct([1, 2, 1, 2, 1]) == pytest.approx(2 / 4)
+    assert measures.distinct([5]) == 1.0
+
+
+def test_distortion_only_counts_outputs_that_did_not_loop_unguarded():
+    base = [[1, 2, 3], [4, 5, 6], [7, 7, 7]]
+    outs = [[1, 2, 3], [4, 5, 9], [8, 8, 8]]  # row 1 changed, row 2 changed but it looped unguarded
+    assert measures.distortion(base, outs, [False, False, True]) == 0.5
+    assert measures.distortion(base, outs, [True, True, True]) is None
+    assert measures.distortion(base, base, [False, False, False]) == 0.0
+
+
+def test_identity_only_counts_never_triggered_outputs():
+    base = [[1, 2], [3, 4], [5, 6]]
+    outs = [[1, 2], [3, 9], [0, 0]]
+    assert measures.identity(base, outs, [False, False, True]) == 0.5
+    assert measures.identity(base, outs, [True, True, True]) is None
+
+
+def test_loops_uses_the_papers_detector_and_counts_stops_as_loops():
+    loop = list(range(12)) * 4
+    assert measures.loops(loop)
+    assert not measures.loops(list(range(48)))
+    assert measures.loops(list(range(48)), stopped=True)
+
+
+def test_precision_recall():
+    assert measures.precision_recall([True, True, False, False], [True, False, True, False]) == (0.5, 0.5)
+    assert measures.precision_recall([False], [False]) == (None, None)
+
+
+def test_dry_penalises_only_the_token_that_extends_a_repeat():
+    proc = DRYLogitsProcessor(multiplier=0.8, base=1.75, allowed_length=2, last_n=64)
+    ids = torch.tensor([[10, 11, 12, 13, 10, 11, 12], [1, 2, 3, 4, 5, 6, 7]])
+    scores = torch.zeros(2, 20)
+    out = proc(ids, scores)
+    # row 0: "10 11 12" repeats; the next 13 would extend a 3-token match: 0.8 * 1.75 ** (3 - 2)
+    assert out[0, 13].item() == pytest.approx(-0.8 * 1.75)
+    assert torch.count_nonzero(out[0]).item() == 1
+    assert torch.count_nonzero(out[1]).item() == 0  # no repeat, no penalty
+    assert torch.count_nonzero(scores).item() == 0  # input not edited in place
+
+
+def test_dry_respects_allowed_length_breakers_and_window():
+    ids = torch.tensor([[10, 13, 5, 10]])  # match of length 1 only
+    assert torch.count_nonzero(DRYLogitsProcessor(allowed_length=2)(ids, torch.zeros(1, 20))).item() == 0
+    assert DRYLogitsProcessor(allowed_length=1)(ids, torch.zeros(1, 20))[0, 13].item() == pytest.approx(-0.8)
+    rep = torch.tensor([[10, 11, 12, 13, 10, 11, 12]])
+    # 11 is a sequence breaker: the match stops before it (length 1 < allowed 2)
+    assert torch.count_nonzero(DRYLogitsProcessor(breakers=[11])(rep, torch.zeros(1, 20))).item() == 0
+    # a window of the last 4 tokens no longer holds the first copy
+    assert torch.count_nonzero(DRYLogitsProcessor(last_n=4)(rep, torch.zeros(1, 20))).item() == 0
+
+
+def test_dry_validates_arguments():
+    with pytest.raises(ValueError, match="base"):
+        DRYLogitsProcessor(base=0.5)
+    with pytest.raises(ValueError, match="allowed_length"):
+        DRYLogitsProcessor(allowed_length=0)
