@@ -51,10 +51,40 @@ INFO = Gauge(
     ["version", "model", "neuron_map"], multiprocess_mode="max",
 )
 
+# -- the OpenAI-compatible server (``repguard serve``) -------------------------------------------------
+ENDPOINTS = ("completions", "chat_completions")
+SERVER_REQUESTS = Counter(
+    "repguard_server_requests_total", "HTTP requests to the generation endpoints, by status code.",
+    ["model", "endpoint", "status"],
+)
+SERVER_REQUEST_DURATION = Histogram(
+    "repguard_server_request_duration_seconds", "Time from admission to the last byte of a generation request.",
+    ["model", "endpoint"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160),
+)
+SERVER_TTFT = Histogram(
+    "repguard_server_time_to_first_token_seconds", "Time from admission to a request's first generated token.",
+    ["model"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40),
+)
+SERVER_QUEUED = Gauge(
+    "repguard_server_queued_requests", "Admitted requests waiting for a batch.", ["model"], multiprocess_mode="livesum"
+)
+SERVER_RUNNING = Gauge(
+    "repguard_server_running_requests", "Requests in the batch being generated.", ["model"], multiprocess_mode="livesum"
+)
+SERVER_BATCH_ROWS = Histogram(
+    "repguard_server_batch_rows", "Rows (prompt x n) per generate call.", ["model"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+
 ALL = (
     REQUESTS_GUARDED, LOOPS_DETECTED, INTERVENTIONS, INTERVENTION_TOKENS, GENERATED_TOKENS,
     DETECTION_POSITION, OVERHEAD, ERRORS, INFO,
+    SERVER_REQUESTS, SERVER_REQUEST_DURATION, SERVER_TTFT, SERVER_QUEUED, SERVER_RUNNING, SERVER_BATCH_ROWS,
 )
+
+ERROR_SITES = ("observe", "deactivate", "penalty")
 
 
 def metric_names() -> set[str]:
@@ -73,6 +103,16 @@ def metric_names() -> set[str]:
 
 def set_info(model: str, neuron_map: str) -> None:
     INFO.labels(version=__version__, model=model, neuron_map=neuron_map).set(1)
+
+
+def init_model(model: str) -> None:
+    """Create every labelled series of ``model`` at zero, so dashboards show 0 rather than "no data"."""
+    for metric in (REQUESTS_GUARDED, LOOPS_DETECTED, INTERVENTION_TOKENS, GENERATED_TOKENS):
+        metric.labels(model)
+    for level in LEVELS:
+        INTERVENTIONS.labels(model, level)
+    for where in ERROR_SITES:
+        ERRORS.labels(model, where)
 
 
 def record_report(model: str, report) -> None:

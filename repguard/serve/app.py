@@ -1,0 +1,143 @@
+"""The ``repguard serve`` application: the guard's router plus /health, /metrics and hardening.
+
+``build_engine(settings)`` loads the model and installs the guard (slow; errors surface before the
+server binds); ``create_app(engine, settings)`` is cheap and side-effect free otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__, metrics
+from .engine import Engine
+from .router import APIError, bearer_auth, build_router, validation_error
+from .settings import ServeSettings
+
+log = logging.getLogger("repguard.serve")
+
+
+def build_engine(settings: ServeSettings) -> Engine:
+    """Load the model, install the guard for the server's lifetime, start the batching worker."""
+    import torch
+
+    from ..hf.guard import Guard
+    from ..hf.models import load_model
+    from ..maps import find_map
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    model, tokenizer, name = load_model(settings.model, dtype=settings.dtype)
+    served = settings.served_model_name or name
+    neuron_map = find_map(settings.neuron_map or name)
+    guard = Guard(model, neuron_map, settings.guard_config(), model_name=served)
+    guard.install()
+    return Engine(
+        model, tokenizer, guard, served, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
+        batch_wait_s=settings.batch_wait_ms / 1000.0, default_guard=settings.guard_config(),
+    ).start()
+
+
+class BodyLimit:
+    """Pure ASGI middleware: 413 for a request body over ``limit`` bytes (declared or streamed)."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        too_big = APIError(413, f"the request body exceeds {self.limit} bytes", code="body_too_large").response()
+        try:
+            if declared is not None and int(declared) > self.limit:
+                return await too_big(scope, receive, send)
+        except ValueError:
+            return await APIError(400, "invalid Content-Length").response()(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:  # buffer (bounded) so an undeclared, chunked body is limited too
+            message = await receive()
+            if message["type"] != "http.request":
+                chunks.append(message)
+                break
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                return await too_big(scope, receive, send)
+            chunks.append(message)
+            more = message.get("more_body", False)
+
+        async def replay():
+            return chunks.pop(0) if chunks else await receive()
+
+        return await self.app(scope, replay, send)
+
+
+def create_app(engine: Engine, settings: ServeSettings | None = None, *, close_engine: bool = True) -> FastAPI:
+    settings = settings or ServeSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        if close_engine:  # uvicorn has already let in-flight responses finish (graceful shutdown)
+            engine.close(timeout=settings.drain_timeout_s)
+
+    app = FastAPI(title="repguard", version=__version__, lifespan=lifespan,
+                  description="OpenAI-compatible completions guarded against repetition loops.")
+    app.state.repguard_engine = engine
+    app.include_router(build_router(engine, settings))
+    auth = bearer_auth(settings.api_key)
+    no_auth = bearer_auth(None)
+
+    @app.get("/health", dependencies=[Depends(auth if settings.auth_health else no_auth)])
+    async def health() -> Any:
+        queued, running = engine.load()
+        body = {"status": "draining" if engine.draining else "ok", "model": engine.model_name,
+                "queued": queued, "running": running, "version": __version__}
+        return JSONResponse(body, status_code=503 if engine.draining else 200)
+
+    @app.get("/metrics", dependencies=[Depends(auth if settings.auth_metrics else no_auth)])
+    async def prometheus_metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(metrics.registry()), media_type=CONTENT_TYPE_LATEST)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        return validation_error(exc).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return APIError(exc.status_code, str(exc.detail), code=kind, headers=getattr(exc, "headers", None)).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("repguard: unhandled error")
+        return APIError(500, "internal server error", type="server_error").response()
+
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        # Document (and let schema fuzzers target) the one model this server answers for.
+        schema = default_openapi()
+        for key in ("CompletionRequest", "ChatCompletionRequest"):
+            props = schema.get("components", {}).get("schemas", {}).get(key, {}).get("properties", {})
+            if "model" in props:
+                props["model"] = {"anyOf": [{"type": "string", "enum": [engine.model_name]}, {"type": "null"}],
+                                  "title": "Model", "description": "The served model (optional)."}
+        return schema
+
+    app.openapi = openapi
+    return app

@@ -1,0 +1,107 @@
+"""OpenAI-compatible request bodies, strict: unknown fields and wrong types are rejected (400).
+
+The ``repguard`` body field takes the fields of ``GuardConfig`` (plus ``preset``), validated by the
+same code as everywhere else in repguard. Responses are plain dicts built in ``router.py``: every
+choice carries a ``repguard`` object with the guard's report.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..config import GuardConfig
+
+MAX_STOP = 4
+MAX_STOP_CHARS = 256
+MAX_SEED = 2**63 - 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _GenerationParams(_Strict):
+    model: str | None = Field(None, max_length=512, description="Must name the served model when given.")
+    max_tokens: int | None = Field(None, ge=1, le=1_000_000, description="Capped by the server's max_tokens_limit.")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 decodes greedily.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=128, description="Choices per prompt (capped by the server's max_n).")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    stop: str | list[str] | None = Field(None, description=f"Up to {MAX_STOP} non-empty stop strings.")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, max_length=256)
+    repguard: GuardConfig | None = Field(
+        None, description="Guard settings for this request: GuardConfig fields, or {'preset': 'monitor'|'off'|...}."
+    )
+
+    @field_validator("temperature", "top_p", mode="before")
+    @classmethod
+    def _int_is_float(cls, value: Any) -> Any:
+        # JSON has one number type: 1 and 1.0 are the same temperature.
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_ok(cls, value: str | list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        stops = [value] if isinstance(value, str) else list(value)
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings")
+        if any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop strings must be 1 to {MAX_STOP_CHARS} characters")
+        return stops or None
+
+    @field_validator("repguard", mode="before")
+    @classmethod
+    def _guard_ok(cls, value: Any) -> Any:
+        if value is None or isinstance(value, GuardConfig):
+            return value
+        return GuardConfig.from_dict(value)  # ConfigError is a ValueError: pydantic reports it as 400
+
+
+class CompletionRequest(_GenerationParams):
+    prompt: str | list[str] = Field(..., description="A prompt or a list of prompts (non-empty strings).")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_ok(cls, value: str | list[str]) -> str | list[str]:
+        prompts = [value] if isinstance(value, str) else value
+        if not prompts:
+            raise ValueError("prompt list is empty")
+        if any(not p for p in prompts):
+            raise ValueError("prompt is empty")
+        return value
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[TextPart]
+    name: str | None = Field(None, max_length=64)
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_GenerationParams):
+    messages: list[ChatMessage] = Field(..., min_length=1, max_length=256)
+    max_completion_tokens: int | None = Field(None, ge=1, le=1_000_000, description="Alias of max_tokens.")
+
+    @field_validator("messages")
+    @classmethod
+    def _messages_ok(cls, value: list[ChatMessage]) -> list[ChatMessage]:
+        if not any(m.text() for m in value):
+            raise ValueError("every message is empty")
+        return value

@@ -1,0 +1,121 @@
+"""Server settings: CLI flags over ``REPGUARD_*`` environment variables over a file over defaults.
+
+Everything is validated once, at start, by ``ServeSettings`` (pydantic, unknown keys rejected), so a
+typo in a flag, a variable or the file stops the server with a message that names the setting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..config import GuardConfig, format_validation_error
+from ..errors import ConfigError
+
+ENV_PREFIX = "REPGUARD_"
+
+
+class ServeSettings(BaseModel):
+    """Every setting of ``repguard serve``. Environment variable: ``REPGUARD_`` + the name in upper case."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field("smollm2-135m", description="Embedded model name or local Hugging Face folder.")
+    served_model_name: str | None = Field(None, description="Name reported by /v1/models (default: the model's).")
+    neuron_map: str | None = Field(None, description="Neuron map path (default: the shipped map of the model).")
+    guard: dict[str, Any] = Field(default_factory=dict, description="Default GuardConfig for requests (a preset or fields).")
+    dtype: str = Field("float32", pattern="^(float32|bfloat16|float16)$")
+    threads: int = Field(0, ge=0, le=256, description="torch threads (0: leave torch's default).")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: str | None = Field(None, min_length=8, description="Bearer key required on /v1 routes when set.")
+    auth_metrics: bool = Field(False, description="Require the API key on /metrics too.")
+    auth_health: bool = Field(False, description="Require the API key on /health too.")
+    max_batch_size: int = Field(8, ge=1, le=256, description="Rows (prompt x n) generated together in one batch.")
+    max_queue: int = Field(64, ge=0, le=100000, description="Requests waiting beyond the running batch before 429.")
+    batch_wait_ms: float = Field(5.0, ge=0.0, le=1000.0, description="How long the batcher waits to fill a batch.")
+    max_tokens_limit: int = Field(1024, ge=1, le=1_000_000, description="Largest max_tokens a request may ask for.")
+    default_max_tokens: int = Field(16, ge=1, le=1_000_000, description="max_tokens when a request omits it.")
+    max_n: int = Field(8, ge=1, le=128)
+    max_prompts: int = Field(16, ge=1, le=1024, description="Prompts in one /v1/completions list.")
+    max_prompt_tokens: int = Field(4096, ge=1, le=1_000_000)
+    max_body_bytes: int = Field(1_000_000, ge=1024, le=1_000_000_000)
+    drain_timeout_s: float = Field(60.0, ge=0.0, le=3600.0, description="SIGTERM: how long in-flight requests may finish.")
+    log_level: str = Field("info", pattern="^(critical|error|warning|info|debug)$")
+
+    @field_validator("guard")
+    @classmethod
+    def _guard_ok(cls, value: dict[str, Any]) -> dict[str, Any]:
+        GuardConfig.from_dict(value)  # ConfigError (a ValueError) names the field
+        return value
+
+    def guard_config(self) -> GuardConfig:
+        return GuardConfig.from_dict(self.guard)
+
+
+def _read_file(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"config file {p}: {exc.strerror or exc}") from None
+    try:
+        data = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config file {p}: not valid {'TOML' if p.suffix == '.toml' else 'JSON'}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p}: expected a table/object of settings")
+    return data.get("serve", data) if isinstance(data.get("serve"), dict) else data
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    """``REPGUARD_<FIELD>`` for known fields only (other REPGUARD_* variables belong to other parts)."""
+    out: dict[str, Any] = {}
+    for name, field in ServeSettings.model_fields.items():
+        raw = env.get(ENV_PREFIX + name.upper())
+        if raw is None:
+            continue
+        if name == "guard":
+            raw = raw.strip()
+            try:
+                out[name] = json.loads(raw) if raw.startswith("{") else {"preset": raw}
+            except ValueError as exc:
+                raise ConfigError(f"{ENV_PREFIX}GUARD: not valid JSON: {exc}") from None
+        else:
+            out[name] = raw  # pydantic coerces "8" -> 8, "true" -> True in lax mode
+    return out
+
+
+def load_settings(
+    cli: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_file: str | os.PathLike | None = None,
+) -> ServeSettings:
+    """Merge the sources (CLI > environment > file > defaults) and validate them.
+
+    ``cli`` holds only the flags the user gave (None values are ignored). The file is JSON or TOML
+    (a top-level ``[serve]`` table is allowed); ``REPGUARD_CONFIG`` names it when ``config_file`` is None.
+    """
+    env = os.environ if env is None else env
+    config_file = config_file or env.get(ENV_PREFIX + "CONFIG")
+    merged: dict[str, Any] = {}
+    sources: list[tuple[str, dict[str, Any]]] = []
+    if config_file:
+        sources.append((f"config file {config_file}", _read_file(config_file)))
+    sources.append(("environment", _from_env(env)))
+    sources.append(("command line", {k: v for k, v in (cli or {}).items() if v is not None}))
+    for _, data in sources:
+        merged.update(data)
+    try:
+        return ServeSettings.model_validate(merged)
+    except ValidationError as exc:
+        origin = {k: where for where, data in sources for k in data}
+        msg = format_validation_error(exc, "server settings")
+        named = sorted({str(e["loc"][0]) for e in exc.errors() if e.get("loc")})
+        hint = "; ".join(f"{k} from {origin.get(k, 'defaults')}" for k in named)
+        raise ConfigError(msg + (f" [{hint}]" if hint else "")) from None

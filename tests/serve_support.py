@@ -1,0 +1,125 @@
+"""Shared helpers for the server tests: a tiny random model folder, neuron maps, a real server process."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def make_tiny_model(folder: Path) -> Path:
+    """A random 2-layer Llama with a byte-level tokenizer (256 bytes + 3 specials), saved as an HF folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    for i, special in enumerate(["<eos>", "<bos>", "<pad>"]):
+        vocab[special] = 256 + i
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", bos_token="<bos>", pad_token="<pad>")
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    tok.save_pretrained(str(folder))
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=1024, eos_token_id=256, bos_token_id=257, pad_token_id=258,
+    )
+    LlamaForCausalLM(config).eval().save_pretrained(str(folder))
+    return folder
+
+
+def make_random_map(model, model_name: str, path: Path, seed: int = 0) -> Path:
+    """A neuron map with random scores that fits ``model`` (the shape and fingerprint checks pass)."""
+    from repguard.hf.introspect import fingerprint, shape_of
+    from repguard.neuron_map import map_from_scores
+
+    layers, width = shape_of(model)
+    fp = fingerprint(model)
+    g = torch.Generator().manual_seed(seed)
+    stats = {k: torch.rand(layers, width, generator=g) for k in ("mean_before", "std_before", "mean_after", "std_after")}
+    meta = dict(model_name=model_name, architecture="llama", num_layers=layers, intermediate_size=width,
+                hook_point="act_fn", quantity="activation", fingerprint=fp.config, num_selected=0, num_stored=0)
+    k = max(4, layers * width // 20)
+    nmap = map_from_scores(meta, torch.randn(layers, width, generator=g), stats, k, 4 * k,
+                           extra={"fingerprint_weights": fp.weights})
+    nmap.save(path)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """``repguard serve`` in a subprocess on a free loopback port; stopped with SIGTERM on exit."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None, startup_timeout: float = 180.0) -> None:
+        self.port = free_port()
+        self.args = list(args)
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.startup_timeout = startup_timeout
+        self.proc: subprocess.Popen | None = None
+        self.log_path: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, log_path: Path) -> "ServerProcess":
+        self.log_path = log_path
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "repguard.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port), *self.args],
+            stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=self.env, cwd=str(ROOT),
+        )
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"repguard serve exited with {self.proc.returncode}:\n{self.log()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + "/health", timeout=1.0).status_code in (200, 401):
+                    return self
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"repguard serve did not start in {self.startup_timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path and self.log_path.exists() else ""
+
+    def terminate(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        if self.proc is None:
+            return None
+        self.terminate()
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+def write_json(path: Path, data) -> Path:
+    path.write_text(json.dumps(data))
+    return path
