@@ -9,7 +9,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-torch.set_num_threads(int(os.environ.get("REPGUARD_TEST_THREADS", "2")))
+torch.set_num_threads(int(os.environ.get("REPGUARD_TEST_THREADS", "1")))
 
 
 def tiny_config(arch: str):

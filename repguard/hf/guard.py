@@ -36,13 +36,13 @@ log = logging.getLogger("repguard")
 SUPPORTED_TRANSFORMERS = (">=4.56", "<5.20")
 
 
-def _eos_ids(model) -> list[int]:
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    if eos is None:
-        eos = getattr(model.config, "eos_token_id", None)
-    if eos is None:
+def _token_ids(model, attr: str) -> list[int]:
+    value = getattr(model.generation_config, attr, None)
+    if value is None:
+        value = getattr(model.config, attr, None)
+    if value is None:
         return []
-    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+    return [int(e) for e in (value if isinstance(value, (list, tuple)) else [value])]
 
 
 class Guard:
@@ -78,7 +78,9 @@ class Guard:
             raise ConfigError(f"layers: the model has {num_layers} layers (0..{num_layers - 1})")
         param = next(model.parameters())
         self.runtime = GuardRuntime(neuron_map, self.config, max_rows=1, device=param.device, dtype=param.dtype)
-        self.eos = _eos_ids(model)
+        self.eos = _token_ids(model, "eos_token_id")
+        # generate() feeds finished rows with padding: a row's first EOS or pad token ends its watch.
+        self._terminal = frozenset(self.eos + _token_ids(model, "pad_token_id"))
         self._row_configs: list[GuardConfig] | None = None
         self._handles: list = []
         self._rows_index: torch.Tensor | None = None
@@ -207,13 +209,14 @@ class Guard:
         newest = ids[:, -1].tolist()
         scores = rt.neuron_scores()
         tokens = {}
-        eos = self.eos
+        terminal = self._terminal
         for row, token in enumerate(newest):
             if self._done[row]:
                 continue
+            if token in terminal:
+                self._done[row] = True  # the row has finished; later tokens are padding
+                continue
             tokens[row] = token
-            if token in eos:
-                self._done[row] = True  # its later tokens are padding
         rt.observe(tokens, scores)
         self.steps += 1
 
