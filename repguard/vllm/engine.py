@@ -1,0 +1,437 @@
+"""``EngineGuard``: the worker-side guard of one vLLM engine (one per worker process / TP rank).
+
+It drives the core ``GuardRuntime`` exactly like the transformers adapter does, with vLLM's batch
+layout instead of a padded tensor:
+
+* rows are the persistent batch's indexes (``input_batch.req_ids[i]``, the logits processor's rows);
+  one extra *trash* row absorbs every token that is not some request's newest token;
+* a forward pre-hook on the outer model (outside the compiled region) fills ``token_row``: for each
+  flat token position, the row it is the newest token of, else the trash row; padding rows stay trash;
+* each mapped layer's fused act module (input [gate | up], output act(gate) * up) gets a hook that does
+  only tensor math on these fixed buffers, so it is safe to trace with torch.compile / CUDA graphs:
+  it records act(gate) of the mapped neurons (the calibration quantity, ../shared/PAPER.md §1.4) into
+  the runtime's monitor buffer, and for switched-off rows writes 0 (or pre-onset mean * up) into the
+  output column, which equals switching act(gate) off in transformers;
+* the logits processor (``logits.py``) forwards batch updates here: it opens/closes/moves rows and
+  feeds each guarded row its newest token once per step, before the forward (like the HF pre-hook).
+
+A row that never leaves MONITOR is rewritten with its own values only, so its tokens are unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import metrics
+from ..archs import ArchSpec, arch_for, resolve
+from ..config import GuardConfig
+from ..errors import UnsupportedModelError
+from ..neuron_map import FINGERPRINT_WIDTH, Fingerprint, NeuronMap, config_fingerprint
+from ..runtime import GuardRuntime, LayerPlan
+from . import compat
+
+log = logging.getLogger("repguard")
+
+REPORTS_KEPT = 4096  # finished requests whose reports wait to be fetched, per worker
+
+
+# -- tensor parallel ------------------------------------------------------------------------------------
+@dataclass
+class RankPlan:
+    """One layer's neurons as held by one TP rank: local column indexes and their monitor slots."""
+
+    layer: int
+    local: torch.Tensor  # long [n] columns of this rank's act slice
+    slots: torch.Tensor  # long [n] columns of the runtime's [rows, K] buffers
+    pre_onset: torch.Tensor  # [n]
+
+
+def slice_plans(plans: dict[int, LayerPlan], d_ff: int, rank: int, world: int) -> dict[int, RankPlan]:
+    """The part of every layer plan that rank ``rank`` of ``world`` holds.
+
+    vLLM shards the MLP columns evenly: rank r holds neurons [r*d/world, (r+1)*d/world) of both the
+    gate and the up projection. Layers with no neuron on this rank are left out.
+    """
+    if d_ff % world:
+        raise UnsupportedModelError(f"intermediate size {d_ff} is not divisible by tensor parallel size {world}")
+    width = d_ff // world
+    lo, hi = rank * width, (rank + 1) * width
+    out: dict[int, RankPlan] = {}
+    for layer, plan in plans.items():
+        mask = (plan.neurons >= lo) & (plan.neurons < hi)
+        if not bool(mask.any()):
+            continue
+        slots = torch.arange(plan.slots.start, plan.slots.stop, device=plan.neurons.device)[mask]
+        out[layer] = RankPlan(layer, plan.neurons[mask] - lo, slots, plan.pre_onset[mask])
+    return out
+
+
+# -- per-request bookkeeping ----------------------------------------------------------------------------
+@dataclass
+class RowState:
+    config: GuardConfig
+    outputs: list  # live reference to the request's output token ids (vLLM appends in place)
+    eos: int | None
+    seen: int = 0
+    req_id: str | None = None
+    done: bool = False
+    report: object = None
+    extra: dict = field(default_factory=dict)
+
+
+def _gate_fn(name: str):
+    if name == "silu":
+        return torch.nn.functional.silu
+    if name == "gelu_tanh":
+        return lambda x: torch.nn.functional.gelu(x, approximate="tanh")
+    raise UnsupportedModelError(f"unknown gate activation {name!r}")
+
+
+def vllm_arch(vllm_config) -> ArchSpec:
+    spec = arch_for(compat.text_config(vllm_config).model_type)
+    if spec.vllm_act is None:
+        raise UnsupportedModelError(f"{spec.family}: repguard has no vLLM hook point for this architecture yet")
+    return spec
+
+
+def model_fingerprint(vllm_config, model) -> Fingerprint:
+    """Same identity as ``repguard.hf.introspect.fingerprint``, read from a vLLM model."""
+    spec = vllm_arch(vllm_config)
+    config = compat.text_config(vllm_config)
+    layers, width = spec.num_layers(config), spec.intermediate_size(config)
+    key = config_fingerprint(config.model_type, layers, width, int(config.hidden_size), int(config.vocab_size))
+    norm = resolve(model, spec.final_norm)
+    weights = norm.weight.detach().flatten()[:FINGERPRINT_WIDTH].float().cpu().clone()
+    return Fingerprint(key, weights)
+
+
+class EngineGuard:
+    """Hooks plus per-row state for one vLLM model runner."""
+
+    def __init__(self, runner, neuron_map: NeuronMap, config: GuardConfig, model_name: str) -> None:
+        vllm_config = runner.vllm_config
+        self.runner = runner
+        self.model = runner.get_model()
+        self.model_name = model_name
+        self.neuron_map = neuron_map
+        self.config = config
+        self.spec = vllm_arch(vllm_config)
+        text = compat.text_config(vllm_config)
+        self.num_layers, self.d_ff = self.spec.num_layers(text), self.spec.intermediate_size(text)
+        self.compiled = compat.is_compiled(vllm_config)
+        self.rank, self.world = compat.tp_rank_world()
+        self.max_rows = int(runner.max_num_reqs)
+        self.trash = self.max_rows
+        param = next(self.model.parameters())
+        self.device = param.device
+        self.runtime = GuardRuntime(neuron_map, config, max_rows=self.max_rows + 1, device=self.device, dtype=param.dtype)
+        self.plans = slice_plans(self.runtime.neurons.plans, self.d_ff, self.rank, self.world)
+        self.local_width = self.d_ff // self.world
+        max_tokens = int(getattr(runner, "max_num_tokens", 0) or vllm_config.scheduler_config.max_num_batched_tokens)
+        self.token_row = torch.full((max_tokens + 1,), self.trash, dtype=torch.long, device=self.device)
+        self._gate = _gate_fn(self.spec.vllm_gate_act)
+        self.rows: dict[int, RowState] = {}
+        self.reports: OrderedDict[str, dict] = OrderedDict()  # finished requests
+        self.live: dict[str, RowState] = {}  # running guarded requests, by request id
+        self._taken: set[str] = set()  # live reports already handed out (bounded by running requests)
+        self._handles: list = []
+        self._last_rows: torch.Tensor | None = None
+        self._owner_batch = None
+        self._owner = None
+        self.broken = False
+        self.errors = 0
+        self.steps = 0
+        self.overhead_seconds = 0.0
+
+    # -- install / remove ------------------------------------------------------------------------------
+    def install(self) -> "EngineGuard":
+        try:
+            layers = resolve(self.model, self.spec.vllm_layers)
+            self._handles.append(self.model.register_forward_pre_hook(self._pre_forward))
+            for layer, plan in self.plans.items():
+                act = resolve(layers[layer], self.spec.vllm_act)
+                self._handles.append(act.register_forward_hook(self._make_act_hook(plan)))
+        except (AttributeError, IndexError, TypeError) as exc:
+            self.remove()
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__}: expected {self.spec.vllm_layers}[i].{self.spec.vllm_act} ({exc})"
+            ) from None
+        metrics.set_info(self.model_name, self.neuron_map.meta.model_name)
+        log.info(
+            "repguard: guarding %s with %d neurons in %d layers (rank %d/%d, %s)",
+            self.model_name, len(self.neuron_map), len(self.plans), self.rank, self.world,
+            "compiled" if self.compiled else "eager",
+        )
+        return self
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    # -- forward side (hooks) --------------------------------------------------------------------------
+    def _pre_forward(self, module, args):
+        """Runs eagerly before every forward (outside any compiled region)."""
+        try:
+            num_reqs = int(self.runner.input_batch.num_reqs)
+            self.map_tokens(compat.query_start_loc(num_reqs))
+        except Exception as exc:
+            self._fail("observe", exc)
+        return None
+
+    def map_tokens(self, qsl: list[int] | None) -> None:
+        """Point each request's newest token at its row; every other position at the trash row.
+        ``qsl`` is ``query_start_loc`` (None during warm-up: all trash)."""
+        if self._last_rows is not None:
+            self.token_row.index_fill_(0, self._last_rows, self.trash)
+            self._last_rows = None
+        if not qsl or len(qsl) < 2:
+            return
+        starts = torch.tensor(qsl[:-1], dtype=torch.long)
+        last = torch.tensor(qsl[1:], dtype=torch.long) - 1
+        keep = last >= starts  # a request with no token in this forward has no newest token
+        rows = torch.arange(len(starts), dtype=torch.long)[keep].to(self.device)
+        last = last[keep].to(self.device)
+        self.token_row.index_copy_(0, last, rows)
+        self._last_rows = last
+
+    def _make_act_hook(self, plan: RankPlan):
+        rt = self.runtime
+        gate_fn = self._gate
+        local, slots = plan.local, plan.slots
+        up_cols = plan.local + self.local_width
+        pre_onset = plan.pre_onset
+        compiled = self.compiled
+
+        def hook(module, inputs, output):
+            # Eager: skip the work while no request is guarded. Compiled: always the same tensor math
+            # (Python conditions would be frozen at trace time).
+            if not compiled and (not self.rows or self.broken):
+                return None
+            x = inputs[0]
+            tokens = output.shape[0]
+            row = self.token_row[:tokens]
+            gate = x.index_select(1, local)  # [T, n] pre-activation of the mapped neurons
+            rt.acts[row.unsqueeze(1), slots.unsqueeze(0)] = gate_fn(gate).float()
+            off = rt.off.index_select(0, row).index_select(1, slots)  # [T, n]; trash row is never off
+            use_mean = rt.use_mean.index_select(0, row)  # [T, 1]
+            up = x.index_select(1, up_cols)
+            fill = torch.where(use_mean, pre_onset.to(x.dtype) * up, torch.zeros_like(up))
+            cur = output.index_select(1, local)
+            output.index_copy_(1, local, torch.where(off, fill.to(output.dtype), cur))
+            return None
+
+        return hook
+
+    # -- request side (called by the logits processor, once per step, before the forward) -------------
+    def owns(self, processor) -> bool:
+        """Only one logits-processor instance per input batch drives the guard (it may be loaded both
+        from the entry point and from ``--logits-processors``)."""
+        batch = self.runner.input_batch
+        if batch is not self._owner_batch:
+            from .logits import RepGuardLogitsProcessor
+
+            self._owner_batch = batch
+            procs = getattr(getattr(batch, "logitsprocs", None), "all", ())
+            self._owner = next((p for p in procs if isinstance(p, RepGuardLogitsProcessor)), processor)
+        return self._owner is processor
+
+    def update(self, batch_update, configs: dict[int, GuardConfig]) -> None:
+        """Apply vLLM's removed/added/moved lists, then feed every guarded row its newest token."""
+        t0 = time.perf_counter()
+        try:
+            if batch_update is not None:
+                for index in batch_update.removed:
+                    self._close(index)
+                for index, params, prompt_ids, output_ids in batch_update.added:
+                    self._close(index)
+                    cfg = configs.get(index)
+                    if cfg is not None:
+                        self._open(index, cfg, params, prompt_ids, output_ids)
+                for a, b, direction in batch_update.moved:
+                    self._move(a, b, swap=direction == compat.SWAP)
+                if any(state.req_id is None for state in self.rows.values()):
+                    req_ids = self.runner.input_batch.req_ids
+                    for index, state in self.rows.items():
+                        if state.req_id is None and index < len(req_ids):
+                            state.req_id = req_ids[index]
+                            self.live[state.req_id] = state
+            if self.rows and not self.broken:
+                self._observe()
+        except Exception as exc:
+            self._fail("observe", exc)
+        self.overhead_seconds += time.perf_counter() - t0
+
+    def _open(self, index: int, cfg: GuardConfig, params, prompt_ids, output_ids) -> None:
+        prompt = list(prompt_ids or []) if cfg.watch_prompt else None
+        seq = self.runtime.open(index, cfg, prompt)
+        self.rows[index] = RowState(cfg, output_ids, compat.eos_token_id(params, self.runner.vllm_config), report=seq.report)
+
+    @staticmethod
+    def _report_dict(index, state: "RowState", report) -> dict:
+        data = report.to_dict()
+        data["stopped"] = bool(state.done)
+        data["config"] = state.config.to_dict()
+        return data
+
+    def _close(self, index: int) -> None:
+        state = self.rows.pop(index, None)
+        if state is None:
+            return
+        report = self.runtime.close(index)
+        if report is None:
+            return
+        metrics.record_report(self.model_name, report)
+        if state.req_id is None:
+            return
+        self.live.pop(state.req_id, None)
+        if state.req_id in self._taken:  # already handed out while running
+            self._taken.discard(state.req_id)
+            return
+        self.reports[state.req_id] = self._report_dict(index, state, report)
+        while len(self.reports) > REPORTS_KEPT:
+            self.reports.popitem(last=False)
+
+    def _move(self, a: int, b: int, swap: bool) -> None:
+        rt = self.runtime
+        for name in ("off", "watch", "use_mean", "acts"):
+            buf = getattr(rt, name)
+            if swap:
+                buf[[a, b]] = buf[[b, a]]
+            else:
+                buf[b] = buf[a]
+        if swap:
+            rt.seqs[a], rt.seqs[b] = rt.seqs[b], rt.seqs[a]
+            rt.row_k[a], rt.row_k[b] = rt.row_k[b], rt.row_k[a]
+            ca, cb = rt._chosen.pop(a, None), rt._chosen.pop(b, None)
+            if ca is not None:
+                rt._chosen[b] = ca
+            if cb is not None:
+                rt._chosen[a] = cb
+            sa, sb = self.rows.pop(a, None), self.rows.pop(b, None)
+            if sa is not None:
+                self.rows[b] = sa
+            if sb is not None:
+                self.rows[a] = sb
+        else:
+            rt.seqs[b], rt.seqs[a] = rt.seqs[a], None
+            rt.row_k[b] = rt.row_k[a]
+            chosen = rt._chosen.pop(a, None)
+            if chosen is not None:
+                rt._chosen[b] = chosen
+            rt.off[a] = False
+            state = self.rows.pop(a, None)
+            if state is not None:
+                self.rows[b] = state
+            else:
+                self.rows.pop(b, None)
+        rt.any_off = bool(rt.off.any())
+
+    def _observe(self) -> None:
+        rt = self.runtime
+        tokens: dict[int, int] = {}
+        earlier: list[tuple[int, int]] = []
+        for index, state in self.rows.items():
+            n = len(state.outputs)
+            if n <= state.seen or state.done:
+                continue
+            new = state.outputs[state.seen : n]
+            state.seen = n
+            if any(t < 0 for t in new):  # async-scheduling placeholders: not supported, skip
+                continue
+            earlier.extend((index, t) for t in new[:-1])
+            tokens[index] = int(new[-1])
+        if not tokens:
+            return
+        acts = rt.acts
+        if self.world > 1:  # every rank wrote only its own slots; the others are zero
+            rt.acts = compat.tp_all_reduce(acts.clone())
+        scores = rt.neuron_scores()
+        rt.acts = acts
+        for index, token in earlier:  # more than one new token in a step (not expected in V1)
+            rt.observe({index: token}, None)
+        rt.observe(tokens, scores)
+        self.steps += 1
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """Escalation penalties and forced EOS for the rows whose policy asks for them."""
+        if not self.rows or self.broken:
+            return logits
+        t0 = time.perf_counter()
+        try:
+            rt = self.runtime
+            for index, state in self.rows.items():
+                seq = rt.seqs[index]
+                if seq is None or state.done or index >= logits.shape[0]:
+                    continue
+                if seq.stopped:
+                    state.done = True
+                    if state.eos is not None:
+                        keep = logits[index, state.eos].clone()
+                        logits[index].fill_(float("-inf"))
+                        logits[index, state.eos] = keep if torch.isfinite(keep) else 0.0
+                    continue
+                penalty = seq.penalty
+                if penalty is not None:
+                    token, amount = penalty
+                    if 0 <= token < logits.shape[-1]:
+                        logits[index, token] -= amount
+        except Exception as exc:
+            self._fail("penalty", exc)
+        self.overhead_seconds += time.perf_counter() - t0
+        return logits
+
+    # -- reports ---------------------------------------------------------------------------------------
+    def take_reports(self, request_ids=None, pop: bool = True) -> dict[str, dict]:
+        """Reports of finished guarded requests, keyed by the caller's request id."""
+        wanted = None if request_ids is None else {str(r) for r in request_ids}
+
+        def chosen(internal: str) -> bool:
+            return wanted is None or internal in wanted or compat.external_request_id(internal) in wanted
+
+        out = {}
+        for internal in list(self.reports):
+            if chosen(internal):
+                out[compat.external_request_id(internal)] = self.reports.pop(internal) if pop else self.reports[internal]
+        # Requests that finished after the engine's last step are still open here (vLLM removes them
+        # from the batch at the next step): hand out their live report.
+        for internal, state in list(self.live.items()):
+            if chosen(internal):
+                out[compat.external_request_id(internal)] = self._report_dict(None, state, state.report)
+                if pop:
+                    self._taken.add(internal)
+                    del self.live[internal]
+        return out
+
+    # -- failure: fail open ----------------------------------------------------------------------------
+    def _fail(self, where: str, exc: BaseException) -> None:
+        self.errors += 1
+        metrics.ERRORS.labels(self.model_name, where).inc()
+        if not self.broken:
+            log.exception("repguard: guard failed in %s; requests continue unguarded", where)
+        self.broken = True
+        self.runtime.off.zero_()
+        self.runtime.any_off = False
+        for seq in self.runtime.seqs:
+            if seq is not None:
+                seq.report.errors += 1
+
+
+# The guard of the engine whose model this worker process loaded last (one engine per worker).
+_CURRENT: EngineGuard | None = None
+
+
+def current() -> EngineGuard | None:
+    return _CURRENT
+
+
+def set_current(guard: EngineGuard | None) -> None:
+    global _CURRENT
+    if _CURRENT is not None and _CURRENT is not guard:
+        _CURRENT.remove()
+    _CURRENT = guard

@@ -1,0 +1,282 @@
+"""vLLM integration without a model: request settings, the logits processor on hand-made batch
+updates, the graph-safe layer hook on hand-made activations, and tensor-parallel slicing."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+pytestmark = pytest.mark.vllm
+
+from vllm import SamplingParams  # noqa: E402
+from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality  # noqa: E402
+
+from repguard.config import GuardConfig  # noqa: E402
+from repguard.errors import ConfigError  # noqa: E402
+from repguard.neuron_map import map_from_scores  # noqa: E402
+from repguard.vllm import compat, engine, logits  # noqa: E402
+from repguard.vllm.engine import EngineGuard, slice_plans  # noqa: E402
+from repguard.vllm.logits import RepGuardLogitsProcessor, request_config  # noqa: E402
+
+LAYERS, D_FF, HIDDEN, VOCAB, EOS = 2, 16, 8, 32, 0
+
+
+# -- request settings ------------------------------------------------------------------------------------
+def test_request_opt_in_and_settings():
+    assert request_config({}) is None
+    assert request_config({"other": 1}) is None
+    assert request_config({"repguard": False}) is None
+    assert request_config({"repguard": "false"}) is None
+    assert request_config({"repguard": True}) == GuardConfig()
+    assert request_config({"repguard_preset": "monitor"}).deactivate is False  # any repguard_* key opts in
+    cfg = request_config({"repguard": "true", "repguard_k": 7, "repguard_layers": "0,1", "repguard_stop": False})
+    assert (cfg.k, cfg.layers, cfg.stop) == (7, (0, 1), False)
+    assert request_config({"repguard_config": '{"preset": "paper", "k": 3}'}).always_on is True
+
+
+@pytest.mark.parametrize(
+    "extra, names",
+    [
+        ({"repguard": "maybe"}, "repguard"),
+        ({"repguard_k": 0}, "k"),
+        ({"repguard_bogus": 1}, "repguard_bogus"),
+        ({"repguard_preset": "loud"}, "preset"),
+        ({"repguard_config": "[1]"}, "repguard_config"),
+    ],
+)
+def test_bad_request_settings_name_the_key(extra, names):
+    with pytest.raises(ConfigError, match=names):
+        request_config(extra)
+    with pytest.raises(ValueError, match=names):  # what vLLM turns into HTTP 400
+        RepGuardLogitsProcessor.validate_params(SamplingParams(extra_args=extra))
+
+
+def test_server_default_config(monkeypatch):
+    monkeypatch.setenv("REPGUARD_CONFIG", '{"preset": "monitor"}')
+    logits.server_config.cache_clear()
+    try:
+        assert request_config({"repguard": True}).deactivate is False
+        assert request_config({"repguard_preset": "default"}).deactivate is True
+    finally:
+        logits.server_config.cache_clear()
+
+
+def test_version_range():
+    assert compat.check_version("0.32.0") and compat.check_version("0.33.1")
+    for bad in ("0.31.2", "0.34.0", "1.0.0", "dev"):
+        with pytest.raises(compat.UnsupportedVllmError, match="0.32"):
+            compat.check_version(bad)
+
+
+# -- a fake V1 runner around a tiny model with vLLM's fused MLP layout -----------------------------------
+class SiluAndMul(torch.nn.Module):
+    def forward(self, x):
+        d = x.shape[-1] // 2
+        return torch.nn.functional.silu(x[:, :d]) * x[:, d:]
+
+
+class TinyVllmModel(torch.nn.Module):
+    def __init__(self, layers=LAYERS):
+        super().__init__()
+        self.model = torch.nn.Module()
+        self.model.layers = torch.nn.ModuleList()
+        for _ in range(layers):
+            layer = torch.nn.Module()
+            layer.mlp = torch.nn.Module()
+            layer.mlp.act_fn = SiluAndMul()
+            self.model.layers.append(layer)
+        self.model.norm = torch.nn.Module()
+        self.model.norm.weight = torch.nn.Parameter(torch.ones(HIDDEN))
+
+
+def fake_runner(max_reqs=4, world_layers=LAYERS):
+    text = SimpleNamespace(model_type="llama", num_hidden_layers=world_layers, intermediate_size=D_FF,
+                           hidden_size=HIDDEN, vocab_size=VOCAB, eos_token_id=EOS)
+    vllm_config = SimpleNamespace(
+        model_config=SimpleNamespace(hf_text_config=text, enforce_eager=True, model="tiny", served_model_name="tiny"),
+        compilation_config=SimpleNamespace(mode=None),
+        scheduler_config=SimpleNamespace(max_num_batched_tokens=64),
+    )
+    model = TinyVllmModel(world_layers)
+    batch = SimpleNamespace(num_reqs=0, req_ids=[], logitsprocs=SimpleNamespace(all=[]))
+    return SimpleNamespace(vllm_config=vllm_config, model=model, get_model=lambda: model, max_num_reqs=max_reqs,
+                           max_num_tokens=64, input_batch=batch)
+
+
+def tiny_map(selected=6):
+    g = torch.Generator().manual_seed(1)
+    scores = torch.rand(LAYERS, D_FF, generator=g) + 0.01
+    stats = {k: torch.rand(LAYERS, D_FF, generator=g) + 0.5 for k in ("mean_before", "std_before", "mean_after", "std_after")}
+    meta = dict(model_name="tiny", architecture="llama", num_layers=LAYERS, intermediate_size=D_FF, hook_point="x",
+                quantity="act", fingerprint="x", num_selected=0, num_stored=0)
+    return map_from_scores(meta, scores, stats, selected, selected)
+
+
+@pytest.fixture
+def setup(monkeypatch):
+    monkeypatch.setattr(logits, "PLUGIN_ACTIVE", True)
+    runner = fake_runner()
+    guard = EngineGuard(runner, tiny_map(), GuardConfig(), "tiny").install()
+    engine.set_current(guard)
+    proc = RepGuardLogitsProcessor(runner.vllm_config, torch.device("cpu"), False)
+    runner.input_batch.logitsprocs.all = [proc]
+    yield runner, guard, proc
+    engine.set_current(None)
+
+
+def add(runner, proc, reqs):
+    """reqs: list of (req_id, extra_args); returns the live output lists."""
+    added, outs = [], []
+    for req_id, extra in reqs:
+        index = len(runner.input_batch.req_ids)
+        out: list[int] = []
+        runner.input_batch.req_ids.append(req_id)
+        added.append((index, SamplingParams(extra_args=extra, max_tokens=500), [1, 2, 3], out))
+        outs.append(out)
+    runner.input_batch.num_reqs = len(runner.input_batch.req_ids)
+    proc.update_state(BatchUpdate(batch_size=runner.input_batch.num_reqs, removed=[], added=added, moved=[]))
+    return outs
+
+
+LOOP = [5, 6, 7, 8, 9, 10, 11]
+
+
+def test_processor_guards_only_opted_in_rows(setup):
+    runner, guard, proc = setup
+    assert proc.is_argmax_invariant() is False
+    outs = add(runner, proc, [("a-0000aaaa", {"repguard": True}), ("b-0000bbbb", {}), ("c-0000cccc", {"repguard": True})])
+    assert sorted(guard.rows) == [0, 2]
+    changed_rows = set()
+    first_change = None
+    for step in range(200):
+        outs[0].append(LOOP[step % len(LOOP)])  # a loop of period 7
+        outs[1].append(LOOP[step % len(LOOP)])  # the same loop, not guarded
+        outs[2].append(100 + step)  # never repeats
+        proc.update_state(None)
+        base = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(step))
+        out = proc.apply(base.clone())
+        for row in range(3):
+            if not torch.equal(out[row], base[row]):
+                changed_rows.add(row)
+                first_change = step if first_change is None else first_change
+        if guard.rows[0].done:
+            assert out[0].argmax().item() == EOS and torch.isinf(out[0]).sum() == VOCAB - 1
+            break
+    assert changed_rows == {0}, "only the guarded looping row may change"
+    assert guard.runtime.seqs[0].report.first_detection is not None
+    assert guard.runtime.seqs[2].report.first_detection is None
+    assert guard.rows[0].done, "the default policy ends a loop that survives escalation"
+    # reports: live while running, then removed rows' reports, by the caller's request id
+    live = guard.take_reports(["a"], pop=False)
+    assert live["a"]["finish_reason"] == "repetition" and live["a"]["stopped"] is True
+    proc.update_state(BatchUpdate(batch_size=2, removed=[0], added=[], moved=[]))
+    assert 0 not in guard.rows and guard.runtime.seqs[0] is None
+    reports = guard.take_reports()
+    assert set(reports) == {"a", "c"} and reports["c"]["fired"] is False
+    assert guard.take_reports() == {}  # each report is handed out once (c while still in the batch)
+
+
+def test_moves_carry_row_state(setup):
+    runner, guard, proc = setup
+    outs = add(runner, proc, [("a-0000aaaa", {"repguard": True}), ("b-0000bbbb", {})])
+    outs[0].extend([5, 5])
+    proc.update_state(None)
+    seq_a = guard.runtime.seqs[0]
+    guard.runtime.off[0, :2] = True
+    proc.update_state(BatchUpdate(batch_size=2, removed=[], added=[], moved=[(0, 1, MoveDirectionality.SWAP)]))
+    assert guard.runtime.seqs[1] is seq_a and 1 in guard.rows and 0 not in guard.rows
+    assert guard.runtime.off[1, :2].all() and not guard.runtime.off[0].any()
+    proc.update_state(BatchUpdate(batch_size=1, removed=[0], added=[], moved=[(1, 0, MoveDirectionality.UNIDIRECTIONAL)]))
+    assert guard.runtime.seqs[0] is seq_a and guard.runtime.seqs[1] is None and list(guard.rows) == [0]
+
+
+def test_inert_without_plugin(monkeypatch):
+    monkeypatch.setattr(logits, "PLUGIN_ACTIVE", False)
+    proc = RepGuardLogitsProcessor(fake_runner().vllm_config, torch.device("cpu"), False)
+    assert proc.is_argmax_invariant() is True
+    x = torch.randn(2, VOCAB)
+    assert proc.apply(x) is x
+
+
+def test_second_instance_is_inert(setup):
+    runner, guard, proc = setup
+    twin = RepGuardLogitsProcessor(runner.vllm_config, torch.device("cpu"), False)
+    runner.input_batch.logitsprocs.all = [proc, twin]
+    guard._owner_batch = None
+    assert guard.owns(proc) and not guard.owns(twin)
+
+
+# -- the layer hook --------------------------------------------------------------------------------------
+def run_layer(guard, runner, layer, x, qsl):
+    guard.map_tokens(qsl)
+    act = runner.model.model.layers[layer].mlp.act_fn
+    return act(x.clone())
+
+
+def test_hook_monitors_gate_and_switches_off_one_row(setup):
+    runner, guard, proc = setup
+    add(runner, proc, [("a-0000aaaa", {"repguard": True}), ("b-0000bbbb", {"repguard": True})])
+    layer, plan = next(iter(guard.plans.items()))
+    # 5 tokens: request a has a 3-token chunk (rows 0..2), request b one token (row 3), row 4 is padding
+    x = torch.randn(5, 2 * D_FF, generator=torch.Generator().manual_seed(3))
+    ref = SiluAndMul()(x)
+    out = run_layer(guard, runner, layer, x, [0, 3, 4])
+    assert torch.equal(out, ref), "no row switched off: byte-identical"
+    gate = torch.nn.functional.silu(x[:, :D_FF])
+    assert torch.allclose(guard.runtime.acts[0, plan.slots], gate[2, plan.local])  # a's newest token
+    assert torch.allclose(guard.runtime.acts[1, plan.slots], gate[3, plan.local])
+    guard.runtime.off[1] = True  # switch b off (zero)
+    guard.runtime.any_off = True
+    out = run_layer(guard, runner, layer, x, [0, 3, 4])
+    expect = ref.clone()
+    expect[3, plan.local] = 0.0
+    assert torch.equal(out, expect), "only b's newest token, only the mapped columns"
+    guard.runtime.use_mean[1] = True  # pre-onset mean: mean * up
+    out = run_layer(guard, runner, layer, x, [0, 3, 4])
+    expect[3, plan.local] = plan.pre_onset * x[3, D_FF + plan.local]
+    assert torch.allclose(out, expect)
+
+
+# -- tensor parallel: a simulated 2-rank split ------------------------------------------------------------
+def test_tp_slicing_covers_the_map_once():
+    runtime_plans = EngineGuard(fake_runner(), tiny_map(12), GuardConfig(), "tiny").runtime.neurons.plans
+    seen = []
+    for rank in range(2):
+        for layer, plan in slice_plans(runtime_plans, D_FF, rank, 2).items():
+            assert bool((plan.local >= 0).all() and (plan.local < D_FF // 2).all())
+            seen += [(layer, int(n) + rank * D_FF // 2, int(s)) for n, s in zip(plan.local, plan.slots)]
+    full = [(layer, int(n), s) for layer, p in runtime_plans.items() for n, s in zip(p.neurons, range(p.slots.start, p.slots.stop))]
+    assert sorted(seen) == sorted(full)
+    with pytest.raises(Exception, match="divisible"):
+        slice_plans(runtime_plans, D_FF, 0, 3)
+
+
+def test_tp_two_ranks_match_one(monkeypatch):
+    """Each rank sees its [gate_r | up_r] slice; monitor buffers summed (the all-reduce) and outputs
+    concatenated equal the single-rank result, deactivation included."""
+    monkeypatch.setattr(logits, "PLUGIN_ACTIVE", True)
+    nmap = tiny_map(12)
+    x = torch.randn(3, 2 * D_FF, generator=torch.Generator().manual_seed(5))
+    gate, up = x[:, :D_FF], x[:, D_FF:]
+    results = []
+    for world in (1, 2):
+        outs, acts = [], []
+        for rank in range(world):
+            monkeypatch.setattr(compat, "tp_rank_world", lambda r=rank, w=world: (r, w))
+            runner = fake_runner()
+            guard = EngineGuard(runner, nmap, GuardConfig(), "tiny").install()
+            guard.rows[0] = None  # mark a guarded row so the eager hook runs
+            guard.runtime.off[0] = True
+            guard.runtime.any_off = True
+            w = D_FF // world
+            xr = torch.cat([gate[:, rank * w : (rank + 1) * w], up[:, rank * w : (rank + 1) * w]], dim=1)
+            layer_outs = [run_layer(guard, runner, layer, xr, [0, 2]) for layer in range(LAYERS)]
+            outs.append(torch.stack(layer_outs))
+            acts.append(guard.runtime.acts.clone())
+            guard.remove()
+        results.append((torch.cat(outs, dim=-1), sum(acts)))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.allclose(results[0][1], results[1][1])
