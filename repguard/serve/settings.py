@@ -78,7 +78,7 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, field in ServeSettings.model_fields.items():
         raw = env.get(ENV_PREFIX + name.upper())
-        if raw is None:
+        if raw is None or raw == "":  # an empty variable (e.g. from compose's ${VAR:-}) means unset
             continue
         if name == "guard":
             raw = raw.strip()
