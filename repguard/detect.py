@@ -128,7 +128,7 @@ class LoopDetector:
 
     __slots__ = (
         "ngram", "window", "min_count", "min_repeat", "min_copies", "max_period", "use_paper",
-        "use_suffix", "_ids", "_hash", "_grams", "_expiry", "_sam", "_pos",
+        "use_suffix", "_ids", "_grams", "_expiry", "_sam", "_pos", "_recent", "_offset", "_span",
     )
 
     def __init__(
@@ -152,6 +152,11 @@ class LoopDetector:
         self._grams: dict[tuple[int, ...], deque[int]] = {}
         self._expiry: deque[tuple[int, tuple[int, ...]]] = deque()
         self._sam = _SuffixAutomaton()  # always kept: the policy needs the loop period
+        # The automaton covers a sliding span of recent tokens and is rebuilt every ``_span`` tokens, so
+        # memory and per-token cost stay flat however long the sequence grows.
+        self._span = max(512, 4 * max_period)
+        self._recent: deque[int] = deque(maxlen=self._span)
+        self._offset = 0  # stream position of the automaton's first token
         self._pos = -1
 
     @property
@@ -169,13 +174,20 @@ class LoopDetector:
         sam = self._sam
         if sam.repeat_length == 0:
             return 0
-        return self._pos - sam.repeat_end
+        return self._pos - (sam.repeat_end + self._offset)
 
     def update(self, token: int) -> LoopEvent | None:
         self._pos += 1
         pos = self._pos
         event = None
-        self._sam.extend(token)
+        self._recent.append(token)
+        if self._sam.size >= 2 * self._span:
+            self._sam = _SuffixAutomaton()
+            self._offset = pos + 1 - len(self._recent)
+            for t in self._recent:
+                self._sam.extend(t)
+        else:
+            self._sam.extend(token)
         if self.use_suffix:
             event = self._check_suffix(pos)
         if self.use_paper:
@@ -189,7 +201,7 @@ class LoopDetector:
         length = sam.repeat_length
         if length < self.min_repeat:
             return None
-        period = pos - sam.repeat_end
+        period = pos - (sam.repeat_end + self._offset)
         if period > self.max_period or (length + period) < self.min_copies * period:
             return None
         return LoopEvent(pos, pos - length + 1, period, length, "suffix")

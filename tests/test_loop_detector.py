@@ -93,3 +93,11 @@ def test_cost_does_not_depend_on_history_length():
     for _ in range(5000):
         d.update(rng.randrange(50000))
     assert len(d._grams) <= d.window
+
+
+def test_suffix_trigger_still_fires_after_a_long_history():
+    # The suffix automaton is rebuilt over a sliding span; loops late in a long text are still found.
+    rng = random.Random(0)
+    ids = [rng.randrange(1000) for _ in range(5000)] + [1, 2, 3, 4, 5] * 10
+    pos, event = feed(LoopDetector(use_paper=False), ids)
+    assert (pos, event.onset, event.period) == (5000 + 5 + 11, 5005, 5)
