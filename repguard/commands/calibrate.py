@@ -1,0 +1,64 @@
+"""``repguard calibrate``: find a model's repetition neurons and write a neuron map and its report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "calibrate",
+        help="find a model's repetition neurons (Hiraoka & Inui, 2024) and write a neuron map",
+        description="Generate repetitive texts (BOS + 10 sampled + 200 greedy tokens), keep those whose repeat "
+        "starts after position 50, record the MLP activations 30 tokens before and after the onset, and rank "
+        "every neuron by mean(after) - mean(before). Writes the map, and a Markdown report with figures next to it.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default="smollm2-135m", help="embedded model name or local Hugging Face folder")
+    p.add_argument("--out", required=True, help="path of the neuron map to write (.safetensors)")
+    p.add_argument("--num-texts", type=int, default=256,
+                   help="number of KEPT (qualifying) repetitive texts to collect; texts are generated in batches "
+                   "until that many qualify (about a quarter do)")
+    p.add_argument("--max-generated", type=int, default=None,
+                   help="stop after generating this many texts even if fewer qualified (None: 16 x --num-texts)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed and dtype give the same map)")
+    p.add_argument("--batch-size", type=int, default=64, help="texts decoded together")
+    p.add_argument("--select", default="0.5%",
+                   help="neurons to select: a fraction of all neurons (0.5%% or 0.005) or a count (230)")
+    p.add_argument("--store", default="2%", help="fraction of all neurons stored as ranked candidates")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
+    p.add_argument("--heldout", type=int, default=64,
+                   help="held-out repetitive texts for the report's deactivation test (0: skip the test)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (1 is fastest when other processes share the CPU)")
+    p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
+                   help="write <out stem>.md and PNG figures next to the map")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import torch
+
+    from ..hf.calibrate import CalibrationSettings, calibrate, parse_select
+    from ..hf.models import load_model
+
+    torch.set_num_threads(max(1, args.threads))
+    store = parse_select(args.store)
+    settings = CalibrationSettings(
+        num_texts=args.num_texts, max_generated=args.max_generated, seed=args.seed, batch_size=args.batch_size,
+        select=parse_select(args.select), store=float(store) if isinstance(store, float) else 0.02,
+        heldout_texts=args.heldout,
+    )
+    model, tok, name = load_model(args.model, dtype=args.dtype)
+    result = calibrate(model, tok, name, settings, progress=args.progress, dtype=args.dtype)
+    path = result.map.save(args.out)
+    print(result.map.summary(top=5))
+    print(f"wrote {path}")
+    if args.report:
+        from ..hf.calibration_report import write_report
+
+        report = write_report(result, path, settings, command=["repguard", *sys.argv[1:]])
+        print(f"wrote {report}")
+    return 0

@@ -1,0 +1,42 @@
+"""``repguard models``: list the embedded models, convert one into the cache."""
+
+from __future__ import annotations
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("models", help="list embedded models, or convert one into the cache (`models convert NAME`)")
+    msub = p.add_subparsers(dest="models_command", metavar="ACTION")
+    p.set_defaults(func=run_list)
+    lst = msub.add_parser("list", help="list embedded models and whether they are installed and converted")
+    lst.set_defaults(func=run_list)
+    conv = msub.add_parser("convert", help="de-quantise an embedded model's GGUF into fp32 safetensors (once)")
+    conv.add_argument("name", help="embedded model name")
+    conv.set_defaults(func=run_convert)
+
+
+def _installed(spec) -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(pkg.split("==")[0].replace("-", "_")) is not None for pkg in spec.packages)
+
+
+def run_list(args) -> int:
+    from ..hf.models import DEFAULT_MODEL, EMBEDDED, _manifest_ok, cache_dir
+
+    for name, spec in EMBEDDED.items():
+        folder = cache_dir() / "models" / name
+        state = "converted" if _manifest_ok(folder) else ("installed" if _installed(spec) else "not installed")
+        default = " (default)" if name == DEFAULT_MODEL else ""
+        print(f"{name}{default}: {spec.description}")
+        print(f"    licence: {spec.licence}; {state}" + (f" at {folder}" if state == "converted" else ""))
+        if state == "not installed":
+            print(f"    install: {spec.install_hint}")
+    print("A local Hugging Face model folder works wherever a model name is accepted.")
+    return 0
+
+
+def run_convert(args) -> int:
+    from ..hf.models import ensure_converted
+
+    print(ensure_converted(args.name))
+    return 0

@@ -1,0 +1,609 @@
+"""Offline calibration: find a model's repetition neurons with the procedure of Hiraoka & Inui (2024).
+
+1. Texts: BOS, then ``prompt_tokens`` sampled tokens (temperature 1.0, the model's generation-config
+   top-k/top-p as transformers' ``generate(do_sample=True)`` applies them), then ``greedy_tokens``
+   greedy tokens; a text ends early at EOS. A text is kept iff the paper's detector (n=10, r=100,
+   k=3, equal spacing) finds a repeat whose second occurrence p2 lies after position
+   ``min_second_occurrence`` (positions count from the BOS at 0).
+2. Onset s = p2 - 1; windows ``[s - 30, s)`` (before) and ``[s, s + 30)`` (after), clipped to the text.
+3. One teacher-forced pass per batch of kept texts records the activation module's output
+   (``act(gate_proj(x))`` for gated MLPs) with forward hooks.
+4. score = pooled mean over all ``after`` positions - pooled mean over all ``before`` positions,
+   ranked globally across layers; negative scores are never selected.
+
+Generation stops early for a text whose decision is final, which changes no decision: the detector's
+first hit on a prefix is its first hit on the whole text (a hit at start i depends on tokens up to
+i + n only), so a text is dropped as soon as its first hit has p2 <= 50, and a kept text stops once it
+holds the 30 tokens after its onset (activations are causal: later tokens change none of them).
+
+Each text's sampled prefix uses its own random stream, seeded from (seed, text index), so the same seed
+and dtype give the same texts and the same map; the batch size can only matter through floating-point
+differences between batched matrix products.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from ..detect import LoopDetector
+from ..errors import ConfigError, RepGuardError
+from ..neuron_map import CalibrationInfo, NeuronMap, jaccard, map_from_scores
+from .introspect import act_modules, arch_of, fingerprint, shape_of
+
+log = logging.getLogger("repguard")
+
+HELDOUT_OFFSET = 1 << 30  # text indexes of held-out texts: a random stream disjoint from calibration's
+
+
+class CalibrationError(RepGuardError):
+    """Calibration could not produce a map (for example: no text qualified)."""
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """Parameters of one calibration run; the defaults are the paper's."""
+
+    num_texts: int = 256  # kept (qualifying) texts to collect
+    max_generated: int | None = None  # cap on generated texts (default: 16 x num_texts)
+    seed: int = 0
+    batch_size: int = 64
+    activation_batch_size: int = 32
+    prompt_tokens: int = 10
+    greedy_tokens: int = 200
+    min_second_occurrence: int = 50
+    context: int = 30
+    ngram: int = 10
+    window: int = 100
+    min_count: int = 3
+    select: float | int = 0.005  # a float in (0, 1] is a fraction of all neurons, an int a count
+    store: float = 0.02  # fraction of all neurons stored as candidates (for top(k) beyond the selection)
+    heldout_texts: int = 64  # kept held-out texts for the deactivation test (0: no test)
+    deactivation_fractions: tuple[float, ...] = (0.001, 0.005, 0.01)
+    deactivation_tokens: int = 160
+    early_stop: bool = True
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, why: str) -> None:
+            if not ok:
+                raise ConfigError(f"calibration setting '{name}' {why} (got {getattr(self, name)!r})")
+
+        need(self.num_texts >= 2, "num_texts", "must be >= 2 (split-half stability needs two halves)")
+        need(self.max_generated is None or self.max_generated >= self.num_texts, "max_generated", "must be >= num_texts")
+        need(self.batch_size >= 1, "batch_size", "must be >= 1")
+        need(self.activation_batch_size >= 1, "activation_batch_size", "must be >= 1")
+        need(self.prompt_tokens >= 0, "prompt_tokens", "must be >= 0")
+        need(self.greedy_tokens >= 1, "greedy_tokens", "must be >= 1")
+        need(self.context >= 1, "context", "must be >= 1")
+        need(self.ngram >= 1 and self.window >= self.ngram, "window", "must be >= ngram >= 1")
+        need(self.min_count >= 3, "min_count", "must be >= 3")
+        if isinstance(self.select, bool) or not isinstance(self.select, (int, float)):
+            need(False, "select", "must be a count (int) or a fraction (float)")
+        if isinstance(self.select, float):
+            need(0.0 < self.select <= 1.0, "select", "as a fraction must be in (0, 1]")
+        else:
+            need(self.select >= 1, "select", "as a count must be >= 1")
+        need(0.0 < self.store <= 1.0, "store", "must be a fraction in (0, 1]")
+        need(self.heldout_texts >= 0, "heldout_texts", "must be >= 0")
+        need(all(0.0 < f <= 1.0 for f in self.deactivation_fractions), "deactivation_fractions", "must lie in (0, 1]")
+        need(self.deactivation_tokens >= 1, "deactivation_tokens", "must be >= 1")
+
+    @property
+    def generation_cap(self) -> int:
+        return self.max_generated if self.max_generated is not None else 16 * self.num_texts
+
+    def count(self, total: int) -> int:
+        """Number of neurons selected out of ``total``."""
+        if isinstance(self.select, float):
+            return max(1, round(self.select * total))
+        return min(int(self.select), total)
+
+
+def parse_select(text: str) -> float | int:
+    """``"0.5%"`` or ``"0.005"`` -> fraction 0.005; ``"230"`` -> count 230."""
+    text = text.strip()
+    try:
+        if text.endswith("%"):
+            return float(text[:-1]) / 100.0
+        if any(c in text for c in ".eE"):
+            return float(text)
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"--select must be a count (230) or a fraction (0.5% or 0.005), got {text!r}") from None
+
+
+# -- repetitive texts ------------------------------------------------------------------------------
+
+
+@dataclass
+class RepetitiveText:
+    """A generated text with the detector's first hit. ``ids`` may stop early (see the module doc)."""
+
+    index: int
+    ids: list[int]
+    p1: int
+    p2: int
+    p3: int
+
+    @property
+    def onset(self) -> int:
+        return self.p2 - 1
+
+
+@dataclass
+class GenerationStats:
+    generated: int = 0
+    with_repeat: int = 0
+    kept: int = 0
+    tokens_decoded: int = 0
+    seconds: float = 0.0
+
+
+def _text_generator(seed: int, index: int) -> torch.Generator:
+    return torch.Generator().manual_seed((int(seed) & 0x7FFFFFFF) * (1 << 32) + int(index))
+
+
+def _sampling_params(model) -> tuple[int, float]:
+    cfg = getattr(model, "generation_config", None)
+    top_k = getattr(cfg, "top_k", None)
+    top_p = getattr(cfg, "top_p", None)
+    return (50 if top_k is None else int(top_k)), (1.0 if top_p is None else float(top_p))
+
+
+def _eos_ids(model, tok) -> set[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tok.eos_token_id
+    if eos is None:
+        return set()
+    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+
+
+def _sample(logits: torch.Tensor, uniforms: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Temperature-1 sampling with top-k/top-p, driven by one uniform per row (inverse CDF)."""
+    logits = logits.double()
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+        drop = (sorted_p.cumsum(-1) - sorted_p) > top_p
+        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+    cdf = probs.cumsum(-1)
+    target = (uniforms.double() * cdf[:, -1]).unsqueeze(-1)
+    return torch.searchsorted(cdf, target).squeeze(-1).clamp(max=logits.shape[-1] - 1)
+
+
+def _progress(total: int | None, desc: str, enabled: bool, unit: str = "text"):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True, leave=False)
+
+
+@torch.inference_mode()
+def _generate_batch(model, bos: int, eos: set[int], indexes: Sequence[int], s: CalibrationSettings,
+                    need_after: int) -> tuple[list[RepetitiveText], int, int]:
+    """Generate the texts of ``indexes`` together; returns (kept texts, texts with a repeat, tokens decoded)."""
+    from transformers import DynamicCache
+
+    b = len(indexes)
+    top_k, top_p = _sampling_params(model)
+    uniforms = torch.stack([torch.rand(max(1, s.prompt_tokens), generator=_text_generator(s.seed, i), dtype=torch.float64)
+                            for i in indexes])
+    seqs = [[bos] for _ in range(b)]
+    detectors = [LoopDetector(s.ngram, s.window, s.min_count, use_suffix=False) for _ in range(b)]
+    for det in detectors:
+        det.update(bos)
+    hits: list[tuple[int, int, int] | None] = [None] * b
+    with_repeat = 0
+    active = list(range(b))
+    cache = DynamicCache()
+    inp = torch.full((b, 1), bos, dtype=torch.long)
+    decoded = 0
+    for step in range(s.prompt_tokens + s.greedy_tokens):
+        logits = model(input_ids=inp, past_key_values=cache, use_cache=True).logits[:, -1, :]
+        decoded += len(active)
+        if step < s.prompt_tokens:
+            nxt = _sample(logits, uniforms[active, step], top_k, top_p)
+        else:
+            nxt = logits.argmax(-1)
+        keep_rows: list[int] = []
+        for row, (r, token) in enumerate(zip(active, nxt.tolist())):
+            seqs[r].append(token)
+            done = token in eos
+            event = detectors[r].update(token)
+            if event is not None and hits[r] is None:
+                p2 = event.onset
+                hits[r] = (p2 - event.period, p2, event.position - s.ngram + 1)
+                with_repeat += 1
+                if p2 <= s.min_second_occurrence:
+                    hits[r] = None  # first hit too early: the text can never qualify
+                    done = True
+            if s.early_stop and hits[r] is not None and len(seqs[r]) >= hits[r][1] + need_after:
+                done = True
+            if not done:
+                keep_rows.append(row)
+        if not keep_rows:
+            break
+        if len(keep_rows) < len(active):
+            sel = torch.tensor(keep_rows, dtype=torch.long)
+            cache.batch_select_indices(sel)
+            nxt = nxt[sel]
+            active = [active[row] for row in keep_rows]
+        inp = nxt.unsqueeze(-1)
+    kept = [RepetitiveText(indexes[r], seqs[r], *hits[r]) for r in range(b) if hits[r] is not None]
+    return kept, with_repeat, decoded
+
+
+def generate_repetitive_texts(model, tok, settings: CalibrationSettings, count: int, first_index: int = 0,
+                              need_after: int | None = None, progress: bool = True,
+                              desc: str = "repetitive texts") -> tuple[list[RepetitiveText], GenerationStats]:
+    """The first ``count`` qualifying texts in index order (generating at most ``settings.generation_cap``)."""
+    bos = tok.bos_token_id
+    if bos is None:
+        raise CalibrationError("the tokenizer has no BOS token; the calibration prompt is BOS alone")
+    eos = _eos_ids(model, tok)
+    need = settings.context + 1 if need_after is None else need_after  # tokens from p2 on: up to s + context
+    stats = GenerationStats()
+    kept: list[RepetitiveText] = []
+    t0 = time.perf_counter()
+    bar = _progress(count, desc, progress)
+    next_index = first_index
+    try:
+        while len(kept) < count and stats.generated < settings.generation_cap:
+            n = min(settings.batch_size, settings.generation_cap - stats.generated)
+            indexes = list(range(next_index, next_index + n))
+            next_index += n
+            got, with_repeat, decoded = _generate_batch(model, bos, eos, indexes, settings, need)
+            stats.generated += n
+            stats.with_repeat += with_repeat
+            stats.tokens_decoded += decoded
+            kept.extend(got)
+            bar.update(min(len(got), count - bar.n))
+            bar.set_postfix(generated=stats.generated, tok_s=f"{stats.tokens_decoded / (time.perf_counter() - t0):.0f}")
+    finally:
+        bar.close()
+    if len(kept) > count:  # the first ``count`` by index; later texts of the last batch are not counted
+        last = kept[count - 1].index
+        stats.generated = last - first_index + 1
+        kept = kept[:count]
+    stats.kept = len(kept)
+    stats.seconds = time.perf_counter() - t0
+    return kept, stats
+
+
+# -- activations around the onset -------------------------------------------------------------------
+
+
+class OnsetWindowStats:
+    """Float64 sums of activations at each position relative to the onset, per split half.
+
+    Relative positions run from ``-context`` to ``+context``: ``[-context, 0)`` is the paper's
+    ``before`` window, ``[0, context)`` its ``after`` window, ``+context`` is kept for the profile plot.
+    Memory: 2 x (2 context + 1) x layers x width doubles, whatever the number of texts.
+    """
+
+    def __init__(self, num_layers: int, width: int, context: int = 30) -> None:
+        self.num_layers, self.width, self.context = num_layers, width, context
+        w = 2 * context + 1
+        self.sums = torch.zeros(2, w, num_layers, width, dtype=torch.float64)
+        self.counts = torch.zeros(2, w, num_layers, dtype=torch.float64)
+        self.sumsq = torch.zeros(2, 2, num_layers, width, dtype=torch.float64)  # [half, before/after]
+
+    def add(self, layer: int, acts: torch.Tensor, onsets: Sequence[int], lengths: Sequence[int],
+            halves: Sequence[int]) -> None:
+        """Add one layer's activations ``acts`` [batch, time, width] of texts with these onsets."""
+        c = self.context
+        rel = torch.arange(-c, c + 1)
+        pos = torch.as_tensor(list(onsets)).unsqueeze(1) + rel  # [batch, 2c + 1]
+        valid = (pos >= 0) & (pos < torch.as_tensor(list(lengths)).unsqueeze(1)) & (pos < acts.shape[1])
+        idx = pos.clamp(0, acts.shape[1] - 1).unsqueeze(-1).expand(-1, -1, acts.shape[2])
+        got = acts.detach().gather(1, idx.to(acts.device)).cpu().double() * valid.unsqueeze(-1)
+        halves_t = torch.as_tensor(list(halves))
+        for h in (0, 1):
+            rows = halves_t == h
+            if not bool(rows.any()):
+                continue
+            g = got[rows]
+            self.sums[h, :, layer] += g.sum(0)
+            self.counts[h, :, layer] += valid[rows].sum(0).double()
+            self.sumsq[h, 0, layer] += g[:, :c].square().sum((0, 1))
+            self.sumsq[h, 1, layer] += g[:, c : 2 * c].square().sum((0, 1))
+
+    def pooled(self, halves: Sequence[int] = (0, 1)) -> dict[str, torch.Tensor]:
+        """The paper's score and the per-neuron mean/std before and after onset, [layers, width] each."""
+        c = self.context
+        h = list(halves)
+        sums, counts, sumsq = self.sums[h].sum(0), self.counts[h].sum(0), self.sumsq[h].sum(0)
+        n_before = counts[:c].sum(0).clamp(min=1).unsqueeze(-1)  # [layers, 1]
+        n_after = counts[c : 2 * c].sum(0).clamp(min=1).unsqueeze(-1)
+        mean_b, mean_a = sums[:c].sum(0) / n_before, sums[c : 2 * c].sum(0) / n_after
+        std_b = (sumsq[0] / n_before - mean_b.square()).clamp(min=0).sqrt()
+        std_a = (sumsq[1] / n_after - mean_a.square()).clamp(min=0).sqrt()
+        return {"score": mean_a - mean_b, "mean_before": mean_b, "std_before": std_b,
+                "mean_after": mean_a, "std_after": std_a}
+
+    def profile(self, layers: torch.Tensor, neurons: torch.Tensor) -> torch.Tensor:
+        """Mean activation at each relative position [-c..+c] for each given neuron: [neurons, 2c + 1]."""
+        sums = self.sums.sum(0)[:, layers.long(), neurons.long()]  # [w, k]
+        counts = self.counts.sum(0)[:, layers.long()].clamp(min=1)
+        return (sums / counts).T.contiguous()
+
+
+@contextmanager
+def recording(model, stats: OnsetWindowStats, batch: dict) -> Iterator[None]:
+    """Forward hooks that feed each layer's act output into ``stats`` (``batch`` holds onsets/lengths/halves)."""
+    handles = []
+    for layer, module in enumerate(act_modules(model)):
+        def hook(_mod, _inp, out, layer=layer):
+            stats.add(layer, out, batch["onsets"], batch["lengths"], batch["halves"])
+        handles.append(module.register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.inference_mode()
+def collect_onset_stats(model, tok, texts: Sequence[RepetitiveText], settings: CalibrationSettings,
+                        progress: bool = True) -> OnsetWindowStats:
+    """One teacher-forced pass per batch of texts (right-padded: causal attention never sees the pads)."""
+    num_layers, width = shape_of(model)
+    stats = OnsetWindowStats(num_layers, width, settings.context)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    bar = _progress(len(texts), "activations", progress)
+    try:
+        for start in range(0, len(texts), settings.activation_batch_size):
+            chunk = list(range(start, min(start + settings.activation_batch_size, len(texts))))
+            seqs = [texts[i].ids[: texts[i].onset + settings.context + 1] for i in chunk]
+            longest = max(len(q) for q in seqs)
+            ids = torch.full((len(seqs), longest), pad, dtype=torch.long)
+            mask = torch.zeros((len(seqs), longest), dtype=torch.long)
+            for row, q in enumerate(seqs):
+                ids[row, : len(q)] = torch.tensor(q)
+                mask[row, : len(q)] = 1
+            batch = {"onsets": [texts[i].onset for i in chunk], "lengths": [len(q) for q in seqs],
+                     "halves": [i % 2 for i in chunk]}
+            with recording(model, stats, batch):
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+    return stats
+
+
+# -- the paper's deactivation test ------------------------------------------------------------------
+
+
+@contextmanager
+def zeroed(model, layers: torch.Tensor, neurons: torch.Tensor) -> Iterator[None]:
+    """Set the given neurons' act output to 0 at the newest position of every forward pass (paper §1.6)."""
+    groups: dict[int, list[int]] = {}
+    for layer, neuron in zip(layers.tolist(), neurons.tolist()):
+        groups.setdefault(int(layer), []).append(int(neuron))
+    modules = act_modules(model)
+    handles = []
+    for layer, idx in groups.items():
+        index = torch.tensor(idx, dtype=torch.long)
+
+        def hook(_mod, _inp, out, index=index):
+            out[:, -1, index.to(out.device)] = 0
+            return out
+
+        handles.append(modules[layer].register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.inference_mode()
+def loop_rate(model, tok, prompts: Sequence[Sequence[int]], settings: CalibrationSettings,
+              layers: torch.Tensor | None = None, neurons: torch.Tensor | None = None,
+              progress: bool = False, desc: str = "deactivation") -> float:
+    """Share of prompts whose greedy continuation (``deactivation_tokens`` new tokens) makes the paper's
+    detector fire on prompt + continuation, with the given neurons zeroed (or none)."""
+    from transformers import DynamicCache
+
+    if not prompts:
+        return float("nan")
+    eos = _eos_ids(model, tok)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    looped = 0
+    bar = _progress(len(prompts), desc, progress)
+    ctx = zeroed(model, layers, neurons) if layers is not None and len(layers) else _nothing()
+    with ctx:
+        for start in range(0, len(prompts), settings.batch_size):
+            chunk = [list(p) for p in prompts[start : start + settings.batch_size]]
+            b, longest = len(chunk), max(len(p) for p in chunk)
+            ids = torch.full((b, longest), pad, dtype=torch.long)
+            mask = torch.zeros((b, longest), dtype=torch.long)
+            detectors = []
+            for row, p in enumerate(chunk):  # left padding: the newest position is last for every row
+                ids[row, longest - len(p):] = torch.tensor(p)
+                mask[row, longest - len(p):] = 1
+                det = LoopDetector(settings.ngram, settings.window, settings.min_count, use_suffix=False)
+                fired = False
+                for t in p:
+                    fired = det.update(t) is not None or fired
+                detectors.append(det)
+                if fired:
+                    raise CalibrationError("a deactivation prompt already repeats; cut it before its second copy")
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            cache = DynamicCache()
+            active = list(range(b))
+            inp = ids
+            for _ in range(settings.deactivation_tokens):
+                logits = model(input_ids=inp, attention_mask=mask, position_ids=positions,
+                               past_key_values=cache, use_cache=True).logits[:, -1, :]
+                nxt = logits.argmax(-1)
+                keep = []
+                for row, (r, token) in enumerate(zip(active, nxt.tolist())):
+                    if detectors[r].update(token) is not None:
+                        looped += 1
+                    elif token not in eos:
+                        keep.append(row)
+                if not keep:
+                    break
+                sel = torch.tensor(keep, dtype=torch.long)
+                if len(keep) < len(active):
+                    cache.batch_select_indices(sel)
+                    active = [active[row] for row in keep]
+                mask = torch.cat([mask[sel], torch.ones((len(keep), 1), dtype=torch.long)], dim=1)
+                positions = positions[sel, -1:] + 1
+                inp = nxt[sel].unsqueeze(-1)
+            bar.update(b)
+    bar.close()
+    return looped / len(prompts)
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def deactivation_test(model, tok, nmap: NeuronMap, texts: Sequence[RepetitiveText], settings: CalibrationSettings,
+                      progress: bool = True) -> list[dict]:
+    """Loop rate with none, top-K and random-K neurons zeroed, for each K in ``deactivation_fractions``."""
+    prompts = [t.ids[: t.p2] for t in texts]  # holds the first copy; the model must not write the second
+    total = nmap.meta.num_layers * nmap.meta.intermediate_size
+    rand_l, rand_n = nmap.extra["random_layer"], nmap.extra["random_neuron"]
+    rows = [{"setting": "none", "k": 0, "fraction": 0.0,
+             "loop_rate": loop_rate(model, tok, prompts, settings, progress=progress, desc="deactivation: none")}]
+    for frac in settings.deactivation_fractions:
+        k = min(max(1, round(frac * total)), len(nmap), int(rand_l.numel()))
+        top = nmap.top(k)
+        for name, layers, neurons in (("top", top.layer, top.neuron), ("random", rand_l[:k], rand_n[:k])):
+            rate = loop_rate(model, tok, prompts, settings, layers, neurons, progress=progress,
+                             desc=f"deactivation: {name}-{k}")
+            rows.append({"setting": name, "k": k, "fraction": frac, "loop_rate": rate})
+    return rows
+
+
+# -- the whole procedure --------------------------------------------------------------------------
+
+
+@dataclass
+class CalibrationResult:
+    map: NeuronMap
+    stats: OnsetWindowStats
+    generation: GenerationStats
+    heldout: GenerationStats | None = None
+    deactivation: list[dict] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    profile_top: torch.Tensor | None = None  # [2c + 1] mean over the selected neurons
+    profile_random: torch.Tensor | None = None
+    profile_best: torch.Tensor | None = None  # the top-ranked neuron alone
+
+
+def calibrate(model, tok, name: str, settings: CalibrationSettings | None = None, progress: bool = True,
+              dtype: str | None = None) -> CalibrationResult:
+    """Run the paper's calibration on ``model`` and return the neuron map with what the report needs."""
+    s = settings or CalibrationSettings()
+    spec = arch_of(model)
+    num_layers, width = shape_of(model)
+    total = num_layers * width
+    timings: dict[str, float] = {}
+    t_all = time.perf_counter()
+
+    texts, gen = generate_repetitive_texts(model, tok, s, s.num_texts, progress=progress,
+                                           desc="generating repetitive texts")
+    timings["generate"] = gen.seconds
+    log.info("kept %d of %d generated texts (%d with a repeat) in %.1f s", gen.kept, gen.generated,
+             gen.with_repeat, gen.seconds)
+    if len(texts) < 2:
+        raise CalibrationError(
+            f"only {len(texts)} of {gen.generated} generated texts repeat with a second occurrence after position "
+            f"{s.min_second_occurrence}; raise max_generated or check that the model loops under greedy decoding"
+        )
+
+    t0 = time.perf_counter()
+    stats = collect_onset_stats(model, tok, texts, s, progress=progress)
+    timings["activations"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    pooled = stats.pooled()
+    num_selected = s.count(total)
+    num_stored = max(num_selected, round(s.store * total), *(round(f * total) for f in s.deactivation_fractions))
+    num_stored = min(num_stored, total)
+    top_a = _top_set(stats.pooled((0,))["score"], num_selected)
+    top_b = _top_set(stats.pooled((1,))["score"], num_selected)
+    split_half = round(jaccard(top_a, top_b), 4)
+    perm = torch.randperm(total, generator=torch.Generator().manual_seed(int(s.seed)))[:num_stored]
+    fp = fingerprint(model)
+    info = CalibrationInfo(
+        ngram=s.ngram, window=s.window, min_count=s.min_count, context=s.context, prompt_tokens=s.prompt_tokens,
+        greedy_tokens=s.greedy_tokens, min_second_occurrence=s.min_second_occurrence, seed=s.seed,
+        dtype=dtype or str(next(model.parameters()).dtype).removeprefix("torch."),
+        texts_generated=gen.generated, texts_kept=gen.kept,
+        texts_with_repeat=gen.with_repeat, batch_size=s.batch_size, sampling_top_k=_sampling_params(model)[0],
+        sampling_top_p=_sampling_params(model)[1], select=s.select, positions="BOS is position 0",
+    )
+    meta = {
+        "model_name": name, "architecture": spec.family, "hook_point": spec.hook_point, "quantity": spec.computes,
+        "fingerprint": fp.config, "split_half_jaccard": split_half, "calibration": info.model_dump(),
+    }
+    extra = {"random_layer": (perm // width).to(torch.int32), "random_neuron": (perm % width).to(torch.int32),
+             "fingerprint_weights": fp.weights.float()}
+    stat_mats = {k: v.float() for k, v in pooled.items() if k != "score"}
+    nmap = map_from_scores(meta, pooled["score"].float(), stat_mats, num_selected, num_stored, extra)
+    timings["score"] = time.perf_counter() - t0
+
+    sel = nmap.selected()
+    rnd = nmap.random_control()
+    result = CalibrationResult(
+        nmap, stats, gen, timings=timings,
+        profile_top=stats.profile(sel.layer, sel.neuron).mean(0) if len(sel) else None,
+        profile_random=stats.profile(rnd.layer, rnd.neuron).mean(0) if rnd is not None and len(rnd) else None,
+        profile_best=stats.profile(sel.layer[:1], sel.neuron[:1])[0] if len(sel) else None,
+    )
+
+    if s.heldout_texts > 0:
+        heldout, hstats = generate_repetitive_texts(
+            model, tok, s, s.heldout_texts, first_index=HELDOUT_OFFSET, need_after=0, progress=progress,
+            desc="held-out repetitive texts",
+        )
+        timings["heldout_generate"] = hstats.seconds
+        result.heldout = hstats
+        t0 = time.perf_counter()
+        result.deactivation = deactivation_test(model, tok, nmap, heldout, s, progress=progress)
+        timings["deactivation"] = time.perf_counter() - t0
+
+    timings["total"] = time.perf_counter() - t_all
+    calib = nmap.meta.calibration.model_copy(update={
+        "seconds": round(timings["total"], 1),
+        "timings": {k: round(v, 1) for k, v in timings.items()},
+        "tokens_decoded": gen.tokens_decoded,
+        "heldout_kept": result.heldout.kept if result.heldout else 0,
+        "heldout_generated": result.heldout.generated if result.heldout else 0,
+        "deactivation": result.deactivation,
+    })
+    nmap.meta = nmap.meta.model_copy(update={"calibration": calib})
+    return result
+
+
+def _top_set(score: torch.Tensor, k: int) -> set[tuple[int, int]]:
+    flat = score.flatten()
+    order = torch.argsort(flat, descending=True, stable=True)[:k]
+    order = order[flat[order] > 0]
+    width = score.shape[1]
+    return {(int(i) // width, int(i) % width) for i in order}
+
+
+def settings_dict(s: CalibrationSettings) -> dict:
+    return asdict(s)
+
+
+__all__ = [
+    "CalibrationError", "CalibrationResult", "CalibrationSettings", "OnsetWindowStats", "RepetitiveText",
+    "calibrate", "collect_onset_stats", "deactivation_test", "generate_repetitive_texts", "loop_rate",
+    "parse_select", "zeroed",
+]
