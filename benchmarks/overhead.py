@@ -25,6 +25,9 @@ SHAPES = {
     # A randomly initialised model with Llama-3-8B's shape (no download needed).
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
+    # The same code path at toy size, to check the script before spending accelerator time.
+    "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1000, max_position_embeddings=512),
 }
 
 

@@ -30,12 +30,13 @@ class LayerPlan:
     slots: slice  # columns of the [rows, K] buffers that belong to this layer
     zero: torch.Tensor  # [n] zeros
     pre_onset: torch.Tensor  # [n] pre-onset means
+    monitored: bool = True  # holds one of the neurons the monitor scores
 
 
 class NeuronSet:
     """The map's stored neurons, grouped by layer, with each neuron's global rank."""
 
-    def __init__(self, neuron_map: NeuronMap, device=None, dtype=torch.float32) -> None:
+    def __init__(self, neuron_map: NeuronMap, device=None, dtype=torch.float32, monitor_k: int | None = None) -> None:
         self.map = neuron_map
         n = len(neuron_map)
         order = sorted(range(n), key=lambda i: (int(neuron_map.layer[i]), i))
@@ -54,7 +55,8 @@ class NeuronSet:
             sl = slice(start, start + count)
             neurons = neuron_map.neuron[idx[sl]].long().to(device)
             means = neuron_map.mean_before[idx[sl]].to(device, dtype)
-            self.plans[int(layer)] = LayerPlan(int(layer), neurons, sl, torch.zeros_like(means), means)
+            monitored = monitor_k is None or bool((idx[sl] < monitor_k).any())
+            self.plans[int(layer)] = LayerPlan(int(layer), neurons, sl, torch.zeros_like(means), means, monitored)
             start += count
 
 
@@ -69,14 +71,19 @@ class GuardRuntime:
         device=None,
         dtype=torch.float32,
         on_event: Callable[[str, dict], None] | None = None,
+        monitor_neurons: int = 64,
     ) -> None:
         self.config = config or GuardConfig()
-        self.neurons = NeuronSet(neuron_map, device, dtype)
         self.default_k = neuron_map.meta.num_selected or len(neuron_map)
+        # The monitor scores the best-ranked neurons only: layers without one are left alone until a
+        # row needs deactivation, which keeps the per-token cost of a quiet guard small.
+        self.monitor_k = max(1, min(monitor_neurons, self.default_k))
+        self.neurons = NeuronSet(neuron_map, device, dtype, self.monitor_k)
+        watch = (self.neurons.rank < self.monitor_k).float()
+        self.watch = watch / watch.sum().clamp(min=1.0)
         self.device, self.dtype = device, dtype
         self.on_event = on_event
         self.seqs: list[SequenceGuard | None] = []
-        self.monitor_k: list[int] = []
         self._alloc(max_rows)
 
     # -- buffers ---------------------------------------------------------------------------------------
@@ -88,19 +95,18 @@ class GuardRuntime:
         self.off = torch.zeros(rows, k, device=dev, dtype=torch.bool)  # which slots are switched off, per row
         self.use_mean = torch.zeros(rows, 1, device=dev, dtype=torch.bool)
         self.any_off = False
-        self.watch = torch.zeros(rows, k, device=dev, dtype=torch.float32)  # monitor weights per row
         self.seqs = [None] * rows
         self.row_k = [0] * rows
         self._chosen: dict[int, torch.Tensor] = {}
 
     def ensure_rows(self, rows: int) -> None:
         if rows > self.rows:
-            old, chosen, off, watch, use_mean = self.seqs, self._chosen, self.off, self.watch, self.use_mean
+            old, chosen, off, use_mean = self.seqs, self._chosen, self.off, self.use_mean
             n = len(old)
             self._alloc(rows)
             self.seqs[:n] = old
             self._chosen.update(chosen)
-            self.off[:n], self.watch[:n], self.use_mean[:n] = off, watch, use_mean
+            self.off[:n], self.use_mean[:n] = off, use_mean
             self.any_off = bool(self.off.any())
 
     # -- sequences ---------------------------------------------------------------------------------------
@@ -115,8 +121,6 @@ class GuardRuntime:
         if cfg.layers is not None:
             chosen &= torch.isin(self.neurons.layer_of_slot, torch.tensor(cfg.layers, device=ranks.device))
         self._chosen[row] = chosen
-        monitor = (ranks < self.default_k).float()
-        self.watch[row] = monitor / monitor.sum().clamp(min=1.0)
         self.use_mean[row] = cfg.deactivate_value == "pre_onset_mean"
         self._refresh(row)
         return seq
@@ -140,7 +144,7 @@ class GuardRuntime:
     def neuron_scores(self) -> torch.Tensor:
         """Mean z-score (against pre-onset statistics) of each row's monitored neurons, from the last forward."""
         z = (self.acts - self.neurons.mean_before) / self.neurons.std_before
-        return (z * self.watch).sum(dim=1)
+        return z @ self.watch
 
     def observe(self, tokens: dict[int, int], scores: torch.Tensor | None = None) -> None:
         """Feed each row's newest token; updates masks for the next forward."""
@@ -186,17 +190,23 @@ class GuardRuntime:
         return [row for row, seq in enumerate(self.seqs) if seq is not None and seq.stopped]
 
     # -- tensor math used inside hooks (graph-safe: no Python branching on tensor values) -----------------
-    def apply_layer(self, plan: LayerPlan, act: torch.Tensor, rows: torch.Tensor, monitor: bool = True) -> torch.Tensor:
+    def apply_layer(self, plan: LayerPlan, act: torch.Tensor, rows: torch.Tensor, graph_safe: bool = False) -> torch.Tensor:
         """Monitor and deactivate one layer. ``act`` is [tokens, d_ff]; ``rows`` indexes the newest
-        token of each batch row. Returns ``act`` (modified in place where a row is switched off)."""
-        cur = act.index_select(0, rows).index_select(1, plan.neurons)  # [B, n]
-        if monitor:
-            self.acts[: cur.shape[0], plan.slots] = cur.float()
-        if self.any_off:
-            off = self.off[: cur.shape[0], plan.slots]
-            fill = torch.where(self.use_mean[: cur.shape[0]], plan.pre_onset.to(act.dtype), plan.zero.to(act.dtype))
-            new = torch.where(off, fill, cur)
-            act[rows.unsqueeze(1), plan.neurons.unsqueeze(0)] = new
+        token of each batch row. Modifies ``act`` in place where a row is switched off.
+
+        With ``graph_safe`` the same tensor ops run on every call (no branching on Python state that
+        a compiled graph would freeze); otherwise layers with nothing to do return at once.
+        """
+        if not graph_safe and not (plan.monitored or self.any_off):
+            return act
+        index = (rows.unsqueeze(1), plan.neurons.unsqueeze(0))
+        cur = act[index]  # [B, n]
+        b = cur.shape[0]
+        if graph_safe or plan.monitored:
+            self.acts[:b, plan.slots] = cur
+        if graph_safe or self.any_off:
+            fill = torch.where(self.use_mean[:b], plan.pre_onset, plan.zero)
+            act[index] = torch.where(self.off[:b, plan.slots], fill, cur)
         return act
 
 
