@@ -41,7 +41,7 @@ def folder_fingerprint(folder: str | Path) -> tuple[str, torch.Tensor, int, int]
     raise RuntimeError(f"no model.norm.weight in {folder}")
 
 
-def test_map(folder: str | Path, name: str, selected: int = 230, stored: int = 900, seed: int = 0) -> NeuronMap:
+def random_map(folder: str | Path, name: str, selected: int = 230, stored: int = 900, seed: int = 0) -> NeuronMap:
     """A map with random neuron scores (deactivation targets are arbitrary but fixed), fitted to ``folder``."""
     key, weights, layers, width = folder_fingerprint(folder)
     g = torch.Generator().manual_seed(seed)
