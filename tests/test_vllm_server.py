@@ -1,0 +1,86 @@
+"""A real vLLM OpenAI server with the plugin: a request with ``vllm_xargs`` is guarded, one without is
+not, and a bad setting is refused with HTTP 400. Uses the official ``openai`` client."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm")
+openai = pytest.importorskip("openai")
+pytestmark = [pytest.mark.vllm, pytest.mark.server, pytest.mark.real_model]
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from vllm_helpers import random_map  # noqa: E402
+
+LOOP = "I like apples. I like apples. I like apples."
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from repguard.hf.models import ensure_converted
+
+    folder = ensure_converted("smollm2-135m")
+    tmp = tmp_path_factory.mktemp("vllm-server")
+    map_path = random_map(folder, "smollm2-135m").save(tmp / "smollm2-test.safetensors")
+    port = free_port()
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CACHE_ROOT": str(tmp / "cache"),
+           "REPGUARD_MAP": str(map_path), "VLLM_PLUGINS": "repguard_neurons", "TOKENIZERS_PARALLELISM": "false"}
+    log = open(tmp / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--served-model-name",
+         "smollm2-135m", "--dtype", "float32", "--enforce-eager", "--max-model-len", "512", "--max-num-seqs", "4",
+         "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", timeout=300, max_retries=0)
+    deadline = time.time() + 400
+    while True:
+        if proc.poll() is not None:
+            pytest.fail("server exited:\n" + (tmp / "server.log").read_text()[-3000:])
+        try:
+            client.models.list()
+            break
+        except Exception:
+            if time.time() > deadline:
+                proc.terminate()
+                pytest.fail("server did not start:\n" + (tmp / "server.log").read_text()[-3000:])
+            time.sleep(2)
+    yield client
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def complete(client, **extra):
+    return client.completions.create(model="smollm2-135m", prompt=LOOP, max_tokens=80, temperature=0, **extra).choices[0]
+
+
+def test_vllm_xargs_opt_in(server):
+    plain = complete(server)
+    again = complete(server, extra_body={"vllm_xargs": {"repguard": "false"}})
+    guarded = complete(server, extra_body={"vllm_xargs": {"repguard": "true", "repguard_preset": "default"}})
+    assert again.text == plain.text, "a request that does not opt in is untouched"
+    assert plain.finish_reason == "length"
+    assert guarded.text != plain.text, "the guarded loop must change"
+    assert guarded.text[:20] == plain.text[:20], "but not before the loop is detected"
+
+
+def test_bad_setting_is_http_400(server):
+    with pytest.raises(openai.BadRequestError, match="repguard_k|k:"):
+        complete(server, extra_body={"vllm_xargs": {"repguard_k": 0}})
