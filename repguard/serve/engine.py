@@ -29,6 +29,9 @@ from ..config import GuardConfig
 log = logging.getLogger("repguard.serve")
 
 
+SAMPLING_EPS = 1e-5
+
+
 class EngineBusy(Exception):
     """The queue is full: answer 429."""
 
@@ -61,7 +64,8 @@ class GenerationRequest:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # below this, logits / temperature overflows to inf and sampling degenerates to argmax anyway
+        return self.temperature < SAMPLING_EPS
 
     def batch_key(self) -> tuple:
         if self.greedy:
