@@ -47,6 +47,8 @@ class NeuronSet:
         self.mean_before = neuron_map.mean_before[idx].to(device, torch.float32)
         std = neuron_map.std_before[idx].to(device, torch.float32)
         self.std_before = torch.where(std > 1e-6, std, torch.ones_like(std))
+        self.neuron_of_slot = neuron_map.neuron[idx].long().to(device)
+        self.pre_onset = neuron_map.mean_before[idx].to(device, dtype)
         self.plans: dict[int, LayerPlan] = {}
         start = 0
         layers = neuron_map.layer[idx].tolist()
@@ -82,6 +84,7 @@ class GuardRuntime:
         watch = (self.neurons.rank < self.monitor_k).float()
         self.watch = watch / watch.sum().clamp(min=1.0)
         self.device, self.dtype = device, dtype
+        self.width = neuron_map.meta.intermediate_size
         self.on_event = on_event
         self.seqs: list[SequenceGuard | None] = []
         self._alloc(max_rows)
@@ -94,19 +97,21 @@ class GuardRuntime:
         self.acts = torch.zeros(rows, k, device=dev, dtype=torch.float32)  # monitor buffer, written by hooks
         self.off = torch.zeros(rows, k, device=dev, dtype=torch.bool)  # which slots are switched off, per row
         self.use_mean = torch.zeros(rows, 1, device=dev, dtype=torch.bool)
+        self.fill = torch.zeros(rows, k, device=dev, dtype=self.dtype)  # value written into switched-off slots
         self.any_off = False
+        self._flat_index: torch.Tensor | None = None
         self.seqs = [None] * rows
         self.row_k = [0] * rows
         self._chosen: dict[int, torch.Tensor] = {}
 
     def ensure_rows(self, rows: int) -> None:
         if rows > self.rows:
-            old, chosen, off, use_mean = self.seqs, self._chosen, self.off, self.use_mean
+            old, chosen, off, use_mean, fill = self.seqs, self._chosen, self.off, self.use_mean, self.fill
             n = len(old)
             self._alloc(rows)
             self.seqs[:n] = old
             self._chosen.update(chosen)
-            self.off[:n], self.use_mean[:n] = off, use_mean
+            self.off[:n], self.use_mean[:n], self.fill[:n] = off, use_mean, fill
             self.any_off = bool(self.off.any())
 
     # -- sequences ---------------------------------------------------------------------------------------
@@ -122,6 +127,7 @@ class GuardRuntime:
             chosen &= torch.isin(self.neurons.layer_of_slot, torch.tensor(cfg.layers, device=ranks.device))
         self._chosen[row] = chosen
         self.use_mean[row] = cfg.deactivate_value == "pre_onset_mean"
+        self.fill[row] = self.neurons.pre_onset if cfg.deactivate_value == "pre_onset_mean" else 0
         self._refresh(row)
         return seq
 
@@ -190,6 +196,11 @@ class GuardRuntime:
         return [row for row, seq in enumerate(self.seqs) if seq is not None and seq.stopped]
 
     # -- tensor math used inside hooks (graph-safe: no Python branching on tensor values) -----------------
+    def begin_step(self, rows: torch.Tensor) -> None:
+        """Precompute, once per forward, the flat positions of every mapped neuron at each row's newest
+        token, so each layer hook is one gather (and one scatter when a row is switched off)."""
+        self._flat_index = rows.unsqueeze(1) * self.width + self.neurons.neuron_of_slot.unsqueeze(0)
+
     def apply_layer(self, plan: LayerPlan, act: torch.Tensor, rows: torch.Tensor, graph_safe: bool = False) -> torch.Tensor:
         """Monitor and deactivate one layer. ``act`` is [tokens, d_ff]; ``rows`` indexes the newest
         token of each batch row. Modifies ``act`` in place where a row is switched off.
@@ -199,14 +210,24 @@ class GuardRuntime:
         """
         if not graph_safe and not (plan.monitored or self.any_off):
             return act
+        flat_index = self._flat_index
+        if flat_index is not None and act.is_contiguous() and act.shape[-1] == self.width and flat_index.shape[0] == rows.shape[0]:
+            flat = act.view(-1)
+            index = flat_index[:, plan.slots]
+            cur = flat.take(index)  # [B, n]
+            b = cur.shape[0]
+            if graph_safe or plan.monitored:
+                self.acts[:b, plan.slots] = cur
+            if graph_safe or self.any_off:
+                flat.put_(index, torch.where(self.off[:b, plan.slots], self.fill[:b, plan.slots], cur))
+            return act
         index = (rows.unsqueeze(1), plan.neurons.unsqueeze(0))
         cur = act[index]  # [B, n]
         b = cur.shape[0]
         if graph_safe or plan.monitored:
             self.acts[:b, plan.slots] = cur
         if graph_safe or self.any_off:
-            fill = torch.where(self.use_mean[:b], plan.pre_onset, plan.zero)
-            act[index] = torch.where(self.off[:b, plan.slots], fill, cur)
+            act[index] = torch.where(self.off[:b, plan.slots], self.fill[:b, plan.slots], cur)
         return act
 
 

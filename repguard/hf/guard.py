@@ -168,6 +168,7 @@ class Guard:
                 self._observe(ids)
             if self._active:
                 self._rows_index = torch.arange(batch, device=ids.device) * length + (length - 1)
+                self.runtime.begin_step(self._rows_index)
         except Exception as exc:  # fail open
             self._fail("observe", exc)
         self.overhead_seconds += time.perf_counter() - t0

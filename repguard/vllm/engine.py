@@ -299,7 +299,7 @@ class EngineGuard:
 
     def _move(self, a: int, b: int, swap: bool) -> None:
         rt = self.runtime
-        for name in ("off", "watch", "use_mean", "acts"):
+        for name in ("off", "use_mean", "fill", "acts"):
             buf = getattr(rt, name)
             if swap:
                 buf[[a, b]] = buf[[b, a]]
