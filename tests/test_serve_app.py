@@ -279,3 +279,17 @@ def test_shipped_deploy_files_are_portable():
             assert not re.search(r"\b(10|192\.168|172\.(1[6-9]|2\d|3[01]))\.\d+\.\d+", text), path
             assert "/work/" not in text and "/home/" not in text and "/tmp/" not in text, path
     assert '"uid": "${datasource}"' in DASHBOARD.read_text()
+
+
+def test_cli_validates_settings_before_loading_the_model(tmp_path):
+    import subprocess
+    import sys
+
+    run = lambda *a, **kw: subprocess.run([sys.executable, "-m", "repguard.cli", "serve", *a], capture_output=True,
+                                          text=True, cwd=str(ROOT), timeout=120, **kw)
+    bad = run("--port", "99999")
+    assert bad.returncode == 2 and "port" in bad.stderr and "command line" in bad.stderr
+    ok = run("--check", "--guard", "monitor", env={**__import__("os").environ, "REPGUARD_API_KEY": KEY})
+    assert ok.returncode == 0, ok.stderr
+    shown = json.loads(ok.stdout)
+    assert shown["guard"] == {"preset": "monitor"} and shown["api_key"] == "***"

@@ -99,10 +99,10 @@ def load_settings(
     """Merge the sources (CLI > environment > file > defaults) and validate them.
 
     ``cli`` holds only the flags the user gave (None values are ignored). The file is JSON or TOML
-    (a top-level ``[serve]`` table is allowed); ``REPGUARD_CONFIG`` names it when ``config_file`` is None.
+    (a top-level ``[serve]`` table is allowed); ``REPGUARD_SERVE_CONFIG`` names it when ``config_file`` is None.
     """
     env = os.environ if env is None else env
-    config_file = config_file or env.get(ENV_PREFIX + "CONFIG")
+    config_file = config_file or env.get(ENV_PREFIX + "SERVE_CONFIG")
     merged: dict[str, Any] = {}
     sources: list[tuple[str, dict[str, Any]]] = []
     if config_file:
