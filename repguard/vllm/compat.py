@@ -102,6 +102,20 @@ def is_compiled(vllm_config) -> bool:
     return vllm_config.compilation_config.mode != CompilationMode.NONE
 
 
+def salt_compile_cache(vllm_config, key: str, value: str) -> None:
+    """Make vLLM's compiled-graph cache key depend on the guard. vLLM 0.32 keys its AOT compile cache
+    on the config hash and checks only the sources inlined in a cached graph, so a graph compiled
+    without the hooks (or with another map) would otherwise be reloaded silently. The hash includes
+    ``additional_config``; it is computed at the first forward, after ``load_model``."""
+    extra = vllm_config.additional_config
+    if isinstance(extra, dict):
+        extra[key] = value
+    else:  # a SupportsHash object owned by someone else: cannot salt, so do not reuse caches
+        import os
+
+        os.environ["VLLM_DISABLE_COMPILE_CACHE"] = "1"
+
+
 def text_config(vllm_config):
     return vllm_config.model_config.hf_text_config
 

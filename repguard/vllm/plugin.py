@@ -87,6 +87,20 @@ def choose_map(vllm_config):
     return None, f"no shipped neuron map for {', '.join(map_candidates(vllm_config))} and REPGUARD_MAP is not set"
 
 
+def map_identity(neuron_map) -> str:
+    """Hash of what the compiled graph bakes in: which neurons of which layers are hooked."""
+    import hashlib
+
+    from .. import __version__
+
+    digest = hashlib.sha256()
+    digest.update(__version__.encode())
+    digest.update(neuron_map.meta.model_dump_json().encode())
+    digest.update(neuron_map.layer.numpy().tobytes())
+    digest.update(neuron_map.neuron.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def install(runner):
     """Install the guard on a loaded V1 model runner; returns the ``EngineGuard`` or None."""
     from . import compat, engine, logits
@@ -103,6 +117,8 @@ def install(runner):
     model_name = map_candidates(vllm_config)[0]
     # A map for another model refuses to start (MapMismatchError names both).
     neuron_map.check_model(engine.model_fingerprint(vllm_config, runner.get_model()), where=f"served model '{model_name}'")
+    if compat.is_compiled(vllm_config):
+        compat.salt_compile_cache(vllm_config, "repguard", map_identity(neuron_map))
     guard = engine.EngineGuard(runner, neuron_map, logits.server_config(), model_name).install()
     engine.set_current(guard)
     log.info("repguard: neuron map from %s", source)
