@@ -280,3 +280,37 @@ def test_tp_two_ranks_match_one(monkeypatch):
         results.append((torch.cat(outs, dim=-1), sum(acts)))
     assert torch.equal(results[0][0], results[1][0])
     assert torch.allclose(results[0][1], results[1][1])
+
+
+# -- map choice and the fingerprint check ------------------------------------------------------------------
+def test_map_for_another_model_refuses_to_start(monkeypatch, tmp_path):
+    from repguard.errors import MapMismatchError, NeuronMapError
+    from repguard.vllm import plugin
+
+    runner = fake_runner()
+    path = tiny_map().save(tmp_path / "other.safetensors")  # its fingerprint is not this model's
+    monkeypatch.setenv("REPGUARD_MAP", str(path))
+    with pytest.raises(MapMismatchError, match="does not fit served model 'tiny'"):
+        plugin.install(runner)
+    monkeypatch.setenv("REPGUARD_MAP", str(tmp_path / "missing.safetensors"))
+    with pytest.raises(NeuronMapError):
+        plugin.install(runner)
+
+
+def test_matching_map_installs_and_no_map_runs_unguarded(monkeypatch, tmp_path):
+    from repguard.vllm import plugin
+
+    runner = fake_runner()
+    fp = engine.model_fingerprint(runner.vllm_config, runner.model)
+    nmap = tiny_map()
+    nmap.meta = nmap.meta.model_copy(update={"fingerprint": fp.config})
+    nmap.extra["fingerprint_weights"] = fp.weights
+    monkeypatch.setenv("REPGUARD_MAP", str(nmap.save(tmp_path / "tiny.safetensors")))
+    try:
+        guard = plugin.install(runner)
+        assert guard is engine.current() and guard.plans
+        monkeypatch.delenv("REPGUARD_MAP")
+        monkeypatch.setenv("REPGUARD_MAP_PATH", str(tmp_path / "empty"))
+        assert plugin.install(runner) is None and engine.current() is None
+    finally:
+        engine.set_current(None)
