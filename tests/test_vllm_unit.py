@@ -103,7 +103,7 @@ def fake_runner(max_reqs=4, world_layers=LAYERS):
     model = TinyVllmModel(world_layers)
     batch = SimpleNamespace(num_reqs=0, req_ids=[], logitsprocs=SimpleNamespace(all=[]))
     return SimpleNamespace(vllm_config=vllm_config, model=model, get_model=lambda: model, max_num_reqs=max_reqs,
-                           max_num_tokens=64, input_batch=batch)
+                           max_num_tokens=64, input_batch=batch, requests={})
 
 
 def tiny_map(selected=6):
@@ -191,6 +191,32 @@ def test_moves_carry_row_state(setup):
     assert guard.runtime.off[1, :2].all() and not guard.runtime.off[0].any()
     proc.update_state(BatchUpdate(batch_size=1, removed=[0], added=[], moved=[(1, 0, MoveDirectionality.UNIDIRECTIONAL)]))
     assert guard.runtime.seqs[0] is seq_a and guard.runtime.seqs[1] is None and list(guard.rows) == [0]
+
+
+def test_unscheduled_request_keeps_its_state(setup):
+    """vLLM takes a running request out of the batch when it is not scheduled (or preempted) and adds
+    it back later: the guard keeps its state; a real finish records the report once."""
+    runner, guard, proc = setup
+    outs = add(runner, proc, [("a-0000aaaa", {"repguard": True})])
+    runner.requests["a-0000aaaa"] = object()
+    for step in range(20):
+        outs[0].append(LOOP[step % len(LOOP)])
+        proc.update_state(None)
+    seq = guard.runtime.seqs[0]
+    assert seq.report.fired
+    runner.input_batch.req_ids[0] = None
+    proc.update_state(BatchUpdate(batch_size=0, removed=[0], added=[], moved=[]))
+    assert guard.rows == {} and "a-0000aaaa" in guard.parked
+    assert guard.take_reports(pop=False)["a"]["fired"], "still running: its live report"
+    runner.input_batch.req_ids[:] = []
+    outs2 = add(runner, proc, [("a-0000aaaa", {"repguard": True})])
+    assert outs2[0] is not outs[0]
+    outs2[0].extend(outs[0])
+    proc.update_state(None)
+    assert guard.runtime.seqs[0] is seq and guard.rows[0].seen == 20 and not guard.parked
+    del runner.requests["a-0000aaaa"]
+    proc.update_state(BatchUpdate(batch_size=0, removed=[0], added=[], moved=[]))
+    assert guard.take_reports()["a"]["fired"] is True
 
 
 def test_inert_without_plugin(monkeypatch):

@@ -139,6 +139,7 @@ class EngineGuard:
         self.reports: OrderedDict[str, dict] = OrderedDict()  # finished requests
         self.live: dict[str, RowState] = {}  # running guarded requests, by request id
         self._taken: set[str] = set()  # live reports already handed out (bounded by running requests)
+        self.parked: dict[str, tuple] = {}  # requests vLLM took out of the batch but did not finish
         self._handles: list = []
         self._last_rows: torch.Tensor | None = None
         self._owner_batch = None
@@ -260,7 +261,11 @@ class EngineGuard:
                     for index, state in self.rows.items():
                         if state.req_id is None and index < len(req_ids):
                             state.req_id = req_ids[index]
+                            if state.req_id in self.parked:
+                                state = self._unpark(index, state)
                             self.live[state.req_id] = state
+                if self.parked:
+                    self._finish_parked()
             if self.rows and not self.broken:
                 self._observe()
         except Exception as exc:
@@ -271,6 +276,26 @@ class EngineGuard:
         prompt = list(prompt_ids or []) if cfg.watch_prompt else None
         seq = self.runtime.open(index, cfg, prompt)
         self.rows[index] = RowState(cfg, output_ids, compat.eos_token_id(params, self.runner.vllm_config), report=seq.report)
+
+    def _finish_parked(self) -> None:
+        """Parked requests that vLLM finished (e.g. aborted) while out of the batch."""
+        requests = getattr(self.runner, "requests", None) or {}
+        for req_id in [r for r in self.parked if r not in requests]:
+            state, seq, *_ = self.parked.pop(req_id)
+            if seq is not None:
+                self._finish(state, seq.report)
+
+    def _unpark(self, index: int, fresh: RowState) -> RowState:
+        rt = self.runtime
+        state, seq, chosen, row_k, watch, use_mean = self.parked.pop(fresh.req_id)
+        state.outputs = fresh.outputs
+        rt.seqs[index], rt.row_k[index] = seq, row_k
+        if chosen is not None:
+            rt._chosen[index] = chosen
+        rt.watch[index], rt.use_mean[index] = watch, use_mean
+        rt._refresh(index)
+        self.rows[index] = state
+        return state
 
     @staticmethod
     def _report_dict(index, state: "RowState", report) -> dict:
@@ -283,9 +308,20 @@ class EngineGuard:
         state = self.rows.pop(index, None)
         if state is None:
             return
-        report = self.runtime.close(index)
-        if report is None:
+        rt = self.runtime
+        requests = getattr(self.runner, "requests", None)
+        if state.req_id is not None and requests is not None and state.req_id in requests:
+            # Not finished: vLLM left it out of this step (preempted or not scheduled) and will add it
+            # back later; keep its guard state.
+            self.parked[state.req_id] = (state, rt.seqs[index], rt._chosen.get(index), rt.row_k[index],
+                                         rt.watch[index].clone(), rt.use_mean[index].clone())
+            rt.close(index)
             return
+        report = rt.close(index)
+        if report is not None:
+            self._finish(state, report)
+
+    def _finish(self, state: RowState, report) -> None:
         metrics.record_report(self.model_name, report)
         if state.req_id is None:
             return
@@ -293,7 +329,7 @@ class EngineGuard:
         if state.req_id in self._taken:  # already handed out while running
             self._taken.discard(state.req_id)
             return
-        self.reports[state.req_id] = self._report_dict(index, state, report)
+        self.reports[state.req_id] = self._report_dict(None, state, report)
         while len(self.reports) > REPORTS_KEPT:
             self.reports.popitem(last=False)
 
