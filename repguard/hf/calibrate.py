@@ -145,7 +145,8 @@ class GenerationStats:
 
 
 def _text_generator(seed: int, index: int) -> torch.Generator:
-    return torch.Generator().manual_seed((int(seed) & 0x7FFFFFFF) * (1 << 32) + int(index))
+    # the CPU generator (mt19937) keeps 32 bits of its seed: mix seed and index within them
+    return torch.Generator().manual_seed((int(index) + int(seed) * 0x9E3779B1) % (1 << 32))
 
 
 def _sampling_params(model) -> tuple[int, float]:
