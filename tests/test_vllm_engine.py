@@ -124,3 +124,16 @@ def test_same_tokens_as_transformers_guard(runs, smollm):
         if eos in hf_tokens:
             hf_tokens = hf_tokens[: hf_tokens.index(eos) + 1]
         assert hf_tokens == vllm_tokens, (g.reports[0].to_dict(), tok.decode(hf_tokens), tok.decode(vllm_tokens))
+
+
+def test_compiled_matches_eager(runs, smollm):
+    """Without enforce_eager (torch.compile on CPU) the hooks are traced into the graph: same tokens,
+    same reports as eager."""
+    folder, map_path, tmp = smollm
+    _base, eager = runs
+    compiled = run_engine(tmp, folder, REQUESTS, plugin=True, eager=False, map_path=map_path, timeout=900)
+    assert compiled["tokens"] == eager["tokens"]
+    for a, b in zip(compiled["reports"], eager["reports"]):
+        assert (a or {}).get("actions") == (b or {}).get("actions")
+        if a is not None:  # the monitor hooks ran inside the compiled graph (else the score would differ)
+            assert a["max_neuron_score"] == pytest.approx(b["max_neuron_score"], rel=1e-4, abs=1e-4)
