@@ -81,10 +81,19 @@ class SequenceGuard:
 
     __slots__ = (
         "config", "detector", "history", "level", "report", "period", "persist", "quiet",
-        "_penalty", "_score_gate", "_on_change",
+        "_penalty", "_score_gate", "_on_change", "_offset",
     )
 
-    def __init__(self, config: GuardConfig, prompt_ids: Iterable[int] | None = None, on_change=None) -> None:
+    def __init__(
+        self,
+        config: GuardConfig,
+        prompt_ids: Iterable[int] | None = None,
+        on_change=None,
+        history: Iterable[int] | None = None,
+    ) -> None:
+        """``prompt_ids`` prime the detector when ``config.watch_prompt``; ``history`` holds generated
+        tokens kept from an earlier pass (a rollback): they prime the detector and positions continue
+        after them. Report positions always count generated tokens."""
         self.config = config
         self.detector = LoopDetector(
             config.ngram, config.window, config.min_count,
@@ -99,13 +108,18 @@ class SequenceGuard:
         self._penalty: tuple[int, float] | None = None
         self._score_gate = config.monitor_gate
         self._on_change = on_change
+        self._offset = 0  # detector stream position minus generated position
         self.level = Level.MONITOR
-        if config.enabled and config.always_on and config.deactivate:
-            self._set(Level.DEACTIVATE, 0, "always_on")
         if config.watch_prompt and prompt_ids is not None:
-            # Prompt tokens prime the detector; positions stay relative to generated tokens.
             for token in prompt_ids:
                 self.detector.update(int(token))
+                self._offset += 1
+        if history is not None:
+            for token in history:
+                self.detector.update(int(token))  # a hit inside kept history is not acted on
+                self.history.append(int(token))
+        if config.enabled and config.always_on and config.deactivate:
+            self._set(Level.DEACTIVATE, len(self.history), "always_on")
 
     # -- what the adapters read ----------------------------------------------------------------------
     @property
@@ -173,7 +187,8 @@ class SequenceGuard:
         self.quiet = 0
         if not new_loop:
             return False  # already intervening: keep the level, follow the (possibly new) period
-        rep.detections.append(Detection(event.position, event.onset, event.period, event.trigger, score))
+        off = self._offset
+        rep.detections.append(Detection(event.position - off, event.onset - off, event.period, event.trigger, score))
         self.persist = 0
         if cfg.always_on:
             return True
@@ -181,11 +196,11 @@ class SequenceGuard:
             return True
         if cfg.deactivate:
             # A loop that comes back right after a repair resumes at the level it had reached.
-            self._set(self._resume_level(Level.DEACTIVATE), event.position, event.trigger)
+            self._set(self._resume_level(Level.DEACTIVATE), event.position - off, event.trigger)
         elif cfg.escalate:
-            self._set(Level.ESCALATE, event.position, event.trigger)
+            self._set(Level.ESCALATE, event.position - off, event.trigger)
         elif cfg.stop:
-            self._set(Level.STOP, event.position, event.trigger)
+            self._set(Level.STOP, event.position - off, event.trigger)
             rep.finish_reason = "repetition"
         return True
 

@@ -115,9 +115,12 @@ class GuardRuntime:
             self.any_off = bool(self.off.any())
 
     # -- sequences ---------------------------------------------------------------------------------------
-    def open(self, row: int, config: GuardConfig | None = None, prompt_ids: Iterable[int] | None = None) -> SequenceGuard:
+    def open(
+        self, row: int, config: GuardConfig | None = None, prompt_ids: Iterable[int] | None = None,
+        history: Iterable[int] | None = None,
+    ) -> SequenceGuard:
         cfg = config or self.config
-        seq = SequenceGuard(cfg, prompt_ids)
+        seq = SequenceGuard(cfg, prompt_ids, history=history)
         self.seqs[row] = seq
         k = min(cfg.k or self.default_k, self.neurons.num_slots)
         self.row_k[row] = k

@@ -82,6 +82,7 @@ class Guard:
         # generate() feeds finished rows with padding: a row's first EOS or pad token ends its watch.
         self._terminal = frozenset(self.eos + _token_ids(model, "pad_token_id"))
         self._row_configs: list[GuardConfig] | None = None
+        self._row_histories: list | None = None
         self._handles: list = []
         self._rows_index: torch.Tensor | None = None
         self._done: list[bool] = []
@@ -101,8 +102,17 @@ class Guard:
         """One report per row of the most recent ``generate`` call."""
         return self._reports
 
-    def configure_rows(self, configs: Sequence[GuardConfig | dict | None] | None) -> None:
-        """Per-row settings for the next generation (None entries use the guard's config)."""
+    def configure_rows(
+        self,
+        configs: Sequence[GuardConfig | dict | None] | None,
+        histories: Sequence[Sequence[int] | None] | None = None,
+    ) -> None:
+        """Per-row settings for the next generations (None entries use the guard's config).
+
+        ``histories`` (optional) are generated tokens kept from an earlier pass that the prompts end
+        with (a rollback): they prime each row's detector and report positions continue after them.
+        """
+        self._row_histories = list(histories) if histories is not None else None
         if configs is None:
             self._row_configs = None
             return
@@ -193,13 +203,16 @@ class Guard:
         configs = self._row_configs
         if configs is not None and len(configs) != batch:
             raise ConfigError(f"configure_rows got {len(configs)} configs for a batch of {batch}")
+        if self._row_histories is not None and len(self._row_histories) != batch:
+            raise ConfigError(f"configure_rows got {len(self._row_histories)} histories for a batch of {batch}")
         for row in range(batch):
             cfg = configs[row] if configs is not None else self.config
             prompt = None
             if cfg.watch_prompt:
                 row_ids = ids[row] if attention_mask is None else ids[row][attention_mask[row].bool()]
                 prompt = row_ids.tolist()
-            rt.open(row, cfg, prompt)
+            history = self._row_histories[row] if self._row_histories is not None else None
+            rt.open(row, cfg, prompt, history=history)
         self._done = [False] * batch
         self._reports = [seq.report for seq in rt.seqs[:batch]]
         self._recorded = False

@@ -1,0 +1,45 @@
+"""Rollback on a tiny random model: looping rows are cut back to the onset and re-decoded; others untouched."""
+
+import torch
+
+from conftest import random_map, tiny_model
+from repguard.detect import find_repetition
+from repguard.hf.rollback import generate_with_rollback
+
+NEW = 60
+
+
+def test_rollback_recuts_looping_rows_and_leaves_the_rest_identical():
+    model = tiny_model()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 256, (6, 6), generator=g)
+    mask = torch.ones_like(ids)
+    plain = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0)[:, 6:]
+    loops = [find_repetition(row.tolist()) for row in plain]
+    assert any(loops) and not all(loops), "need both looping and calm rows"
+    out = generate_with_rollback(model, ids, mask, neuron_map=random_map(model, 32, 64), max_new_tokens=NEW,
+                                 do_sample=False, pad_token_id=0)
+    for i, (row, rep) in enumerate(zip(plain.tolist(), loops)):
+        got = out.sequences[i]
+        if rep is None:
+            assert got == row and out.rollbacks[i] == 0 and not out.reports[i].fired
+        else:
+            # The text up to the loop's second copy is kept as it was; the copy itself is re-decoded.
+            assert out.rollbacks[i] >= 1
+            assert got[: rep.p2] == row[: rep.p2]
+            assert got != row
+            assert "rollback" in [a.level for a in out.reports[i].actions]
+            assert len(got) <= NEW
+
+
+def test_rollback_removes_the_repeated_copy_more_often_than_not():
+    model = tiny_model()
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, 256, (8, 6), generator=g)
+    mask = torch.ones_like(ids)
+    plain = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0)[:, 6:]
+    before = sum(find_repetition(r.tolist()) is not None for r in plain)
+    out = generate_with_rollback(model, ids, mask, neuron_map=random_map(model, 32, 64), max_new_tokens=NEW,
+                                 max_rollbacks=3, do_sample=False, pad_token_id=0)
+    after = sum(find_repetition(s) is not None for s in out.sequences)
+    assert before >= 2 and after < before
