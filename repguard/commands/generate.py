@@ -37,6 +37,9 @@ def add_parser(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override one GuardConfig field, e.g. --set k=64 (repeatable; VALUE is JSON)")
     p.add_argument("--compare", action="store_true", help="also generate unguarded and print both side by side")
+    p.add_argument("--rollback", type=int, default=None, metavar="N",
+                   help="roll a confirmed loop back to its onset and re-decode it with the repair active, up to N "
+                   "times per sequence (the repeated copy never reaches the output)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default: 8)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -81,7 +84,6 @@ def run(args) -> int:
     import torch
 
     from ..errors import ConfigError
-    from ..hf.guard import guard
     from ..hf.models import load_model
     from ..maps import find_map
 
@@ -106,20 +108,23 @@ def run(args) -> int:
             out = model.generate(**enc, **gen_kwargs)[:, enc.input_ids.shape[1]:]
             plain += [_strip(row.tolist(), tok) for row in out]
     results = []
-    with guard(model, nmap, config, model_name=name) as g:
+    if args.rollback is not None:
+        from ..hf.rollback import generate_with_rollback
+
         for (start, batch), enc in zip(batches, encoded):
             torch.manual_seed(args.seed)
             t0 = time.perf_counter()
-            guarded = model.generate(**enc, **gen_kwargs)[:, enc.input_ids.shape[1]:]
+            kw = {k: v for k, v in gen_kwargs.items() if k != "max_new_tokens"}
+            out = generate_with_rollback(model, enc.input_ids, enc.attention_mask, neuron_map=nmap, config=config,
+                                         max_new_tokens=args.max_new_tokens, max_rollbacks=args.rollback,
+                                         model_name=name, **kw)
             if not args.json:
-                print(f"[{len(batch)} prompt(s) guarded in {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
+                print(f"[{len(batch)} prompt(s) guarded with rollback in {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
             for i, prompt in enumerate(prompts[start : start + len(batch)]):
-                results.append({
-                    "prompt": prompt,
-                    "guarded_ids": _strip(guarded[i].tolist(), tok),
-                    "unguarded_ids": plain[start + i] if plain else None,
-                    "report": g.reports[i],
-                })
+                results.append({"prompt": prompt, "guarded_ids": out.sequences[i],
+                                "unguarded_ids": plain[start + i] if plain else None, "report": out.reports[i]})
+    else:
+        results = _generate_guarded(model, tok, nmap, config, name, prompts, batches, encoded, plain, gen_kwargs, args)
     for r in results:
         if args.json:
             print(json.dumps({
@@ -134,6 +139,29 @@ def run(args) -> int:
     return 0
 
 
+def _generate_guarded(model, tok, nmap, config, name, prompts, batches, encoded, plain, gen_kwargs, args) -> list[dict]:
+    import torch
+
+    from ..hf.guard import guard
+
+    results = []
+    with guard(model, nmap, config, model_name=name) as g:
+        for (start, batch), enc in zip(batches, encoded):
+            torch.manual_seed(args.seed)
+            t0 = time.perf_counter()
+            guarded = model.generate(**enc, **gen_kwargs)[:, enc.input_ids.shape[1]:]
+            if not args.json:
+                print(f"[{len(batch)} prompt(s) guarded in {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
+            for i, prompt in enumerate(prompts[start : start + len(batch)]):
+                results.append({
+                    "prompt": prompt,
+                    "guarded_ids": _strip(guarded[i].tolist(), tok),
+                    "unguarded_ids": plain[start + i] if plain else None,
+                    "report": g.reports[i],
+                })
+    return results
+
+
 def _render(tok, prompt: str, chat: bool) -> str:
     if not chat:
         return prompt
@@ -145,9 +173,11 @@ def _render(tok, prompt: str, chat: bool) -> str:
 
 
 def _strip(ids: list[int], tok) -> list[int]:
-    """Drop trailing padding (rows that ended early are padded)."""
-    pad = tok.pad_token_id
-    while ids and ids[-1] == pad and pad != tok.eos_token_id:
+    """Cut after the first EOS and drop trailing padding (rows that ended early are padded)."""
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    if eos in ids:
+        ids = ids[: ids.index(eos) + 1]
+    while ids and pad != eos and ids[-1] == pad:
         ids.pop()
     return ids
 

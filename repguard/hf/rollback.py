@@ -138,7 +138,12 @@ def generate_with_rollback(
                     kept[r] = text[:onset]
                     rollbacks[r] += 1
                     merged.finish_reason = None
-                    merged.actions.append(LevelChange(det.position, "rollback", f"to onset {onset}"))
+                    # The stop that ended this pass was internal: the caller sees the rollback instead.
+                    while merged.actions and merged.actions[-1].level == "stop":
+                        merged.actions.pop()
+                    merged.max_level = max((a.level for a in merged.actions), key=_level_rank, default="monitor")
+                    # Position convention: the action takes effect after this generated token.
+                    merged.actions.append(LevelChange(onset - 1, "rollback", f"loop seen at {det.position}; re-decoded from {onset}"))
                     reports[r] = merged
                     still.append(r)
                 else:
