@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
+import tempfile
 import sys
 import threading
 import time
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     extra = ["--neuron-map", args.neuron_map] if args.neuron_map else []
     server = ServerProcess("--model", args.model, "--threads", str(args.threads), "--max-batch-size",
                            str(args.max_batch_size), "--max-queue", str(2 * args.clients), *extra)
-    log = Path(args.out).with_suffix(".server.log")
+    log = Path(tempfile.mkdtemp(prefix="repguard-load-")) / "server.log"
     server.start(log)
     rows = []
     try:

@@ -80,6 +80,18 @@ def test_key_queue_and_disconnect(tiny, tmp_path):
         b.close()
         assert next(iter(c)).choices
         c.close()
+
+        # a non-streaming client that gives up frees its slot too (the server polls for the disconnect)
+        deadline = time.monotonic() + 10
+        while _health(server)["running"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=1.5,
+                       json={"prompt": "patience", "max_tokens": 6000, "temperature": 0, "repguard": {"preset": "off"}})
+        deadline = time.monotonic() + 5
+        while _health(server)["running"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _health(server)["running"] == 0, "the abandoned non-streaming request kept its slot"
     finally:
         _assert_clean_exit(server, server.stop())
 

@@ -29,6 +29,9 @@ from .schemas import ChatCompletionRequest, CompletionRequest
 from .settings import ServeSettings
 
 
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
+
+
 class APIError(Exception):
     """An error to answer with an OpenAI-style body."""
 
@@ -161,16 +164,21 @@ def build_router(engine: Engine, settings: ServeSettings | None = None) -> APIRo
     async def events(req: GenerationRequest, request: Request | None) -> AsyncIterator[dict[str, Any]]:
         """The request's events until done; with ``request``, cancel it if the client goes away."""
         first = True
+        checked = time.monotonic()
         while True:
             if request is None:
                 ev = await req.queue.get()
             else:
                 try:
-                    ev = await asyncio.wait_for(req.queue.get(), timeout=0.25)
+                    ev = await asyncio.wait_for(req.queue.get(), timeout=DISCONNECT_POLL_S)
                 except asyncio.TimeoutError:
+                    ev = None
+                if time.monotonic() - checked >= DISCONNECT_POLL_S:  # events may never pause: poll on a clock
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         engine.cancel(req)
                         return
+                if ev is None:
                     continue
             if ev["type"] == "done":
                 return
