@@ -208,6 +208,8 @@ class EngineGuard:
         up_cols = plan.local + self.local_width
         pre_onset = plan.pre_onset
         compiled = self.compiled
+        count = int(slots.numel())
+        first_slot = int(slots[0]) if count and bool((slots == slots[0] + torch.arange(count)).all()) else None
 
         def hook(module, inputs, output):
             # Eager: skip the work while no request is guarded. Compiled: always the same tensor math
@@ -218,7 +220,12 @@ class EngineGuard:
             tokens = output.shape[0]
             row = self.token_row[:tokens]
             gate = x.index_select(1, local)  # [T, n] pre-activation of the mapped neurons
-            rt.acts[row.unsqueeze(1), slots.unsqueeze(0)] = gate_fn(gate).float()
+            if first_slot is not None and not compiled:  # eager fast path: slots are one block
+                rt.acts[:, first_slot : first_slot + count].index_copy_(0, row, gate_fn(gate).float())
+            else:
+                rt.acts[row.unsqueeze(1), slots.unsqueeze(0)] = gate_fn(gate).float()
+            if not compiled and not rt.any_off:
+                return None
             off = rt.off.index_select(0, row).index_select(1, slots)  # [T, n]; trash row is never off
             use_mean = rt.use_mean.index_select(0, row)  # [T, 1]
             up = x.index_select(1, up_cols)
