@@ -8,7 +8,11 @@ VENV=${REPGUARD_VENV:-.venv}
 PY=${PYTHON:-python3}
 stamp="$VENV/.repguard-setup-v1"
 want_servers=0
-for a in "$@"; do [ "$a" = "--servers" ] && want_servers=1; done
+want_compat=0
+for a in "$@"; do
+  [ "$a" = "--servers" ] && want_servers=1
+  [ "$a" = "--compat" ] && want_compat=1
+done
 
 if [ ! -f "$stamp" ]; then
   echo "[setup] creating $VENV and installing packages (first run takes a few minutes)" >&2
@@ -30,6 +34,16 @@ if [ ! -f "$stamp" ]; then
 else
   # Keep the editable install in step with pyproject changes (cheap when nothing changed).
   "$VENV/bin/pip" install -q --no-deps -e . >/dev/null
+fi
+
+# A second, small venv with the oldest supported transformers, for the compatibility tests.
+COMPAT=${REPGUARD_COMPAT_VENV:-.venv-tf457}
+if [ "$want_compat" = 1 ] && [ ! -f "$COMPAT/.repguard-setup-v1" ]; then
+  echo "[setup] creating $COMPAT (transformers 4.57)" >&2
+  "$PY" -m venv "$COMPAT"
+  "$COMPAT/bin/pip" install -q torch==2.13.0 "transformers==4.57.*" pydantic safetensors prometheus-client \
+    numpy tqdm pytest pytest-timeout
+  touch "$COMPAT/.repguard-setup-v1"
 fi
 
 if [ "$want_servers" = 1 ] && ! command -v prometheus >/dev/null 2>&1; then

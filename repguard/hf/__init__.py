@@ -1,6 +1,6 @@
 """transformers integration: ``guard`` (context manager), ``custom_generate`` (drop-in), embedded models.
 
-Supported: transformers >= 4.56, < 5.20 (tested with 5.19).
+Supported: transformers >= 4.57, < 5.20 (tested with 4.57 and 5.19).
 """
 
 from .generate import custom_generate

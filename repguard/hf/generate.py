@@ -23,7 +23,7 @@ from .guard import Guard
 
 
 def custom_generate(model, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs):
-    """A ``custom_generate`` callable for ``model.generate`` (transformers >= 4.56)."""
+    """A ``custom_generate`` callable for ``model.generate`` (transformers >= 4.57)."""
     from transformers.generation.utils import GenerationMixin
 
     if getattr(generation_config, "num_beams", 1) not in (None, 1):
