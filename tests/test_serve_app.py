@@ -293,3 +293,27 @@ def test_cli_validates_settings_before_loading_the_model(tmp_path):
     assert ok.returncode == 0, ok.stderr
     shown = json.loads(ok.stdout)
     assert shown["guard"] == {"preset": "monitor"} and shown["api_key"] == "***"
+
+
+def test_metrics_in_multiprocess_mode(tmp_path):
+    """With PROMETHEUS_MULTIPROC_DIR (several workers, or vLLM), /metrics aggregates every process's samples."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from repguard import metrics\n"
+        "from prometheus_client import generate_latest\n"
+        "metrics.init_model('m'); metrics.set_info('m', 'm')\n"
+        "metrics.LOOPS_DETECTED.labels('m').inc(); metrics.SERVER_QUEUED.labels('m').set(3)\n"
+        "metrics.SERVER_TTFT.labels('m').observe(0.2)\n"
+        "print(generate_latest(metrics.registry()).decode())\n"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    outs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+            for _ in range(2)]
+    assert all(o.returncode == 0 for o in outs), outs[0].stderr
+    text = outs[1].stdout  # the second process sees both processes' counts
+    assert 'repguard_loops_detected_total{model="m"} 2.0' in text, text
+    assert "repguard_server_time_to_first_token_seconds_count" in text
+    assert 'repguard_info{' in text

@@ -17,6 +17,7 @@ from repguard.serve.settings import load_settings
 from serve_support import make_random_map, make_tiny_model
 
 CASES: Counter = Counter()
+STATUSES: Counter = Counter()
 MIN_CASES = 500
 
 
@@ -37,6 +38,7 @@ def fuzz_app(tmp_path_factory):
 def _check(case) -> None:
     response = case.call()
     CASES[f"{case.method} {case.path}"] += 1
+    STATUSES[response.status_code] += 1
     assert response.status_code < 500, (case.body, response.text)
     if response.status_code >= 400:
         error = response.json()["error"]
@@ -69,9 +71,10 @@ def test_no_server_errors(fuzz_app):
 def test_fuzzed_at_least_500_cases(fuzz_app):
     if not CASES:
         pytest.skip("counts the cases of test_no_server_errors: run the module")
-    print(f"schemathesis cases: {sum(CASES.values())} {dict(CASES)}")
+    print(f"schemathesis cases: {sum(CASES.values())} {dict(CASES)}; statuses {dict(STATUSES)}")
     assert sum(CASES.values()) >= MIN_CASES, dict(CASES)
     assert CASES["POST /v1/completions"] >= 100 and CASES["POST /v1/chat/completions"] >= 100, dict(CASES)
+    assert STATUSES[200] >= 50, dict(STATUSES)  # the fuzzer reached generation, not only validation
 
 
 def test_schema_names_the_served_model(fuzz_app):
