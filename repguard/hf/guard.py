@@ -33,7 +33,6 @@ from .introspect import act_modules, arch_of, fingerprint, shape_of
 
 log = logging.getLogger("repguard")
 
-SUPPORTED_TRANSFORMERS = (">=4.57", "<5.20")
 
 
 def _token_ids(model, attr: str) -> list[int]:
