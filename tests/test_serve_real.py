@@ -73,6 +73,22 @@ def test_normal_prompt_equals_unguarded_generation(client):
     assert guarded.usage.completion_tokens == unguarded.usage.completion_tokens == 24
 
 
+def test_normal_prompt_equals_plain_model_generate(client):
+    """Byte-identical to an unguarded ``model.generate`` in this process, not only to the server's own path."""
+    import torch
+
+    from repguard.hf.models import load_model
+
+    served = client.completions.create(model=MODEL, prompt=NORMAL, max_tokens=24, temperature=0).choices[0]
+    model, tok, _ = load_model(MODEL)
+    enc = tok([NORMAL], return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(**enc, max_new_tokens=24, do_sample=False)
+    plain = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert not _report(served)["fired"]
+    assert served.text == plain
+
+
 def test_streaming_chat_with_the_openai_client(client):
     messages = [{"role": "user", "content": "Say go ten times."}]
     plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0)

@@ -53,6 +53,7 @@ def run(args) -> int:
 
     require("fastapi", "serve")
     require("uvicorn", "serve")
+    require("transformers", "hf")
     import uvicorn
 
     from ..serve.app import build_engine, create_app
