@@ -31,11 +31,16 @@ def build_engine(settings: ServeSettings) -> Engine:
     from ..hf.models import load_model
     from ..maps import find_map
 
+    from ..hf.models import EMBEDDED
+
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    # a missing map fails before the (slow) model load when its name is known up front
+    early = settings.neuron_map or (settings.model if settings.model in EMBEDDED else None)
+    neuron_map = find_map(early) if early else None
     model, tokenizer, name = load_model(settings.model, dtype=settings.dtype)
     served = settings.served_model_name or name
-    neuron_map = find_map(settings.neuron_map or name)
+    neuron_map = neuron_map or find_map(name)
     guard = Guard(model, neuron_map, settings.guard_config(), model_name=served)
     guard.install()
     return Engine(
