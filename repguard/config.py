@@ -32,7 +32,11 @@ class GuardConfig(BaseModel):
     min_count: int = Field(3, ge=3, le=16, description="Paper criterion: occurrences k.")
     suffix_trigger: bool = Field(True, description="Fire early on back-to-back copies (longest repeated suffix).")
     min_repeat: int = Field(12, ge=2, le=4096, description="Suffix trigger: repeated tokens needed.")
-    min_copies: float = Field(2.0, ge=1.5, le=16.0, description="Suffix trigger: back-to-back copies needed.")
+    min_copies: float = Field(
+        1.5, ge=1.5, le=16.0,
+        description="Suffix trigger: back-to-back copies needed. 1.5 fires half a copy before the third copy "
+        "starts, early enough for the penalty to stop it (benchmarks/RESULTS.md).",
+    )
     max_period: int = Field(64, ge=1, le=4096, description="Suffix trigger: longest loop period considered.")
     watch_prompt: bool = Field(False, description="Feed prompt tokens to the detector (loops can start in the prompt).")
     monitor_gate: float | None = Field(
@@ -53,7 +57,11 @@ class GuardConfig(BaseModel):
 
     # -- escalation: DRY-style penalty on the loop's next token -------------------------------------
     escalate: bool = Field(True, description="Penalise the tokens that would extend a persisting loop.")
-    escalate_after: int = Field(4, ge=0, le=100000, description="Loop tokens with neurons off before escalating.")
+    escalate_after: int = Field(
+        0, ge=0, le=100000,
+        description="Loop tokens with neurons off before escalating. 0: penalise from the first loop token; "
+        "deactivation alone breaks a minority of loops (benchmarks/RESULTS.md).",
+    )
     penalty_multiplier: float = Field(0.8, gt=0.0, le=1000.0)
     penalty_base: float = Field(1.75, ge=1.0, le=16.0)
     penalty_allowed_length: int = Field(2, ge=0, le=4096)
