@@ -13,6 +13,18 @@ def loops(cont: Sequence[int], stopped: bool = False) -> bool:
     return stopped or find_repetition(list(cont)) is not None
 
 
+def any_loop(cont: Sequence[int]) -> bool:
+    """Wider loop label: the paper's detector, or two back-to-back copies of a span of >= 12 tokens
+    (period <= 64). It also catches loops the paper's detector misses: copies with unequal spacing,
+    periods over 45 tokens, and loops cut by the 200-token limit before a third copy."""
+    from repguard.detect import LoopDetector
+
+    if find_repetition(list(cont)) is not None:
+        return True
+    det = LoopDetector(use_paper=False, use_suffix=True, min_repeat=12, min_copies=2.0, max_period=64)
+    return any(det.update(t) is not None for t in cont)
+
+
 def seq_rep(cont: Sequence[int], n: int = 4) -> float:
     """Welleck et al.: 1 - unique n-grams / n-grams of one continuation (0 when it has no n-gram)."""
     grams = [tuple(cont[i : i + n]) for i in range(len(cont) - n + 1)]

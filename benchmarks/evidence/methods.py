@@ -2,6 +2,8 @@
 
 A method is a name. Fixed names are the issue's baselines; ``rg[key=value;...]`` is a repguard config
 built from the default preset with the given overrides (``layers=14..22`` is a range), used for tuning.
+``rg+dry[...]`` adds a prototype escalation: the DRY penalty, applied to a row only after repguard's
+trigger fired on it (rows never triggered stay untouched).
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ from typing import Any
 
 from repguard.config import GuardConfig
 
-STOP_ONLY = {"deactivate": False, "escalate": False, "stop": True}
+# Stop at the first detection, as vLLM's repetition_detection does; triggers pinned (paper criterion, or
+# two back-to-back copies of a span of >= 12 tokens) so the baseline does not move with repguard's defaults.
+STOP_ONLY = {"deactivate": False, "escalate": False, "stop": True, "paper_trigger": True, "suffix_trigger": True,
+             "min_repeat": 12, "min_copies": 2.0, "max_period": 64, "monitor_gate": None}
 
 
 @dataclass
@@ -22,6 +27,7 @@ class Method:
     guard: GuardConfig | None = None
     neurons: str = "top"  # "top" or "random" (the paper's control)
     dry: bool = False
+    dry_after_trigger: bool = False  # prototype: DRY on a row only once repguard's trigger has fired on it
     group: str = "baseline"
 
 
@@ -69,6 +75,10 @@ def method(name: str, k: int | None = None) -> Method:
     if name.startswith("rg[") and name.endswith("]"):
         overrides = parse_overrides(name[3:-1])
         return Method(name, guard=GuardConfig.from_preset("default", **overrides), group="tuning")
+    if name.startswith("rg+dry[") and name.endswith("]"):
+        overrides = parse_overrides(name[7:-1])
+        return Method(name, guard=GuardConfig.from_preset("default", **overrides), dry_after_trigger=True,
+                      group="prototype")
     raise ValueError(f"unknown method {name!r}; choose one of {', '.join(fixed)} or rg[key=value;...]")
 
 

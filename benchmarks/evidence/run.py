@@ -25,6 +25,26 @@ from .dry import DRYLogitsProcessor, breaker_ids
 from .methods import GROUPS, method
 
 
+class TriggeredDRY:
+    """Prototype escalation: DRY on the rows where the guard's trigger has fired, nothing elsewhere."""
+
+    def __init__(self, dry: DRYLogitsProcessor, g) -> None:
+        self.dry, self.g = dry, g
+
+    def __call__(self, input_ids, scores):
+        out = scores
+        seqs = self.g.runtime.seqs
+        for row in range(input_ids.shape[0]):
+            seq = seqs[row] if row < len(seqs) else None
+            if seq is None or not seq.report.detections:
+                continue
+            if out is scores:
+                out = scores.clone()
+            for tok, pen in self.dry.penalties(input_ids[row].tolist()).items():
+                out[row, tok] -= pen
+        return out
+
+
 def continuation(row: torch.Tensor, prompt_len: int, eos: set[int]) -> list[int]:
     out = []
     for t in row[prompt_len:].tolist():
@@ -46,6 +66,7 @@ def generate(model, tok, batches, m, nmap, rand_map, max_new: int):
     kwargs = dict(max_new_tokens=max_new, do_sample=False, pad_token_id=tok.pad_token_id, **m.gen)
     if m.dry:
         kwargs["logits_processor"] = LogitsProcessorList([DRYLogitsProcessor(0.8, 1.75, 2, 64, breaker_ids(tok))])
+    dry_proc = DRYLogitsProcessor(0.8, 1.75, 2, 64, breaker_ids(tok))
     outs, reports = [], []
     t0 = time.perf_counter()
     for ids in batches:
@@ -57,7 +78,10 @@ def generate(model, tok, batches, m, nmap, rand_map, max_new: int):
         else:
             use = rand_map if m.neurons == "random" else nmap
             with guard(model, use, m.guard, check_model=m.neurons != "random") as g, torch.no_grad():
-                gen = model.generate(**enc, **kwargs)
+                extra = {}
+                if m.dry_after_trigger:
+                    extra["logits_processor"] = LogitsProcessorList([TriggeredDRY(dry_proc, g)])
+                gen = model.generate(**enc, **kwargs, **extra)
             reps = list(g.reports)
         for row, rep in zip(gen, reps):
             outs.append(continuation(row, ids.shape[1], eos))
@@ -73,6 +97,16 @@ def generate(model, tok, batches, m, nmap, rand_map, max_new: int):
     return outs, reports, time.perf_counter() - t0
 
 
+def fires(cfg, cont) -> bool:
+    """Would this config's token trigger fire on an unguarded output (the monitor gate only vetoes)?"""
+    from repguard.detect import LoopDetector
+
+    det = LoopDetector(cfg.ngram, cfg.window, cfg.min_count, use_paper=cfg.paper_trigger,
+                       use_suffix=cfg.suffix_trigger, min_repeat=cfg.min_repeat, min_copies=cfg.min_copies,
+                       max_period=cfg.max_period)
+    return any(det.update(t) is not None for t in cont)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -85,6 +119,9 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", required=True)
     ap.add_argument("--redo", action="store_true", help="recompute methods already in the file")
+    ap.add_argument("--subset", action="store_true",
+                    help="tuning shortcut: decode only rows whose unguarded output the config's trigger fires on; "
+                         "the other rows are untouched by construction and copied from 'none' (no speed measured)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -120,14 +157,29 @@ def main(argv=None) -> None:
         m = method(mname, k)
         if m.guard is not None and nmap is None:
             raise SystemExit(f"{mname} needs a neuron map: {missing}")
-        outs, reps, secs = generate(model, tok, batches, m, nmap, rand_map, args.max_new_tokens)
+        rows = list(range(len(ids)))
+        if args.subset and m.guard is not None and not m.guard.always_on and "none" in data["methods"]:
+            rows = [i for i, o in enumerate(data["methods"]["none"]["outputs"]) if fires(m.guard, o)]
+        sub = [ids[i] for i in rows]
+        sub_batches = [torch.tensor(sub[i : i + args.batch_size]) for i in range(0, len(sub), args.batch_size)]
+        outs_s, reps_s, secs = generate(model, tok, sub_batches, m, nmap, rand_map, args.max_new_tokens)
+        if len(rows) == len(ids):
+            outs, reps = outs_s, reps_s
+        else:
+            outs = [list(o) for o in data["methods"]["none"]["outputs"]]
+            reps = [{"fired": False, "first_detection": None, "detections": [], "max_level": "monitor",
+                     "finish_reason": None, "under_intervention": 0, "max_neuron_score": None, "copied": True}
+                    for _ in ids]
+            for i, o, r in zip(rows, outs_s, reps_s):
+                outs[i], reps[i] = o, r
         base = data["methods"].get("none", {}).get("outputs", outs)
         base_loops = [measures.loops(o) for o in base]
         stopped = [bool(r and r["finish_reason"] == "repetition") for r in reps]
         triggered = None if m.guard is None else [bool(r["fired"] or r["max_level"] != "monitor") for r in reps]
         summ = measures.summary(base, outs, base_loops, stopped, triggered)
         tokens = sum(len(o) for o in outs)
-        summ.update(seconds=secs, tokens=tokens, tokens_per_s=tokens / secs)
+        summ.update(seconds=secs, tokens=tokens, tokens_per_s=tokens / secs if len(rows) == len(ids) else None,
+                    decoded_rows=len(rows))
         data["methods"][mname] = {"k": k, "map": str(args.map or name) if m.guard else None, "group": m.group, "config": m.guard.to_dict() if m.guard else m.gen,
                                   "summary": summ, "outputs": outs, "reports": reps}
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -48,9 +48,11 @@ def analyse(outputs, configs: dict[str, dict]) -> list[dict]:
 
 
 SUFFIX_GRID = {
-    "paper only": dict(use_paper=True, use_suffix=False),
-    "suffix only 12x2 (default)": dict(use_paper=False, use_suffix=True),
-    "paper+suffix 12x2 (default)": dict(use_paper=True, use_suffix=True),
-    **{f"paper+suffix {r}x{c}": dict(use_paper=True, use_suffix=True, min_repeat=r, min_copies=c)
-       for r in (6, 8, 12, 16, 20) for c in (1.5, 2.0, 2.5)},
+    "paper's criterion only": dict(use_paper=True, use_suffix=False),
+    "suffix only, 12 x 2.0": dict(use_paper=False, use_suffix=True, min_repeat=12, min_copies=2.0),
+    "paper + suffix 12 x 2.0 (old default)": dict(use_paper=True, use_suffix=True, min_repeat=12, min_copies=2.0),
+    "paper + suffix 12 x 2.5": dict(use_paper=True, use_suffix=True, min_repeat=12, min_copies=2.5),
+    "paper + suffix 12 x 1.5 (new default)": dict(use_paper=True, use_suffix=True, min_repeat=12, min_copies=1.5),
+    "paper + suffix 8 x 1.5": dict(use_paper=True, use_suffix=True, min_repeat=8, min_copies=1.5),
+    "paper + suffix 20 x 1.5": dict(use_paper=True, use_suffix=True, min_repeat=20, min_copies=1.5),
 }

@@ -1,0 +1,173 @@
+"""Tables and the loop-rate/distortion plot for ``benchmarks/RESULTS.md``, from the run JSON files.
+
+    python -m benchmarks.evidence.report
+
+writes ``benchmarks/results/tables.md`` and ``benchmarks/results/loop_vs_distortion.png``; RESULTS.md
+is ``benchmarks/results/notes.md`` with ``{{tables}}`` replaced by those tables.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import triggers
+
+ROOT = Path(__file__).resolve().parents[1]
+RES = ROOT / "results"
+MODELS = ("smollm2-135m", "gemma3-270m")
+ORDER = ["none", "rep_penalty_1.1", "rep_penalty_1.2", "rep_penalty_1.3", "no_repeat_3", "no_repeat_4", "dry_0.8",
+         "stop_on_repeat", "paper_topk", "paper_randomk", "monitor", "repguard_deactivate", "repguard_default"]
+
+
+def pct(x, digits=0):
+    return "n/a" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def load(model: str, half: str) -> dict | None:
+    """Merge ``{model}-{half}.json`` and ``{model}-{half}-*.json`` (runs done in parallel processes)."""
+    files = sorted(RES.glob(f"{model}-{half}.json")) + sorted(RES.glob(f"{model}-{half}-*.json"))
+    merged = None
+    for p in files:
+        d = json.loads(p.read_text())
+        if merged is None:
+            merged = d
+        elif d["prompts"] == merged["prompts"]:
+            for name, m in d["methods"].items():
+                merged["methods"].setdefault(name, m)
+    return merged
+
+
+def pareto(points: dict[str, tuple[float, float]]) -> set[str]:
+    front = set()
+    for a, (la, da) in points.items():
+        if not any((lb <= la and db <= da) and (lb < la or db < da) for b, (lb, db) in points.items() if b != a):
+            front.add(a)
+    return front
+
+
+def method_table(data: dict, names: list[str] | None = None) -> str:
+    ms = data["methods"]
+    names = names or [n for n in ORDER if n in ms] + sorted(n for n in ms if n not in ORDER)
+    none_speed = ms["none"]["summary"]["tokens_per_s"]
+    speed = lambda s: "n/a" if not s.get("tokens_per_s") else f"{s['tokens_per_s'] / none_speed:.2f}"
+    pts = {n: (ms[n]["summary"]["loop_rate"], ms[n]["summary"]["distortion"] or 0.0) for n in names if n != "monitor"}
+    front = pareto(pts)
+    from .measures import any_loop, distortion
+
+    base = ms["none"]["outputs"]
+    wide = [any_loop(o) for o in base]
+    lines = ["| method | loop rate | cut vs none | stopped | seq-rep-4 | distinct-2 | distortion | distortion, loop-free only | changed | identity (never triggered) | triggered | Pareto | speed vs none |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for n in names:
+        s = ms[n]["summary"]
+        lines.append(
+            f"| {n} | {pct(s['loop_rate'])} | {pct(s['loop_cut'])} | {pct(s['stopped'])} | {s['seq_rep_4']:.3f} | "
+            f"{s['distinct_2']:.3f} | {pct(s['distortion'])} | {pct(distortion(base, ms[n]['outputs'], wide))} | {pct(s['changed'])} | {pct(s['identity'])} | "
+            f"{pct(s['triggered'])} | {'yes' if n in front else ''} | {speed(s)} |"
+        )
+    return "\n".join(lines)
+
+
+def trigger_table(data: dict) -> str:
+    outs = data["methods"]["none"]["outputs"]
+    rows = triggers.analyse(outs, triggers.SUFFIX_GRID)
+    lines = ["| trigger (min_repeat x min_copies) | precision | recall | false triggers on clean outputs | median lead (tokens) | fires before the paper's criterion |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['trigger']} | {pct(r['precision'])} | {pct(r['recall'])} | {pct(r['false_trigger_rate'])} | "
+                     f"{r['median_lead']} | {pct(r['share_lead_ge_1'])} |")
+    return "\n".join(lines)
+
+
+def gate_table(data: dict) -> str | None:
+    """Monitor-gate replay: a detection counts only if the neuron score at that token is >= gate."""
+    ms = data["methods"]
+    if "monitor" not in ms:
+        return None
+    from .measures import loops
+
+    truth = [loops(o) for o in ms["none"]["outputs"]]
+    reps = ms["monitor"]["reports"]
+    lines = ["| monitor gate (mean z) | precision | recall | false triggers on clean outputs |", "|---|---|---|---|"]
+    for gate in (None, -1.0, 0.0, 0.5, 1.0, 2.0):
+        fired = [any(gate is None or (d[4] is not None and d[4] >= gate) for d in r["detections"]) for r in reps]
+        tp = sum(f and t for f, t in zip(fired, truth))
+        fp = sum(f and not t for f, t in zip(fired, truth))
+        lines.append(f"| {gate} | {pct(tp / sum(fired) if any(fired) else None)} | {pct(tp / sum(truth) if any(truth) else None)} | "
+                     f"{pct(fp / max(1, truth.count(False)))} |")
+    return "\n".join(lines) + "\n\n(Replay of the first detection's neuron score; the live gate also lets a later token fire.)"
+
+
+def plot(path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datas = [(m, load(m, "heldout")) for m in MODELS]
+    datas = [(m, d) for m, d in datas if d]
+    fig, axes = plt.subplots(1, max(1, len(datas)), figsize=(6.5 * max(1, len(datas)), 5), squeeze=False)
+    for ax, (model, d) in zip(axes[0], datas):
+        for n, m in d["methods"].items():
+            if n == "monitor":
+                continue
+            s = m["summary"]
+            color = "tab:red" if n.startswith("repguard") else ("tab:purple" if n.startswith("paper") else "tab:blue")
+            ax.scatter(100 * (s["distortion"] or 0), 100 * s["loop_rate"], c=color, s=40)
+            ax.annotate(n, (100 * (s["distortion"] or 0), 100 * s["loop_rate"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+        ax.set_xlabel("distortion: clean outputs changed (%)")
+        ax.set_ylabel("loop rate (%)")
+        ax.set_title(f"{model}, held-out (n={d['n']})")
+        ax.set_xlim(-5, 105)
+        ax.set_ylim(-5, 105)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parts = []
+    for model in MODELS:
+        for half in ("heldout", "tuning"):
+            d = load(model, half)
+            if not d:
+                continue
+            title = "held-out half" if half == "heldout" else "tuning half"
+            parts.append(f"### {model}, {title}: {d['n']} prompts x {d['max_new_tokens']} new tokens\n")
+            parts.append(method_table(d))
+            neur = [n for n in ("none", "paper_topk", "paper_randomk") if n in d["methods"]]
+            if half == "heldout" and len(neur) > 1:
+                parts.append(f"\nNeuron-only (the paper's question), {model}, {title}:\n")
+                parts.append(method_table(d, neur))
+            parts.append(f"\nTrigger precision/recall against the paper's detector, unguarded outputs, {model}, {title}:\n")
+            parts.append(trigger_table(d))
+            g = gate_table(d)
+            if g:
+                parts.append("\n" + g)
+            parts.append("")
+        p = RES / f"{model}-ppl.json"
+        if p.exists():
+            d = json.loads(p.read_text())
+            parts.append(f"### {model}: WikiText-2 perplexity, neurons off at every position ({d['tokens']} tokens)\n")
+            parts.append("| setting | neurons | perplexity |\n|---|---|---|")
+            parts += [f"| {r['setting']} | {r['k']} | {r['ppl']:.2f} |" for r in d["rows"]]
+            parts.append("")
+        p = RES / f"{model}-judge.json"
+        if p.exists():
+            d = json.loads(p.read_text())
+            parts.append(f"### {model}: judge perplexity under {d['judge']} (rows whose unguarded run looped)\n")
+            parts.append("| method | rows | judge ppl of the continuation |\n|---|---|---|")
+            parts += [f"| {r['method']} | {r['rows']} | {r['ppl']:.1f} |" for r in d["rows"]]
+            parts.append("")
+    tables = "\n".join(parts)
+    (RES / "tables.md").write_text(tables)
+    plot(RES / "loop_vs_distortion.png")
+    notes = RES / "notes.md"
+    if notes.exists():
+        (ROOT / "RESULTS.md").write_text(notes.read_text().replace("{{tables}}", tables))
+
+
+if __name__ == "__main__":
+    main()
