@@ -119,6 +119,11 @@ class Guard:
             self.config if c is None else (c if isinstance(c, GuardConfig) else GuardConfig.from_dict(c)) for c in configs
         ]
 
+    def flush(self) -> None:
+        """Record the last generation's reports in the metrics now (otherwise done when the next
+        generation starts, or on exit). Idempotent."""
+        self._finish()
+
     def install(self) -> "Guard":
         if self._handles:
             return self

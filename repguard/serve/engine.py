@@ -355,4 +355,4 @@ class Engine:
                 )
         finally:
             self.guard.configure_rows(None)
-            self.guard._finish()  # record this batch's reports now, not when the next batch starts
+            self.guard.flush()  # record this batch's reports now, not when the next batch starts
