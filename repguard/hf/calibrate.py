@@ -373,7 +373,7 @@ def collect_onset_stats(model, tok, texts: Sequence[RepetitiveText], settings: C
             batch = {"onsets": [texts[i].onset for i in chunk], "lengths": [len(q) for q in seqs],
                      "halves": [i % 2 for i in chunk]}
             with recording(model, stats, batch):
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
+                model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)  # no full-vocab logits
             bar.update(len(chunk))
     finally:
         bar.close()
@@ -443,8 +443,8 @@ def loop_rate(model, tok, prompts: Sequence[Sequence[int]], settings: Calibratio
             active = list(range(b))
             inp = ids
             for _ in range(settings.deactivation_tokens):
-                logits = model(input_ids=inp, attention_mask=mask, position_ids=positions,
-                               past_key_values=cache, use_cache=True).logits[:, -1, :]
+                logits = model(input_ids=inp, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                               use_cache=True, logits_to_keep=1).logits[:, -1, :]
                 nxt = logits.argmax(-1)
                 keep = []
                 for row, (r, token) in enumerate(zip(active, nxt.tolist())):
