@@ -81,3 +81,11 @@ def test_dry_validates_arguments():
         DRYLogitsProcessor(base=0.5)
     with pytest.raises(ValueError, match="allowed_length"):
         DRYLogitsProcessor(allowed_length=0)
+
+
+def test_any_loop_also_counts_back_to_back_copies_the_paper_misses():
+    span = list(range(100, 115))  # 15 tokens
+    two_copies = list(range(40)) + span + span  # only two copies: the paper's detector needs three
+    assert not measures.loops(two_copies)
+    assert measures.any_loop(two_copies)
+    assert not measures.any_loop(list(range(60)))
