@@ -57,6 +57,31 @@ def child(args) -> None:
     print("RESULT " + json.dumps({"tokens": tokens, "seconds": seconds, "start_seconds": start, "fired": fired}))
 
 
+def child_interleaved(args) -> None:
+    """One engine with the plugin loaded; batches of all-guarded (monitor) and all-unguarded requests
+    alternate many times, so load swings on a shared machine hit both alike. Unguarded requests run
+    the plugin's hooks too (eager: they return at once; compiled: the same tensor math), so this
+    measures the cost of guarding a request, not of loading the plugin."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(args.folder, dtype="float32", distributed_executor_backend="uni", max_model_len=512, max_num_seqs=16,
+              seed=0, enforce_eager=args.compile_mode == "eager")
+    on = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True,
+                        extra_args={"repguard": True, "repguard_preset": "monitor"})
+    off = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
+    llm.generate(PROMPTS[:2], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+    times = {"off": [], "on": []}
+    for rep in range(args.reps):
+        for name in (("off", "on") if rep % 2 == 0 else ("on", "off")):
+            t0 = time.perf_counter()
+            outs = llm.generate(PROMPTS[: args.requests], on if name == "on" else off, use_tqdm=False)
+            times[name].append(sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t0))
+    print("RESULT " + json.dumps(times))
+
+
 def measure(folder, mode, guard, args, map_path) -> dict:
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
            "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
@@ -89,9 +114,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--map", default=None, help="neuron map (default: shipped smollm2-135m map, else a random test map)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "vllm_throughput.md"))
+    ap.add_argument("--interleaved", action="store_true",
+                    help="one process, plugin loaded, guarded and unguarded batches alternating (--reps pairs)")
     args = ap.parse_args()
     if args.child:
-        return child(args)
+        return child_interleaved(args) if args.interleaved else child(args)
     from repguard.hf.models import ensure_converted
 
     folder = ensure_converted("smollm2-135m")
@@ -107,6 +134,8 @@ def main() -> None:
             map_path = Path(tempfile.gettempdir()) / "repguard-bench-smollm2-random.safetensors"
             random_map(folder, "smollm2-135m").save(map_path)
             map_kind = "random test map (230 selected / 900 stored neurons)"
+    if args.interleaved:
+        return interleaved(folder, map_path, map_kind, args)
     rows = []
     for mode in args.modes.split(","):
         runs = {False: [], True: []}
@@ -136,6 +165,39 @@ def main() -> None:
         lines.append(f"| {mode} | {off:.2f} | {on:.2f} | {ratio:.3f} | {roff} | {ron} | {fired}/{args.requests} |")
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def interleaved(folder, map_path, map_kind, args) -> None:
+    lines = [
+        "## Interleaved in one engine (guarded vs unguarded requests, plugin loaded)",
+        "",
+        f"`.venv/bin/python benchmarks/vllm_throughput.py --interleaved --modes {args.modes} --reps {args.reps} "
+        f"--threads {args.threads}`; {args.requests} requests x {args.tokens} tokens per batch, map: {map_kind}; "
+        f"measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        "",
+        "| mode | unguarded tok/s (median) | guarded, monitor tok/s (median) | ratio | pairwise ratios |",
+        "|---|---|---|---|---|",
+    ]
+    for mode in args.modes.split(","):
+        env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
+               "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
+               "VLLM_PLUGINS": "repguard_neurons", "REPGUARD_MAP": str(map_path)}
+        env.setdefault("VLLM_CACHE_ROOT", str(Path(tempfile.gettempdir()) / "repguard-vllm-bench-cache"))
+        cmd = [sys.executable, __file__, "--child", "--interleaved", "--folder", str(folder), "--compile-mode", mode,
+               "--tokens", str(args.tokens), "--requests", str(args.requests), "--threads", str(args.threads),
+               "--reps", str(args.reps)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not line:
+            raise RuntimeError(proc.stderr[-3000:])
+        times = json.loads(line[-1][7:])
+        off, on = statistics.median(times["off"]), statistics.median(times["on"])
+        pairs = [round(b / a, 3) for a, b in zip(times["off"], times["on"])]
+        print(mode, times, flush=True)
+        lines.append(f"| {mode} | {off:.2f} | {on:.2f} | {on / off:.3f} | {pairs} |")
+    text = "\n".join(lines) + "\n"
+    Path(args.out).write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":
