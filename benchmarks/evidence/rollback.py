@@ -34,6 +34,8 @@ def main(argv=None) -> None:
     ap.add_argument("--config", default="{}", help="GuardConfig overrides as JSON")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--map", default=None, help="neuron map path (default: the shipped map of the model)")
+    ap.add_argument("--label", default="rg_rollback", help="method name prefix in the results file")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -45,7 +47,7 @@ def main(argv=None) -> None:
     none = base["methods"]["none"]["outputs"][: args.n]
     max_new = base.get("max_new_tokens", 200)
     model, tok, name = load_model(args.model)
-    nmap = find_map(name)
+    nmap = find_map(args.map or name)
     eos = eos_ids(model)
     cfg = GuardConfig.from_dict(json.loads(args.config))
     base_loops = [measures.loops(o) for o in none]
@@ -72,7 +74,7 @@ def main(argv=None) -> None:
         triggered = [r is not None and (r["rollbacks"] > 0 or r["max_level"] != "monitor") for r in reps]
         summ = measures.summary(none, outs, base_loops, stopped, triggered)
         summ.update(seconds=secs, decoded_rows=len(rows))
-        mname = f"rg_rollback_{max_rb}"
+        mname = f"{args.label}_{max_rb}"
         data["methods"][mname] = {"config": cfg.to_dict(), "max_rollbacks": max_rb, "summary": summ,
                                   "outputs": outs, "reports": reps}
         out_path.parent.mkdir(parents=True, exist_ok=True)

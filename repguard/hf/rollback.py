@@ -5,7 +5,8 @@ loop is confirmed, that row stops at once; its text is cut back to the loop's on
 second copy), and it is decoded again from there with the repair active from the first new token: the
 mapped neurons off, and the token that started the second copy banned for that first step (the exact
 token that would extend the loop, as DRY would penalise it). A row that loops again is rolled back again,
-up to ``max_rollbacks`` times; the last pass runs the full policy (deactivate -> escalate -> stop).
+up to ``max_rollbacks`` times (re-decoded rows are watched with the configured, earlier triggers too);
+the last pass runs the full policy (deactivate -> escalate -> stop).
 
 Rows that never trigger come from the first pass untouched, so they are byte-identical to an unguarded
 run; only looping rows are re-decoded (as a smaller batch, after a fresh prefill of prompt + kept text).
@@ -73,8 +74,10 @@ def generate_with_rollback(
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     cfg = config if isinstance(config, GuardConfig) else GuardConfig.from_dict(config)
-    if precise_trigger:
-        cfg = cfg.replace(suffix_trigger=False, paper_trigger=True)
+    # The first pass decides which rows are touched at all: by default only the paper's criterion may
+    # fire there, so a row the paper's detector would not call a loop is never changed. Re-decoded rows
+    # are known to loop: they get the configured (earlier) triggers too.
+    first_cfg = cfg.replace(suffix_trigger=False, paper_trigger=True) if precise_trigger else cfg
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     pad = generate_kwargs.pop("pad_token_id", None)
@@ -95,13 +98,14 @@ def generate_with_rollback(
     pending = list(range(n))
     attempt = 0
 
-    with Guard(model, neuron_map, cfg, model_name=model_name) as g:
+    with Guard(model, neuron_map, first_cfg, model_name=model_name) as g:
         eos = set(g.eos)
         while pending:
             last = attempt >= max_rollbacks
             if attempt == 0:
                 # Watch only; stop a row the moment its loop is confirmed.
-                pass_cfg = cfg.replace(deactivate=False, escalate=False, stop=True, always_on=False) if not last else cfg
+                pass_cfg = (first_cfg.replace(deactivate=False, escalate=False, stop=True, always_on=False)
+                            if not last else first_cfg)
             elif not last:
                 pass_cfg = cfg.replace(always_on=cfg.deactivate, escalate=False, stop=True, stop_after=1)
             else:
