@@ -39,6 +39,7 @@ def main(argv=None) -> None:
     ap.add_argument("--judge", required=True)
     ap.add_argument("--methods", default="")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--max-rows", type=int, default=0, help="score only the first N looping rows (0: all)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -50,6 +51,8 @@ def main(argv=None) -> None:
     gen_tok = AutoTokenizer.from_pretrained(str(resolve_model(data["model"])[1]), local_files_only=True)
     model, tok, judge = load_model(args.judge)
     rows_idx = [i for i, o in enumerate(data["methods"]["none"]["outputs"]) if loops(o)]
+    if args.max_rows:
+        rows_idx = rows_idx[: args.max_rows]
     names = args.methods.split(",") if args.methods else list(data["methods"])
     rows = []
     for name in names:

@@ -105,6 +105,14 @@ def gate_table(data: dict) -> str | None:
     return "\n".join(lines) + "\n\n(Replay of the first detection's neuron score; the live gate also lets a later token fire.)"
 
 
+def short(name: str) -> str:
+    if name == "rg[deactivate=False]":
+        return "repguard (new defaults, no neurons)"
+    if name.startswith("rg+dry["):
+        return "repguard trigger + DRY (prototype)"
+    return name
+
+
 def plot(path: Path) -> None:
     import matplotlib
 
@@ -115,19 +123,25 @@ def plot(path: Path) -> None:
     datas = [(m, d) for m, d in datas if d]
     fig, axes = plt.subplots(1, max(1, len(datas)), figsize=(6.5 * max(1, len(datas)), 5), squeeze=False)
     for ax, (model, d) in zip(axes[0], datas):
+        groups: dict[tuple[float, float], list[str]] = {}
         for n, m in d["methods"].items():
             if n == "monitor":
                 continue
             s = m["summary"]
-            color = "tab:red" if n.startswith("repguard") else ("tab:purple" if n.startswith("paper") else "tab:blue")
-            ax.scatter(100 * (s["distortion"] or 0), 100 * s["loop_rate"], c=color, s=40)
-            ax.annotate(n, (100 * (s["distortion"] or 0), 100 * s["loop_rate"]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
+            key = (round(100 * (s["distortion"] or 0), 1), round(100 * s["loop_rate"], 1))
+            groups.setdefault(key, []).append(n)
+        for (x, y), names in groups.items():
+            ours = any(not is_baseline(n) for n in names)
+            ax.scatter(x, y, c="tab:red" if ours else "tab:blue", s=45, zorder=3)
+            label = "\n".join(short(n) for n in names)
+            low = y < 2 and x > 60
+            ax.annotate(label, (x, y), fontsize=7, xytext=(-6 if x > 60 else 4, -6 if low else 6),
+                        textcoords="offset points", ha="right" if x > 60 else "left", va="top" if low else "bottom")
         ax.set_xlabel("distortion: clean outputs changed (%)")
         ax.set_ylabel("loop rate (%)")
         ax.set_title(f"{model}, held-out (n={d['n']})")
         ax.set_xlim(-5, 105)
-        ax.set_ylim(-5, 105)
+        ax.set_ylim(-22, 105)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
