@@ -49,17 +49,50 @@ def test_monitor_mode_is_byte_identical_on_a_looping_prompt(smollm, smollm_map, 
     assert g.reports[0].fired and g.reports[0].tokens_under_intervention == 0
 
 
-def test_guard_ends_the_loop(smollm, smollm_map, batch):
-    """The paper's detector no longer finds the loop in the guarded continuation."""
+@pytest.fixture(scope="module")
+def long_loop(smollm):
+    """The looping prompt alone, decoded long enough for the paper's criterion (3 copies) to hold."""
+    from repguard.detect import find_repetition
+
+    model, tok, _ = smollm
+    enc = tok([LOOPING], return_tensors="pt")
+    plain = model.generate(**enc, max_new_tokens=LONG, do_sample=False, pad_token_id=tok.pad_token_id)
+    cont = plain[0, enc.input_ids.shape[1]:].tolist()
+    assert find_repetition(cont) is not None  # the unguarded text loops, by the paper's detector
+    return enc, cont
+
+
+LONG = 200
+
+
+def test_guard_ends_the_loop(smollm, smollm_map, long_loop):
+    """With the default policy, the paper's detector no longer finds a loop in the continuation."""
     from repguard.detect import find_repetition
 
     model, tok, name = smollm
-    enc, plain = batch
-    start = enc.input_ids.shape[1]
-    assert find_repetition(plain[0, start:].tolist()) is not None  # the unguarded text loops
-    with guard(model, smollm_map, GuardConfig(), model_name=name):
-        out = model.generate(**enc, max_new_tokens=NEW, do_sample=False, pad_token_id=tok.pad_token_id)
-    assert find_repetition(out[0, start:].tolist()) is None
+    enc, plain = long_loop
+    with guard(model, smollm_map, GuardConfig(), model_name=name) as g:
+        out = model.generate(**enc, max_new_tokens=LONG, do_sample=False, pad_token_id=tok.pad_token_id)
+    cont = out[0, enc.input_ids.shape[1]:].tolist()
+    assert g.reports[0].fired
+    assert find_repetition(cont) is None
+
+
+def test_rollback_removes_the_repeated_copy(smollm, smollm_map, long_loop):
+    """Rollback keeps the text before the loop's second copy and re-decodes from there."""
+    from repguard.detect import find_repetition
+    from repguard.hf.rollback import generate_with_rollback
+
+    model, tok, name = smollm
+    enc, plain = long_loop
+    onset = find_repetition(plain).p2
+    out = generate_with_rollback(model, enc.input_ids, enc.attention_mask, neuron_map=smollm_map,
+                                 max_new_tokens=LONG, max_rollbacks=2, model_name=name, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)
+    cont = out.sequences[0]
+    assert out.rollbacks[0] >= 1
+    assert cont[:onset] == plain[:onset]
+    assert find_repetition(cont) is None
 
 
 def test_cli_generate_compare(tmp_path):
