@@ -101,10 +101,29 @@ def test_cli_generate_compare(tmp_path):
 
     proc = subprocess.run(
         [sys.executable, "-m", "repguard.cli", "generate", "--prompt", LOOPING, "--compare", "--max-new-tokens", "110",
-         "--threads", "1"],
+         "--threads", "1", "--no-rollback"],
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     assert "UNGUARDED" in proc.stdout and "GUARDED" in proc.stdout
     assert "loop detected at token" in proc.stdout and "⟦DEACTIVATE⟧" in proc.stdout
     assert "outputs first differ at generated token" in proc.stdout
+
+
+def test_cli_generate_rollback_is_the_default():
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "repguard.cli", "generate", "--prompt", LOOPING, "--compare", "--max-new-tokens",
+         str(LONG), "--threads", "1", "--json"],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not row["identical"]
+    assert "rollback" in [a["level"] for a in row["report"]["actions"]]
+    # The guarded text keeps everything before the loop's second copy.
+    assert row["guarded"][:150] == row["unguarded"][:150]

@@ -37,9 +37,12 @@ def add_parser(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override one GuardConfig field, e.g. --set k=64 (repeatable; VALUE is JSON)")
     p.add_argument("--compare", action="store_true", help="also generate unguarded and print both side by side")
-    p.add_argument("--rollback", type=int, default=None, metavar="N",
-                   help="roll a confirmed loop back to its onset and re-decode it with the repair active, up to N "
-                   "times per sequence (the repeated copy never reaches the output)")
+    p.add_argument("--rollback", type=int, default=2, metavar="N",
+                   help="roll a loop confirmed by the paper's criterion back to its onset and re-decode it with the "
+                   "repair active, up to N times per sequence, so the repeated copy never reaches the output "
+                   "(default: 2)")
+    p.add_argument("--no-rollback", dest="rollback", action="store_const", const=None,
+                   help="guard in a single pass instead (hooks only: the form that streams and runs in vLLM)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default: 8)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -89,6 +92,8 @@ def run(args) -> int:
 
     if args.max_new_tokens < 1:
         raise ConfigError("--max-new-tokens must be >= 1")
+    if args.rollback is not None and args.rollback < 0:
+        raise ConfigError("--rollback must be >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
     config = _load_config(args)
