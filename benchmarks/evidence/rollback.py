@@ -35,7 +35,7 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--map", default=None, help="neuron map path (default: the shipped map of the model)")
-    ap.add_argument("--label", default="rg_rollback", help="method name prefix in the results file")
+    ap.add_argument("--label", default="rg_rollback", help="method name prefix in the results file (rg...: ours)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -54,7 +54,8 @@ def main(argv=None) -> None:
     rows = [i for i, looped in enumerate(base_loops) if looped]
     out_path = Path(args.out)
     data = json.loads(out_path.read_text()) if out_path.exists() else {}
-    data.update(model=name, half=args.half, n=args.n, base=args.base, methods=data.get("methods", {}))
+    data.update(model=name, half=args.half, n=args.n, base=args.base, prompts=ids, max_new_tokens=max_new,
+                methods=data.get("methods", {}))
     for max_rb in args.max_rollbacks:
         outs = [list(o) for o in none]
         reps = [None] * len(ids)
