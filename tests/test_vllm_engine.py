@@ -75,7 +75,9 @@ def smollm(tmp_path_factory):
     return folder, map_path, tmp
 
 
-REQUESTS = [(LOOP, {"repguard": True}), (LOOP, {}), (PLAIN, {"repguard": True})]
+# The fourth request stops at its first detection (no repair configured): finish reason "repetition".
+STOP_AT_ONCE = {"repguard": True, "repguard_deactivate": False, "repguard_escalate": False}
+REQUESTS = [(LOOP, {"repguard": True}), (LOOP, {}), (PLAIN, {"repguard": True}), (LOOP, STOP_AT_ONCE)]
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +90,7 @@ def runs(smollm):
 
 def test_mixed_batch(runs):
     base, guarded = runs
-    loop_report, _none, plain_report = guarded["reports"]
+    loop_report, _none, plain_report, _stop = guarded["reports"]
     assert guarded["tokens"][1] == base["tokens"][1], "unguarded request in a guarded batch must be byte-identical"
     assert guarded["tokens"][2] == base["tokens"][2], "guarded request that never loops must be byte-identical"
     assert plain_report is not None and plain_report["fired"] is False
@@ -96,8 +98,24 @@ def test_mixed_batch(runs):
     first = loop_report["first_detection"]
     changed = next(i for i, (a, b) in enumerate(zip(guarded["tokens"][0], base["tokens"][0] + [None] * 999)) if a != b)
     assert changed > first, "nothing may change before the loop is detected"
-    if loop_report["stopped"]:
-        assert guarded["finish"][0] == "stop" and loop_report["finish_reason"] == "repetition"
+    assert guarded["finish"][0] == ("repetition" if loop_report["stopped"] else "length")
+    assert guarded["finish"][1] == base["finish"][1] == "length"
+
+
+def test_guard_stop_finishes_with_reason_repetition(runs, smollm):
+    """A request the guard ends finishes with vLLM's own reason "repetition" (not "stop"): its tokens are
+    the unguarded ones up to the detection, then EOS."""
+    from repguard.hf.models import load_model
+
+    base, guarded = runs
+    report = guarded["reports"][3]
+    assert report["stopped"] is True and report["finish_reason"] == "repetition", report
+    assert guarded["finish"][3] == "repetition"
+    tokens = guarded["tokens"][3]
+    _model, tok, _name = load_model(str(smollm[0]))
+    assert tokens[-1] == tok.eos_token_id and len(tokens) < MAX_TOKENS
+    assert tokens[:-1] == base["tokens"][3][: len(tokens) - 1], "nothing changes before the stop"
+    assert len(tokens) - 1 == report["first_detection"] + 1, report
 
 
 def test_same_tokens_as_transformers_guard(runs, smollm):
@@ -111,13 +129,15 @@ def test_same_tokens_as_transformers_guard(runs, smollm):
 
     _base, guarded = runs
     folder, map_path, _tmp = smollm
+    from repguard.vllm.logits import request_config
+
     model, tok, _name = load_model(str(folder))
     nmap = NeuronMap.load(map_path)
     for (prompt, extra), vllm_tokens in zip(REQUESTS, guarded["tokens"]):
         if not extra:
             continue
         enc = tok([prompt], return_tensors="pt")
-        with guard(model, nmap, GuardConfig()) as g, torch.no_grad():
+        with guard(model, nmap, request_config(extra, GuardConfig())) as g, torch.no_grad():
             out = model.generate(**enc, max_new_tokens=MAX_TOKENS, do_sample=False)
         hf_tokens = out[0, enc.input_ids.shape[1]:].tolist()
         eos = tok.eos_token_id
@@ -133,6 +153,7 @@ def test_compiled_matches_eager(runs, smollm):
     _base, eager = runs
     compiled = run_engine(tmp, folder, REQUESTS, plugin=True, eager=False, map_path=map_path, timeout=900)
     assert compiled["tokens"] == eager["tokens"]
+    assert compiled["finish"] == eager["finish"]
     for a, b in zip(compiled["reports"], eager["reports"]):
         assert (a or {}).get("actions") == (b or {}).get("actions")
         if a is not None:  # the monitor hooks ran inside the compiled graph (else the score would differ)

@@ -81,6 +81,16 @@ def test_vllm_xargs_opt_in(server):
     assert guarded.text[:20] == plain.text[:20], "but not before the loop is detected"
 
 
+def test_guard_stop_has_finish_reason_repetition(server):
+    """A request the guard ends (here: no repair configured, so it stops at the first detection) finishes
+    with reason "repetition"; its text is the unguarded text up to that point."""
+    plain = complete(server)
+    stopped = complete(server, extra_body={"vllm_xargs": {"repguard": "true", "repguard_deactivate": "false",
+                                                          "repguard_escalate": "false"}})
+    assert stopped.finish_reason == "repetition"
+    assert 0 < len(stopped.text) < len(plain.text) and plain.text.startswith(stopped.text)
+
+
 def test_bad_setting_is_http_400(server):
     with pytest.raises(openai.BadRequestError, match="repguard_k|k:"):
         complete(server, extra_body={"vllm_xargs": {"repguard_k": 0}})

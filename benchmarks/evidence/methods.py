@@ -1,7 +1,8 @@
 """The compared methods: what each one passes to ``generate`` and which guard config it installs.
 
 A method is a name. Fixed names are the issue's baselines; ``rg[key=value;...]`` is a repguard config
-built from the default preset with the given overrides (``layers=14..22`` is a range), used for tuning.
+built from the default preset with the given overrides (``layers=14..22`` is a range), used for tuning;
+``rgrand[...]`` is the same with the map's random control set (K random neurons) in place of the top-K.
 ``rg+dry[...]`` adds a prototype escalation: the DRY penalty, applied to a row only after repguard's
 trigger fired on it (rows never triggered stay untouched).
 """
@@ -75,6 +76,9 @@ def method(name: str, k: int | None = None) -> Method:
     if name.startswith("rg[") and name.endswith("]"):
         overrides = parse_overrides(name[3:-1])
         return Method(name, guard=GuardConfig.from_preset("default", **overrides), group="tuning")
+    if name.startswith("rgrand[") and name.endswith("]"):  # the paper's control, behind repguard's trigger
+        overrides = parse_overrides(name[7:-1])
+        return Method(name, guard=GuardConfig.from_preset("default", **overrides), neurons="random", group="neurons")
     if name.startswith("rg+dry[") and name.endswith("]"):
         overrides = parse_overrides(name[7:-1])
         return Method(name, guard=GuardConfig.from_preset("default", **overrides), dry_after_trigger=True,

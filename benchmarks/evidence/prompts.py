@@ -1,4 +1,10 @@
-"""Natural prompts: openings of WikiText-2 articles and sections, a fixed-seed tuning/held-out split."""
+"""Prompt sets of the evidence runs.
+
+* ``tuning`` / ``heldout``: openings of WikiText-2 articles and sections, a fixed-seed split.
+* ``paper``: the paper's own setting, BOS then 10 tokens sampled from the model itself (temperature 1,
+  the model's top-k/top-p), with ``repguard calibrate``'s sampler but another seed (``PAPER_SEED``), so
+  no prompt repeats a calibration text's prefix.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,8 @@ from pathlib import Path
 DEFAULT_WIKITEXT = Path(__file__).resolve().parents[3] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 PROMPT_TOKENS = 32
 SEED = 0
+PAPER_SEED = 20240601  # calibration uses seed 0 for text indexes 0, 1, ...
+PAPER_SAMPLED = 10
 
 _HEADING = re.compile(r"^ (=+) (.+?) \1 *$")
 
@@ -61,3 +69,22 @@ def build(tok, half: str, n: int, path: str | Path = DEFAULT_WIKITEXT) -> list[l
     if n > len(texts):
         raise ValueError(f"only {len(texts)} prompts in the {half} half, asked for {n}")
     return [prompt_ids(tok, t) for t in texts[:n]]
+
+
+def paper_prompts(model, tok, n: int, seed: int = PAPER_SEED, sampled: int = PAPER_SAMPLED) -> list[list[int]]:
+    """``n`` prompts of the paper's protocol: BOS + ``sampled`` tokens, each text on its own seeded stream."""
+    import torch
+
+    from repguard.hf.calibrate import _sample, _sampling_params, _text_generator
+
+    bos = tok.bos_token_id
+    if bos is None:
+        raise ValueError("the tokenizer has no BOS token")
+    top_k, top_p = _sampling_params(model)
+    uniforms = torch.stack([torch.rand(sampled, generator=_text_generator(seed, i), dtype=torch.float64) for i in range(n)])
+    ids = torch.full((n, 1), bos, dtype=torch.long)
+    with torch.inference_mode():
+        for step in range(sampled):
+            logits = model(input_ids=ids).logits[:, -1, :]
+            ids = torch.cat([ids, _sample(logits, uniforms[:, step], top_k, top_p).unsqueeze(-1)], dim=-1)
+    return ids.tolist()

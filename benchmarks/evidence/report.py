@@ -149,16 +149,17 @@ def plot(path: Path) -> None:
 
 def main() -> None:
     parts = []
+    titles = {"heldout": "held-out half", "tuning": "tuning half", "neurons": "tuning half, neuron options",
+              "paper": "the paper's prompts (BOS + 10 sampled tokens)"}
     for model in MODELS:
-        for half in ("heldout", "tuning"):
+        for half, title in titles.items():
             d = load(model, half)
             if not d:
                 continue
-            title = "held-out half" if half == "heldout" else "tuning half"
             parts.append(f"### {model}, {title}: {d['n']} prompts x {d['max_new_tokens']} new tokens\n")
             parts.append(method_table(d))
             neur = [n for n in ("none", "paper_topk", "paper_randomk") if n in d["methods"]]
-            if half == "heldout" and len(neur) > 1:
+            if half in ("heldout", "paper") and len(neur) > 1:
                 parts.append(f"\nNeuron-only (the paper's question), {model}, {title}:\n")
                 parts.append(method_table(d, neur))
             parts.append(f"\nTrigger precision/recall against the paper's detector, unguarded outputs, {model}, {title}:\n")

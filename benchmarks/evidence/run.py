@@ -110,7 +110,8 @@ def fires(cfg, cont) -> bool:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--half", choices=["tuning", "heldout"], required=True)
+    ap.add_argument("--half", choices=["tuning", "heldout", "paper"], required=True,
+                    help="tuning/heldout: WikiText-2 openings; paper: BOS + 10 sampled tokens")
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-new-tokens", type=int, default=200)
@@ -134,7 +135,7 @@ def main(argv=None) -> None:
         nmap, missing = None, exc
     rand_map = nmap.random_control() if nmap is not None else None
     k = nmap.meta.num_selected if nmap is not None else None
-    ids = prompts.build(tok, args.half, args.n)
+    ids = prompts.paper_prompts(model, tok, args.n) if args.half == "paper" else prompts.build(tok, args.half, args.n)
     batches = [torch.tensor(ids[i : i + args.batch_size]) for i in range(0, len(ids), args.batch_size)]
 
     path = Path(args.out)

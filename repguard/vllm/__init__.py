@@ -10,8 +10,8 @@ Entry points (declared in pyproject.toml):
 
 Reports of finished guarded requests stay in the worker until fetched with ``fetch_reports(llm)``
 (or ``await afetch_reports(engine_client)`` in a server). A request the guard stopped ends with
-vLLM finish reason "stop" (forced EOS); its report says ``"stopped": true`` and
-``"finish_reason": "repetition"``: the server maps that to the finish reason "repetition".
+vLLM's finish reason "repetition" (stop reason "repguard"; the guard forces EOS and the plugin marks
+the request finished for repetition in the scheduler); its report says ``"stopped": true``.
 """
 
 from __future__ import annotations

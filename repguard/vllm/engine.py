@@ -140,6 +140,7 @@ class EngineGuard:
         self.live: dict[str, RowState] = {}  # running guarded requests, by request id
         self._taken: set[str] = set()  # live reports already handed out (bounded by running requests)
         self.parked: dict[str, tuple] = {}  # requests vLLM took out of the batch but did not finish
+        self.stop_signals: list[str] = []  # requests ended by a forced EOS in this step (see plugin)
         self._handles: list = []
         self._last_rows: torch.Tensor | None = None
         self._owner_batch = None
@@ -328,6 +329,11 @@ class EngineGuard:
         if report is not None:
             self._finish(state, report)
 
+    def take_stop_signals(self) -> list[str]:
+        """Ids (vLLM's internal ones) of the requests whose EOS ``apply`` forced since the last call."""
+        out, self.stop_signals = self.stop_signals, []
+        return out
+
     def _finish(self, state: RowState, report) -> None:
         metrics.record_report(self.model_name, report)
         if state.req_id is None:
@@ -414,6 +420,8 @@ class EngineGuard:
                     continue
                 if seq.stopped:
                     state.done = True
+                    if state.req_id is not None:
+                        self.stop_signals.append(state.req_id)
                     if state.eos is not None:
                         keep = logits[index, state.eos].clone()
                         logits[index].fill_(float("-inf"))
