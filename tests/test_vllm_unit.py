@@ -340,3 +340,19 @@ def test_matching_map_installs_and_no_map_runs_unguarded(monkeypatch, tmp_path):
         assert plugin.install(runner) is None and engine.current() is None
     finally:
         engine.set_current(None)
+
+
+# -- model runner V2 is refused with the way out ---------------------------------------------------------------
+def test_v2_runner_is_refused_with_the_setting_to_use(monkeypatch):
+    from repguard.vllm import plugin
+
+    monkeypatch.setattr(logits, "PLUGIN_ACTIVE", True)
+    monkeypatch.setattr(compat, "uses_v2_runner", lambda cfg: True)
+    runner = fake_runner()
+    with pytest.raises(compat.UnsupportedVllmError, match="VLLM_USE_V2_MODEL_RUNNER=0"):
+        RepGuardLogitsProcessor(runner.vllm_config, torch.device("cpu"), False)
+    with pytest.raises(compat.UnsupportedVllmError, match="VLLM_USE_V2_MODEL_RUNNER=0"):
+        plugin.install(runner)
+    refused = plugin._refuse_v2(lambda self: "loaded")
+    with pytest.raises(compat.UnsupportedVllmError, match="model runner V2"):
+        refused(object())
