@@ -356,3 +356,48 @@ def test_v2_runner_is_refused_with_the_setting_to_use(monkeypatch):
     refused = plugin._refuse_v2(lambda self: "loaded")
     with pytest.raises(compat.UnsupportedVllmError, match="model runner V2"):
         refused(object())
+
+
+# -- full CUDA graph replay: the model's forward pre-hook does not run -----------------------------------------
+class ReplayingRunner:
+    """A runner whose ``_model_forward`` runs the layers' kernels without calling the model module, as vLLM's
+    full CUDA graph replay does: the model's forward pre-hook never fires."""
+
+    def __init__(self, base):
+        self.__dict__.update(vars(base))
+        self.xs = None
+        self.outs = None
+
+    def _model_forward(self, **kwargs):
+        self.outs = [layer.mlp.act_fn(x.clone()) for layer, x in zip(self.model.model.layers, self.xs)]
+        return self.outs
+
+
+def test_rows_are_mapped_when_a_graph_replay_skips_the_model_pre_hook(monkeypatch):
+    monkeypatch.setattr(logits, "PLUGIN_ACTIVE", True)
+    runner = ReplayingRunner(fake_runner())
+    guard = EngineGuard(runner, tiny_map(), GuardConfig(), "tiny").install()
+    try:
+        proc = RepGuardLogitsProcessor(runner.vllm_config, torch.device("cpu"), False)
+        runner.input_batch.logitsprocs.all = [proc]
+        engine.set_current(guard)
+        add(runner, proc, [("a-0000aaaa", {"repguard": True}), ("b-0000bbbb", {"repguard": True})])
+        layer, plan = next(iter(guard.plans.items()))
+        x = torch.randn(3, 2 * D_FF, generator=torch.Generator().manual_seed(7))
+        runner.xs = [x] * LAYERS
+        monkeypatch.setattr(compat, "query_start_loc", lambda n: [0, 1, 2])  # a: token 0, b: token 1, pad: 2
+        guard.runtime.off[1] = True  # b switched off
+        guard.runtime.any_off = True
+        runner._model_forward()
+        gate = torch.nn.functional.silu(x[:, :D_FF])
+        assert torch.allclose(guard.runtime.acts[0, plan.slots], gate[0, plan.local])  # a's token read
+        assert torch.allclose(guard.runtime.acts[1, plan.slots], gate[1, plan.local])  # b's token read
+        out = runner.outs[layer]
+        assert torch.all(out[1, plan.local] == 0), "b's newest token switched off"
+        ref = SiluAndMul()(x)
+        assert torch.equal(out[0], ref[0]) and torch.equal(out[2], ref[2]), "a and the padding untouched"
+        assert guard._mapped is False
+    finally:
+        guard.remove()
+        engine.set_current(None)
+    assert "_model_forward" not in runner.__dict__, "remove() restores the runner"

@@ -142,6 +142,7 @@ class EngineGuard:
         self.parked: dict[str, tuple] = {}  # requests vLLM took out of the batch but did not finish
         self.stop_signals: list[str] = []  # requests ended by a forced EOS in this step (see plugin)
         self._handles: list = []
+        self._mapped = False  # rows already mapped for the forward in progress (by the runner wrapper)
         self._last_rows: torch.Tensor | None = None
         self._owner_batch = None
         self._owner = None
@@ -155,6 +156,7 @@ class EngineGuard:
         try:
             layers = resolve(self.model, self.spec.vllm_layers)
             self._handles.append(self.model.register_forward_pre_hook(self._pre_forward))
+            self._wrap_runner_forward()
             for layer, plan in self.plans.items():
                 act = resolve(layers[layer], self.spec.vllm_act)
                 self._handles.append(act.register_forward_hook(self._make_act_hook(plan)))
@@ -175,16 +177,43 @@ class EngineGuard:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if "_model_forward" in getattr(self.runner, "__dict__", {}):
+            del self.runner.__dict__["_model_forward"]
+
+    def _wrap_runner_forward(self) -> None:
+        """Map rows in the runner's ``_model_forward`` (called eagerly every step, inside the forward
+        context), not only in the model's forward pre-hook: a full CUDA graph replay runs the captured
+        kernels without calling the model, so a pre-hook on it would not run (and the row map would stay
+        as it was at capture time). The pre-hook still covers direct model calls (warm-up, capture)."""
+        forward = getattr(self.runner, "_model_forward", None)
+        if forward is None or "_model_forward" in getattr(self.runner, "__dict__", {}):
+            return
+        guard = self
+
+        def _model_forward(*args, **kwargs):
+            guard._map_step()
+            guard._mapped = True
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                guard._mapped = False
+
+        self.runner._model_forward = _model_forward
 
     # -- forward side (hooks) --------------------------------------------------------------------------
     def _pre_forward(self, module, args):
-        """Runs eagerly before every forward (outside any compiled region)."""
+        """Model forward pre-hook: maps rows unless the runner's forward already did for this call."""
+        if not self._mapped:
+            self._map_step()
+        return None
+
+    def _map_step(self) -> None:
+        """Runs eagerly before every forward (outside any compiled region or CUDA graph)."""
         try:
             num_reqs = int(self.runner.input_batch.num_reqs)
             self.map_tokens(compat.query_start_loc(num_reqs))
         except Exception as exc:
             self._fail("observe", exc)
-        return None
 
     def map_tokens(self, qsl: list[int] | None) -> None:
         """Point each request's newest token at its row; every other position at the trash row.
