@@ -89,3 +89,26 @@ def test_any_loop_also_counts_back_to_back_copies_the_paper_misses():
     assert not measures.loops(two_copies)
     assert measures.any_loop(two_copies)
     assert not measures.any_loop(list(range(60)))
+
+
+def test_rgrand_is_the_random_control_behind_the_same_trigger():
+    from benchmarks.evidence.methods import method
+
+    top, rand = method("rg[escalate=False;stop=False]"), method("rgrand[escalate=False;stop=False]")
+    assert rand.neurons == "random" and top.neurons == "top"
+    assert rand.guard == top.guard and rand.guard.escalate is False and rand.guard.stop is False
+
+
+def test_paper_prompts_are_bos_plus_ten_sampled_tokens_reproducibly():
+    from types import SimpleNamespace
+
+    from benchmarks.evidence.prompts import paper_prompts
+    from conftest import tiny_model
+
+    model = tiny_model("llama")
+    tok = SimpleNamespace(bos_token_id=1)
+    a = paper_prompts(model, tok, 6)
+    assert [len(p) for p in a] == [11] * 6 and all(p[0] == 1 for p in a)
+    assert paper_prompts(model, tok, 3) == a[:3], "each prompt has its own seeded stream"
+    assert len({tuple(p) for p in a}) > 1
+    assert paper_prompts(model, tok, 6, seed=1) != a

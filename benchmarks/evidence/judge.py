@@ -35,7 +35,9 @@ def continuation_ppl(model, tok, prompt: str, cont: str) -> tuple[float, int]:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--results", required=True)
+    ap.add_argument("--results", required=True,
+                    help="a results JSON, or MODEL:HALF for every file of that half merged (e.g. smollm2-135m:heldout, "
+                         "which includes the rollback rows)")
     ap.add_argument("--judge", required=True)
     ap.add_argument("--methods", default="")
     ap.add_argument("--threads", type=int, default=1)
@@ -47,7 +49,15 @@ def main(argv=None) -> None:
 
     from repguard.hf.models import load_model, resolve_model
 
-    data = json.loads(Path(args.results).read_text())
+    if args.results.endswith(".json"):
+        data = json.loads(Path(args.results).read_text())
+    else:
+        from .report import load
+
+        model_name, _, half = args.results.partition(":")
+        data = load(model_name, half)
+        if data is None:
+            raise SystemExit(f"no results for {args.results}")
     gen_tok = AutoTokenizer.from_pretrained(str(resolve_model(data["model"])[1]), local_files_only=True)
     model, tok, judge = load_model(args.judge)
     rows_idx = [i for i, o in enumerate(data["methods"]["none"]["outputs"]) if loops(o)]
