@@ -43,3 +43,33 @@ def test_rollback_removes_the_repeated_copy_more_often_than_not():
                                  max_rollbacks=3, do_sample=False, pad_token_id=0)
     after = sum(find_repetition(s) is not None for s in out.sequences)
     assert before >= 2 and after < before
+
+
+def _streamed(model, ids, mask, **kw):
+    got: dict[int, list[int]] = {}
+    calls = []
+
+    def on_tokens(row, tokens):
+        calls.append((row, len(tokens)))
+        got.setdefault(row, []).extend(tokens)
+
+    out = generate_with_rollback(model, ids, mask, neuron_map=random_map(model, 32, 64), max_new_tokens=NEW,
+                                 do_sample=False, pad_token_id=0, on_tokens=on_tokens, **kw)
+    return out, got, calls
+
+
+def test_streaming_hands_out_final_tokens_only():
+    """Streamed tokens are never taken back: per row they add up to exactly the returned sequence, and with the
+    default hold-back (longer than any paper-criterion rollback) the result is the same as without streaming."""
+    model = tiny_model()
+    ids = torch.randint(3, 256, (6, 6), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    plain = generate_with_rollback(model, ids, mask, neuron_map=random_map(model, 32, 64), max_new_tokens=NEW,
+                                   do_sample=False, pad_token_id=0)
+    out, got, _calls = _streamed(model, ids, mask)
+    assert out.sequences == plain.sequences and any(out.rollbacks)
+    assert [got.get(i, []) for i in range(6)] == out.sequences
+    # A short hold-back streams while decoding (many small pieces), and still never takes text back.
+    out, got, calls = _streamed(model, ids, mask, holdback=12)
+    assert [got.get(i, []) for i in range(6)] == out.sequences
+    assert len(calls) > 3 * len(out.sequences) and max(n for _r, n in calls) < NEW

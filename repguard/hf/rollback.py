@@ -10,6 +10,13 @@ the last pass runs the full policy (deactivate -> escalate -> stop).
 
 Rows that never trigger come from the first pass untouched, so they are byte-identical to an unguarded
 run; only looping rows are re-decoded (as a smaller batch, after a fresh prefill of prompt + kept text).
+
+Streaming: with ``on_tokens(row, tokens)`` each row's tokens are handed out while they are decoded, held
+back by ``holdback`` tokens (default: the paper criterion's window plus its n-gram, 110 tokens), so that a
+rollback never has to take back text already handed out. Every token handed out is final; together they
+are exactly the row's returned sequence. If a rollback would cut into text already handed out (only
+possible with a smaller ``holdback``), the row is not rolled back: it ends where its loop was confirmed,
+with finish reason "repetition".
 """
 
 from __future__ import annotations
@@ -46,6 +53,31 @@ class _BanFirstToken:
         return scores
 
 
+class _Release:
+    """Streamer for one pass: hands out each row's tokens once they are ``holdback`` tokens old."""
+
+    def __init__(self, texts: list[list[int]], rows: list[int], eos: set[int], holdback: int, cap: int,
+                 release) -> None:
+        self.texts, self.rows, self.eos, self.holdback, self.release = texts, rows, eos, holdback, release
+        self.cap = cap  # a row never returns more than max_new_tokens tokens
+        self.done = [False] * len(rows)
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:  # the first call carries the prompts
+            self.prompt_seen = True
+            return
+        for i, token in enumerate(value.reshape(-1).tolist()):
+            if self.done[i]:
+                continue
+            self.texts[i].append(int(token))
+            self.done[i] = int(token) in self.eos
+            self.release(self.rows[i], self.texts[i], min(len(self.texts[i]) - self.holdback, self.cap))
+
+    def end(self) -> None:
+        pass
+
+
 def _trim(ids: list[int], eos: set[int]) -> list[int]:
     for i, t in enumerate(ids):
         if t in eos:
@@ -64,9 +96,12 @@ def generate_with_rollback(
     max_rollbacks: int = 2,
     precise_trigger: bool = True,
     model_name: str | None = None,
+    on_tokens=None,
+    holdback: int | None = None,
     **generate_kwargs,
 ) -> RollbackOutput:
-    """Guarded ``model.generate`` with rollback; returns each row's generated tokens and report."""
+    """Guarded ``model.generate`` with rollback; returns each row's generated tokens and report.
+    ``on_tokens(row, tokens)`` streams final tokens, held back by ``holdback`` (module doc)."""
     from transformers import LogitsProcessorList
 
     if max_rollbacks < 0:
@@ -74,6 +109,10 @@ def generate_with_rollback(
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     cfg = config if isinstance(config, GuardConfig) else GuardConfig.from_dict(config)
+    if holdback is None:
+        holdback = cfg.window + cfg.ngram
+    if holdback < 0:
+        raise ConfigError(f"holdback must be >= 0, got {holdback}")
     # The first pass decides which rows are touched at all: by default only the paper's criterion may
     # fire there, so a row the paper's detector would not call a loop is never changed. Re-decoded rows
     # are known to loop: they get the configured (earlier) triggers too.
@@ -97,6 +136,12 @@ def generate_with_rollback(
     bans: dict[int, int] = {}
     pending = list(range(n))
     attempt = 0
+    released = [0] * n  # tokens of each row already handed to on_tokens
+
+    def release(r: int, text: list[int], upto: int) -> None:
+        if on_tokens is not None and upto > released[r]:
+            on_tokens(r, text[released[r] : upto])
+            released[r] = upto
 
     with Guard(model, neuron_map, first_cfg, model_name=model_name) as g:
         eos = set(g.eos)
@@ -127,16 +172,21 @@ def generate_with_rollback(
             if row_bans:
                 processors.append(_BanFirstToken(row_bans, width))
             g.configure_rows([pass_cfg] * len(pending), histories=[kept[r] for r in pending])
+            streamer = None
+            if on_tokens is not None:
+                streamer = _Release([list(kept[r]) for r in pending], list(pending), eos, holdback, max_new_tokens,
+                                    release)
             out = model.generate(ids, attention_mask=mask, max_new_tokens=step_max, pad_token_id=pad,
-                                 logits_processor=processors, **kwargs)
+                                 logits_processor=processors, streamer=streamer, **kwargs)
             still = []
             for i, r in enumerate(pending):
                 new = _trim(out[i, width:].tolist()[: budgets[i]], eos)
                 rep = g.reports[i]
                 merged = _merge(reports[r], rep, rollback_at=None)
                 det = rep.detections[-1] if rep.detections else None
-                if not last and rep.finish_reason == "repetition" and det is not None and det.onset > 0:
-                    text = kept[r] + new
+                text = kept[r] + new
+                if (not last and rep.finish_reason == "repetition" and det is not None and det.onset > 0
+                        and min(det.onset, len(text) - 1) >= released[r]):
                     onset = min(det.onset, len(text) - 1)
                     bans[r] = text[onset]
                     kept[r] = text[:onset]
@@ -153,6 +203,7 @@ def generate_with_rollback(
                 else:
                     final[r] = kept[r] + new
                     reports[r] = merged
+                    release(r, final[r], len(final[r]))
             pending = still
             attempt += 1
     return RollbackOutput([f or [] for f in final], [r or SequenceReport() for r in reports], rollbacks)
