@@ -149,7 +149,8 @@ def plot(path: Path) -> None:
 
 def main() -> None:
     parts = []
-    titles = {"heldout": "held-out half", "tuning": "tuning half", "neurons": "tuning half, neuron options",
+    titles = {"heldout": "held-out half", "heldout96": "held-out half, first 96 prompts (idle machine)",
+              "tuning": "tuning half", "neurons": "tuning half, neuron options",
               "paper": "the paper's prompts (BOS + 10 sampled tokens)"}
     for model in MODELS:
         for half, title in titles.items():
@@ -159,7 +160,7 @@ def main() -> None:
             parts.append(f"### {model}, {title}: {d['n']} prompts x {d['max_new_tokens']} new tokens\n")
             parts.append(method_table(d))
             neur = [n for n in ("none", "paper_topk", "paper_randomk") if n in d["methods"]]
-            if half in ("heldout", "paper") and len(neur) > 1:
+            if half in ("heldout", "heldout96", "paper") and len(neur) > 1:
                 parts.append(f"\nNeuron-only (the paper's question), {model}, {title}:\n")
                 parts.append(method_table(d, neur))
             parts.append(f"\nTrigger precision/recall against the paper's detector, unguarded outputs, {model}, {title}:\n")
