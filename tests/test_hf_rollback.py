@@ -73,3 +73,16 @@ def test_streaming_hands_out_final_tokens_only():
     out, got, calls = _streamed(model, ids, mask, holdback=12)
     assert [got.get(i, []) for i in range(6)] == out.sequences
     assert len(calls) > 3 * len(out.sequences) and max(n for _r, n in calls) < NEW
+
+
+def test_streaming_options_are_validated():
+    import pytest
+
+    from repguard.errors import ConfigError
+
+    model = tiny_model()
+    ids = torch.randint(3, 256, (1, 6), generator=torch.Generator().manual_seed(1))
+    for kw, match in (({"holdback": -1}, "holdback"), ({"on_tokens": 3}, "on_tokens"),
+                      ({"on_tokens": print, "streamer": object()}, "not both")):
+        with pytest.raises(ConfigError, match=match):
+            generate_with_rollback(model, ids, neuron_map=random_map(model, 32, 64), max_new_tokens=4, **kw)

@@ -113,6 +113,10 @@ def generate_with_rollback(
         holdback = cfg.window + cfg.ngram
     if holdback < 0:
         raise ConfigError(f"holdback must be >= 0, got {holdback}")
+    if on_tokens is not None and not callable(on_tokens):
+        raise ConfigError(f"on_tokens must be a callable (row, tokens), got {type(on_tokens).__name__}")
+    if on_tokens is not None and generate_kwargs.get("streamer") is not None:
+        raise ConfigError("pass on_tokens or streamer, not both: rollback streams through on_tokens")
     # The first pass decides which rows are touched at all: by default only the paper's criterion may
     # fire there, so a row the paper's detector would not call a loop is never changed. Re-decoded rows
     # are known to loop: they get the configured (earlier) triggers too.

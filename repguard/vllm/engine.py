@@ -451,6 +451,8 @@ class EngineGuard:
                     state.done = True
                     if state.req_id is not None:
                         self.stop_signals.append(state.req_id)
+                        if len(self.stop_signals) > REPORTS_KEPT:  # nobody collects them (no tagging runner)
+                            del self.stop_signals[: -REPORTS_KEPT]
                     if state.eos is not None:
                         keep = logits[index, state.eos].clone()
                         logits[index].fill_(float("-inf"))

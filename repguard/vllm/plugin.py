@@ -72,7 +72,10 @@ def _wrap_finish_reason() -> None:
     if sample is not None and not getattr(sample, _WRAPPED, False):
         GPUModelRunner.sample_tokens = _tag_output(sample)
 
-    update = scheduler.Scheduler.__dict__["update_from_output"]
+    update = scheduler.Scheduler.__dict__.get("update_from_output")
+    if update is None:  # pragma: no cover - layout outside the supported range
+        log.warning("repguard: vLLM scheduler has no update_from_output; guard-stopped requests finish with reason 'stop'")
+        return
     if not getattr(update, _WRAPPED, False):
 
         @functools.wraps(update)
