@@ -32,7 +32,7 @@ FINGERPRINT_WIDTH = 64
 
 
 class CalibrationInfo(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     method: str = "hiraoka-inui-2024"
     ngram: int = 10
@@ -50,23 +50,109 @@ class CalibrationInfo(BaseModel):
 
 
 class MapMetadata(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     format_version: int
     model_name: str
     architecture: str
-    num_layers: int = Field(ge=1)
-    intermediate_size: int = Field(ge=1)
+    num_layers: int = Field(ge=1, le=10_000)
+    intermediate_size: int = Field(ge=1, le=10_000_000)
     hook_point: str
     quantity: str
     fingerprint: str
     score_kind: str = "paper_mean_diff"
     num_selected: int = Field(ge=0)
     num_stored: int = Field(ge=0)
-    split_half_jaccard: float | None = None
+    split_half_jaccard: float | None = Field(None, ge=0.0, le=1.0)
     calibration: CalibrationInfo = Field(default_factory=CalibrationInfo)
     repguard_version: str = __version__
     created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)
+_STATS = ("mean_before", "std_before", "mean_after", "std_after")
+_KNOWN_EXTRA = ("random_layer", "random_neuron", "score_matrix", "fingerprint_weights")
+
+
+def _check_identity(meta: MapMetadata, where: str) -> None:
+    """The architecture and hook point must be ones the architecture table knows (and agree)."""
+    from .archs import ARCHITECTURES
+
+    spec = next((s for s in ARCHITECTURES if s.family == meta.architecture), None)
+    if spec is None:
+        known = ", ".join(s.family for s in ARCHITECTURES)
+        raise CorruptMapError(f"{where}: metadata architecture {meta.architecture!r} is not known; known: {known}")
+    if meta.hook_point != spec.hook_point:
+        raise CorruptMapError(
+            f"{where}: metadata hook_point {meta.hook_point!r} is not the {spec.family} hook point {spec.hook_point!r}"
+        )
+
+
+def _check_tensors(tensors: dict[str, torch.Tensor], meta: MapMetadata, where: str) -> None:
+    """Every check a stored tensor must pass before the runtime indexes or divides with it."""
+    missing = [name for name in _VECTORS if name not in tensors]
+    if missing:
+        raise CorruptMapError(f"{where}: missing tensors: {', '.join(missing)}")
+    unknown = sorted(set(tensors) - set(_VECTORS) - set(_KNOWN_EXTRA))
+    if unknown:
+        raise CorruptMapError(f"{where}: unknown tensors: {', '.join(unknown)}")
+    n = meta.num_stored
+    if n == 0:
+        raise CorruptMapError(f"{where}: the map is empty (num_stored 0): it has no neurons to guard with")
+    if meta.num_selected == 0:
+        raise CorruptMapError(f"{where}: num_selected is 0: the map selects no neurons")
+    if meta.num_selected > n:
+        raise CorruptMapError(f"{where}: num_selected {meta.num_selected} > stored neurons {n}")
+    for name in _VECTORS:
+        t = tensors[name]
+        if t.dim() != 1 or t.numel() != n:
+            raise CorruptMapError(f"{where}: tensor '{name}' has shape {tuple(t.shape)}, metadata says ({n},)")
+    for name in ("layer", "neuron", "random_layer", "random_neuron"):
+        if name in tensors and tensors[name].dtype not in _INT_DTYPES:
+            raise CorruptMapError(
+                f"{where}: tensor '{name}' must hold signed integers (int8 to int64), not {tensors[name].dtype}"
+            )
+    for name in ("score", *_STATS, "score_matrix", "fingerprint_weights"):
+        t = tensors.get(name)
+        if t is None:
+            continue
+        if not t.dtype.is_floating_point:
+            raise CorruptMapError(f"{where}: tensor '{name}' must hold floats, not {t.dtype}")
+        if not bool(torch.isfinite(t).all()):
+            raise CorruptMapError(f"{where}: tensor '{name}' contains NaN or infinite values")
+    for name in ("std_before", "std_after"):
+        if bool((tensors[name] < 0).any()):
+            raise CorruptMapError(f"{where}: tensor '{name}' has negative standard deviations")
+    _check_indexes(tensors["layer"], tensors["neuron"], meta, where, "")
+    pairs = tensors["layer"].long() * meta.intermediate_size + tensors["neuron"].long()
+    if int(torch.unique(pairs).numel()) != n:
+        raise CorruptMapError(f"{where}: duplicate (layer, neuron) entries")
+    if ("random_layer" in tensors) != ("random_neuron" in tensors):
+        raise CorruptMapError(f"{where}: random_layer and random_neuron must be stored together")
+    if "random_layer" in tensors:
+        rl, rn = tensors["random_layer"], tensors["random_neuron"]
+        if rl.dim() != 1 or rn.dim() != 1 or rl.numel() != rn.numel():
+            raise CorruptMapError(
+                f"{where}: random_layer {tuple(rl.shape)} and random_neuron {tuple(rn.shape)} must be 1-D of one length"
+            )
+        _check_indexes(rl, rn, meta, where, "random_")
+    if "score_matrix" in tensors and tuple(tensors["score_matrix"].shape) != (meta.num_layers, meta.intermediate_size):
+        raise CorruptMapError(
+            f"{where}: score_matrix has shape {tuple(tensors['score_matrix'].shape)}, metadata says "
+            f"({meta.num_layers}, {meta.intermediate_size})"
+        )
+    fw = tensors.get("fingerprint_weights")
+    if fw is not None and (fw.dim() != 1 or not 1 <= fw.numel() <= FINGERPRINT_WIDTH):
+        raise CorruptMapError(
+            f"{where}: fingerprint_weights has shape {tuple(fw.shape)}, expected (1..{FINGERPRINT_WIDTH},)"
+        )
+
+
+def _check_indexes(layer: torch.Tensor, neuron: torch.Tensor, meta: MapMetadata, where: str, prefix: str) -> None:
+    if layer.numel() and (int(layer.min()) < 0 or int(layer.max()) >= meta.num_layers):
+        raise CorruptMapError(f"{where}: {prefix}layer index out of range [0, {meta.num_layers})")
+    if neuron.numel() and (int(neuron.min()) < 0 or int(neuron.max()) >= meta.intermediate_size):
+        raise CorruptMapError(f"{where}: {prefix}neuron index out of range [0, {meta.intermediate_size})")
 
 
 def config_fingerprint(architecture: str, num_layers: int, intermediate_size: int, hidden_size: int, vocab_size: int) -> str:
@@ -212,7 +298,7 @@ class NeuronMap:
             raise CorruptMapError(f"{where}: no '{META_KEY}' metadata; this is not a repguard neuron map")
         try:
             data = json.loads(raw_meta[META_KEY])
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:
             raise CorruptMapError(f"{where}: metadata is not valid JSON ({exc})") from None
         if not isinstance(data, dict):
             raise CorruptMapError(f"{where}: metadata must be a JSON object")
@@ -227,26 +313,8 @@ class NeuronMap:
             from .config import format_validation_error
 
             raise CorruptMapError(f"{where}: {format_validation_error(exc, 'metadata')}") from None
-        missing = [name for name in _VECTORS if name not in tensors]
-        if missing:
-            raise CorruptMapError(f"{where}: missing tensors: {', '.join(missing)}")
-        n = meta.num_stored
-        for name in _VECTORS:
-            t = tensors[name]
-            if t.dim() != 1 or t.numel() != n:
-                raise CorruptMapError(f"{where}: tensor '{name}' has shape {tuple(t.shape)}, metadata says ({n},)")
-        if meta.num_selected > n:
-            raise CorruptMapError(f"{where}: num_selected {meta.num_selected} > stored neurons {n}")
-        layer, neuron = tensors["layer"].long(), tensors["neuron"].long()
-        if n and (layer.min() < 0 or layer.max() >= meta.num_layers):
-            raise CorruptMapError(f"{where}: layer index out of range [0, {meta.num_layers})")
-        if n and (neuron.min() < 0 or neuron.max() >= meta.intermediate_size):
-            raise CorruptMapError(f"{where}: neuron index out of range [0, {meta.intermediate_size})")
-        if "score_matrix" in tensors and tuple(tensors["score_matrix"].shape) != (meta.num_layers, meta.intermediate_size):
-            raise CorruptMapError(
-                f"{where}: score_matrix has shape {tuple(tensors['score_matrix'].shape)}, metadata says "
-                f"({meta.num_layers}, {meta.intermediate_size})"
-            )
+        _check_identity(meta, where)
+        _check_tensors(tensors, meta, where)
         vec = {name: (tensors[name].to(torch.int32) if name in _INT else tensors[name].float()) for name in _VECTORS}
         extra = {k: v for k, v in tensors.items() if k not in _VECTORS}
         return cls(meta, **vec, extra=extra)

@@ -51,15 +51,16 @@ def make_tiny_model(folder: Path) -> Path:
 
 def make_random_map(model, model_name: str, path: Path, seed: int = 0) -> Path:
     """A neuron map with random scores that fits ``model`` (the shape and fingerprint checks pass)."""
-    from repguard.hf.introspect import fingerprint, shape_of
+    from repguard.hf.introspect import arch_of, fingerprint, shape_of
     from repguard.neuron_map import map_from_scores
 
     layers, width = shape_of(model)
     fp = fingerprint(model)
     g = torch.Generator().manual_seed(seed)
     stats = {k: torch.rand(layers, width, generator=g) for k in ("mean_before", "std_before", "mean_after", "std_after")}
-    meta = dict(model_name=model_name, architecture="llama", num_layers=layers, intermediate_size=width,
-                hook_point="act_fn", quantity="activation", fingerprint=fp.config, num_selected=0, num_stored=0)
+    spec = arch_of(model)
+    meta = dict(model_name=model_name, architecture=spec.family, num_layers=layers, intermediate_size=width,
+                hook_point=spec.hook_point, quantity="activation", fingerprint=fp.config, num_selected=0, num_stored=0)
     k = max(4, layers * width // 20)
     nmap = map_from_scores(meta, torch.randn(layers, width, generator=g), stats, k, 4 * k,
                            extra={"fingerprint_weights": fp.weights})

@@ -180,3 +180,121 @@ def test_map_for_another_model_is_refused():
 def test_every_bad_input_is_a_repguard_error():
     for cls in (CorruptMapError, MapVersionError, MapMismatchError):
         assert issubclass(cls, RepGuardError)
+
+
+# -- every corrupt map a user can hand repguard, as a file: each is refused with a message naming what ----------
+def _set(name, value):
+    return lambda t, m: t.__setitem__(name, value(t) if callable(value) else value)
+
+
+def _edit(name, index, value):
+    def edit(t, m):
+        t[name] = t[name].clone()
+        t[name][index] = value
+    return edit
+
+
+def _meta(**changes):
+    return lambda t, m: m.update(changes)
+
+
+def _empty(t, m):
+    for name in ("layer", "neuron", "score", "mean_before", "std_before", "mean_after", "std_after"):
+        t[name] = t[name][:0].clone()
+    m.update(num_selected=0, num_stored=0)
+
+
+def _duplicate(t, m):
+    for name in ("layer", "neuron"):
+        t[name] = t[name].clone()
+        t[name][1] = t[name][0]
+
+
+def _drop(name):
+    return lambda t, m: t.pop(name)
+
+
+BAD_MAPS = [
+    ("duplicate_entry", _duplicate, "duplicate"),
+    ("layer_float", _set("layer", lambda t: t["layer"].float() + 0.7), "'layer' must hold signed integers"),
+    ("layer_bool", _set("layer", lambda t: t["layer"] > 0), "'layer' must hold signed integers"),
+    ("layer_uint8", _set("layer", lambda t: t["layer"].to(torch.uint8)), "'layer' must hold signed integers"),
+    ("neuron_float64", _set("neuron", lambda t: t["neuron"].double()), "'neuron' must hold signed integers"),
+    ("neuron_uint8", _set("neuron", lambda t: t["neuron"].to(torch.uint8)), "'neuron' must hold signed integers"),
+    ("layer_negative", _edit("layer", 0, -1), "layer index out of range"),
+    ("layer_too_big", _edit("layer", 0, LAYERS + 5), "layer index out of range"),
+    ("neuron_too_big", _edit("neuron", 2, WIDTH), "neuron index out of range"),
+    ("layer_2d", _set("layer", lambda t: t["layer"][None]), "'layer' has shape"),
+    ("score_int", _set("score", lambda t: (t["score"] * 10).to(torch.int32)), "'score' must hold floats"),
+    ("score_bool", _set("score", lambda t: t["score"] > 0), "'score' must hold floats"),
+    ("mean_before_int", _set("mean_before", lambda t: t["mean_before"].to(torch.int64)), "'mean_before' must hold floats"),
+    ("score_nan", _edit("score", 0, float("nan")), "'score' contains NaN"),
+    ("score_inf", _edit("score", 1, float("inf")), "'score' contains NaN or infinite"),
+    ("mean_before_nan", _edit("mean_before", 0, float("nan")), "'mean_before' contains NaN"),
+    ("std_before_inf", _edit("std_before", 0, float("inf")), "'std_before' contains NaN"),
+    ("mean_after_neg_inf", _edit("mean_after", 3, float("-inf")), "'mean_after' contains NaN"),
+    ("std_after_nan", _edit("std_after", 2, float("nan")), "'std_after' contains NaN"),
+    ("std_before_negative", _edit("std_before", 0, -0.5), "'std_before' has negative standard deviations"),
+    ("std_after_negative", _edit("std_after", 1, -1e-3), "'std_after' has negative standard deviations"),
+    ("empty_map", _empty, "empty"),
+    ("num_selected_zero", _meta(num_selected=0), "num_selected is 0"),
+    ("num_selected_over_stored", _meta(num_selected=11), "num_selected 11 > stored"),
+    ("num_stored_disagrees", _meta(num_stored=9, num_selected=4), "has shape"),
+    ("random_layer_999", _edit("random_layer", 0, 999), "random_layer index out of range"),
+    ("random_layer_negative", _edit("random_layer", 1, -3), "random_layer index out of range"),
+    ("random_neuron_too_big", _edit("random_neuron", 0, WIDTH + 1), "random_neuron index out of range"),
+    ("random_neuron_wrong_length", _set("random_neuron", lambda t: t["random_neuron"][:-1].clone()), "one length"),
+    ("random_layer_float", _set("random_layer", lambda t: t["random_layer"].float()), "'random_layer' must hold"),
+    ("random_layer_alone", _drop("random_neuron"), "stored together"),
+    ("fingerprint_weights_2d", _set("fingerprint_weights", lambda t: t["fingerprint_weights"].view(4, 4)), "fingerprint_weights has shape"),
+    ("fingerprint_weights_empty", _set("fingerprint_weights", torch.zeros(0)), "fingerprint_weights has shape"),
+    ("fingerprint_weights_too_long", _set("fingerprint_weights", torch.ones(65)), "fingerprint_weights has shape"),
+    ("fingerprint_weights_nan", _edit("fingerprint_weights", 3, float("nan")), "'fingerprint_weights' contains NaN"),
+    ("fingerprint_weights_int", _set("fingerprint_weights", torch.ones(16, dtype=torch.int32)), "'fingerprint_weights' must hold floats"),
+    ("score_matrix_nan", _edit("score_matrix", (0, 0), float("nan")), "'score_matrix' contains NaN"),
+    ("score_matrix_int", _set("score_matrix", torch.zeros(LAYERS, WIDTH, dtype=torch.int32)), "'score_matrix' must hold floats"),
+    ("score_matrix_shape", _set("score_matrix", torch.zeros(LAYERS + 1, WIDTH)), "score_matrix has shape"),
+    ("unknown_tensor", _set("payload", torch.zeros(3)), "unknown tensors: payload"),
+    ("unknown_architecture", _meta(architecture="transformer9000"), "architecture 'transformer9000' is not known"),
+    ("unknown_hook_point", _meta(hook_point="x"), "hook_point 'x'"),
+    ("hook_point_of_another_architecture", _meta(hook_point="transformer.h.{L}.mlp.act:output"), "not the llama hook point"),
+    ("split_half_jaccard_nan", _meta(split_half_jaccard=float("nan")), "split_half_jaccard"),
+    ("split_half_jaccard_above_one", _meta(split_half_jaccard=1.5), "split_half_jaccard"),
+    ("calibration_seconds_inf", _meta(calibration={"seconds": float("inf")}), "calibration.seconds"),
+    ("num_layers_zero", _meta(num_layers=0), "num_layers"),
+    ("num_layers_string", _meta(num_layers="many"), "num_layers"),
+    ("missing_tensor", _drop("std_after"), "missing tensors: std_after"),
+]
+
+
+@pytest.fixture(scope="module")
+def valid_map_file(tmp_path_factory):
+    return make_map()[0].save(tmp_path_factory.mktemp("maps") / "valid.safetensors")
+
+
+def test_the_base_of_the_corrupt_cases_is_valid(valid_map_file):
+    assert len(NeuronMap.load(valid_map_file)) == 10
+
+
+@pytest.mark.parametrize("mutate,message", [c[1:] for c in BAD_MAPS], ids=[c[0] for c in BAD_MAPS])
+def test_corrupt_map_file_is_refused_naming_the_problem(valid_map_file, tmp_path, mutate, message):
+    from safetensors import safe_open
+
+    with safe_open(str(valid_map_file), framework="pt") as f:
+        meta = json.loads(f.metadata()[META_KEY])
+    tensors = load_file(str(valid_map_file))
+    mutate(tensors, meta)
+    path = tmp_path / "bad.safetensors"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={META_KEY: json.dumps(meta)})
+    with pytest.raises(CorruptMapError) as err:
+        NeuronMap.load(path)
+    assert message in str(err.value) and str(path) in str(err.value), str(err.value)
+
+
+def test_shipped_maps_pass_every_check():
+    from repguard.maps import SHIPPED
+
+    files = sorted(SHIPPED.glob("*.safetensors"))
+    assert {p.stem for p in files} >= {"smollm2-135m", "gemma3-270m"}
+    for path in files:
+        assert len(NeuronMap.load(path).selected()) > 0, path
