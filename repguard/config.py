@@ -9,6 +9,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .errors import ConfigError
 
 PRESETS = ("default", "monitor", "paper", "off")
+_PRESET_FIELDS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "monitor": {"deactivate": False, "escalate": False, "stop": False},
+    "paper": {"always_on": True, "escalate": False, "stop": False},
+    "off": {"enabled": False},
+}
 
 
 class GuardConfig(BaseModel):
@@ -20,7 +26,7 @@ class GuardConfig(BaseModel):
     64
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
     preset: Literal["default", "monitor", "paper", "off", "custom"] = "default"
     enabled: bool = Field(True, description="False leaves generation untouched and reports nothing.")
@@ -86,12 +92,7 @@ class GuardConfig(BaseModel):
     def from_preset(cls, name: str = "default", **overrides: Any) -> "GuardConfig":
         """Named starting points: default (trigger -> deactivate -> escalate -> stop), monitor
         (detect and report only), paper (deactivation always on, no trigger), off."""
-        base: dict[str, Any] | None = {
-            "default": {},
-            "monitor": {"deactivate": False, "escalate": False, "stop": False},
-            "paper": {"always_on": True, "escalate": False, "stop": False},
-            "off": {"enabled": False},
-        }.get(name)
+        base = _PRESET_FIELDS.get(name) if isinstance(name, str) else None
         if base is None:
             raise ConfigError(f"preset: unknown preset '{name}'; choose one of {', '.join(PRESETS)}")
         if overrides:
@@ -101,16 +102,22 @@ class GuardConfig(BaseModel):
         return _validate(cls, {**base, "preset": name})
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> "GuardConfig":
-        """Build from plain data (request bodies, files). A ``preset`` key picks the starting point."""
+    def from_dict(cls, data: dict[str, Any] | None, *, strict: bool = False) -> "GuardConfig":
+        """Build from plain data (request bodies, files). A ``preset`` key picks the starting point.
+
+        ``strict`` refuses values of the wrong JSON type instead of coercing them ("64" is not a ``k``).
+        """
         if data is not None and not isinstance(data, dict):
             raise ConfigError(f"invalid GuardConfig: expected an object, got {type(data).__name__}")
         data = dict(data or {})
         name = data.pop("preset", "default")
-        if name == "custom":
-            return _validate(cls, {**data, "preset": "custom"})
         if not isinstance(name, str):
             raise ConfigError(f"preset: expected a string, got {name!r}")
+        if strict:  # types only; the preset's own values are checked below as usual
+            typed = {k: tuple(v) if k == "layers" and isinstance(v, list) else v for k, v in data.items()}
+            _validate(cls, {**_PRESET_FIELDS.get(name, {}), **typed, "preset": "custom"}, strict=True)
+        if name == "custom":
+            return _validate(cls, {**data, "preset": "custom"})
         return cls.from_preset(name, **data)
 
     def to_dict(self) -> dict[str, Any]:
@@ -120,16 +127,18 @@ class GuardConfig(BaseModel):
         return _validate(type(self), {**self.to_dict(), **changes})
 
 
-def _validate(cls, data: dict[str, Any]) -> GuardConfig:
+def _validate(cls, data: dict[str, Any], strict: bool = False) -> GuardConfig:
     try:
-        return cls.model_validate(data)
+        return cls.model_validate(data, strict=strict)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, "GuardConfig")) from None
 
 
-def format_validation_error(exc: ValidationError, what: str) -> str:
+def format_validation_error(exc: ValidationError, what: str, secret: frozenset[str] = frozenset()) -> str:
+    """One line naming each bad field and its value; the value of a field in ``secret`` is never shown."""
     parts = []
     for err in exc.errors():
         loc = ".".join(str(x) for x in err.get("loc", ())) or what
-        parts.append(f"{loc}: {err.get('msg')} (got {err.get('input')!r})")
+        shown = "<hidden>" if secret & {str(x) for x in err.get("loc", ())} else repr(err.get("input"))
+        parts.append(f"{loc}: {err.get('msg')} (got {shown})")
     return f"invalid {what}: " + "; ".join(parts)

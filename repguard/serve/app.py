@@ -12,12 +12,13 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__, metrics
 from .engine import Engine
-from .router import APIError, bearer_auth, build_router, validation_error
+from .router import APIError, SafeJSONResponse, bearer_auth, build_router, endpoint_of, validation_error
 from .settings import ServeSettings
 
 log = logging.getLogger("repguard.serve")
@@ -50,21 +51,30 @@ def build_engine(settings: ServeSettings) -> Engine:
 
 
 class BodyLimit:
-    """Pure ASGI middleware: 413 for a request body over ``limit`` bytes (declared or streamed)."""
+    """Pure ASGI middleware: 413 for a request body over ``limit`` bytes (declared or streamed).
 
-    def __init__(self, app, limit: int) -> None:
-        self.app, self.limit = app, limit
+    Its answers come before routing, so it counts them in ``repguard_server_requests_total`` itself.
+    """
+
+    def __init__(self, app, limit: int, model_name: str = "") -> None:
+        self.app, self.limit, self.model_name = app, limit, model_name
+
+    async def _refuse(self, error: APIError, scope, receive, send) -> None:
+        endpoint = endpoint_of(scope.get("path", ""))
+        if endpoint is not None:
+            metrics.SERVER_REQUESTS.labels(self.model_name, endpoint, str(error.status)).inc()
+        await error.response()(scope, receive, send)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        too_big = APIError(413, f"the request body exceeds {self.limit} bytes", code="body_too_large").response()
+        too_big = APIError(413, f"the request body exceeds {self.limit} bytes", code="body_too_large")
         try:
             if declared is not None and int(declared) > self.limit:
-                return await too_big(scope, receive, send)
+                return await self._refuse(too_big, scope, receive, send)
         except ValueError:
-            return await APIError(400, "invalid Content-Length").response()(scope, receive, send)
+            return await self._refuse(APIError(400, "invalid Content-Length"), scope, receive, send)
         chunks, size, more = [], 0, True
         while more:  # buffer (bounded) so an undeclared, chunked body is limited too
             message = await receive()
@@ -73,7 +83,7 @@ class BodyLimit:
                 break
             size += len(message.get("body", b""))
             if size > self.limit:
-                return await too_big(scope, receive, send)
+                return await self._refuse(too_big, scope, receive, send)
             chunks.append(message)
             more = message.get("more_body", False)
 
@@ -92,12 +102,27 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, *, close_e
         if close_engine:  # uvicorn has already let in-flight responses finish (graceful shutdown)
             engine.close(timeout=settings.drain_timeout_s)
 
-    app = FastAPI(title="repguard", version=__version__, lifespan=lifespan,
+    # the docs are served below, behind the key unless auth_docs is off
+    app = FastAPI(title="repguard", version=__version__, lifespan=lifespan, openapi_url=None, docs_url=None,
+                  redoc_url=None, default_response_class=SafeJSONResponse,
                   description="OpenAI-compatible completions guarded against repetition loops.")
     app.state.repguard_engine = engine
     app.include_router(build_router(engine, settings))
     auth = bearer_auth(settings.api_key)
     no_auth = bearer_auth(None)
+    docs = [Depends(auth if settings.auth_docs else no_auth)]
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=docs)
+    async def openapi_schema() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=docs)
+    async def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="repguard - Swagger UI")
+
+    @app.get("/redoc", include_in_schema=False, dependencies=docs)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url="/openapi.json", title="repguard - ReDoc")
 
     @app.get("/health", dependencies=[Depends(auth if settings.auth_health else no_auth)])
     async def health() -> Any:
@@ -130,7 +155,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, *, close_e
         log.exception("repguard: unhandled error")
         return APIError(500, "internal server error", type="server_error").response()
 
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, model_name=engine.model_name)
 
     default_openapi = app.openapi
 

@@ -94,6 +94,7 @@ class _Row:
     sent: int = 0  # characters of ``text`` already emitted
     done: bool = False
     finish_reason: str | None = None
+    finished_at: int = -1  # the decoding step at which the row finished
     announced: bool = False
 
 
@@ -104,13 +105,15 @@ class _BatchTracker(StoppingCriteria, BaseStreamer):
     once per step; finished rows keep receiving padding, which is ignored here.
     """
 
-    def __init__(self, rows: list[_Row], tokenizer, eos: set[int], reports) -> None:
+    def __init__(self, rows: list[_Row], tokenizer, eos: set[int], reports, observe_last=None) -> None:
         self.rows = rows
         self.tok = tokenizer
         self.eos = eos
         self.reports = reports  # callable -> the guard's live per-row reports
+        self.observe_last = observe_last  # callable(rows): show the guard the tokens no forward pass fed it
         self.holdback = max((len(s) for r in rows for s in (r.request.stop or [])), default=1) - 1
         self._prompt_seen = False
+        self.step = 0
 
     # -- StoppingCriteria -------------------------------------------------------------------------------
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
@@ -141,9 +144,8 @@ class _BatchTracker(StoppingCriteria, BaseStreamer):
                 self._finish(row, "length")
         return torch.tensor([r.done for r in self.rows], dtype=torch.bool, device=input_ids.device)
 
-    @staticmethod
-    def _finish(row: _Row, reason: str) -> None:
-        row.done, row.finish_reason = True, reason
+    def _finish(self, row: _Row, reason: str) -> None:
+        row.done, row.finish_reason, row.finished_at = True, reason, self.step
 
     # -- BaseStreamer -----------------------------------------------------------------------------------
     def put(self, value) -> None:
@@ -151,14 +153,19 @@ class _BatchTracker(StoppingCriteria, BaseStreamer):
             self._prompt_seen = True
             return
         self.flush()
+        self.step += 1
 
     def end(self) -> None:
         for row in self.rows:
             if not row.done:
                 self._finish(row, "length")
-        self.flush()
+        if self.observe_last is not None:
+            self.observe_last(self.rows)
+        self.flush(final=True)
 
-    def flush(self) -> None:
+    def flush(self, final: bool = False) -> None:
+        """Emit new text; announce a row's finish one step after it finished (or at the end), once the
+        guard has observed its last token (the next forward pass feeds it), so its report is complete."""
         reports = None
         for i, row in enumerate(self.rows):
             if row.announced or row.request.cancelled.is_set():
@@ -171,7 +178,7 @@ class _BatchTracker(StoppingCriteria, BaseStreamer):
             if upto > row.sent:
                 row.request.emit({"type": "delta", "index": row.index, "text": row.text[row.sent:upto]})
                 row.sent = upto
-            if row.done:
+            if row.done and (final or row.finished_at < self.step):
                 row.announced = True
                 reports = reports if reports is not None else self.reports()
                 report = reports[i].to_dict() if i < len(reports) and reports[i] is not None else None
@@ -196,6 +203,8 @@ class Engine:
         # Finished rows are padded with EOS, so the guard stops watching them (it ignores rows after EOS).
         self.pad_id = min(self.eos) if self.eos else tokenizer.pad_token_id
         self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
+        self.num_layers = int(guard.neuron_map.meta.num_layers)  # the map fits the model (checked by the guard)
+        self.map_size = len(guard.neuron_map)
         self._pending: deque[GenerationRequest] = deque()
         self._running: set[str] = set()
         self._cond = threading.Condition()
@@ -325,6 +334,23 @@ class Engine:
                 for req in batch:
                     req.emit({"type": "done"})
 
+    def _observe_last(self, rows: list[_Row]) -> None:
+        """``generate`` returns without feeding the last step's tokens back through the model, so the
+        guard's hooks never saw them: show them to its runtime, with the neuron scores of the pass that
+        produced them, as its forward pre-hook would have."""
+        reports = self.guard.reports
+        tokens = {
+            i: row.tokens[-1] for i, row in enumerate(rows)
+            if row.tokens and i < len(reports) and reports[i] is not None and reports[i].tokens_observed < len(row.tokens)
+        }
+        if not tokens:
+            return
+        try:
+            runtime = self.guard.runtime
+            runtime.observe(tokens, runtime.neuron_scores())
+        except Exception:  # the guard fails open: a report one token short beats a failed request
+            log.exception("repguard: observing the final tokens failed")
+
     def _generate(self, batch: list[GenerationRequest]) -> None:
         rows = [
             _Row(req, p_i * req.n + j, prompt)
@@ -335,7 +361,7 @@ class Engine:
         input_ids, attention = enc["input_ids"].to(device), enc["attention_mask"].to(device)
         first = batch[0]
         self.guard.configure_rows([r.request.guard_config or self.default_guard for r in rows])
-        tracker = _BatchTracker(rows, self.tokenizer, self.eos, lambda: self.guard.reports)
+        tracker = _BatchTracker(rows, self.tokenizer, self.eos, lambda: self.guard.reports, self._observe_last)
         sampling: dict[str, Any] = (
             {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
             if first.greedy

@@ -14,22 +14,75 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
+import math
+import re
 import time
 import uuid
 from typing import Any, AsyncIterator, Callable
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 
 from .. import metrics
+from ..config import GuardConfig
 from .engine import Engine, EngineBusy, EngineDraining, GenerationRequest
 from .schemas import ChatCompletionRequest, CompletionRequest
 from .settings import ServeSettings
 
 
+log = logging.getLogger("repguard.serve")
+
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
+CLIENT_CLOSED = 499  # the status counted for a request whose client went away before its end
+_SURROGATE = re.compile("[\ud800-\udfff]")
+ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat_completions"}
+
+
+def endpoint_of(path: str) -> str | None:
+    """The metrics label of a generation endpoint (the router may be mounted under a prefix)."""
+    return next((label for suffix, label in ENDPOINTS.items() if path.endswith(suffix)), None)
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float as null and every lone surrogate escaped: always valid JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, str):
+        return obj.encode("utf-8", "backslashreplace").decode("utf-8") if _SURROGATE.search(obj) else obj
+    if isinstance(obj, dict):
+        return {json_safe(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(json_safe(obj), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+class SafeJSONResponse(JSONResponse):
+    """A JSON response that cannot fail to render (NaN, inf, lone surrogates) and is always valid JSON."""
+
+    def render(self, content: Any) -> bytes:
+        return dumps(content).encode("utf-8")
+
+
+def _surrogate_at(obj: Any, where: str = "") -> str | None:
+    """The dotted path of the first string (or key) in ``obj`` that holds a lone UTF-16 surrogate."""
+    if isinstance(obj, str):
+        return (where or "body") if _SURROGATE.search(obj) else None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for key, value in items:
+        path = f"{where}.{key}" if where else str(key)
+        if isinstance(key, str) and _SURROGATE.search(key):
+            return path
+        found = _surrogate_at(value, path)
+        if found:
+            return found
+    return None
 
 
 class APIError(Exception):
@@ -45,7 +98,7 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+        return SafeJSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def validation_error(exc: RequestValidationError) -> APIError:
@@ -64,21 +117,58 @@ def validation_error(exc: RequestValidationError) -> APIError:
                     code="unknown_field" if first.get("type") == "extra_forbidden" else "invalid_value")
 
 
+async def check_strings(request: Request) -> None:
+    """400 for a JSON body holding a lone UTF-16 surrogate ("\\ud800"): it is not text, and no tokenizer takes it."""
+    if request.method not in ("POST", "PUT", "PATCH"):
+        return
+    try:
+        data = await request.json()  # cached: the route's own parsing reuses it
+    except (ValueError, UnicodeDecodeError):
+        return  # the route answers invalid JSON itself
+    where = _surrogate_at(data)
+    if where:
+        raise APIError(400, f"{where}: contains a lone UTF-16 surrogate, which is not valid Unicode text",
+                       param=where.split(".")[0], code="invalid_value")
+
+
 class OpenAIRoute(APIRoute):
-    """A route whose validation and API errors always come out OpenAI-shaped."""
+    """A route whose errors always come out OpenAI-shaped, and whose responses are counted by status.
+
+    The API key (``api_key``, set by ``build_router``) is checked before the body is read or parsed.
+    """
+
+    api_key: str | None = None
+    model_name: str = ""
 
     def get_route_handler(self) -> Callable:
         handler = super().get_route_handler()
+        auth = bearer_auth(self.api_key)
+        endpoint = endpoint_of(self.path)
+        model = self.model_name
 
         async def wrapped(request: Request):
             try:
-                return await handler(request)
+                await auth(request)
+                await check_strings(request)
+                response = await handler(request)
             except RequestValidationError as exc:
-                return validation_error(exc).response()
+                response = validation_error(exc).response()
             except APIError as exc:
-                return exc.response()
+                response = exc.response()
+            except Exception:
+                log.exception("repguard: unhandled error")
+                response = APIError(500, "internal server error", type="server_error").response()
+            if endpoint is not None and not isinstance(response, StreamingResponse):  # a stream counts its own end
+                status = getattr(request.state, "repguard_status", None) or response.status_code
+                metrics.SERVER_REQUESTS.labels(model, endpoint, str(status)).inc()
+            return response
 
         return wrapped
+
+
+def openai_route(api_key: str | None, model_name: str) -> type[OpenAIRoute]:
+    """``OpenAIRoute`` bound to one server's API key and model name."""
+    return type("BoundOpenAIRoute", (OpenAIRoute,), {"api_key": api_key, "model_name": model_name})
 
 
 def bearer_auth(api_key: str | None) -> Callable:
@@ -97,7 +187,7 @@ def bearer_auth(api_key: str | None) -> Callable:
 
 
 def _sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+    return f"data: {dumps(obj)}\n\n"
 
 
 def _report(ev: dict[str, Any], enabled: bool) -> dict[str, Any]:
@@ -109,7 +199,8 @@ def build_router(engine: Engine, settings: ServeSettings | None = None) -> APIRo
     settings = settings or ServeSettings()
     name = engine.model_name
     tok = engine.tokenizer
-    router = APIRouter(prefix="/v1", route_class=OpenAIRoute, dependencies=[Depends(bearer_auth(settings.api_key))])
+    router = APIRouter(prefix="/v1", route_class=openai_route(settings.api_key, name),  # checks the key first
+                       default_response_class=SafeJSONResponse)
 
     def model_card() -> dict[str, Any]:
         return {"id": name, "object": "model", "created": 0, "owned_by": "repguard"}
@@ -124,10 +215,22 @@ def build_router(engine: Engine, settings: ServeSettings | None = None) -> APIRo
             raise APIError(404, f"the model '{model_id}' does not exist", param="model", code="model_not_found")
         return model_card()
 
+    def check_guard(cfg: GuardConfig | None) -> None:
+        """Settings that validate alone but cannot work on this model (they would guard nothing)."""
+        if cfg is None:
+            return
+        if cfg.layers is not None and max(cfg.layers) >= engine.num_layers:
+            raise APIError(400, f"repguard.layers: layer {max(cfg.layers)} is outside the model's {engine.num_layers} "
+                           f"layers (0..{engine.num_layers - 1})", param="repguard", code="invalid_value")
+        if cfg.k is not None and cfg.k > engine.map_size:
+            raise APIError(400, f"repguard.k: {cfg.k} exceeds the {engine.map_size} neurons stored in the neuron map",
+                           param="repguard", code="invalid_value")
+
     def check_common(body, prompts: list[list[int]], max_tokens: int | None) -> int:
         if body.model is not None and body.model != name:
             raise APIError(404, f"the model '{body.model}' does not exist; this server serves '{name}'",
                            param="model", code="model_not_found")
+        check_guard(body.repguard)
         max_tokens = max_tokens if max_tokens is not None else settings.default_max_tokens
         if max_tokens > settings.max_tokens_limit:
             raise APIError(400, f"max_tokens: {max_tokens} exceeds this server's limit of {settings.max_tokens_limit}",
@@ -197,33 +300,28 @@ def build_router(engine: Engine, settings: ServeSettings | None = None) -> APIRo
 
     async def respond(request: Request, body, prompts: list[list[int]], max_tokens: int | None, chat: bool):
         endpoint = "chat_completions" if chat else "completions"
-        status = 500
-        try:
-            max_tokens = check_common(body, prompts, max_tokens)
-            req = admit(body, prompts, max_tokens)
-        except APIError as exc:
-            metrics.SERVER_REQUESTS.labels(name, endpoint, str(exc.status)).inc()
-            raise
+        max_tokens = check_common(body, prompts, max_tokens)
+        req = admit(body, prompts, max_tokens)  # errors are counted by the route class
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         enabled = guard_enabled(body)
         obj = "chat.completion" if chat else "text_completion"
 
-        def done_metrics(code: int) -> None:
-            metrics.SERVER_REQUESTS.labels(name, endpoint, str(code)).inc()
+        def duration() -> None:
             metrics.SERVER_REQUEST_DURATION.labels(name, endpoint).observe(time.perf_counter() - req.admitted)
 
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
             async def stream() -> AsyncIterator[str]:
-                code = 200
+                code = CLIENT_CLOSED  # until the stream ends: a client that closes it early leaves this
+                failed: int | None = None
                 completion = 0
                 started: set[int] = set()
                 try:
                     async for ev in events(req, None):
                         if ev["type"] == "error":
-                            code = ev["status"]
+                            failed = ev["status"]
                             yield _sse(APIError(ev["status"], ev["message"], type="server_error").body())
                             break
                         i = ev["index"]
@@ -247,9 +345,11 @@ def build_router(engine: Engine, settings: ServeSettings | None = None) -> APIRo
                         yield _sse({"id": rid, "object": obj + (".chunk" if chat else ""), "created": created,
                                     "model": name, "choices": [], "usage": usage(prompts, completion)})
                     yield "data: [DONE]\n\n"
+                    code = failed or 200
                 finally:  # normal end, error, or the client went away (the task is cancelled)
                     engine.cancel(req)
-                    done_metrics(code)
+                    metrics.SERVER_REQUESTS.labels(name, endpoint, str(code)).inc()
+                    duration()
 
             return StreamingResponse(stream(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -259,16 +359,16 @@ def build_router(engine: Engine, settings: ServeSettings | None = None) -> APIRo
         try:
             async for ev in events(req, request):
                 if ev["type"] == "error":
-                    status = ev["status"]
                     raise APIError(ev["status"], ev["message"], type="server_error")
                 if ev["type"] == "delta":
                     texts.setdefault(ev["index"], []).append(ev["text"])
                 elif ev["type"] == "finish":
                     finished[ev["index"]] = ev
-            status = 200 if len(finished) == req.rows else 499  # 499: the client closed the request
+            if len(finished) < req.rows:  # the client went away: the route class counts this status
+                request.state.repguard_status = CLIENT_CLOSED
         finally:
             engine.cancel(req)
-            done_metrics(status)
+            duration()
         choices = []
         for i in range(req.rows):
             ev = finished.get(i, {"finish_reason": "length", "completion_tokens": 0})
@@ -281,8 +381,8 @@ def build_router(engine: Engine, settings: ServeSettings | None = None) -> APIRo
             choice.update(logprobs=None, finish_reason=ev["finish_reason"], repguard=_report(ev, enabled))
             choices.append(choice)
         completion = sum(ev.get("completion_tokens", 0) for ev in finished.values())
-        return {"id": rid, "object": obj, "created": created, "model": name, "choices": choices,
-                "usage": usage(prompts, completion)}
+        return SafeJSONResponse({"id": rid, "object": obj, "created": created, "model": name, "choices": choices,
+                                 "usage": usage(prompts, completion)})
 
     @router.post("/completions")
     async def create_completion(body: CompletionRequest, request: Request):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from ..config import GuardConfig
 
@@ -19,7 +19,7 @@ MAX_SEED = 2**63 - 1
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Strict):
@@ -64,7 +64,14 @@ class _GenerationParams(_Strict):
     def _guard_ok(cls, value: Any) -> Any:
         if value is None or isinstance(value, GuardConfig):
             return value
-        return GuardConfig.from_dict(value)  # ConfigError is a ValueError: pydantic reports it as 400
+        return GuardConfig.from_dict(value, strict=True)  # ConfigError is a ValueError: pydantic reports it as 400
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):  # ``stream`` is declared (validated) first
+            raise ValueError("only allowed when stream is true")
+        return value
 
 
 class CompletionRequest(_GenerationParams):
@@ -89,7 +96,15 @@ class TextPart(_Strict):
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "developer"]
     content: str | list[TextPart]
-    name: str | None = Field(None, max_length=64)
+    name: str | None = Field(None, description="Not supported: a request that sets it is refused.")
+
+    @field_validator("name")
+    @classmethod
+    def _no_name(cls, value: str | None) -> None:
+        # The chat templates served here have no place for a participant name; dropping it would be silent.
+        if value is not None:
+            raise ValueError("name: participant names are not supported by this server; leave it out")
+        return None
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)

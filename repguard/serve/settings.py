@@ -18,12 +18,13 @@ from ..config import GuardConfig, format_validation_error
 from ..errors import ConfigError
 
 ENV_PREFIX = "REPGUARD_"
+SECRETS = frozenset({"api_key"})  # never printed, not even in an error message
 
 
 class ServeSettings(BaseModel):
     """Every setting of ``repguard serve``. Environment variable: ``REPGUARD_`` + the name in upper case."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     model: str = Field("smollm2-135m", description="Embedded model name or local Hugging Face folder.")
     served_model_name: str | None = Field(None, description="Name reported by /v1/models (default: the model's).")
@@ -36,6 +37,7 @@ class ServeSettings(BaseModel):
     api_key: str | None = Field(None, min_length=8, description="Bearer key required on /v1 routes when set.")
     auth_metrics: bool = Field(False, description="Require the API key on /metrics too.")
     auth_health: bool = Field(False, description="Require the API key on /health too.")
+    auth_docs: bool = Field(True, description="Require the API key on /docs, /redoc and /openapi.json (when one is set).")
     max_batch_size: int = Field(8, ge=1, le=256, description="Rows (prompt x n) generated together in one batch.")
     max_queue: int = Field(64, ge=0, le=100000, description="Requests waiting beyond the running batch before 429.")
     batch_wait_ms: float = Field(5.0, ge=0.0, le=1000.0, description="How long the batcher waits to fill a batch.")
@@ -115,7 +117,7 @@ def load_settings(
         return ServeSettings.model_validate(merged)
     except ValidationError as exc:
         origin = {k: where for where, data in sources for k in data}
-        msg = format_validation_error(exc, "server settings")
+        msg = format_validation_error(exc, "server settings", secret=SECRETS)
         named = sorted({str(e["loc"][0]) for e in exc.errors() if e.get("loc")})
         hint = "; ".join(f"{k} from {origin.get(k, 'defaults')}" for k in named)
         raise ConfigError(msg + (f" [{hint}]" if hint else "")) from None
