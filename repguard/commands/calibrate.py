@@ -44,12 +44,30 @@ def run(args) -> int:
     from ..hf.calibrate import CalibrationSettings, calibrate, parse_select
     from ..hf.models import load_model
 
-    torch.set_num_threads(max(1, args.threads))
+    from ..errors import ConfigError
+    from . import checks
+
+    checks.at_least("--num-texts", args.num_texts, 1)
+    checks.at_least("--max-generated", args.max_generated, 1)
+    checks.at_least("--batch-size", args.batch_size, 1)
+    checks.at_least("--heldout", args.heldout, 0)
+    checks.at_least("--threads", args.threads, 1)
+    checks.seed("--seed", args.seed)
+    select = parse_select(args.select)
+    if isinstance(select, float):
+        checks.in_range("--select", select, 0.0, 1.0, low_open=True)
+    else:
+        checks.at_least("--select", select, 1)
     store = parse_select(args.store)
+    if not isinstance(store, float):  # a count would silently become the default fraction
+        raise ConfigError(f"--store must be a fraction of all neurons (2% or 0.02), got the count {args.store!r}")
+    checks.in_range("--store", store, 0.0, 1.0, low_open=True)
+    checks.writable_file("--out", args.out)  # fail now, not after a run of many minutes
+    checks.model_info("--model", args.model)
+    torch.set_num_threads(args.threads)
     settings = CalibrationSettings(
         num_texts=args.num_texts, max_generated=args.max_generated, seed=args.seed, batch_size=args.batch_size,
-        select=parse_select(args.select), store=float(store) if isinstance(store, float) else 0.02,
-        heldout_texts=args.heldout,
+        select=select, store=store, heldout_texts=args.heldout,
     )
     model, tok, name = load_model(args.model, dtype=args.dtype)
     result = calibrate(model, tok, name, settings, progress=args.progress, dtype=args.dtype)

@@ -54,16 +54,19 @@ def _load_config(args):
     from ..config import GuardConfig
     from ..errors import ConfigError
 
+    from .checks import read_text
+
     data: dict = {"preset": args.preset}
     if args.config:
         text = args.config
-        if not text.lstrip().startswith("{"):
-            with open(text) as f:
-                text = f.read()
+        if not text.lstrip().startswith(("{", "[")):  # JSON text, or else a file path
+            text = read_text("--config", text)
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"--config: not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"--config: expected a JSON object of GuardConfig fields, got {type(data).__name__}")
     for item in args.set:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected FIELD=VALUE")
@@ -76,11 +79,32 @@ def _load_config(args):
 
 
 def _prompts(args) -> list[str]:
+    from ..errors import ConfigError
+    from .checks import read_text
+
+    if any(not p.strip() for p in args.prompt):
+        raise ConfigError("--prompt: a prompt is empty")
     prompts = list(args.prompt)
     if args.prompt_file:
-        with open(args.prompt_file) as f:
-            prompts += [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
+        lines = [line.replace("\\n", "\n") for line in read_text("--prompt-file", args.prompt_file).splitlines()
+                 if line.strip()]
+        if not lines:
+            raise ConfigError(f"--prompt-file {args.prompt_file}: no prompts (every line is blank)")
+        prompts += lines
     return prompts or list(DEFAULT_PROMPTS)
+
+
+def _check_args(args) -> None:
+    """Every argument's range, before the model loads."""
+    from . import checks
+
+    checks.at_least("--max-new-tokens", args.max_new_tokens, 1)
+    checks.at_least("--rollback", args.rollback, 0)
+    checks.at_least("--batch-size", args.batch_size, 1)
+    checks.at_least("--threads", args.threads, 1)
+    checks.seed("--seed", args.seed)
+    checks.in_range("--temperature", args.temperature, 0.0, 100.0, low_open=True)  # invalid with or without --sample
+    checks.in_range("--top-p", args.top_p, 0.0, 1.0, low_open=True)
 
 
 def run(args) -> int:
@@ -88,19 +112,25 @@ def run(args) -> int:
 
     from ..errors import ConfigError
     from ..hf.models import load_model
-    from ..maps import find_map
+    from .checks import guard_fits, model_info, neuron_map_for
 
-    if args.max_new_tokens < 1:
-        raise ConfigError("--max-new-tokens must be >= 1")
-    if args.rollback is not None and args.rollback < 0:
-        raise ConfigError("--rollback must be >= 0")
+    _check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     config = _load_config(args)
     prompts = _prompts(args)
+    info = model_info("--model", args.model)
+    if info.context_length and args.max_new_tokens >= info.context_length:
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: the model's context is {info.context_length} tokens")
+    nmap = neuron_map_for("--map", args.map, info)  # before the (slow) model load
+    guard_fits("--config/--set", config, nmap)
     model, tok, name = load_model(args.model, dtype=args.dtype)
-    nmap = find_map(args.map or name)
     texts = [_render(tok, p, args.chat) for p in prompts]
+    context = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+    longest = max(len(tok(t, add_special_tokens=not args.chat)["input_ids"]) for t in texts)
+    if context and longest + args.max_new_tokens > context:
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: with the longest prompt ({longest} tokens) it "
+                          f"exceeds the model's context of {context} tokens")
     gen_kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, pad_token_id=tok.pad_token_id)
     if args.sample:
         gen_kwargs.update(temperature=args.temperature, top_p=args.top_p)

@@ -48,6 +48,16 @@ def _guard_arg(value: str | None):
     return {"preset": value}
 
 
+def preflight(settings) -> None:
+    """What the start checks before it binds, without loading the weights: the model folder (or embedded
+    model), the neuron map and its fit to the model, the default guard against the map."""
+    from .checks import guard_fits, model_info, neuron_map_for
+
+    info = model_info("model", settings.model)
+    nmap = neuron_map_for("neuron_map", settings.neuron_map, info)
+    guard_fits("guard", settings.guard_config(), nmap)
+
+
 def run(args) -> int:
     from ..errors import require
 
@@ -65,10 +75,11 @@ def run(args) -> int:
     cli = {f: getattr(args, f) for f in fields}
     cli["guard"] = _guard_arg(args.guard)
     settings = load_settings(cli, config_file=args.config)
+    preflight(settings)
     if args.check:
         shown = settings.model_dump()
         shown["api_key"] = "***" if settings.api_key else None
-        print(json.dumps(shown, indent=1))
+        print(json.dumps(shown, indent=1, allow_nan=False))
         return 0
     engine = build_engine(settings)
     app = create_app(engine, settings)

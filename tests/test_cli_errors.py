@@ -1,0 +1,141 @@
+"""Bad command-line input: each is one line on stderr, ``repguard: error: ...`` naming the argument, and
+exit code 2, through ``repguard.cli.main``; never a traceback, and never after a slow model load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from repguard.cli import main
+from serve_support import make_random_map, make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[Path, Path]:
+    from repguard.hf.models import load_model
+
+    folder = make_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny")
+    model, _, name = load_model(str(folder))
+    return folder, make_random_map(model, name, folder.parent / "tiny.safetensors")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, tiny) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("files")
+    empty_config = d / "empty-config"
+    empty_config.mkdir()
+    (empty_config / "config.json").write_text("{}")
+    (empty_config / "model.safetensors").write_bytes((tiny[0] / "model.safetensors").read_bytes())
+    (d / "binary.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe")
+    (d / "blank.txt").write_text("\n   \n\t\n\n")
+    (d / "list.json").write_text("[1, 2]")
+    (d / "a-file").write_text("x")
+    return {"empty_config": empty_config, "binary": d / "binary.txt", "blank": d / "blank.txt",
+            "list": d / "list.json", "a_file": d / "a-file", "dir": d}
+
+
+def _fails(capsys, argv: list[str], *names: str) -> str:
+    capsys.readouterr()
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, (rc, err)
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.strip().splitlines() if "it/s]" not in ln]  # transformers' weight-loading bar
+    assert len(lines) == 1 and lines[0].startswith("repguard: error: "), err
+    for name in names:
+        assert name in lines[0], lines[0]
+    return lines[0]
+
+
+GENERATE = [
+    (["--prompt-file", "{dir}/missing.txt"], "--prompt-file"),
+    (["--prompt-file", "{binary}"], "--prompt-file"),
+    (["--prompt-file", "{blank}"], "--prompt-file"),
+    (["--config", "{dir}/missing.json"], "--config"),
+    (["--config", "[1,2]"], "--config"),
+    (["--config", "{list}"], "--config"),
+    (["--prompt", ""], "--prompt"),
+    (["--prompt", "ok", "--prompt", "  "], "--prompt"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--batch-size", "-1"], "--batch-size"),
+    (["--threads", "-1"], "--threads"),
+    (["--seed", str(2**70)], "--seed"),
+    (["--seed", "-1"], "--seed"),
+    (["--sample", "--temperature", "-1"], "--temperature"),
+    (["--sample", "--temperature", "nan"], "--temperature"),
+    (["--sample", "--top-p", "2"], "--top-p"),
+    (["--top-p", "0"], "--top-p"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--max-new-tokens", "20000"], "--max-new-tokens"),  # the tiny model's context is 16384
+    (["--max-new-tokens", "16383"], "--max-new-tokens"),  # with the prompt, beyond the context
+    (["--rollback", "-1"], "--rollback"),
+    (["--set", "layers=[7]"], "layers"),  # the tiny model has 2 layers
+    (["--set", "k=100000"], "k"),
+    (["--set", "penalty_max=Infinity"], "penalty_max"),
+    (["--set", "nonsense"], "--set"),
+]
+
+
+@pytest.mark.parametrize("extra,name", GENERATE, ids=[" ".join(a) for a, _ in GENERATE])
+def test_generate_argument_errors(capsys, tiny, files, extra, name):
+    folder, nmap = tiny
+    extra = [a.format(**files) for a in extra]
+    prompt = [] if any(a.startswith("--prompt") for a in extra) else ["--prompt", "hello"]
+    _fails(capsys, ["generate", "--model", str(folder), "--map", str(nmap), *prompt, *extra], name)
+
+
+def test_generate_model_folder_problems(capsys, tiny, files):
+    _fails(capsys, ["generate", "--model", str(files["empty_config"]), "--prompt", "x"], "--model", "model_type")
+    _fails(capsys, ["generate", "--model", str(files["dir"] / "nowhere"), "--prompt", "x"], "--model")
+    _fails(capsys, ["generate", "--model", str(tiny[0]), "--map", str(files["dir"] / "no.safetensors"),
+                    "--prompt", "x"], "no.safetensors")
+
+
+def test_generate_still_runs_with_good_arguments(capsys, tiny):
+    folder, nmap = tiny
+    rc = main(["generate", "--model", str(folder), "--map", str(nmap), "--prompt", "hi", "--max-new-tokens", "3",
+               "--no-rollback", "--json", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0 and json.loads(out.splitlines()[0])["prompt"] == "hi"
+
+
+def test_calibrate_checks_out_and_store_before_any_work(capsys, tiny, files):
+    folder, _ = tiny
+    base = ["calibrate", "--model", str(folder), "--num-texts", "1"]
+    _fails(capsys, [*base, "--out", str(files["a_file"] / "map.safetensors")], "--out")  # parent is a file
+    _fails(capsys, [*base, "--out", str(files["dir"])], "--out", "directory")
+    _fails(capsys, [*base, "--out", "/proc/repguard/map.safetensors"], "--out")
+    out = str(files["dir"] / "new" / "map.safetensors")
+    _fails(capsys, [*base, "--out", out, "--store", "230"], "--store", "230")
+    _fails(capsys, [*base, "--out", out, "--store", "150%"], "--store")
+    _fails(capsys, [*base, "--out", out, "--select", "0"], "--select")
+    _fails(capsys, [*base, "--out", out, "--batch-size", "0"], "--batch-size")
+    _fails(capsys, ["calibrate", "--model", str(files["empty_config"]), "--out", out], "--model")
+    assert not Path(out).exists()
+
+
+def test_serve_check_checks_what_the_start_checks(capsys, tiny, files, monkeypatch):
+    folder, nmap = tiny
+    monkeypatch.delenv("REPGUARD_API_KEY", raising=False)
+    base = ["serve", "--check", "--model", str(folder), "--neuron-map", str(nmap)]
+    capsys.readouterr()
+    assert main(base) == 0
+    shown = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"{c} in --check output"))
+    assert shown["neuron_map"] == str(nmap)
+    _fails(capsys, ["serve", "--check", "--model", str(folder), "--neuron-map", str(files["dir"] / "no.safetensors")],
+           "no.safetensors")
+    _fails(capsys, ["serve", "--check", "--model", str(files["dir"] / "nowhere")], "model")
+    _fails(capsys, ["serve", "--check", "--model", str(files["empty_config"])], "model", "model_type")
+    _fails(capsys, [*base, "--batch-wait-ms", "nan"], "batch_wait_ms")
+    _fails(capsys, [*base, "--drain-timeout-s", "inf"], "drain_timeout_s")
+    _fails(capsys, [*base, "--guard", '{"layers": [5]}'], "layers")
+    _fails(capsys, [*base, "--guard", '{"monitor_gate": NaN}'], "monitor_gate")
+    monkeypatch.setenv("REPGUARD_API_KEY", "secret")
+    line = _fails(capsys, base, "api_key")
+    assert "secret" not in line
+
+
+def test_inspect_missing_map(capsys, files):
+    _fails(capsys, ["inspect", str(files["dir"] / "absent.safetensors")], "absent.safetensors")
