@@ -33,3 +33,22 @@ def test_presets():
 def test_non_object_is_rejected():
     with pytest.raises(ConfigError):
         GuardConfig.from_dict(["k", 1])
+
+
+@pytest.mark.parametrize("field", ["monitor_gate", "penalty_max", "min_copies", "penalty_multiplier", "penalty_base"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_floats_are_refused(field, value):
+    with pytest.raises(ConfigError, match=field):
+        GuardConfig.from_dict({field: value})
+
+
+@pytest.mark.parametrize("bad, field", [({"k": "64"}, "k"), ({"enabled": "false"}, "enabled"),
+                                        ({"layers": [True]}, "layers"), ({"ngram": 10.0}, "ngram")])
+def test_strict_mode_refuses_coercion(bad, field):
+    with pytest.raises(ConfigError, match=field):
+        GuardConfig.from_dict(bad, strict=True)
+
+
+def test_strict_mode_accepts_json_shapes():
+    cfg = GuardConfig.from_dict({"preset": "monitor", "layers": [0, 1], "k": 3, "min_copies": 2}, strict=True)
+    assert cfg.layers == (0, 1) and cfg.k == 3 and cfg.min_copies == 2.0 and not cfg.deactivate

@@ -329,3 +329,8 @@ def test_a_rejected_api_key_is_never_echoed():
 def test_non_finite_server_settings_are_refused(field, value):
     with pytest.raises(ConfigError, match=field):
         load_settings({field: value}, env={})
+
+
+def test_a_body_that_is_not_utf8_is_a_400(client):
+    for body in (b"\x80", b'{"prompt": "\xff\xfe"}'):
+        assert _err(client.post("/v1/completions", content=body, headers=JSON), 400)["code"] == "invalid_json"

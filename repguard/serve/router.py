@@ -123,7 +123,9 @@ async def check_strings(request: Request) -> None:
         return
     try:
         data = await request.json()  # cached: the route's own parsing reuses it
-    except (ValueError, UnicodeDecodeError):
+    except UnicodeDecodeError:  # FastAPI would let this one through as a 500
+        raise APIError(400, "the request body is not valid JSON: it is not UTF-8 text", code="invalid_json") from None
+    except ValueError:
         return  # the route answers invalid JSON itself
     where = _surrogate_at(data)
     if where:
