@@ -38,6 +38,8 @@ def child(args) -> None:
 
     kw = dict(dtype="float32", distributed_executor_backend="uni", max_model_len=512, max_num_seqs=16, seed=0,
               enforce_eager=args.compile_mode == "eager")
+    if args.guard:
+        kw["logits_processors"] = ["repguard.vllm:RepGuardLogitsProcessor"]
     t0 = time.perf_counter()
     llm = LLM(args.folder, **kw)
     start = time.perf_counter() - t0
@@ -68,7 +70,8 @@ def child_interleaved(args) -> None:
     from vllm import LLM, SamplingParams
 
     llm = LLM(args.folder, dtype="float32", distributed_executor_backend="uni", max_model_len=512, max_num_seqs=16,
-              seed=0, enforce_eager=args.compile_mode == "eager")
+              seed=0, enforce_eager=args.compile_mode == "eager",
+              logits_processors=["repguard.vllm:RepGuardLogitsProcessor"])
     on = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True,
                         extra_args={"repguard": True, "repguard_preset": "monitor"})
     off = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)

@@ -46,6 +46,13 @@ OVERHEAD = Histogram(
 ERRORS = Counter(
     "repguard_guard_errors_total", "Exceptions inside the guard (generation continued unguarded).", ["model", "where"]
 )
+ROLLBACKS = Counter(
+    "repguard_rollbacks_total", "Confirmed loops cut back to their onset and decoded again.", ["model"]
+)
+ROLLBACK_TOKENS = Counter(
+    "repguard_rollback_tokens_total",
+    "Tokens decoded and then discarded by rollbacks (the extra decoding a rollback costs).", ["model"]
+)
 INFO = Gauge(
     "repguard_info", "Static information: repguard version, model and neuron map.",
     ["version", "model", "neuron_map"], multiprocess_mode="max",
@@ -80,7 +87,7 @@ SERVER_BATCH_ROWS = Histogram(
 
 ALL = (
     REQUESTS_GUARDED, LOOPS_DETECTED, INTERVENTIONS, INTERVENTION_TOKENS, GENERATED_TOKENS,
-    DETECTION_POSITION, OVERHEAD, ERRORS, INFO,
+    DETECTION_POSITION, OVERHEAD, ERRORS, ROLLBACKS, ROLLBACK_TOKENS, INFO,
     SERVER_REQUESTS, SERVER_REQUEST_DURATION, SERVER_TTFT, SERVER_QUEUED, SERVER_RUNNING, SERVER_BATCH_ROWS,
 )
 
@@ -107,7 +114,7 @@ def set_info(model: str, neuron_map: str) -> None:
 
 def init_model(model: str) -> None:
     """Create every labelled series of ``model`` at zero, so dashboards show 0 rather than "no data"."""
-    for metric in (REQUESTS_GUARDED, LOOPS_DETECTED, INTERVENTION_TOKENS, GENERATED_TOKENS):
+    for metric in (REQUESTS_GUARDED, LOOPS_DETECTED, INTERVENTION_TOKENS, GENERATED_TOKENS, ROLLBACKS, ROLLBACK_TOKENS):
         metric.labels(model)
     for level in LEVELS:
         INTERVENTIONS.labels(model, level)
@@ -127,6 +134,14 @@ def record_report(model: str, report) -> None:
             INTERVENTIONS.labels(model, change.level).inc()
     if report.tokens_under_intervention:
         INTERVENTION_TOKENS.labels(model).inc(report.tokens_under_intervention)
+
+
+def record_rollback(model: str, rollbacks: int, discarded_tokens: int) -> None:
+    """Count one finished sequence's rollbacks and the decoded tokens they discarded."""
+    if rollbacks:
+        ROLLBACKS.labels(model).inc(rollbacks)
+    if discarded_tokens:
+        ROLLBACK_TOKENS.labels(model).inc(discarded_tokens)
 
 
 def registry() -> CollectorRegistry:

@@ -42,7 +42,7 @@ def server(tmp_path_factory):
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--served-model-name",
          "smollm2-135m", "--dtype", "float32", "--enforce-eager", "--max-model-len", "512", "--max-num-seqs", "4",
-         "--host", "127.0.0.1", "--port", str(port)],
+         "--logits-processors", "repguard.vllm:RepGuardLogitsProcessor", "--host", "127.0.0.1", "--port", str(port)],
         env=env, stdout=log, stderr=subprocess.STDOUT,
     )
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", timeout=300, max_retries=0)

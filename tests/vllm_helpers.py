@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from repguard.archs import arch_for
 from repguard.neuron_map import FINGERPRINT_WIDTH, NeuronMap, config_fingerprint, map_from_scores
 
 ENGINE_ENV = {
@@ -17,9 +18,16 @@ ENGINE_ENV = {
 }
 
 
+LOGITS_PROCESSOR = "repguard.vllm:RepGuardLogitsProcessor"
+
+
 def engine_kwargs(**extra) -> dict:
+    """In-process CPU engine settings. Where the plugin is loaded (``VLLM_PLUGINS=repguard_neurons``), the engine
+    is started with repguard's logits processor, which the neuron step needs."""
     kw = dict(dtype="float32", distributed_executor_backend="uni", max_model_len=512, max_num_seqs=8,
               enforce_eager=True, seed=0)
+    if os.environ.get("VLLM_PLUGINS") == "repguard_neurons":
+        kw["logits_processors"] = [LOGITS_PROCESSOR]
     kw.update(extra)
     return kw
 
@@ -47,7 +55,7 @@ def random_map(folder: str | Path, name: str, selected: int = 230, stored: int =
     g = torch.Generator().manual_seed(seed)
     scores = torch.randn(layers, width, generator=g)
     stats = {k: torch.rand(layers, width, generator=g) for k in ("mean_before", "std_before", "mean_after", "std_after")}
-    meta = dict(model_name=name, architecture="llama", num_layers=layers, intermediate_size=width, hook_point="x",
+    meta = dict(model_name=name, architecture="llama", num_layers=layers, intermediate_size=width, hook_point=arch_for("llama").hook_point,
                 quantity="act", fingerprint=key, num_selected=0, num_stored=0)
     return map_from_scores(meta, scores, stats, selected, stored, extra={"fingerprint_weights": weights})
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import re
 from statistics import mean
 from typing import Sequence
 
@@ -23,6 +25,58 @@ def any_loop(cont: Sequence[int]) -> bool:
         return True
     det = LoopDetector(use_paper=False, use_suffix=True, min_repeat=12, min_copies=2.0, max_period=64)
     return any(det.update(t) is not None for t in cont)
+
+
+def holtzman_loop(cont: Sequence[int], min_phrase: int = 2, copies: int = 3) -> bool:
+    """Holtzman et al. (2020): the text ends in a phrase of >= 2 tokens repeated >= 3 times back to back.
+    No repguard trigger uses this criterion."""
+    cont = list(cont)
+    for length in range(min_phrase, len(cont) // copies + 1):
+        tail = cont[len(cont) - copies * length :]
+        phrase = tail[:length]
+        if all(tail[i * length : (i + 1) * length] == phrase for i in range(1, copies)):
+            return True
+    return False
+
+
+_SPLIT = re.compile(r"(?<=[.!?])\s+|\n+")
+_NORM = re.compile(r"[\W_]+", re.UNICODE)
+
+
+def repeated_sentence(text: str, copies: int = 3, min_chars: int = 20) -> bool:
+    """The same sentence or line (lower-cased, punctuation and spacing removed, >= ``min_chars`` characters)
+    occurs >= 3 times anywhere in the text. No repguard trigger uses this criterion (it reads text, not ids)."""
+    counts: dict[str, int] = {}
+    for part in _SPLIT.split(text):
+        key = _NORM.sub(" ", part.lower()).strip()
+        if len(key) >= min_chars:
+            counts[key] = counts.get(key, 0) + 1
+            if counts[key] >= copies:
+                return True
+    return False
+
+
+def rep_n(conts: Sequence[Sequence[int]], n: int) -> float:
+    """Su et al.: 100 x (1 - unique n-grams / n-grams), pooled over all continuations (per-text n-gram sets)."""
+    total = unique = 0
+    for cont in conts:
+        grams = [tuple(cont[i : i + n]) for i in range(len(cont) - n + 1)]
+        total += len(grams)
+        unique += len(set(grams))
+    return 100.0 * (1 - unique / total) if total else 0.0
+
+
+def gzip_ratio(text: str) -> float:
+    """Compressed size / raw size of the text (lower: more repetitive); 1.0 for empty text."""
+    raw = text.encode("utf-8")
+    return len(gzip.compress(raw, mtime=0)) / len(raw) if raw else 1.0
+
+
+def strict_loop(cont: Sequence[int], text: str | None = None, stopped: bool = False) -> bool:
+    """The strictest label: any of the paper's detector, the wider label, Holtzman's criterion, or a repeated
+    sentence (when the text is given) fires; a stopped output counts as an unrepaired loop."""
+    return (stopped or any_loop(cont) or holtzman_loop(cont)
+            or (text is not None and repeated_sentence(text)))
 
 
 def seq_rep(cont: Sequence[int], n: int = 4) -> float:

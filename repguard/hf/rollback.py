@@ -1,12 +1,10 @@
-"""Rollback: the repeated copy never reaches the output.
+"""Rollback for transformers: a thin adapter over the core ``repguard.rollback`` policy.
 
-The guard watches each row with a precise trigger (by default the paper's criterion alone). When a row's
-loop is confirmed, that row stops at once; its text is cut back to the loop's onset (the start of the
-second copy), and it is decoded again from there with the repair active from the first new token: the
-mapped neurons off, and the token that started the second copy banned for that first step (the exact
-token that would extend the loop, as DRY would penalise it). A row that loops again is rolled back again,
-up to ``max_rollbacks`` times (re-decoded rows are watched with the configured, earlier triggers too);
-the last pass runs the full policy (deactivate -> escalate -> stop).
+The policy (when to cut, where, what to ban, which settings each pass uses, how reports merge, which
+streamed tokens are final) lives in the core and is shared with the vLLM and server paths. This module
+runs its passes as batched ``model.generate`` calls under the guard's hooks: a row whose loop is
+confirmed stops at once (the guard forces EOS), and is decoded again from the onset in the next pass,
+together with the other rows that rolled back.
 
 Rows that never trigger come from the first pass untouched, so they are byte-identical to an unguarded
 run; only looping rows are re-decoded (as a smaller batch, after a fresh prefill of prompt + kept text).
@@ -27,7 +25,8 @@ import torch
 
 from ..config import GuardConfig
 from ..errors import ConfigError
-from ..policy import LevelChange, SequenceReport
+from ..policy import SequenceReport
+from ..rollback import RollbackPolicy
 from .guard import Guard
 
 
@@ -54,12 +53,11 @@ class _BanFirstToken:
 
 
 class _Release:
-    """Streamer for one pass: hands out each row's tokens once they are ``holdback`` tokens old."""
+    """Streamer for one pass: hands out each row's tokens once the core policy says they are final."""
 
-    def __init__(self, texts: list[list[int]], rows: list[int], eos: set[int], holdback: int, cap: int,
-                 release) -> None:
-        self.texts, self.rows, self.eos, self.holdback, self.release = texts, rows, eos, holdback, release
-        self.cap = cap  # a row never returns more than max_new_tokens tokens
+    def __init__(self, states, rows: list[int], eos: set[int], release) -> None:
+        self.states, self.rows, self.eos, self.release = states, rows, eos, release
+        self.texts: list[list[int]] = [[] for _ in rows]  # this pass's new tokens per row
         self.done = [False] * len(rows)
         self.prompt_seen = False
 
@@ -72,7 +70,7 @@ class _Release:
                 continue
             self.texts[i].append(int(token))
             self.done[i] = int(token) in self.eos
-            self.release(self.rows[i], self.texts[i], min(len(self.texts[i]) - self.holdback, self.cap))
+            self.release(self.rows[i], self.states[i].releasable(self.texts[i]))
 
     def end(self) -> None:
         pass
@@ -104,23 +102,19 @@ def generate_with_rollback(
     ``on_tokens(row, tokens)`` streams final tokens, held back by ``holdback`` (module doc)."""
     from transformers import LogitsProcessorList
 
-    if max_rollbacks < 0:
-        raise ConfigError(f"max_rollbacks must be >= 0, got {max_rollbacks}")
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     cfg = config if isinstance(config, GuardConfig) else GuardConfig.from_dict(config)
-    if holdback is None:
-        holdback = cfg.window + cfg.ngram
-    if holdback < 0:
+    if not isinstance(max_rollbacks, int) or max_rollbacks < 0:
+        raise ConfigError(f"max_rollbacks must be >= 0, got {max_rollbacks}")
+    if holdback is not None and (not isinstance(holdback, int) or holdback < 0):
         raise ConfigError(f"holdback must be >= 0, got {holdback}")
+    policy = RollbackPolicy(cfg, {"max_rollbacks": max_rollbacks, "precise_trigger": precise_trigger,
+                                  "holdback": holdback})
     if on_tokens is not None and not callable(on_tokens):
         raise ConfigError(f"on_tokens must be a callable (row, tokens), got {type(on_tokens).__name__}")
     if on_tokens is not None and generate_kwargs.get("streamer") is not None:
         raise ConfigError("pass on_tokens or streamer, not both: rollback streams through on_tokens")
-    # The first pass decides which rows are touched at all: by default only the paper's criterion may
-    # fire there, so a row the paper's detector would not call a loop is never changed. Re-decoded rows
-    # are known to loop: they get the configured (earlier) triggers too.
-    first_cfg = cfg.replace(suffix_trigger=False, paper_trigger=True) if precise_trigger else cfg
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     pad = generate_kwargs.pop("pad_token_id", None)
@@ -132,102 +126,51 @@ def generate_with_rollback(
     min_new = generate_kwargs.pop("min_new_tokens", None)
     device = input_ids.device
     prompts = [row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask)]
-    n = len(prompts)
-    kept: list[list[int]] = [[] for _ in range(n)]
-    final: list[list[int] | None] = [None] * n
-    reports: list[SequenceReport | None] = [None] * n
-    rollbacks = [0] * n
-    bans: dict[int, int] = {}
-    pending = list(range(n))
-    attempt = 0
-    released = [0] * n  # tokens of each row already handed to on_tokens
+    states = [policy.start(max_new_tokens) for _ in prompts]
 
-    def release(r: int, text: list[int], upto: int) -> None:
-        if on_tokens is not None and upto > released[r]:
-            on_tokens(r, text[released[r] : upto])
-            released[r] = upto
+    def release(r: int, tokens: list[int]) -> None:
+        if on_tokens is not None and tokens:
+            on_tokens(r, tokens)
 
-    with Guard(model, neuron_map, first_cfg, model_name=model_name) as g:
+    pending = list(range(len(prompts)))
+    first = True
+    with Guard(model, neuron_map, policy.first, model_name=model_name) as g:
         eos = set(g.eos)
         while pending:
-            last = attempt >= max_rollbacks
-            if attempt == 0:
-                # Watch only; stop a row the moment its loop is confirmed.
-                pass_cfg = (first_cfg.replace(deactivate=False, escalate=False, stop=True, always_on=False)
-                            if not last else first_cfg)
-            elif not last:
-                pass_cfg = cfg.replace(always_on=cfg.deactivate, escalate=False, stop=True, stop_after=1)
-            else:
-                pass_cfg = cfg.replace(always_on=cfg.deactivate)
-            rows = [prompts[r] + kept[r] for r in pending]
+            rows = [prompts[r] + states[r].kept for r in pending]
             width = max(len(r) for r in rows)
             ids = torch.full((len(rows), width), pad, dtype=input_ids.dtype, device=device)
             mask = torch.zeros((len(rows), width), dtype=attention_mask.dtype, device=device)
             for i, r in enumerate(rows):
                 ids[i, width - len(r):] = torch.tensor(r, dtype=input_ids.dtype, device=device)
                 mask[i, width - len(r):] = 1
-            budgets = [max_new_tokens - len(kept[r]) for r in pending]
+            budgets = [states[r].budget for r in pending]
             step_max = max(budgets)
             kwargs = dict(generate_kwargs)
             if min_new is not None:
-                kwargs["min_new_tokens"] = min(min_new, step_max) if attempt == 0 else step_max
+                kwargs["min_new_tokens"] = min(min_new, step_max) if first else step_max
             processors = LogitsProcessorList(list(user_processors))
-            row_bans = {i: bans[r] for i, r in enumerate(pending) if r in bans}
+            row_bans = {i: states[r].ban for i, r in enumerate(pending) if states[r].ban is not None}
             if row_bans:
                 processors.append(_BanFirstToken(row_bans, width))
-            g.configure_rows([pass_cfg] * len(pending), histories=[kept[r] for r in pending])
+            g.configure_rows([states[r].pass_config() for r in pending], histories=[states[r].kept for r in pending])
             streamer = None
             if on_tokens is not None:
-                streamer = _Release([list(kept[r]) for r in pending], list(pending), eos, holdback, max_new_tokens,
-                                    release)
+                streamer = _Release([states[r] for r in pending], list(pending), eos, release)
             out = model.generate(ids, attention_mask=mask, max_new_tokens=step_max, pad_token_id=pad,
                                  logits_processor=processors, streamer=streamer, **kwargs)
             still = []
             for i, r in enumerate(pending):
                 new = _trim(out[i, width:].tolist()[: budgets[i]], eos)
-                rep = g.reports[i]
-                merged = _merge(reports[r], rep, rollback_at=None)
-                det = rep.detections[-1] if rep.detections else None
-                text = kept[r] + new
-                if (not last and rep.finish_reason == "repetition" and det is not None and det.onset > 0
-                        and min(det.onset, len(text) - 1) >= released[r]):
-                    onset = min(det.onset, len(text) - 1)
-                    bans[r] = text[onset]
-                    kept[r] = text[:onset]
-                    rollbacks[r] += 1
-                    merged.finish_reason = None
-                    # The stop that ended this pass was internal: the caller sees the rollback instead.
-                    while merged.actions and merged.actions[-1].level == "stop":
-                        merged.actions.pop()
-                    merged.max_level = max((a.level for a in merged.actions), key=_level_rank, default="monitor")
-                    # Position convention: the action takes effect after this generated token.
-                    merged.actions.append(LevelChange(onset - 1, "rollback", f"loop seen at {det.position}; re-decoded from {onset}"))
-                    reports[r] = merged
+                seq = g.runtime.seqs[i]
+                if seq is not None and new and new[-1] not in eos and len(seq.history) == len(states[r].kept) + len(new) - 1:
+                    # generate() ends without a forward that would show the guard the row's last token.
+                    seq.observe(new[-1])
+                if states[r].end_pass(new, g.reports[i]):
                     still.append(r)
                 else:
-                    final[r] = kept[r] + new
-                    reports[r] = merged
-                    release(r, final[r], len(final[r]))
+                    release(r, states[r].releasable())
             pending = still
-            attempt += 1
-    return RollbackOutput([f or [] for f in final], [r or SequenceReport() for r in reports], rollbacks)
-
-
-def _merge(earlier: SequenceReport | None, later: SequenceReport, rollback_at) -> SequenceReport:
-    if earlier is None:
-        return later
-    merged = SequenceReport(
-        detections=earlier.detections + later.detections,
-        actions=earlier.actions + later.actions,
-        tokens_observed=later.tokens_observed + earlier.tokens_observed,
-        tokens_under_intervention=earlier.tokens_under_intervention + later.tokens_under_intervention,
-        max_level=max(earlier.max_level, later.max_level, key=_level_rank),
-        finish_reason=later.finish_reason,
-        max_neuron_score=max((s for s in (earlier.max_neuron_score, later.max_neuron_score) if s is not None), default=None),
-        errors=earlier.errors + later.errors,
-    )
-    return merged
-
-
-def _level_rank(level: str) -> int:
-    return {"monitor": 0, "rollback": 0, "deactivate": 1, "escalate": 2, "stop": 3}.get(level, 0)
+            first = False
+    return RollbackOutput([s.final or [] for s in states], [s.report or SequenceReport() for s in states],
+                          [s.rollbacks for s in states])

@@ -21,6 +21,7 @@ from ..errors import require
 require("vllm", "vllm")
 
 from .compat import SUPPORTED_TEXT, UnsupportedVllmError  # noqa: E402
+from .front import GuardedAsyncLLM, GuardedLLM, GuardedOutput  # noqa: E402
 from .logits import RepGuardLogitsProcessor, request_config, server_config  # noqa: E402
 
 
@@ -53,6 +54,9 @@ async def afetch_reports(engine_client, request_ids=None, pop: bool = True) -> d
 
 
 __all__ = [
+    "GuardedAsyncLLM",
+    "GuardedLLM",
+    "GuardedOutput",
     "RepGuardLogitsProcessor",
     "SUPPORTED_TEXT",
     "UnsupportedVllmError",

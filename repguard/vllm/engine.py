@@ -140,6 +140,7 @@ class EngineGuard:
         self.live: dict[str, RowState] = {}  # running guarded requests, by request id
         self._taken: set[str] = set()  # live reports already handed out (bounded by running requests)
         self.parked: dict[str, tuple] = {}  # requests vLLM took out of the batch but did not finish
+        self.resumed = 0  # parked requests that came back (after preemption) with their state
         self.stop_signals: list[str] = []  # requests ended by a forced EOS in this step (see plugin)
         self._handles: list = []
         self._mapped = False  # rows already mapped for the forward in progress (by the runner wrapper)
@@ -324,13 +325,14 @@ class EngineGuard:
 
     def _unpark(self, index: int, fresh: RowState) -> RowState:
         rt = self.runtime
-        state, seq, chosen, row_k, watch, use_mean = self.parked.pop(fresh.req_id)
+        state, seq, chosen, row_k, use_mean, fill = self.parked.pop(fresh.req_id)
+        self.resumed += 1
         state.outputs = fresh.outputs
         rt.seqs[index], rt.row_k[index] = seq, row_k
         if chosen is not None:
             rt._chosen[index] = chosen
-        rt.watch[index], rt.use_mean[index] = watch, use_mean
-        rt._refresh(index)
+        rt.use_mean[index], rt.fill[index] = use_mean, fill
+        rt._refresh(index)  # the switched-off mask follows from the sequence's level and chosen neurons
         self.rows[index] = state
         return state
 
@@ -350,8 +352,9 @@ class EngineGuard:
         if state.req_id is not None and requests is not None and state.req_id in requests:
             # Not finished: vLLM left it out of this step (preempted or not scheduled) and will add it
             # back later; keep its guard state.
+            # Per-row state only (``rt.watch`` is the monitor's per-neuron weights, shared by all rows).
             self.parked[state.req_id] = (state, rt.seqs[index], rt._chosen.get(index), rt.row_k[index],
-                                         rt.watch[index].clone(), rt.use_mean[index].clone())
+                                         rt.use_mean[index].clone(), rt.fill[index].clone())
             rt.close(index)
             return
         report = rt.close(index)
@@ -419,9 +422,11 @@ class EngineGuard:
             if n <= state.seen or state.done:
                 continue
             new = state.outputs[state.seen : n]
-            state.seen = n
-            if any(t < 0 for t in new):  # async-scheduling placeholders: not supported, skip
-                continue
+            if new[-1] < 0:  # placeholders (-1) of tokens not sampled yet: read committed tokens only
+                new = new[: new.index(-1)] if -1 in new else []
+                if not new:
+                    continue
+            state.seen += len(new)
             earlier.extend((index, t) for t in new[:-1])
             tokens[index] = int(new[-1])
         if not tokens:

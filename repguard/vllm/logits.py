@@ -45,6 +45,7 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 PLUGIN_ACTIVE = False  # set by plugin.register() in this process
+NEURON_STEP_BLOCKED: str | None = None  # why the plugin is inert on the engine of this process, if known
 
 
 def _as_bool(name: str, value: Any) -> bool:
@@ -122,10 +123,14 @@ class RepGuardLogitsProcessor(compat.LogitsProcessor):
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
-        request_config(compat.extra_args(sampling_params))  # raises ConfigError (a ValueError) -> HTTP 400
+        # raises ConfigError (a ValueError) -> HTTP 400
+        cfg = request_config(compat.extra_args(sampling_params))
+        if cfg is not None and cfg.enabled and NEURON_STEP_BLOCKED is not None:
+            raise ConfigError(f"repguard: this request asks for the neuron step, which cannot run on this engine: "
+                              f"{NEURON_STEP_BLOCKED}. Drop the repguard_* settings, or use the request-level "
+                              "guard (repguard.vllm.GuardedAsyncLLM / repguard serve --upstream)")
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
-        compat.check_runner(vllm_config)
         self.vllm_config = vllm_config
         self.active = PLUGIN_ACTIVE
         self._warned = False
@@ -146,8 +151,12 @@ class RepGuardLogitsProcessor(compat.LogitsProcessor):
         if guard is None:
             if batch_update is not None and not self._warned and self._wants_guard(batch_update):
                 self._warned = True
-                log.warning("repguard: a request asked for the guard, but no guard is installed on this engine "
-                            "(no neuron map for the served model?); it runs unguarded")
+                log.warning("repguard: a request asked for the neuron step, but it is not installed on this engine "
+                            "(see the plugin's warning at start); such requests run unguarded")
+            if batch_update is not None and self._wants_guard(batch_update):
+                from .. import metrics
+
+                metrics.ERRORS.labels(str(self.vllm_config.model_config.model), "unavailable").inc()
             return
         configs: dict[int, GuardConfig] = {}
         if batch_update is not None:

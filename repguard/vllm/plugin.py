@@ -1,19 +1,26 @@
-"""The ``repguard_neurons`` general plugin: installs the guard right after the model loads.
+"""The ``repguard_neurons`` general plugin: the neuron step inside vLLM, where the engine can run it.
 
 vLLM runs ``register()`` in every process before the model loads (entry point
 ``vllm.general_plugins``; filter with ``VLLM_PLUGINS``). It wraps the V1 model runner's
-``load_model`` so that, in each worker, the loaded model gets the guard's hooks.
+``load_model`` so that, in each worker, the loaded model gets the guard's hooks, but only on an engine
+that can run them: model runner V1, no async scheduling, no speculative decoding, no pipeline
+parallelism, and repguard's logits processor configured (``logits_processors=[...]``; it is not
+registered as an entry-point processor, because model runner V2 refuses every V1-interface processor
+it finds there, which would stop every engine in the environment). Anywhere else the plugin logs once
+why it is inert and changes nothing: the engine starts and runs as without it. The request-level guard
+(``repguard.vllm.front``) works on every engine, with or without the plugin.
 
 Neuron map: ``REPGUARD_MAP`` (a path or a shipped map name), else the shipped map named after the
-served model name, then after the model path's last component. A map whose fingerprint does not
-match the loaded model stops the engine with ``MapMismatchError``. With no map and no
-``REPGUARD_MAP``, the engine starts unguarded (a warning says so) and opted-in requests run
-unguarded. Server-wide default settings: ``REPGUARD_CONFIG`` (JSON object or JSON file path).
+served model name, then after the model path's last component. A ``REPGUARD_MAP`` that does not fit
+the loaded model stops the engine with ``MapMismatchError`` (the user asked for it by name); a shipped
+map found by name that does not fit is skipped with a warning. With no map, the engine starts without
+the neuron step (a warning says so).
 
 Finish reason: the guard ends a request by forcing its EOS token (the only way a logits processor can
 end it). The plugin tags the model runner's output with the ids it ended and wraps the scheduler's
 stop check, so such a request finishes with vLLM's own ``FINISHED_REPETITION`` status (finish reason
-``"repetition"``, stop reason ``"repguard"``), with the in-process and the multiprocess executor alike.
+``"repetition"``, stop reason ``"repguard"``); no extension point carries a finish reason from a logits
+processor. The request-level guard needs none of this: it ends requests itself.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import logging
 import os
 from pathlib import Path
 
-from ..errors import NeuronMapError
+from ..errors import MapMismatchError, NeuronMapError, UnsupportedModelError
 from ..maps import find_map
 
 log = logging.getLogger("repguard")
@@ -35,17 +42,33 @@ def register() -> None:
     """Entry point of ``vllm.general_plugins`` (name ``repguard_neurons``). Safe to call repeatedly."""
     from . import compat, logits
 
-    compat.check_version()
+    try:
+        compat.check_version()
+    except compat.UnsupportedVllmError as exc:
+        _inert_once(str(exc))
+        return
+    # Only V1 runner classes are wrapped (V2 has its own class, which the plugin leaves alone).
     for cls in compat.runner_classes():
         original = cls.__dict__["load_model"]
         if getattr(original, _WRAPPED, False):
             continue
         cls.load_model = _wrap_load_model(original)
     _wrap_finish_reason()
-    v2 = compat.v2_runner_class()
-    if v2 is not None and "load_model" in v2.__dict__ and not getattr(v2.__dict__["load_model"], _WRAPPED, False):
-        v2.load_model = _refuse_v2(v2.__dict__["load_model"])
     logits.PLUGIN_ACTIVE = True
+
+
+_LOGGED: set[str] = set()
+
+
+def _inert_once(reason: str) -> None:
+    """Say once per process why the neuron step does not run on this engine."""
+    from . import logits
+
+    logits.NEURON_STEP_BLOCKED = reason
+    if reason not in _LOGGED:
+        _LOGGED.add(reason)
+        log.warning("repguard: neuron step inactive on this engine: %s. Requests run unchanged; the "
+                    "request-level guard (repguard.vllm.GuardedLLM / GuardedAsyncLLM) still works.", reason)
 
 
 STOP_REASON = "repguard"
@@ -142,22 +165,19 @@ def _attach(out, ending: list[str]) -> None:
         setattr(out, STOPPED_ATTR, ending)
 
 
-def _refuse_v2(original):
-    @functools.wraps(original)
-    def load_model(self, *args, **kwargs):
-        from .compat import V2_MESSAGE, UnsupportedVllmError
-
-        raise UnsupportedVllmError(V2_MESSAGE)
-
-    setattr(load_model, _WRAPPED, True)
-    return load_model
-
-
 def _wrap_load_model(original):
     @functools.wraps(original)
     def load_model(self, *args, **kwargs):
         result = original(self, *args, **kwargs)
-        install(self)
+        try:
+            install(self)
+        except (MapMismatchError, NeuronMapError):
+            raise  # REPGUARD_MAP names a map that cannot serve this model: say so at start
+        except Exception:  # anything else: never stop the engine
+            log.exception("repguard: could not install the neuron step; this engine runs without it")
+            from . import engine
+
+            engine.set_current(None)
         return result
 
     setattr(load_model, _WRAPPED, True)
@@ -206,17 +226,36 @@ def install(runner):
     from . import compat, engine, logits
 
     vllm_config = runner.vllm_config
-    compat.check_runner(vllm_config)
+    engine.set_current(None)
+    logits.NEURON_STEP_BLOCKED = None
     if getattr(runner, "is_pooling_model", False):
         return None
+    blockers = compat.neuron_step_blockers(vllm_config)
+    if blockers:
+        _inert_once("; ".join(blockers))
+        return None
+    explicit = bool(os.environ.get("REPGUARD_MAP", "").strip())
     neuron_map, source = choose_map(vllm_config)
     if neuron_map is None:
-        log.warning("repguard: %s; this engine runs unguarded", source)
-        engine.set_current(None)
+        _inert_once(source)
         return None
     model_name = map_candidates(vllm_config)[0]
-    # A map for another model refuses to start (MapMismatchError names both).
-    neuron_map.check_model(engine.model_fingerprint(vllm_config, runner.get_model()), where=f"served model '{model_name}'")
+    try:
+        spec_error = None
+        engine.vllm_arch(vllm_config)
+    except UnsupportedModelError as exc:
+        spec_error = str(exc)
+    if spec_error is not None:
+        _inert_once(spec_error)
+        return None
+    try:
+        neuron_map.check_model(engine.model_fingerprint(vllm_config, runner.get_model()),
+                               where=f"served model '{model_name}'")
+    except MapMismatchError as exc:
+        if explicit:
+            raise  # the user named this map: a map for another model refuses to start (names both)
+        _inert_once(f"the shipped map '{source}' does not fit this model ({exc})")
+        return None
     if compat.is_compiled(vllm_config):
         compat.salt_compile_cache(vllm_config, "repguard", map_identity(neuron_map))
     guard = engine.EngineGuard(runner, neuron_map, logits.server_config(), model_name).install()

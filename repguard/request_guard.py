@@ -1,0 +1,212 @@
+"""``RequestGuard``: rollback for engines that stream tokens, at the request level.
+
+The engine is a black box that takes a prompt and streams token ids (vLLM's ``LLM`` / ``AsyncLLM``, an
+OpenAI-compatible server). The guard watches one request's stream with the core ``SequenceGuard`` and
+applies the core ``RollbackPolicy``; every repair is a *resubmission* of the prompt plus the kept tokens:
+
+* a confirmed loop: the request is cancelled and resubmitted from the onset; the loop's next token is
+  banned for the first new token by a one-token submission with a logit bias, then decoding continues;
+* an escalation penalty of the last pass (the token that would extend the loop): the same one-token
+  step with that penalty as its bias;
+* the neuron step, where the engine can run it, is a flag on the submission (``neurons_off``).
+
+It does no I/O (a sans-I/O state machine): an adapter asks ``next_submission()``, sends it, feeds the
+tokens it streams back to ``feed()``, cancels it when ``feed`` says so, and reports an engine-side end
+with ``end()``. A request whose first submission never loops is never cancelled or resubmitted, so its
+tokens are exactly the engine's. Prefix caching makes a resubmission cheap (the prompt is re-used).
+
+Seeded sampling stays reproducible: submission 0 is the caller's request with its own seed; submission
+``i`` uses ``derive_seed(seed, i)``.
+
+>>> from repguard.rollback import RollbackPolicy
+>>> g = RequestGuard(RollbackPolicy(), max_new_tokens=40)
+>>> sub = g.next_submission()
+>>> loop = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]
+>>> cancel = g.feed(sub, [1, 2] + loop * 3)          # the third copy confirms the loop
+>>> cancel, g.rollbacks
+(True, 1)
+>>> nxt = g.next_submission()                        # resubmitted from the onset, its next token banned
+>>> len(nxt.generated), nxt.max_tokens, nxt.bias
+(14, 1, {5: -inf})
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+from .config import GuardConfig
+from .errors import ConfigError
+from .policy import SequenceGuard, SequenceReport
+from .rollback import BAN, RollbackPolicy, RollbackState
+
+_SEED_MOD = 2**63 - 1
+
+
+def derive_seed(seed: int | None, index: int) -> int | None:
+    """Seed of submission ``index`` of a request seeded with ``seed`` (0: the request's own seed)."""
+    if seed is None or index == 0:
+        return seed
+    return (int(seed) * 1_000_003 + index * 7_919) % _SEED_MOD
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One engine request: the caller's prompt + ``generated``, for at most ``max_tokens`` new tokens."""
+
+    index: int  # 0: the caller's own request
+    attempt: int  # rollback pass it belongs to
+    generated: tuple[int, ...]  # tokens already generated, appended to the prompt
+    max_tokens: int
+    bias: dict[int, float] | None  # logit bias for this (one-token) step; -inf bans
+    neurons_off: bool  # the pass wants the mapped neurons off throughout (where the engine runs them)
+
+
+def check_request_config(config: GuardConfig) -> None:
+    """Settings that need the neuron monitor cannot run on a token stream: refuse them by name."""
+    if config.monitor_gate is not None:
+        raise ConfigError("monitor_gate: needs the neuron monitor, which a request-level guard does not have; "
+                          "leave it unset")
+    if config.watch_prompt:
+        raise ConfigError("watch_prompt: not supported by the request-level guard (it sees generated tokens only)")
+
+
+class RequestGuard:
+    """One request under rollback, driven by token streams (module doc)."""
+
+    def __init__(self, policy: RollbackPolicy, max_new_tokens: int, eos_ids: Iterable[int] = (),
+                 neuron_step: bool = False) -> None:
+        check_request_config(policy.config)
+        self.policy = policy
+        self.state: RollbackState = policy.start(max_new_tokens)
+        self.eos = frozenset(int(e) for e in eos_ids)
+        self.neuron_step = neuron_step
+        self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None
+        self.submissions = 0
+        self.decoded = 0  # tokens the engine decoded for this request, discarded ones included
+        self._current: Submission | None = None
+        self._bias: dict[int, float] | None = None
+        self._pass: list[int] = []
+        self._seq: SequenceGuard | None = None
+        self._new_pass()
+
+    # -- what adapters read --------------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def tokens(self) -> list[int]:
+        """The request's final tokens (while running: the tokens decided so far, not yet final)."""
+        if self.state.final is not None:
+            return list(self.state.final)
+        return self.state.kept + self._pass
+
+    @property
+    def report(self) -> SequenceReport:
+        if self.state.report is not None and self.done:
+            return self.state.report
+        from .rollback import merge_reports
+
+        return merge_reports(self.state.report, self._seq.report) if self._seq is not None else SequenceReport()
+
+    @property
+    def rollbacks(self) -> int:
+        return self.state.rollbacks
+
+    @property
+    def form(self) -> str:
+        """Which repair ran: token-level only, or with the neuron step."""
+        return "tokens+neurons" if self.neuron_step else "tokens"
+
+    def take_released(self) -> list[int]:
+        """Tokens that became final since the last call (streaming)."""
+        return self.state.releasable(self._pass, finished=False)
+
+    # -- the protocol -----------------------------------------------------------------------------------
+    def next_submission(self) -> Submission | None:
+        """The request to send now, or None when the request is finished."""
+        if self.done:
+            return None
+        if self._current is not None:
+            return self._current
+        cfg = self.state.pass_config()
+        generated = tuple(self.state.kept + self._pass)
+        budget = self.state.max_new_tokens - len(generated)
+        bias = self._bias
+        self._current = Submission(
+            index=self.submissions, attempt=self.state.attempt, generated=generated,
+            max_tokens=1 if bias else budget, bias=dict(bias) if bias else None,
+            neurons_off=self.neuron_step and cfg.always_on and cfg.deactivate,
+        )
+        self.submissions += 1
+        return self._current
+
+    def feed(self, sub: Submission, tokens: Iterable[int]) -> bool:
+        """New tokens of ``sub``. Returns True when the adapter must cancel ``sub`` (the guard has moved on:
+        a rollback, a one-token step, or the end of the request); later tokens of it are ignored."""
+        tokens = list(tokens)
+        self.decoded += len(tokens)
+        if sub is not self._current:
+            return True
+        seq = self._seq
+        state = self.state
+        for token in tokens:
+            token = int(token)
+            self._bias = None
+            self._pass.append(token)
+            if token in self.eos:
+                self._finish("stop")
+                return True
+            seq.observe(token)
+            if seq.stopped:
+                if state.end_pass(self._pass, seq.report):
+                    self._new_pass()
+                else:
+                    self.finish_reason = "repetition"
+                    self._current = None
+                return True
+            if len(state.kept) + len(self._pass) >= state.max_new_tokens:
+                self._finish("length")
+                return True
+            penalty = seq.penalty
+            if penalty is not None:
+                token_id, amount = penalty
+                self._bias = {token_id: -amount}
+                self._current = None
+                return True
+            if sub.max_tokens == 1:  # a one-token step is over: continue with a full submission
+                self._current = None
+                return True
+        return False
+
+    def end(self, sub: Submission, finish_reason: str | None, stop_reason: str | int | None = None,
+            tail: Iterable[int] = ()) -> None:
+        """The engine ended ``sub`` by itself (EOS, its own stop strings or tokens, max length, abort, error).
+        ``tail``: the tokens that ended it (an EOS or stop token), kept in the output but not watched."""
+        if sub is not self._current or self.done:
+            return
+        self._pass.extend(int(t) for t in tail)
+        if sub.max_tokens == 1 and finish_reason == "length":
+            self._current = None  # the step's one token was fed: continue
+            return
+        self.stop_reason = stop_reason
+        self._finish(finish_reason or "stop")
+
+    # -- internals ---------------------------------------------------------------------------------------
+    def _new_pass(self) -> None:
+        self._pass = []
+        self._current = None
+        state = self.state
+        self._bias = {state.ban: -BAN} if state.ban is not None else None
+        state.ban = None
+        self._seq = SequenceGuard(state.pass_config(), history=state.kept)
+
+    def _finish(self, reason: str) -> None:
+        self.state.end_pass(self._pass, self._seq.report, final=True)
+        self.finish_reason = "repetition" if self._seq.report.finish_reason == "repetition" else reason
+        self._current = None
+
+
+__all__ = ["RequestGuard", "Submission", "check_request_config", "derive_seed"]

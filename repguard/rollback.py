@@ -1,0 +1,213 @@
+"""Rollback, written once for every path (transformers, vLLM, the servers): the repeated copy never
+reaches the output.
+
+A sequence is decoded in *passes*. The first pass only watches, with a precise trigger (by default the
+paper's criterion alone), so a sequence that never loops is never touched. When a pass confirms a loop,
+the sequence is cut back to the loop's onset (the start of its second copy) and decoded again from
+there, with the repair active from the first new token:
+
+* the token that started the second copy is banned for that first step (the exact token that would
+  extend the loop);
+* the mapped neurons are switched off for the whole re-decode, where the path can run them;
+* re-decoded text is known to loop, so it is watched with the configured, earlier triggers too, and
+  a loop there is rolled back again, up to ``max_rollbacks`` times;
+* the last pass runs the full per-token policy (deactivate -> escalate -> stop).
+
+``RollbackPolicy`` holds these decisions; ``RollbackState`` applies them to one sequence: what to keep,
+what to ban, which settings the next pass uses, how the pass reports merge, and which tokens are final
+(streaming holds tokens back by ``holdback``, so a rollback never takes back text already handed out).
+Framework adapters only run the passes. Nothing here imports a framework.
+
+>>> policy = RollbackPolicy(max_rollbacks=1)
+>>> state = policy.start(max_new_tokens=50)
+>>> state.pass_config().stop, state.pass_config().suffix_trigger   # first pass: watch, stop on the paper's loop
+(True, False)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .config import GuardConfig, format_validation_error
+from .errors import ConfigError
+from .policy import Level, LevelChange, SequenceReport
+
+BAN = float("inf")  # logit penalty of a banned token (frameworks that clamp biases use their maximum)
+
+
+class RollbackConfig(BaseModel):
+    """How rollback runs. ``holdback`` None: the paper criterion's window plus its n-gram."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    enabled: bool = Field(True, description="False: the single-pass guard (hooks only, no re-decode).")
+    max_rollbacks: int = Field(2, ge=0, le=16, description="Re-decodes per sequence before the last, full-policy pass.")
+    precise_trigger: bool = Field(
+        True, description="The first pass fires on the paper's criterion only, so text that merely reuses a "
+        "phrase is never touched.")
+    holdback: int | None = Field(None, ge=0, le=100_000, description="Streaming: tokens held back before release.")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> "RollbackConfig":
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"invalid RollbackConfig: expected an object, got {type(data).__name__}")
+        try:
+            return cls.model_validate(dict(data or {}))
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, "RollbackConfig")) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class RollbackPolicy:
+    """The rollback decisions for one guard configuration (shared by every sequence that uses it)."""
+
+    def __init__(self, config: GuardConfig | dict | None = None, settings: RollbackConfig | dict | None = None,
+                 **overrides: Any) -> None:
+        self.config = config if isinstance(config, GuardConfig) else GuardConfig.from_dict(config)
+        base = settings if isinstance(settings, RollbackConfig) else RollbackConfig.from_dict(settings)
+        self.settings = base.model_copy(update=overrides) if overrides else base
+        if overrides:
+            self.settings = RollbackConfig.from_dict(self.settings.model_dump())
+        cfg = self.config
+        # The first pass decides which sequences are touched at all.
+        self.first = cfg.replace(suffix_trigger=False, paper_trigger=True) if self.settings.precise_trigger else cfg
+        self._configs = (
+            # Watch only; end the pass the moment a loop is confirmed.
+            self.first.replace(deactivate=False, escalate=False, stop=True, always_on=False),
+            # Re-decodes: neurons off throughout, end the pass at the first sign of the loop coming back.
+            cfg.replace(always_on=cfg.deactivate, escalate=False, stop=True, stop_after=1),
+            # The last pass: the full policy.
+            cfg.replace(always_on=cfg.deactivate),
+        )
+
+    @property
+    def max_rollbacks(self) -> int:
+        return self.settings.max_rollbacks if self.settings.enabled else 0
+
+    @property
+    def holdback(self) -> int:
+        hb = self.settings.holdback
+        return self.config.window + self.config.ngram if hb is None else hb
+
+    def pass_config(self, attempt: int) -> GuardConfig:
+        """Settings of pass ``attempt`` (0 = the first)."""
+        if attempt >= self.max_rollbacks:
+            return self.first if attempt == 0 else self._configs[2]
+        return self._configs[0] if attempt == 0 else self._configs[1]
+
+    def start(self, max_new_tokens: int) -> "RollbackState":
+        if max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        return RollbackState(self, max_new_tokens)
+
+
+@dataclass
+class RollbackState:
+    """One sequence under rollback. Adapters run a pass with ``pass_config()`` on ``kept`` (generated tokens
+    that the next pass's prompt ends with), banning ``ban`` at its first step, then call ``end_pass``."""
+
+    policy: RollbackPolicy
+    max_new_tokens: int
+    kept: list[int] = field(default_factory=list)
+    attempt: int = 0
+    ban: int | None = None
+    rollbacks: int = 0
+    released: int = 0  # tokens already handed out (final)
+    report: SequenceReport | None = None
+    final: list[int] | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.final is not None
+
+    @property
+    def last(self) -> bool:
+        return self.attempt >= self.policy.max_rollbacks
+
+    @property
+    def budget(self) -> int:
+        """New tokens the next pass may decode."""
+        return self.max_new_tokens - len(self.kept)
+
+    def pass_config(self) -> GuardConfig:
+        return self.policy.pass_config(self.attempt)
+
+    def end_pass(self, new_tokens: list[int], report: SequenceReport, final: bool = False) -> bool:
+        """Record a finished pass (its new tokens, up to and including an EOS, and its report).
+        Returns True when the sequence rolls back (run another pass), False when it is final
+        (always False with ``final``: the engine ended the sequence)."""
+        text = self.kept + list(new_tokens)[: self.budget]
+        merged = merge_reports(self.report, report)
+        det = report.detections[-1] if report.detections else None
+        if det is not None and det.position >= len(text):
+            # Seen only in tokens past this sequence's budget (a batch decodes to its longest row's budget).
+            det = None
+            merged.finish_reason = None
+        onset = min(det.onset, len(text) - 1) if det is not None else -1
+        if (not final and not self.last and report.finish_reason == "repetition" and det is not None
+                and det.onset > 0 and onset >= self.released):
+            self.ban = text[onset]
+            self.kept = text[:onset]
+            self.rollbacks += 1
+            self.attempt += 1
+            merged.finish_reason = None
+            # The stop that ended this pass was internal: the caller sees the rollback instead.
+            while merged.actions and merged.actions[-1].level == "stop":
+                merged.actions.pop()
+            merged.max_level = max((a.level for a in merged.actions), key=level_rank, default="monitor")
+            # Position convention: the action takes effect after this generated token.
+            merged.actions.append(LevelChange(onset - 1, "rollback", f"loop seen at {det.position}; re-decoded from {onset}"))
+            self.report = merged
+            return True
+        self.final = text
+        self.report = merged
+        return False
+
+    def releasable(self, pass_tokens: list[int] | None = None, finished: bool = False) -> list[int]:
+        """Tokens that became final since the last call: all of them once the sequence is done, else those
+        older than ``holdback`` in ``kept + pass_tokens`` (a rollback is never made into them)."""
+        if self.final is not None:
+            text, upto = self.final, len(self.final)
+        else:
+            text = self.kept + list(pass_tokens or [])
+            upto = len(text) if finished else min(len(text) - self.policy.holdback, self.max_new_tokens)
+        if upto <= self.released:
+            return []
+        out = text[self.released : upto]
+        self.released = upto
+        return out
+
+
+def level_rank(level: str) -> int:
+    """Order of the report's level labels; a rollback ranks with monitoring (nothing was written)."""
+    if level == "rollback":
+        return int(Level.MONITOR)
+    try:
+        return int(Level[level.upper()])
+    except KeyError:
+        return int(Level.MONITOR)
+
+
+def merge_reports(earlier: SequenceReport | None, later: SequenceReport) -> SequenceReport:
+    """One report for a sequence decoded in several passes (positions already count from its start)."""
+    if earlier is None:
+        return later
+    return SequenceReport(
+        detections=earlier.detections + later.detections,
+        actions=earlier.actions + later.actions,
+        tokens_observed=earlier.tokens_observed + later.tokens_observed,
+        tokens_under_intervention=earlier.tokens_under_intervention + later.tokens_under_intervention,
+        max_level=max(earlier.max_level, later.max_level, key=level_rank),
+        finish_reason=later.finish_reason,
+        max_neuron_score=max((s for s in (earlier.max_neuron_score, later.max_neuron_score) if s is not None),
+                             default=None),
+        errors=earlier.errors + later.errors,
+    )
+
+
+__all__ = ["BAN", "RollbackConfig", "RollbackPolicy", "RollbackState", "level_rank", "merge_reports"]

@@ -1,0 +1,383 @@
+"""The request-level guard for vLLM: rollback on any runner, through vLLM's public request API.
+
+``GuardedLLM`` (offline batches, around ``vllm.LLM``) and ``GuardedAsyncLLM`` (serving, around an
+``AsyncLLM`` / engine client) stream each request's token ids, watch them with the core
+``RequestGuard`` and roll a confirmed loop back by resubmitting the prompt token ids plus the kept tokens
+as a ``TokensPrompt`` (module ``repguard.request_guard``). Everything they use is public and stable
+across vLLM's runners: ``TokensPrompt``, ``SamplingParams.logit_bias`` (the ban and the penalty, on
+one-token steps), ``seed``, abort, ``RequestOutput.num_cached_tokens``. So they work with model runner V1
+or V2, async scheduling, CUDA graphs, tensor/pipeline parallelism and replicas alike, and need no neuron
+map: detection, ban, rollback, escalation and stop are token-level.
+
+The neuron step joins in where the engine can run it: an engine started with the ``repguard_neurons``
+plugin and ``logits_processors=[repguard.vllm.RepGuardLogitsProcessor]`` on the V1 runner, with a map
+for the model. Re-decode passes then ask the plugin to keep the mapped neurons off throughout. Each
+report says which form ran (``"form": "tokens"`` or ``"tokens+neurons"``).
+
+Prefix caching (vLLM's default) makes a resubmission re-prefill almost nothing; each output reports the
+prompt tokens the cache served (``cached_prompt_tokens``) and the tokens decoded in all
+(``decoded_tokens``, discarded ones included).
+
+A request whose output never loops is sent once, unchanged, and its tokens are the engine's.
+Sampling: submission 0 keeps the caller's seed; later submissions use ``derive_seed(seed, i)``, so a
+seeded request is reproducible. Not supported: ``n > 1`` (send n requests), beam search, prompt
+logprobs on resubmissions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Sequence
+
+from .. import metrics
+from ..config import GuardConfig
+from ..errors import ConfigError
+from ..request_guard import RequestGuard, Submission, derive_seed
+from ..rollback import RollbackConfig, RollbackPolicy
+
+log = logging.getLogger("repguard")
+
+_ids = itertools.count()
+
+
+@dataclass
+class GuardedOutput:
+    """One request's result (or, streaming, the latest state: ``new_token_ids`` are the final tokens
+    released since the previous yield)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finished: bool
+    finish_reason: str | None
+    stop_reason: str | int | None = None
+    new_token_ids: list[int] = field(default_factory=list)
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+class _Front:
+    """What both fronts share: per-request settings, submission parameters, reports."""
+
+    def __init__(self, config: GuardConfig | dict | None, rollback: RollbackConfig | dict | None,
+                 model_name: str) -> None:
+        self.config = config if isinstance(config, GuardConfig) else GuardConfig.from_dict(config)
+        self.rollback = rollback if isinstance(rollback, RollbackConfig) else RollbackConfig.from_dict(rollback)
+        self.policy = RollbackPolicy(self.config, self.rollback)
+        RequestGuard(self.policy, 1)  # refuses settings a token stream cannot run, before any request
+        self.model_name = model_name
+        self.neuron_step = False
+
+    def _policy(self, guard: GuardConfig | dict | bool | None) -> RollbackPolicy | None:
+        if guard is None or guard is True:
+            return self.policy
+        if guard is False:
+            return None
+        cfg = guard if isinstance(guard, GuardConfig) else self.config.replace(**dict(guard))
+        if not cfg.enabled:
+            return None
+        return RollbackPolicy(cfg, self.rollback)
+
+    @staticmethod
+    def _check_params(params) -> None:
+        if getattr(params, "n", 1) != 1:
+            raise ConfigError(f"n: the guarded front runs one sequence per request (got n={params.n}); "
+                              "send n requests instead")
+        if params.max_tokens is None:
+            raise ConfigError("max_tokens: the guarded front needs a token budget per request")
+
+    def _sub_params(self, params, sub: Submission, kind):
+        p = params.clone()
+        p.output_kind = kind
+        p.max_tokens = sub.max_tokens
+        if sub.index > 0:
+            p.seed = derive_seed(params.seed, sub.index)
+            if getattr(p, "min_tokens", 0):
+                p.min_tokens = max(0, params.min_tokens - len(sub.generated))
+                if p.min_tokens > p.max_tokens:
+                    p.min_tokens = p.max_tokens
+        if sub.bias:
+            bias = dict(params.logit_bias or {})
+            for token, amount in sub.bias.items():
+                bias[token] = bias.get(token, 0.0) + amount
+            p.logit_bias = bias
+        if sub.neurons_off:
+            cfg = self.config.replace(always_on=True, escalate=False, stop=False)
+            fields = {k: v for k, v in cfg.to_dict().items() if k != "preset"}
+            p.extra_args = {**(params.extra_args or {}), "repguard": True, "repguard_config": json.dumps(fields)}
+        return p
+
+    @staticmethod
+    def _prompt(original, prompt_ids: list[int] | None, sub: Submission):
+        if sub.index == 0:
+            return original
+        from vllm.inputs import TokensPrompt
+
+        return TokensPrompt(prompt_token_ids=list(prompt_ids or []) + list(sub.generated))
+
+    def _report(self, rg: RequestGuard, cached: int) -> dict[str, Any]:
+        data = rg.report.to_dict()
+        data.update(
+            rollbacks=rg.rollbacks, submissions=rg.submissions, decoded_tokens=rg.decoded,
+            cached_prompt_tokens=cached, form=rg.form, stopped=rg.finish_reason == "repetition",
+        )
+        return data
+
+    def _record(self, rg: RequestGuard) -> None:
+        try:
+            metrics.record_report(self.model_name, rg.report)
+            metrics.record_rollback(self.model_name, rg.rollbacks, max(0, rg.decoded - len(rg.tokens)))
+        except Exception:  # metrics never take a request down
+            log.exception("repguard: could not record metrics")
+
+
+def _status(worker) -> dict:
+    """Runs in each worker: can the plugin run the neuron step on this engine?"""
+    from . import engine
+
+    guard = engine.current()
+    return {"neurons": guard is not None and not guard.broken}
+
+
+def _first_output(out):
+    return out.outputs[0] if out.outputs else None
+
+
+class GuardedLLM(_Front):
+    """Rollback around ``vllm.LLM`` (offline batch inference).
+
+    >>> # llm = LLM(model_path); front = GuardedLLM(llm)
+    >>> # outs = front.generate(["Once upon a time"], SamplingParams(temperature=0, max_tokens=200))
+    >>> # outs[0].token_ids, outs[0].report["rollbacks"]
+    """
+
+    def __init__(self, llm, config: GuardConfig | dict | None = None, rollback: RollbackConfig | dict | None = None,
+                 *, neuron_step: bool | None = None, model_name: str | None = None) -> None:
+        name = model_name or str(getattr(llm.llm_engine.model_config, "served_model_name", None)
+                                 or llm.llm_engine.model_config.model)
+        super().__init__(config, rollback, name)
+        self.llm = llm
+        self.engine = llm.llm_engine
+        available = self._neurons_available()
+        if neuron_step and not available:
+            raise ConfigError("neuron_step: this engine cannot run the neuron step (start it with the "
+                              "repguard_neurons plugin, logits_processors=[RepGuardLogitsProcessor], the V1 "
+                              "runner and a neuron map), or pass neuron_step=None")
+        self.neuron_step = available if neuron_step is None else bool(neuron_step)
+
+    def _neurons_available(self) -> bool:
+        try:
+            results = self.llm.collective_rpc(_status)
+        except Exception:
+            return False
+        return bool(results) and all(r.get("neurons") for r in results)
+
+    def generate(self, prompts, sampling_params, guard: Sequence[GuardConfig | dict | bool | None] | None = None,
+                 ) -> list[GuardedOutput]:
+        """Guarded ``LLM.generate``: ``prompts`` as vLLM takes them (strings or ``TokensPrompt``s),
+        ``sampling_params`` one or one per prompt, ``guard`` per request (None: the front's settings,
+        False: unguarded, a dict: overrides)."""
+        from vllm.sampling_params import RequestOutputKind
+
+        prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
+        guards = list(guard) if guard is not None else [None] * len(prompts)
+        if len(params) != len(prompts) or len(guards) != len(prompts):
+            raise ConfigError("generate: pass one sampling_params and one guard setting per prompt (or one for all)")
+        tag = f"rg{next(_ids)}"
+        reqs = []
+        for i, (prompt, p, g) in enumerate(zip(prompts, params, guards)):
+            self._check_params(p)
+            policy = self._policy(g)
+            rg = RequestGuard(policy or self.policy, p.max_tokens, neuron_step=self.neuron_step)
+            reqs.append({"prompt": prompt, "params": p, "guard": rg, "guarded": policy is not None, "ids": None,
+                         "cached": 0, "counted": set(), "text": "", "stop_reason": None, "out_reason": None, "tokens": [],
+                         "t0": time.perf_counter()})
+        live: dict[str, tuple[int, Submission]] = {}
+
+        def submit(i: int) -> None:
+            r = reqs[i]
+            rg = r["guard"]
+            sub = rg.next_submission()
+            if sub is None:
+                return
+            rid = f"{tag}-{i}.{sub.index}"
+            live[rid] = (i, sub)
+            self.engine.add_request(rid, self._prompt(r["prompt"], r["ids"], sub),
+                                    self._sub_params(r["params"], sub, RequestOutputKind.DELTA))
+
+        for i in range(len(reqs)):
+            submit(i)
+        while live:
+            for out in self.engine.step():
+                entry = live.get(out.request_id)
+                if entry is None:
+                    continue
+                i, sub = entry
+                r, rg = reqs[i], reqs[i]["guard"]
+                if r["ids"] is None:
+                    r["ids"] = list(out.prompt_token_ids or [])
+                if sub.index and out.num_cached_tokens and sub.index not in r["counted"]:
+                    r["counted"].add(sub.index)  # every output of a request repeats its prefill's count
+                    r["cached"] += int(out.num_cached_tokens)
+                o = _first_output(out)
+                tokens = list(o.token_ids) if o is not None else []
+                if not r["guarded"]:
+                    r["tokens"] += tokens
+                    r["text"] += o.text if o is not None else ""
+                    if out.finished:
+                        del live[out.request_id]
+                        r["out_reason"], r["stop_reason"] = o.finish_reason, o.stop_reason
+                    continue
+                if sub.index == 0 and o is not None:
+                    r["text"] += o.text
+                cancel = _feed(rg, sub, tokens, out.finished, o)
+                if cancel or out.finished:
+                    del live[out.request_id]
+                    if not out.finished:
+                        self.engine.abort_request([out.request_id])
+                    submit(i)
+        tokenizer = None
+        results = []
+        for r in reqs:
+            rg = r["guard"]
+            if not r["guarded"]:
+                results.append(GuardedOutput("", r["ids"] or [], r["tokens"], r["text"], True, r["out_reason"],
+                                             r["stop_reason"]))
+                continue
+            text = r["text"]
+            if rg.submissions > 1:
+                tokenizer = tokenizer or self.llm.get_tokenizer()
+                text = tokenizer.decode(rg.tokens, skip_special_tokens=r["params"].skip_special_tokens)
+            self._record(rg)
+            results.append(GuardedOutput("", r["ids"] or [], rg.tokens, text, True, rg.finish_reason, rg.stop_reason,
+                                         report=self._report(rg, r["cached"])))
+        for i, res in enumerate(results):
+            res.request_id = f"{tag}-{i}"
+        return results
+
+
+def _feed(rg: RequestGuard, sub: Submission, tokens: list[int], finished: bool, o) -> bool:
+    """Feed one engine output to the guard; an engine-side end (EOS, stop strings, length, abort) is told
+    with the tokens that ended it, which are not watched."""
+    if not finished:
+        return rg.feed(sub, tokens)
+    reason = getattr(o, "finish_reason", None) if o is not None else "abort"
+    if reason == "stop" and tokens:
+        if rg.feed(sub, tokens[:-1]):
+            return True
+        rg.end(sub, "stop", getattr(o, "stop_reason", None), tail=tokens[-1:])
+        return True
+    if rg.feed(sub, tokens):
+        return True
+    rg.end(sub, reason, getattr(o, "stop_reason", None))
+    return True
+
+
+class GuardedAsyncLLM(_Front):
+    """Rollback around an ``AsyncLLM`` (or the OpenAI server's engine client), for serving.
+
+    ``generate`` yields ``GuardedOutput``s as tokens become final (held back by ``holdback`` tokens, so a
+    rollback never retracts text already yielded); the last one has ``finished=True`` and the report.
+    Closing the generator (a client that went away) aborts the engine request in flight.
+    """
+
+    def __init__(self, engine, config: GuardConfig | dict | None = None, rollback: RollbackConfig | dict | None = None,
+                 *, neuron_step: bool | None = None, model_name: str | None = None, tokenizer=None) -> None:
+        mc = getattr(engine, "model_config", None)
+        name = model_name or str(getattr(mc, "served_model_name", None) or getattr(mc, "model", "model"))
+        super().__init__(config, rollback, name)
+        self.engine = engine
+        self._want_neurons = neuron_step
+        self._checked = False
+        self._lock = asyncio.Lock()
+        self._tokenizer = tokenizer
+
+    async def _check(self) -> None:
+        if self._checked:
+            return
+        async with self._lock:
+            if self._checked:
+                return
+            try:
+                results = await self.engine.collective_rpc(_status)
+                available = bool(results) and all(r.get("neurons") for r in results)
+            except Exception:
+                available = False
+            if self._want_neurons and not available:
+                raise ConfigError("neuron_step: this engine cannot run the neuron step (see repguard.vllm.front)")
+            self.neuron_step = available if self._want_neurons is None else bool(self._want_neurons)
+            self._checked = True
+
+    async def _decode(self, tokens: list[int], skip_special: bool) -> str:
+        tok = self._tokenizer
+        if tok is None:
+            get = getattr(self.engine, "get_tokenizer", None)
+            tok = get() if get is not None else None
+            if asyncio.iscoroutine(tok):
+                tok = await tok
+            self._tokenizer = tok
+        return tok.decode(tokens, skip_special_tokens=skip_special) if tok is not None else ""
+
+    async def generate(self, prompt, sampling_params, request_id: str, *,
+                       guard: GuardConfig | dict | bool | None = None, **kwargs) -> AsyncIterator[GuardedOutput]:
+        """Guarded ``AsyncLLM.generate`` (extra keyword arguments go to every engine request)."""
+        from vllm.sampling_params import RequestOutputKind
+
+        await self._check()
+        self._check_params(sampling_params)
+        policy = self._policy(guard)
+        if policy is None:
+            async for out in self.engine.generate(prompt, sampling_params, request_id, **kwargs):
+                o = _first_output(out)
+                yield GuardedOutput(request_id, list(out.prompt_token_ids or []), list(o.token_ids) if o else [],
+                                    o.text if o else "", out.finished, o.finish_reason if o else None,
+                                    o.stop_reason if o else None)
+            return
+        rg = RequestGuard(policy, sampling_params.max_tokens, neuron_step=self.neuron_step)
+        prompt_ids: list[int] | None = None
+        cached = 0
+        text0 = ""
+        recorded = False
+        try:
+            while (sub := rg.next_submission()) is not None:
+                gen = self.engine.generate(self._prompt(prompt, prompt_ids, sub),
+                                           self._sub_params(sampling_params, sub, RequestOutputKind.DELTA),
+                                           f"{request_id}.{sub.index}", **kwargs)
+                counted = False
+                try:
+                    async for out in gen:
+                        if prompt_ids is None:
+                            prompt_ids = list(out.prompt_token_ids or [])
+                        if sub.index and out.num_cached_tokens and not counted:
+                            counted = True  # every output of a request repeats its prefill's count
+                            cached += int(out.num_cached_tokens)
+                        o = _first_output(out)
+                        if sub.index == 0 and o is not None:
+                            text0 += o.text
+                        cancel = _feed(rg, sub, list(o.token_ids) if o else [], out.finished, o)
+                        new = rg.take_released() if not rg.done else []
+                        if new:
+                            yield GuardedOutput(request_id, prompt_ids, [], "", False, None, new_token_ids=new)
+                        if cancel or out.finished:
+                            break
+                finally:
+                    await gen.aclose()  # aborts the engine request if it is still running
+            tokens = rg.tokens
+            new = rg.state.releasable()
+            text = text0 if rg.submissions == 1 else await self._decode(tokens, sampling_params.skip_special_tokens)
+            self._record(rg)
+            recorded = True
+            yield GuardedOutput(request_id, prompt_ids or [], tokens, text, True, rg.finish_reason, rg.stop_reason,
+                                new_token_ids=new, report=self._report(rg, cached))
+        finally:
+            if not recorded and rg.submissions:
+                self._record(rg)
+
+
+__all__ = ["GuardedAsyncLLM", "GuardedLLM", "GuardedOutput"]
