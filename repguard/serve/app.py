@@ -93,21 +93,8 @@ class BodyLimit:
         return await self.app(scope, replay, send)
 
 
-def create_app(engine: Engine, settings: ServeSettings | None = None, *, close_engine: bool = True) -> FastAPI:
-    settings = settings or ServeSettings()
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        yield
-        if close_engine:  # uvicorn has already let in-flight responses finish (graceful shutdown)
-            engine.close(timeout=settings.drain_timeout_s)
-
-    # the docs are served below, behind the key unless auth_docs is off
-    app = FastAPI(title="repguard", version=__version__, lifespan=lifespan, openapi_url=None, docs_url=None,
-                  redoc_url=None, default_response_class=SafeJSONResponse,
-                  description="OpenAI-compatible completions guarded against repetition loops.")
-    app.state.repguard_engine = engine
-    app.include_router(build_router(engine, settings))
+def _common_routes(app: FastAPI, settings: ServeSettings, model_name: str) -> None:
+    """What every ``repguard serve`` app has: docs behind the key, /metrics, OpenAI-shaped errors, the body limit."""
     auth = bearer_auth(settings.api_key)
     no_auth = bearer_auth(None)
     docs = [Depends(auth if settings.auth_docs else no_auth)]
@@ -123,13 +110,6 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, *, close_e
     @app.get("/redoc", include_in_schema=False, dependencies=docs)
     async def redoc() -> HTMLResponse:
         return get_redoc_html(openapi_url="/openapi.json", title="repguard - ReDoc")
-
-    @app.get("/health", dependencies=[Depends(auth if settings.auth_health else no_auth)])
-    async def health() -> Any:
-        queued, running = engine.load()
-        body = {"status": "draining" if engine.draining else "ok", "model": engine.model_name,
-                "queued": queued, "running": running, "version": __version__}
-        return JSONResponse(body, status_code=503 if engine.draining else 200)
 
     @app.get("/metrics", dependencies=[Depends(auth if settings.auth_metrics else no_auth)])
     async def prometheus_metrics() -> Response:
@@ -155,7 +135,35 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, *, close_e
         log.exception("repguard: unhandled error")
         return APIError(500, "internal server error", type="server_error").response()
 
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, model_name=engine.model_name)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, model_name=model_name)
+
+
+def create_app(engine: Engine, settings: ServeSettings | None = None, *, close_engine: bool = True) -> FastAPI:
+    settings = settings or ServeSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        if close_engine:  # uvicorn has already let in-flight responses finish (graceful shutdown)
+            engine.close(timeout=settings.drain_timeout_s)
+
+    # the docs are served below, behind the key unless auth_docs is off
+    app = FastAPI(title="repguard", version=__version__, lifespan=lifespan, openapi_url=None, docs_url=None,
+                  redoc_url=None, default_response_class=SafeJSONResponse,
+                  description="OpenAI-compatible completions guarded against repetition loops.")
+    app.state.repguard_engine = engine
+    app.include_router(build_router(engine, settings))
+    auth = bearer_auth(settings.api_key)
+    no_auth = bearer_auth(None)
+
+    @app.get("/health", dependencies=[Depends(auth if settings.auth_health else no_auth)])
+    async def health() -> Any:
+        queued, running = engine.load()
+        body = {"status": "draining" if engine.draining else "ok", "model": engine.model_name,
+                "queued": queued, "running": running, "version": __version__}
+        return JSONResponse(body, status_code=503 if engine.draining else 200)
+
+    _common_routes(app, settings, engine.model_name)
 
     default_openapi = app.openapi
 
@@ -170,4 +178,37 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, *, close_e
         return schema
 
     app.openapi = openapi
+    return app
+
+
+def create_upstream_app(proxy, settings: ServeSettings) -> FastAPI:
+    """The guard in front of an existing vLLM server (``repguard serve --upstream``); ``proxy`` is a connected
+    ``repguard.serve.upstream.UpstreamProxy``."""
+    from .upstream import build_upstream_router
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await proxy.aclose()
+
+    app = FastAPI(title="repguard", version=__version__, lifespan=lifespan, openapi_url=None, docs_url=None,
+                  redoc_url=None, default_response_class=SafeJSONResponse,
+                  description="A vLLM OpenAI server's completions, guarded against repetition loops.")
+    app.state.repguard_proxy = proxy
+    app.include_router(build_upstream_router(proxy, settings))
+    auth = bearer_auth(settings.api_key)
+    no_auth = bearer_auth(None)
+
+    @app.get("/health", dependencies=[Depends(auth if settings.auth_health else no_auth)])
+    async def health() -> Any:
+        try:
+            up = (await proxy.upstream.get("/health", timeout=2.0)).status_code == 200
+        except APIError:
+            up = False
+        status = "draining" if proxy.draining else "ok" if up else "upstream_unavailable"
+        body = {"status": status, "model": proxy.model_name, "models": proxy.models, "upstream": proxy.upstream.url,
+                "neuron_step": proxy.neuron_step, "version": __version__}
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
+
+    _common_routes(app, settings, proxy.model_name)
     return app

@@ -18,7 +18,7 @@ from ..config import GuardConfig, format_validation_error
 from ..errors import ConfigError
 
 ENV_PREFIX = "REPGUARD_"
-SECRETS = frozenset({"api_key"})  # never printed, not even in an error message
+SECRETS = frozenset({"api_key", "upstream_api_key"})  # never printed, not even in an error message
 
 
 class ServeSettings(BaseModel):
@@ -49,6 +49,39 @@ class ServeSettings(BaseModel):
     max_body_bytes: int = Field(1_000_000, ge=1024, le=1_000_000_000)
     drain_timeout_s: float = Field(60.0, ge=0.0, le=3600.0, description="SIGTERM: how long in-flight requests may finish.")
     log_level: str = Field("info", pattern="^(critical|error|warning|info|debug)$")
+    rollback: dict[str, Any] = Field(default_factory=dict, description="RollbackConfig fields (max_rollbacks, holdback, ...) "
+                                     "for the request-level rollback of --upstream.")
+
+    # -- in front of an existing vLLM OpenAI server (``--upstream``; the embedded model is then not loaded) --
+    upstream: str | None = Field(None, description="Base URL of a vLLM OpenAI server to guard (http://host:port).")
+    upstream_api_key: str | None = Field(None, min_length=1, description="Bearer key the upstream server expects.")
+    upstream_tokenizer: str | None = Field(
+        None, description="Local folder of the upstream model's tokenizer (default: the upstream's /detokenize).")
+    upstream_timeout_s: float = Field(300.0, gt=0.0, le=86400.0, description="Longest wait for the upstream's next byte.")
+    upstream_connect_timeout_s: float = Field(5.0, gt=0.0, le=600.0)
+    upstream_wait_s: float = Field(60.0, ge=0.0, le=3600.0, description="At start: how long to wait for the upstream.")
+    upstream_max_connections: int = Field(256, ge=1, le=100_000, description="Concurrent upstream connections.")
+    upstream_neuron_step: bool | None = Field(
+        None, description="Re-decodes switch the mapped neurons off through repguard's vLLM plugin (None: if the "
+        "upstream runs it).")
+
+    @field_validator("upstream")
+    @classmethod
+    def _upstream_ok(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        url = value.strip().rstrip("/")
+        if not url.startswith(("http://", "https://")) or len(url.split("://", 1)[1]) == 0:
+            raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+        return url.removesuffix("/v1")
+
+    @field_validator("rollback")
+    @classmethod
+    def _rollback_ok(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from ..rollback import RollbackConfig
+
+        RollbackConfig.from_dict(value)
+        return value
 
     @field_validator("guard")
     @classmethod
@@ -82,7 +115,12 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
         raw = env.get(ENV_PREFIX + name.upper())
         if raw is None or raw == "":  # an empty variable (e.g. from compose's ${VAR:-}) means unset
             continue
-        if name == "guard":
+        if name in ("guard", "rollback") and raw.strip().startswith("{"):
+            try:
+                out[name] = json.loads(raw)
+            except ValueError as exc:
+                raise ConfigError(f"{ENV_PREFIX}{name.upper()}: not valid JSON: {exc}") from None
+        elif name == "guard":
             raw = raw.strip()
             try:
                 out[name] = json.loads(raw) if raw.startswith("{") else {"preset": raw}

@@ -1,0 +1,754 @@
+"""``repguard serve --upstream URL``: the guard in front of a vLLM OpenAI server you already run.
+
+Nothing inside that server changes. The proxy forwards ``/v1/completions``, ``/v1/chat/completions``
+(streaming or not) and ``/v1/models``, asks the upstream for token ids (vLLM's ``return_token_ids``) and
+watches each guarded request's ids with the core request-level rollback (``repguard.request_guard``):
+
+* submission 0 is the client's own request, unchanged except that it streams and returns token ids, so a
+  request that never loops gets exactly the upstream's tokens and text;
+* on a confirmed loop the proxy closes that upstream stream (vLLM aborts the request) and continues
+  through the upstream's ``/v1/completions`` with a prompt of token ids: the request's prompt ids (for chat,
+  the templated prompt ids the upstream returns) plus the kept ids, the loop's next token banned on the
+  first new token by ``logit_bias``, the request's sampling settings kept and its seed derived per
+  submission (``derive_seed``);
+* if the upstream runs repguard's vLLM plugin, re-decodes also switch the mapped neurons off (``vllm_xargs``).
+
+The client sees one continuous choice with a ``repguard`` report, and ``finish_reason == "repetition"``
+when the guard gave up. Streaming holds ``holdback`` tokens back (the rollback settings), so a rollback
+never retracts text already sent. Text: the upstream's own for a request never resubmitted; otherwise the
+final ids decoded with ``--upstream-tokenizer`` (a local folder) or by the upstream's ``/detokenize``.
+
+Upstream failures reach the client OpenAI-shaped: unreachable, a broken connection or a 5xx -> 502, a
+timeout -> 504, the upstream's own 4xx passed through. Every upstream call has a timeout, and a client
+that goes away closes its upstream request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+import anyio
+import httpx
+from fastapi import APIRouter, Request
+from fastapi.responses import Response, StreamingResponse
+
+from .. import metrics
+from ..config import GuardConfig
+from ..errors import ConfigError, RepGuardError
+from ..request_guard import RequestGuard, Submission, derive_seed
+from ..rollback import BAN, RollbackConfig, RollbackPolicy
+from .router import CLIENT_CLOSED, DISCONNECT_POLL_S, APIError, SafeJSONResponse, dumps, openai_route
+from .settings import ServeSettings
+
+log = logging.getLogger("repguard.serve")
+
+BIAS_LIMIT = 100.0  # vLLM clamps logit_bias to [-100, 100]; a ban is -100
+# Sampling settings carried from the client's request into resubmissions (vLLM's completions and chat
+# requests share them). Chat-only settings cannot apply to a token prompt; those that would change the
+# output are refused for guarded requests (``REFUSED``).
+CARRIED = (
+    "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
+    "stop", "stop_token_ids", "include_stop_str_in_output", "ignore_eos", "skip_special_tokens",
+    "spaces_between_special_tokens", "allowed_token_ids", "bad_words", "user", "priority",
+)
+REFUSED = {
+    "n": lambda v: v not in (None, 1), "best_of": lambda v: v not in (None, 1), "echo": bool,
+    "logprobs": lambda v: v not in (None, False), "top_logprobs": lambda v: v is not None,
+    "prompt_logprobs": lambda v: v is not None, "use_beam_search": bool, "tools": bool,
+    "structured_outputs": lambda v: v is not None, "guided_json": lambda v: v is not None,
+    "guided_regex": lambda v: v is not None, "guided_choice": lambda v: v is not None,
+    "guided_grammar": lambda v: v is not None,
+    "response_format": lambda v: isinstance(v, dict) and v.get("type") not in (None, "text"),
+}
+
+
+class UpstreamError(RepGuardError):
+    """The upstream server cannot be used (unreachable, not vLLM, no models)."""
+
+
+def error_from_exception(exc: Exception) -> APIError:
+    """An httpx failure as the client's error: timeout 504, anything else on the wire 502."""
+    if isinstance(exc, httpx.PoolTimeout):
+        return APIError(503, "the proxy has too many upstream requests in flight; retry", type="server_error",
+                        code="upstream_busy", headers={"Retry-After": "1"})
+    if isinstance(exc, httpx.TimeoutException):
+        return APIError(504, f"the upstream server did not answer in time ({type(exc).__name__})",
+                        type="server_error", code="upstream_timeout")
+    return APIError(502, f"the upstream server failed: {type(exc).__name__}: {exc}".rstrip(": "),
+                    type="server_error", code="upstream_error")
+
+
+def error_from_body(status: int, raw: bytes | str | dict) -> APIError:
+    """An upstream error answer: its 4xx passed through (message, type, param, code), a 5xx as 502."""
+    data: Any = raw
+    if isinstance(raw, (bytes, str)):
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            data = {"error": {"message": (raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw)[:2000]}}
+    err = data.get("error") if isinstance(data, dict) else None
+    if not isinstance(err, dict):
+        err = {"message": str(err if err is not None else data)[:2000]}
+    message = str(err.get("message") or f"HTTP {status}")
+    if status >= 500 or status < 400:
+        return APIError(502, f"the upstream server answered {status}: {message}", type="server_error",
+                        code="upstream_error")
+    code = err.get("code")
+    return APIError(status, message, type=str(err.get("type") or "invalid_request_error"),
+                    param=err.get("param"), code=None if code is None or isinstance(code, int) else str(code))
+
+
+class Upstream:
+    """The HTTP client of one upstream vLLM OpenAI server (base URL without ``/v1``)."""
+
+    def __init__(self, url: str, *, api_key: str | None = None, timeout_s: float = 300.0,
+                 connect_timeout_s: float = 5.0, max_connections: int = 256) -> None:
+        self.url = url
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.AsyncClient(
+            base_url=url, headers=headers, timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=min(64, max_connections)),
+        )
+
+    async def get(self, path: str, timeout: float | None = None) -> httpx.Response:
+        try:
+            kwargs = {"timeout": timeout} if timeout is not None else {}
+            return await self.client.get(path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise error_from_exception(exc) from None
+
+    async def post_json(self, path: str, body: dict[str, Any]) -> Any:
+        try:
+            resp = await self.client.post(path, json=body)
+        except httpx.HTTPError as exc:
+            raise error_from_exception(exc) from None
+        if resp.status_code != 200:
+            raise error_from_body(resp.status_code, resp.content)
+        try:
+            return resp.json()
+        except ValueError:
+            raise APIError(502, f"the upstream's {path} did not answer JSON", type="server_error",
+                           code="upstream_error") from None
+
+    async def open_stream(self, path: str, body: dict[str, Any]) -> httpx.Response:
+        """Send a streaming request and wait for its headers; an error answer raises its APIError."""
+        try:
+            resp = await self.client.send(self.client.build_request("POST", path, json=body), stream=True)
+        except httpx.HTTPError as exc:
+            raise error_from_exception(exc) from None
+        if resp.status_code != 200:
+            try:
+                raw = await resp.aread()
+            except httpx.HTTPError:
+                raw = b""
+            finally:
+                await close(resp)
+            raise error_from_body(resp.status_code, raw)
+        return resp
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+async def close(resp: httpx.Response) -> None:
+    """Close an upstream response even inside a cancelled task: vLLM aborts a request whose stream closes."""
+    with anyio.CancelScope(shield=True):
+        await resp.aclose()
+
+
+async def sse_events(resp: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    """The JSON events of an upstream SSE stream until ``[DONE]``; an error event raises its APIError."""
+    try:
+        async for line in resp.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            payload = line[5:].strip()
+            if payload == "[DONE]":
+                return
+            try:
+                event = json.loads(payload)
+            except ValueError:
+                raise APIError(502, "the upstream sent an event that is not JSON", type="server_error",
+                               code="upstream_error") from None
+            if isinstance(event, dict) and "error" in event and not event.get("choices"):
+                err = event["error"] if isinstance(event["error"], dict) else {}
+                code = err.get("code")
+                raise error_from_body(code if isinstance(code, int) else 500, event)
+            yield event
+    except httpx.HTTPError as exc:
+        raise error_from_exception(exc) from None
+
+
+def feed_chunk(rg: RequestGuard, sub: Submission, tokens: list[int], finish_reason: str | None,
+               stop_reason: Any) -> bool:
+    """One upstream chunk to the guard (the HTTP twin of ``repguard.vllm.front._feed``): an upstream-side
+    end is told with the token that ended it (an EOS or stop token), which is kept but not watched."""
+    if finish_reason is None:
+        return rg.feed(sub, tokens)
+    if finish_reason == "stop" and tokens:
+        if rg.feed(sub, tokens[:-1]):
+            return True
+        rg.end(sub, "stop", stop_reason, tail=tokens[-1:])
+        return True
+    if rg.feed(sub, tokens):
+        return True
+    rg.end(sub, finish_reason, stop_reason)
+    return True
+
+
+def _bias(client: Any, extra: dict[int, float] | None) -> dict[str, float] | None:
+    """The client's ``logit_bias`` plus the guard's step bias, clamped as vLLM clamps (a ban is -100)."""
+    bias = {str(k): float(v) for k, v in (client or {}).items()}
+    for token, amount in (extra or {}).items():
+        key = str(int(token))
+        total = bias.get(key, 0.0) + (-BAN if amount == -BAN else amount)
+        bias[key] = max(-BIAS_LIMIT, min(BIAS_LIMIT, total)) if total != -BAN else -BIAS_LIMIT
+    return bias or None
+
+
+class Decoder:
+    """Text of token ids: a local tokenizer when given, else the upstream's ``/detokenize``."""
+
+    def __init__(self, upstream: Upstream, tokenizer=None) -> None:
+        self.upstream, self.tokenizer = upstream, tokenizer
+
+    async def __call__(self, model: str, ids: list[int], skip_special: bool = True) -> str:
+        if not ids:
+            return ""
+        if self.tokenizer is not None:
+            return self.tokenizer.decode(ids, skip_special_tokens=skip_special)
+        data = await self.upstream.post_json("/detokenize", {"model": model, "tokens": list(ids)})
+        text = data.get("prompt") if isinstance(data, dict) else None
+        if not isinstance(text, str):
+            raise APIError(502, "the upstream's /detokenize gave no text", type="server_error", code="upstream_error")
+        return text
+
+
+class GuardedCall:
+    """One guarded request: the client's own request first, then resubmissions to ``/v1/completions``."""
+
+    def __init__(self, proxy: "UpstreamProxy", body: dict[str, Any], chat: bool, policy: RollbackPolicy,
+                 model: str, max_tokens: int) -> None:
+        self.proxy, self.body, self.chat, self.model = proxy, body, chat, model
+        self.rg = RequestGuard(policy, max_tokens, neuron_step=proxy.neuron_step)
+        self.prompt_ids: list[int] | None = None
+        self.first: dict[str, Any] = {}  # id, created, system_fingerprint of the first upstream chunk
+        self.text0 = ""  # submission 0's text as the upstream sent it
+        self.pieces: list[tuple[int, str]] = [(0, "")]  # submission 0: (tokens so far, text so far)
+        self.n0 = 0
+        self.last_stop: Any = None
+        self.resp: httpx.Response | None = None
+        self.sub: Submission | None = None
+        self.stops = [body["stop"]] if isinstance(body.get("stop"), str) else list(body.get("stop") or [])
+        self.skip_special = body.get("skip_special_tokens", True) is not False
+
+    # -- requests ------------------------------------------------------------------------------------
+    def _request(self, sub: Submission) -> tuple[str, dict[str, Any]]:
+        body = self.body
+        if sub.index == 0:
+            first = {k: v for k, v in body.items() if k not in ("stream_options", "repguard")}
+            first.update(stream=True, return_token_ids=True)
+            return ("/v1/chat/completions" if self.chat else "/v1/completions"), first
+        if self.prompt_ids is None:
+            raise APIError(502, "the upstream did not return the prompt's token ids (return_token_ids); "
+                           "the guard needs vLLM's OpenAI server", type="server_error", code="upstream_error")
+        out = {k: body[k] for k in CARRIED if k in body}
+        out.update(model=self.model, prompt=self.prompt_ids + list(sub.generated), max_tokens=sub.max_tokens,
+                   stream=True, return_token_ids=True)
+        if body.get("seed") is not None:
+            out["seed"] = derive_seed(body["seed"], sub.index)
+        if body.get("min_tokens"):
+            out["min_tokens"] = min(max(0, int(body["min_tokens"]) - len(sub.generated)), sub.max_tokens)
+        bias = _bias(body.get("logit_bias"), sub.bias)
+        if bias:
+            out["logit_bias"] = bias
+        xargs = dict(body.get("vllm_xargs") or {})
+        if sub.neurons_off:
+            cfg = self.rg.policy.config.replace(always_on=True, escalate=False, stop=False)
+            fields = {k: v for k, v in cfg.to_dict().items() if k != "preset"}
+            xargs.update(repguard="true", repguard_config=json.dumps(fields))
+        if xargs:
+            out["vllm_xargs"] = xargs
+        return "/v1/completions", out
+
+    async def open(self) -> None:
+        """Send submission 0 and wait for its answer's headers (errors here keep their HTTP status)."""
+        self.sub = self.rg.next_submission()
+        path, body = self._request(self.sub)
+        self.resp = await self.proxy.upstream.open_stream(path, body)
+
+    async def run(self) -> AsyncIterator[list[int]]:
+        """Yield token ids as they become final (the rest at the end). ``open()`` first."""
+        rg = self.rg
+        try:
+            while self.sub is not None:
+                sub, resp = self.sub, self.resp
+                ended = False
+                try:
+                    async for event in sse_events(resp):
+                        choices = event.get("choices") or []
+                        if not choices:
+                            continue
+                        choice = choices[0]
+                        if sub.index == 0:
+                            self._note_first(event, choice)
+                        ids = choice.get("token_ids")
+                        fin = choice.get("finish_reason")
+                        if ids is None:
+                            if self._text_of(choice) and fin is None:
+                                raise APIError(502, "the upstream did not return token ids (return_token_ids); the "
+                                               "guard needs vLLM's OpenAI server", type="server_error",
+                                               code="upstream_error")
+                            ids = []
+                        ids = [int(t) for t in ids]
+                        if sub.index == 0:
+                            self.n0 += len(ids)
+                            self.text0 += self._text_of(choice)
+                            self.pieces.append((self.n0, self.text0))
+                        self.last_stop = choice.get("stop_reason")
+                        cancel = feed_chunk(rg, sub, ids, fin, self.last_stop)
+                        if not rg.done:
+                            new = rg.take_released()
+                            if new:
+                                yield new
+                        if cancel or fin is not None:
+                            ended = True
+                            break
+                finally:
+                    await close(resp)  # a cancelled submission is aborted by the upstream
+                    self.resp = None
+                if not ended:
+                    raise APIError(502, "the upstream stream ended before the request finished", type="server_error",
+                                   code="upstream_error")
+                self.sub = rg.next_submission()
+                if self.sub is not None:
+                    path, body = self._request(self.sub)
+                    self.resp = await self.proxy.upstream.open_stream(path, body)
+            rest = rg.state.releasable()
+            if rest:
+                yield rest
+        finally:
+            if self.resp is not None:
+                await close(self.resp)
+                self.resp = None
+
+    def _note_first(self, event: dict[str, Any], choice: dict[str, Any]) -> None:
+        if not self.first:
+            self.first = {k: event[k] for k in ("id", "created", "system_fingerprint") if event.get(k) is not None}
+        ids = choice.get("prompt_token_ids") or event.get("prompt_token_ids")
+        if self.prompt_ids is None and ids:
+            self.prompt_ids = [int(t) for t in ids]
+
+    def _text_of(self, choice: dict[str, Any]) -> str:
+        if self.chat:
+            return (choice.get("delta") or {}).get("content") or ""
+        return choice.get("text") or ""
+
+    # -- text ------------------------------------------------------------------------------------------
+    @property
+    def resubmitted(self) -> bool:
+        return self.rg.submissions > 1
+
+    async def text_of(self, ids: list[int], final: bool) -> str:
+        """Text of the first ``len(ids)`` final tokens (``final``: the whole output, ended as vLLM ends text)."""
+        if not self.resubmitted:
+            if final:
+                return self.text0
+            upto = len(ids)
+            return next(text for n, text in reversed(self.pieces) if n <= upto)
+        rg = self.rg
+        decode_ids = list(ids)
+        stop = self.last_stop
+        if final and rg.finish_reason == "stop" and decode_ids and not isinstance(stop, str):
+            if not (self.body.get("include_stop_str_in_output") and stop is not None):
+                decode_ids = decode_ids[:-1]  # the EOS or stop token that ended it is not text
+        text = await self.proxy.decode(self.model, decode_ids, self.skip_special)
+        if final and rg.finish_reason == "stop" and isinstance(stop, str) and stop:
+            at = text.find(stop)
+            if at >= 0:
+                text = text[: at + (len(stop) if self.body.get("include_stop_str_in_output") else 0)]
+        if not final:
+            text = text.rstrip("\ufffd")  # an incomplete character waits for its next token
+            if self.stops:  # a stop string may still complete: hold back its possible start, as vLLM does
+                hold = max(len(s) for s in self.stops) - 1
+                text = text[: max(0, len(text) - hold)] if hold else text
+        return text
+
+    def report(self) -> dict[str, Any]:
+        rg = self.rg
+        data = rg.report.to_dict()
+        data.update(enabled=True, rollbacks=rg.rollbacks, submissions=rg.submissions, decoded_tokens=rg.decoded,
+                    form=rg.form, stopped=rg.finish_reason == "repetition")
+        return data
+
+    def record(self) -> None:
+        rg = self.rg
+        try:
+            metrics.record_report(self.model, rg.report)
+            metrics.record_rollback(self.model, rg.rollbacks, max(0, rg.decoded - len(rg.tokens)))
+        except Exception:  # metrics never take a request down
+            log.exception("repguard: could not record metrics")
+
+
+class UpstreamProxy:
+    """The proxy's state: the upstream client, its models, the guard defaults, the decoder."""
+
+    def __init__(self, settings: ServeSettings, upstream: Upstream | None = None, tokenizer=None) -> None:
+        if not settings.upstream:
+            raise ConfigError("upstream: no upstream URL set")
+        self.settings = settings
+        self.upstream = upstream or Upstream(
+            settings.upstream, api_key=settings.upstream_api_key, timeout_s=settings.upstream_timeout_s,
+            connect_timeout_s=settings.upstream_connect_timeout_s, max_connections=settings.upstream_max_connections,
+        )
+        self.default_guard = settings.guard_config()
+        self.rollback = RollbackConfig.from_dict(settings.rollback)
+        self.policy = RollbackPolicy(self.default_guard, self.rollback)
+        RequestGuard(self.policy, 1)  # refuses settings a token stream cannot run, at start
+        self.decode = Decoder(self.upstream, tokenizer)
+        self.models: list[str] = []
+        self.max_model_len: dict[str, int] = {}
+        self.neuron_step = False
+        self.draining = False
+
+    @property
+    def model_name(self) -> str:
+        return self.models[0] if self.models else "upstream"
+
+    def connect(self, wait_s: float = 0.0) -> None:
+        """Read the upstream's models (waiting up to ``wait_s`` for it to come up) and whether it runs the
+        neuron step; raises ``UpstreamError`` naming the URL when it cannot be used. Synchronous: it runs
+        before the server's event loop starts (``repguard serve``, ``--check``)."""
+        url = self.upstream.url
+        deadline = time.monotonic() + wait_s
+        with httpx.Client(base_url=url, headers=self.upstream.client.headers,
+                          timeout=httpx.Timeout(10.0, connect=self.settings.upstream_connect_timeout_s)) as client:
+            while True:
+                try:
+                    resp = client.get("/v1/models")
+                    break
+                except httpx.HTTPError as exc:
+                    if time.monotonic() >= deadline:
+                        raise UpstreamError(f"upstream {url}: cannot reach it ({type(exc).__name__}: {exc})") from None
+                    time.sleep(1.0)
+            if resp.status_code != 200:
+                raise UpstreamError(f"upstream {url}: GET /v1/models answered HTTP {resp.status_code}"
+                                    + (" (set upstream_api_key)" if resp.status_code == 401 else ""))
+            try:
+                cards = [c for c in resp.json().get("data", []) if isinstance(c, dict) and c.get("id")]
+            except (ValueError, AttributeError):
+                cards = []
+            if not cards:
+                raise UpstreamError(f"upstream {url}: GET /v1/models lists no models; is it an OpenAI server?")
+            self.models = [str(c["id"]) for c in cards]
+            self.max_model_len = {str(c["id"]): int(c["max_model_len"]) for c in cards
+                                  if isinstance(c.get("max_model_len"), int)}
+            want = self.settings.upstream_neuron_step
+            available = self._probe_neurons(client) if want is not False else False
+        if want and not available:
+            raise UpstreamError(f"upstream_neuron_step: the upstream {url} does not run repguard's plugin with the "
+                                "neuron step (start it with the repguard_neurons plugin and --logits-processors "
+                                "repguard.vllm:RepGuardLogitsProcessor), or leave it unset")
+        self.neuron_step = available
+        for model in self.models:
+            metrics.init_model(model)
+            metrics.set_info(model, "upstream")
+
+    def _probe_neurons(self, client: httpx.Client) -> bool:
+        """Does the upstream run repguard's plugin with the neuron step? Its processor refuses a bad setting
+        with 400 (a server without it ignores ``vllm_xargs``), and refuses the neuron step where it cannot run."""
+        probe = {"model": self.model_name, "prompt": "Hi", "max_tokens": 1, "temperature": 0}
+        try:
+            resp = client.post("/v1/completions", json={**probe, "vllm_xargs": {"repguard_k": 0}})
+            if resp.status_code != 400 or "repguard" not in resp.text:
+                return False
+            resp = client.post("/v1/completions", json={**probe, "vllm_xargs": {"repguard": "true"}})
+            return resp.status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    async def aclose(self) -> None:
+        await self.upstream.aclose()
+
+    # -- request handling ------------------------------------------------------------------------------
+    def guard_of(self, body: dict[str, Any]) -> GuardConfig:
+        raw = body.get("repguard")
+        if raw is None:
+            return self.default_guard
+        try:
+            cfg = GuardConfig.from_dict(raw, strict=True)
+            RequestGuard(RollbackPolicy(cfg, self.rollback), 1)
+        except ConfigError as exc:
+            raise APIError(400, f"repguard: {exc}", param="repguard", code="invalid_value") from None
+        return cfg
+
+    def model_of(self, body: dict[str, Any]) -> str:
+        model = body.get("model")
+        return model if isinstance(model, str) and model in self.models else self.model_name
+
+    def check_guarded(self, body: dict[str, Any], chat: bool) -> None:
+        for key, refused in REFUSED.items():
+            if key in body and refused(body[key]):
+                raise APIError(400, f"{key}: not supported on guarded requests (the guard resubmits one sequence "
+                               "as a token prompt); send it with \"repguard\": {\"preset\": \"off\"}", param=key,
+                               code="unsupported_with_guard")
+        if not chat:
+            prompt = body.get("prompt")
+            several = isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) and len(prompt) != 1
+            if several:
+                raise APIError(400, "prompt: a guarded request takes one prompt (send one request per prompt)",
+                               param="prompt", code="unsupported_with_guard")
+        for key in ("max_tokens", "max_completion_tokens", "min_tokens", "seed"):
+            value = body.get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise APIError(400, f"{key}: expected an integer", param=key, code="invalid_value")
+        bias = body.get("logit_bias")
+        if bias is not None and (not isinstance(bias, dict) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in bias.values())):
+            raise APIError(400, "logit_bias: expected an object of token id -> number", param="logit_bias",
+                           code="invalid_value")
+
+    def max_tokens_of(self, body: dict[str, Any], chat: bool, model: str) -> int:
+        value = body.get("max_completion_tokens") if chat and body.get("max_completion_tokens") is not None \
+            else body.get("max_tokens")
+        if value is None:  # the upstream decides (up to its context); this bounds the guard's budget
+            return self.max_model_len.get(model) or self.settings.max_tokens_limit
+        if value < 1:
+            raise APIError(400, "max_tokens: must be >= 1", param="max_tokens", code="invalid_value")
+        return value
+
+
+def build_upstream_router(proxy: UpstreamProxy, settings: ServeSettings) -> APIRouter:
+    """``/v1/models``, ``/v1/completions``, ``/v1/chat/completions`` forwarded to the upstream, guarded."""
+    router = APIRouter(prefix="/v1", route_class=openai_route(settings.api_key, proxy.model_name),
+                       default_response_class=SafeJSONResponse)
+    upstream = proxy.upstream
+
+    async def passthrough_get(path: str) -> Response:
+        resp = await upstream.get(path)
+        if resp.status_code >= 500:
+            raise error_from_body(resp.status_code, resp.content)
+        return Response(resp.content, status_code=resp.status_code,
+                        media_type=resp.headers.get("content-type", "application/json"))
+
+    @router.get("/models")
+    async def list_models() -> Response:
+        return await passthrough_get("/v1/models")
+
+    @router.get("/models/{model_id:path}")
+    async def get_model(model_id: str) -> Response:
+        return await passthrough_get(f"/v1/models/{model_id}")
+
+    async def body_of(request: Request) -> dict[str, Any]:
+        try:
+            body = await request.json()
+        except UnicodeDecodeError:
+            raise APIError(400, "the request body is not valid JSON: it is not UTF-8 text", code="invalid_json") from None
+        except ValueError as exc:
+            raise APIError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object", code="invalid_value")
+        if "stream" in body and not isinstance(body["stream"], bool):
+            raise APIError(400, "stream: expected true or false", param="stream", code="invalid_value")
+        return body
+
+    async def unguarded(request: Request, path: str, body: dict[str, Any], endpoint: str, model: str) -> Response:
+        """The guard is off for this request: forward it and its answer unchanged."""
+        body = {k: v for k, v in body.items() if k != "repguard"}
+        if not body.get("stream"):
+            watch = asyncio.ensure_future(upstream.client.post(path, json=body))
+            resp = await _until_done(watch, request)
+            if resp is GONE:
+                request.state.repguard_status = CLIENT_CLOSED
+                return Response(status_code=CLIENT_CLOSED)
+            if resp.status_code >= 500:
+                raise error_from_body(resp.status_code, resp.content)
+            return Response(resp.content, status_code=resp.status_code,
+                            media_type=resp.headers.get("content-type", "application/json"))
+        resp = await upstream.open_stream(path, body)
+
+        async def relay() -> AsyncIterator[bytes]:
+            code = CLIENT_CLOSED
+            try:
+                async for chunk in resp.aiter_raw():
+                    yield chunk
+                code = 200
+            except httpx.HTTPError as exc:
+                err = error_from_exception(exc)
+                code = err.status
+                yield f"data: {dumps(err.body())}\n\n".encode()
+            finally:
+                await close(resp)
+                metrics.SERVER_REQUESTS.labels(model, endpoint, str(code)).inc()
+
+        return StreamingResponse(relay(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def handle(request: Request, chat: bool) -> Response:
+        endpoint = "chat_completions" if chat else "completions"
+        path = "/v1/chat/completions" if chat else "/v1/completions"
+        if proxy.draining:
+            raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+        body = await body_of(request)
+        model = proxy.model_of(body)
+        cfg = proxy.guard_of(body)
+        if not cfg.enabled:
+            return await unguarded(request, path, body, endpoint, model)
+        proxy.check_guarded(body, chat)
+        max_tokens = proxy.max_tokens_of(body, chat, model)
+        call = GuardedCall(proxy, body, chat, RollbackPolicy(cfg, proxy.rollback), model, max_tokens)
+        admitted = time.perf_counter()
+        await call.open()  # an upstream error before any token keeps its status (502, 504, a 4xx)
+        if body.get("stream"):
+            return StreamingResponse(_stream(call, body, chat, endpoint, admitted), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await _complete(call, request, chat, endpoint, admitted)
+
+    @router.post("/completions")
+    async def create_completion(request: Request):
+        return await handle(request, chat=False)
+
+    @router.post("/chat/completions")
+    async def create_chat_completion(request: Request):
+        return await handle(request, chat=True)
+
+    return router
+
+
+GONE = object()  # what ``_until_done`` returns when the client went away
+
+
+async def _until_done(task: asyncio.Future, request: Request):
+    """The task's result, or ``GONE`` (the task cancelled) once the client has gone away."""
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                try:
+                    return task.result()
+                except httpx.HTTPError as exc:
+                    raise error_from_exception(exc) from None
+            if await request.is_disconnected():
+                task.cancel()
+                with anyio.CancelScope(shield=True):
+                    await asyncio.gather(task, return_exceptions=True)
+                return GONE
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+
+
+def _usage(call: GuardedCall) -> dict[str, int]:
+    prompt = len(call.prompt_ids or [])
+    completion = len(call.rg.tokens)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _new_id(call: GuardedCall) -> tuple[str, int]:
+    rid = call.first.get("id") or ("chatcmpl-" if call.chat else "cmpl-") + uuid.uuid4().hex
+    return rid, int(call.first.get("created") or time.time())
+
+
+async def _complete(call: GuardedCall, request: Request, chat: bool, endpoint: str, admitted: float) -> Response:
+    async def drain() -> None:
+        first = True
+        async for _ in call.run():
+            if first:
+                first = False
+                metrics.SERVER_TTFT.labels(call.model).observe(time.perf_counter() - admitted)
+
+    try:
+        if await _until_done(asyncio.ensure_future(drain()), request) is GONE:
+            request.state.repguard_status = CLIENT_CLOSED
+            return Response(status_code=CLIENT_CLOSED)
+        text = await call.text_of(call.rg.tokens, final=True)
+    finally:
+        metrics.SERVER_REQUEST_DURATION.labels(call.model, endpoint).observe(time.perf_counter() - admitted)
+        call.record()
+    rg, body = call.rg, call.body
+    choice: dict[str, Any] = {"index": 0}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    choice.update(logprobs=None, finish_reason=rg.finish_reason, stop_reason=rg.stop_reason)
+    if body.get("return_token_ids"):
+        choice["token_ids"] = rg.tokens
+        if not chat:
+            choice["prompt_token_ids"] = call.prompt_ids
+    choice["repguard"] = call.report()
+    rid, created = _new_id(call)
+    out: dict[str, Any] = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+                           "model": body.get("model") or call.model, "choices": [choice], "usage": _usage(call)}
+    if chat and body.get("return_token_ids"):
+        out["prompt_token_ids"] = call.prompt_ids
+    return SafeJSONResponse(out)
+
+
+async def _stream(call: GuardedCall, body: dict[str, Any], chat: bool, endpoint: str,
+                  admitted: float) -> AsyncIterator[str]:
+    """The client's SSE stream: final tokens as they are released, then the finish with the report."""
+    rid, created = _new_id(call)
+    head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+            "model": body.get("model") or call.model}
+    want_ids = bool(body.get("return_token_ids"))
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    code = CLIENT_CLOSED  # until the stream ends: a client that closes it early leaves this
+    released: list[int] = []
+    sent = ""
+    started = False
+
+    def chunk(text: str, ids: list[int], finish: str | None = None, **more: Any) -> str:
+        nonlocal started
+        choice: dict[str, Any] = {"index": 0}
+        if chat:
+            choice["delta"] = {"content": text} if started else {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        choice.update(logprobs=None, finish_reason=finish, **more)
+        extra: dict[str, Any] = {}
+        if want_ids:
+            choice["token_ids"] = ids
+            if not started:  # where vLLM puts them: in the choice (completions), in the chunk (chat)
+                (extra if chat else choice)["prompt_token_ids"] = call.prompt_ids
+        started = True
+        return f"data: {dumps({**head, 'choices': [choice], **extra})}\n\n"
+
+    try:
+        try:
+            async for ids in call.run():
+                if not released:
+                    metrics.SERVER_TTFT.labels(call.model).observe(time.perf_counter() - admitted)
+                if call.rg.done:
+                    continue  # the rest goes out with the finish
+                released += ids
+                text = await call.text_of(released, final=False)
+                new = text[len(sent):] if text.startswith(sent) else ""
+                sent += new
+                yield chunk(new, ids)
+            rg = call.rg
+            text = await call.text_of(rg.tokens, final=True)
+        except APIError as exc:  # headers are out: the error is the stream's last event
+            code = exc.status
+            yield f"data: {dumps(exc.body())}\n\n"
+            return
+        yield chunk(text[len(sent):], rg.tokens[len(released):], rg.finish_reason, stop_reason=rg.stop_reason,
+                    repguard=call.report())
+        if include_usage:
+            yield f"data: {dumps({**head, 'choices': [], 'usage': _usage(call)})}\n\n"
+        yield "data: [DONE]\n\n"
+        code = 200
+    finally:  # normal end, error, or the client went away (the task is cancelled: the upstream stream closes)
+        if call.resp is not None:
+            await close(call.resp)
+        metrics.SERVER_REQUESTS.labels(call.model, endpoint, str(code)).inc()
+        metrics.SERVER_REQUEST_DURATION.labels(call.model, endpoint).observe(time.perf_counter() - admitted)
+        call.record()
+
+
+__all__ = ["GuardedCall", "Upstream", "UpstreamError", "UpstreamProxy", "build_upstream_router", "feed_chunk"]
