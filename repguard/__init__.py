@@ -4,7 +4,7 @@ The core (maps, detectors, policy, config, runtime, metrics) imports no model fr
 ``repguard.hf``, ``repguard.vllm`` and ``repguard.serve`` build on it.
 """
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402,F401
 
 from .config import GuardConfig  # noqa: E402
 from .detect import LoopDetector, find_repetition  # noqa: E402

@@ -7,7 +7,7 @@ import importlib
 import logging
 import sys
 
-from . import __version__
+from ._version import __version__
 from .errors import RepGuardError
 
 # (subcommand, module); each module defines add_parser(subparsers) and sets a ``func`` default.

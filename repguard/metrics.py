@@ -12,7 +12,7 @@ import os
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-from . import __version__
+from ._version import __version__
 
 LEVELS = ("deactivate", "escalate", "stop")
 

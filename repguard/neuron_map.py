@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from . import __version__
+from ._version import __version__
 from .errors import CorruptMapError, MapMismatchError, MapVersionError
 
 FORMAT_VERSION = 1

@@ -36,8 +36,15 @@ class LayerPlan:
 class NeuronSet:
     """The map's stored neurons, grouped by layer, with each neuron's global rank."""
 
-    def __init__(self, neuron_map: NeuronMap, device=None, dtype=torch.float32, monitor_k: int | None = None) -> None:
+    def __init__(self, neuron_map: NeuronMap | None, device=None, dtype=torch.float32, monitor_k: int | None = None) -> None:
         self.map = neuron_map
+        self.plans: dict[int, LayerPlan] = {}
+        if neuron_map is None:  # token-level guard: no neuron to watch or switch off
+            empty = torch.zeros(0, device=device)
+            self.num_slots = 0
+            self.rank = self.layer_of_slot = self.neuron_of_slot = empty.long()
+            self.mean_before, self.std_before, self.pre_onset = empty.float(), empty.float() + 1, empty.to(dtype)
+            return
         n = len(neuron_map)
         order = sorted(range(n), key=lambda i: (int(neuron_map.layer[i]), i))
         idx = torch.tensor(order, dtype=torch.long)
@@ -49,7 +56,6 @@ class NeuronSet:
         self.std_before = torch.where(std > 1e-6, std, torch.ones_like(std))
         self.neuron_of_slot = neuron_map.neuron[idx].long().to(device)
         self.pre_onset = neuron_map.mean_before[idx].to(device, dtype)
-        self.plans: dict[int, LayerPlan] = {}
         start = 0
         layers = neuron_map.layer[idx].tolist()
         for layer in sorted(set(layers)):
@@ -67,7 +73,7 @@ class GuardRuntime:
 
     def __init__(
         self,
-        neuron_map: NeuronMap,
+        neuron_map: NeuronMap | None,
         config: GuardConfig | None = None,
         max_rows: int = 1,
         device=None,
@@ -76,7 +82,8 @@ class GuardRuntime:
         monitor_neurons: int = 64,
     ) -> None:
         self.config = config or GuardConfig()
-        self.default_k = neuron_map.meta.num_selected or len(neuron_map)
+        # Without a map (None) the guard is token-level only: detection, penalties and stop.
+        self.default_k = 0 if neuron_map is None else (neuron_map.meta.num_selected or len(neuron_map))
         # The monitor scores the best-ranked neurons only: layers without one are left alone until a
         # row needs deactivation, which keeps the per-token cost of a quiet guard small.
         self.monitor_k = max(1, min(monitor_neurons, self.default_k))
@@ -84,7 +91,7 @@ class GuardRuntime:
         watch = (self.neurons.rank < self.monitor_k).float()
         self.watch = watch / watch.sum().clamp(min=1.0)
         self.device, self.dtype = device, dtype
-        self.width = neuron_map.meta.intermediate_size
+        self.width = neuron_map.meta.intermediate_size if neuron_map is not None else 0
         self.on_event = on_event
         self.seqs: list[SequenceGuard | None] = []
         self._alloc(max_rows)

@@ -86,3 +86,23 @@ def test_streaming_options_are_validated():
                       ({"on_tokens": print, "streamer": object()}, "not both")):
         with pytest.raises(ConfigError, match=match):
             generate_with_rollback(model, ids, neuron_map=random_map(model, 32, 64), max_new_tokens=4, **kw)
+
+
+def test_rollback_without_a_neuron_map_is_token_level_and_ends_loops():
+    """No map (an uncalibrated model): detection, the ban and rollback still run; calm rows stay identical."""
+    model = tiny_model()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 256, (6, 6), generator=g)
+    mask = torch.ones_like(ids)
+    plain = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0)[:, 6:]
+    out = generate_with_rollback(model, ids, mask, neuron_map=False, max_new_tokens=NEW, do_sample=False,
+                                 pad_token_id=0)
+    assert out.form == "tokens"
+    loops = [find_repetition(row.tolist()) for row in plain]
+    assert any(loops)
+    for i, (row, rep) in enumerate(zip(plain.tolist(), loops)):
+        if rep is None:
+            assert out.sequences[i] == row and out.rollbacks[i] == 0
+        else:
+            assert out.rollbacks[i] >= 1 and out.sequences[i][: rep.p2] == row[: rep.p2]
+    assert all(r.max_neuron_score is None for r in out.reports), "no neuron score without a map"

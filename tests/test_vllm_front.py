@@ -189,3 +189,80 @@ def test_streaming_hands_out_final_tokens_only(result):
 def test_a_client_that_goes_away_frees_its_request(result):
     _folder, r = result
     assert r["left_after_abort"] == 0
+
+
+NEURONS = r'''
+import json, sys
+sys.path.insert(0, {here!r})
+from vllm_helpers import engine_kwargs
+PROMPTS = json.loads({prompts!r})
+if __name__ == "__main__":
+    from vllm import LLM, SamplingParams
+    from repguard.vllm import GuardedLLM, fetch_reports
+    llm = LLM({folder!r}, **engine_kwargs(max_model_len=1024))
+    greedy = SamplingParams(temperature=0, max_tokens={max_tokens})
+    plain = [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, greedy, use_tqdm=False)]
+    front = GuardedLLM(llm)
+    outs = front.generate(PROMPTS, greedy)
+    print("RESULT " + json.dumps({{"plain": plain, "tokens": [o.token_ids for o in outs],
+                                  "reports": [o.report for o in outs], "neuron_step": front.neuron_step,
+                                  "plugin": list(fetch_reports(llm).values())}}))
+'''
+
+
+def test_with_the_plugin_re_decodes_run_the_neuron_step(tmp_path):
+    """An engine with the plugin, its logits processor and the shipped map: the front detects that it can run
+    the neuron step, re-decode passes switch the mapped neurons off inside the engine, and requests that never
+    roll back are still byte-identical to the plain engine's output."""
+    from repguard.hf.models import ensure_converted
+
+    folder = ensure_converted("smollm2-135m")
+    env = {**os.environ, **ENGINE_ENV, "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache"),
+           "VLLM_PLUGINS": "repguard_neurons", "REPGUARD_MAP": "smollm2-135m"}
+    script = tmp_path / "neurons.py"
+    script.write_text(NEURONS.format(here=str(HERE), folder=str(folder), prompts=json.dumps(PROMPTS[:3]),
+                                     max_tokens=MAX_TOKENS))
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and line, proc.stderr[-4000:]
+    n = json.loads(line[-1][len("RESULT "):])
+    assert n["neuron_step"] is True
+    assert n["reports"][0]["form"] == "tokens+neurons" and n["reports"][0]["rollbacks"] >= 1
+    assert n["tokens"][2] == n["plain"][2] and n["reports"][2]["rollbacks"] == 0
+    switched = [p for p in n["plugin"] if p["config"]["always_on"] and p["tokens_under_intervention"] > 0]
+    assert switched, "the plugin kept the neurons off for the re-decode submissions"
+    assert all(p["config"]["always_on"] for p in n["plugin"]), "only re-decodes ask the plugin for anything"
+
+
+V2_START = r'''
+import sys
+sys.path.insert(0, {here!r})
+from vllm_helpers import engine_kwargs
+if __name__ == "__main__":
+    from vllm import LLM
+    try:
+        LLM({folder!r}, **engine_kwargs(logits_processors=None))
+        print("OUTCOME started")
+    except Exception as exc:
+        print("OUTCOME " + type(exc).__name__ + ": " + str(exc).splitlines()[0][:200])
+'''
+
+
+def test_model_runner_v2_engine_is_unaffected_by_the_installed_plugin(tmp_path):
+    """``VLLM_USE_V2_MODEL_RUNNER=1`` with the plugin installed and enabled: the engine does exactly what it does
+    without repguard (here it cannot start, because V2 needs Triton, which these machines lack)."""
+    from repguard.hf.models import ensure_converted
+
+    folder = ensure_converted("smollm2-135m")
+    outcomes = []
+    for plugins in ("repguard_neurons", ""):
+        env = {**os.environ, **ENGINE_ENV, "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache"),
+               "VLLM_PLUGINS": plugins, "VLLM_USE_V2_MODEL_RUNNER": "1"}
+        script = tmp_path / f"v2_{bool(plugins)}.py"
+        script.write_text(V2_START.format(here=str(HERE), folder=str(folder)))
+        proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("OUTCOME ")]
+        assert line, proc.stderr[-3000:]
+        outcomes.append(line[-1])
+    assert outcomes[0] == outcomes[1], outcomes
+    assert "repguard" not in outcomes[0].lower()

@@ -59,10 +59,14 @@ class Guard:
         arch_of(model)  # raises UnsupportedModelError with the supported list
         self.model = model
         self.model_name = model_name or str(getattr(model.config, "name_or_path", "") or type(model).__name__)
-        if neuron_map is None or isinstance(neuron_map, str):
-            neuron_map = find_map(neuron_map or self.model_name)
         num_layers, width = shape_of(model)
-        if check_model:
+        if neuron_map is False:  # token-level guard: no map, no neuron step
+            neuron_map = None
+        elif neuron_map is None or isinstance(neuron_map, str):
+            neuron_map = find_map(neuron_map or self.model_name)
+        if neuron_map is None:
+            pass
+        elif check_model:
             neuron_map.check_model(fingerprint(model), where=f"model '{self.model_name}'")
         elif (neuron_map.meta.num_layers, neuron_map.meta.intermediate_size) != (num_layers, width):
             raise RepGuardError(
@@ -71,7 +75,7 @@ class Guard:
             )
         self.neuron_map = neuron_map
         self.config = config if isinstance(config, GuardConfig) else GuardConfig.from_dict(config)
-        if self.config.k is not None and self.config.k > len(neuron_map):
+        if neuron_map is not None and self.config.k is not None and self.config.k > len(neuron_map):
             raise ConfigError(f"k: {self.config.k} exceeds the {len(neuron_map)} neurons stored in the map")
         if self.config.layers is not None and max(self.config.layers) >= num_layers:
             raise ConfigError(f"layers: the model has {num_layers} layers (0..{num_layers - 1})")
@@ -96,6 +100,11 @@ class Guard:
         self._acts = act_modules(model)
 
     # -- public API ------------------------------------------------------------------------------------
+    @property
+    def form(self) -> str:
+        """Which repair runs: token-level only (no map) or with the neuron step."""
+        return "tokens+neurons" if self.neuron_map is not None else "tokens"
+
     @property
     def reports(self) -> list[SequenceReport]:
         """One report per row of the most recent ``generate`` call."""
@@ -138,7 +147,7 @@ class Guard:
         except Exception:
             self.remove()
             raise
-        metrics.set_info(self.model_name, self.neuron_map.meta.model_name)
+        metrics.set_info(self.model_name, self.neuron_map.meta.model_name if self.neuron_map is not None else "none")
         return self
 
     def remove(self) -> None:
@@ -225,7 +234,7 @@ class Guard:
     def _observe(self, ids: torch.Tensor) -> None:
         rt = self.runtime
         newest = ids[:, -1].tolist()
-        scores = rt.neuron_scores()
+        scores = rt.neuron_scores() if rt.neurons.num_slots else None
         tokens = {}
         terminal = self._terminal
         for row, token in enumerate(newest):
@@ -293,7 +302,8 @@ class Guard:
 def guard(model, neuron_map: NeuronMap | str | None = None, config: GuardConfig | dict | None = None, **kwargs) -> Guard:
     """Install the guard's hooks on ``model``; use as ``with guard(model, nmap, cfg) as g: model.generate(...)``.
 
-    ``neuron_map`` is a ``NeuronMap``, a path, or None to use the shipped map of the model's name.
+    ``neuron_map`` is a ``NeuronMap``, a path, None to use the shipped map of the model's name, or False for
+    the token-level guard (no map: detection, penalties, stop and rollback, without the neuron step).
     Hooks are removed on exit, exceptions included; ``g.reports`` holds one report per row.
     """
     return Guard(model, neuron_map, config, **kwargs)

@@ -35,6 +35,7 @@ class RollbackOutput:
     sequences: list[list[int]]  # generated tokens per row (no prompt, no padding)
     reports: list[SequenceReport]
     rollbacks: list[int]  # rollbacks per row
+    form: str = "tokens+neurons"  # "tokens" when run without a neuron map (neuron_map=False)
 
 
 class _BanFirstToken:
@@ -173,4 +174,4 @@ def generate_with_rollback(
             pending = still
             first = False
     return RollbackOutput([s.final or [] for s in states], [s.report or SequenceReport() for s in states],
-                          [s.rollbacks for s in states])
+                          [s.rollbacks for s in states], g.form)

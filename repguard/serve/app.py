@@ -16,7 +16,8 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__, metrics
+from .._version import __version__
+from .. import metrics
 from .engine import Engine
 from .router import APIError, SafeJSONResponse, bearer_auth, build_router, endpoint_of, validation_error
 from .settings import ServeSettings

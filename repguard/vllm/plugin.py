@@ -211,7 +211,7 @@ def map_identity(neuron_map) -> str:
     """Hash of what the compiled graph bakes in: which neurons of which layers are hooked."""
     import hashlib
 
-    from .. import __version__
+    from .._version import __version__
 
     digest = hashlib.sha256()
     digest.update(__version__.encode())

