@@ -1,0 +1,179 @@
+"""The core request-level rollback (``RequestGuard``) against a fake streaming engine on plain lists.
+
+The fake model prefers to copy the token ``period`` positions back (so it loops), and otherwise emits a fresh
+token; a logit bias changes its choice exactly as it would change an argmax. Streams come in chunks, as an
+engine's outputs do, and the engine keeps decoding a little after the guard asks to cancel (the lag a real
+abort has)."""
+
+from __future__ import annotations
+
+import pytest
+
+from repguard.config import GuardConfig
+from repguard.detect import find_repetition
+from repguard.errors import ConfigError
+from repguard.request_guard import RequestGuard, derive_seed
+from repguard.rollback import RollbackPolicy
+
+PROMPT = [1, 2, 3]
+
+
+def fake_model(period: int | None, eos_at: int | None = None):
+    def next_token(seq: list[int], bias: dict[int, float] | None) -> int:
+        n = len(seq) - len(PROMPT)
+        if eos_at is not None and n == eos_at:
+            return 0
+        fresh = 1000 + len(seq)
+        scores = {fresh: 5.0}
+        if period and len(seq) >= period + len(PROMPT):
+            scores[seq[-period]] = scores.get(seq[-period], 0.0) + 10.0
+        for token, amount in (bias or {}).items():
+            scores[token] = scores.get(token, 0.0) + amount
+        return max(scores, key=lambda t: (scores[t], -t))
+
+    return next_token
+
+
+def run(guard: RequestGuard, model, chunk: int = 3, lag: int = 2, log=None):
+    """Drive ``guard`` like an engine adapter: submit, stream in chunks, cancel when told (after ``lag``)."""
+    released = []
+    while (sub := guard.next_submission()) is not None:
+        if log is not None:
+            log.append(sub)
+        seq = PROMPT + list(sub.generated)
+        made = 0
+        cancelled = False
+        while made < sub.max_tokens:
+            piece = []
+            for _ in range(min(chunk, sub.max_tokens - made)):
+                token = model(seq, sub.bias if made == 0 else None)
+                seq.append(token)
+                piece.append(token)
+                made += 1
+                if token == 0:
+                    break
+            finished = made >= sub.max_tokens or piece[-1] == 0
+            if finished and piece[-1] == 0:
+                cancel = guard.feed(sub, piece[:-1])
+                if not cancel:
+                    guard.end(sub, "stop", tail=piece[-1:])
+                cancel = True
+            else:
+                cancel = guard.feed(sub, piece)
+            released += guard.take_released() if not guard.done else []
+            if cancel:
+                for _ in range(lag):  # tokens in flight when the abort lands: the guard ignores them
+                    assert guard.feed(sub, [77]) is True
+                cancelled = True
+                break
+            if finished:
+                guard.end(sub, "length")
+                break
+        assert cancelled or finished
+    released += guard.state.releasable()
+    return released
+
+
+def test_a_calm_stream_is_one_untouched_submission():
+    g = RequestGuard(RollbackPolicy(), max_new_tokens=60)
+    subs = []
+    out = run(g, fake_model(None), log=subs)
+    assert len(subs) == 1 and subs[0].index == 0 and subs[0].bias is None and subs[0].max_tokens == 60
+    plain = [1000 + len(PROMPT) + i for i in range(60)]
+    assert g.tokens == plain and out == plain
+    assert g.finish_reason == "length" and g.rollbacks == 0 and not g.report.detections
+
+
+def test_an_eos_ends_the_request_and_is_kept():
+    g = RequestGuard(RollbackPolicy(), max_new_tokens=60)
+    run(g, fake_model(None, eos_at=7))
+    assert g.finish_reason == "stop" and g.tokens[-1] == 0 and len(g.tokens) == 8
+
+
+def test_a_confirmed_loop_is_cut_at_its_onset_and_its_next_token_banned():
+    g = RequestGuard(RollbackPolicy(max_rollbacks=1), max_new_tokens=80)
+    subs = []
+    run(g, fake_model(12), log=subs)
+    assert g.rollbacks == 1
+    first, ban = subs[0], subs[1]
+    det = g.report.detections[0]
+    assert ban.index == 1 and ban.max_tokens == 1 and len(ban.generated) == det.onset
+    plain = []
+    seq = list(PROMPT)
+    model = fake_model(12)
+    for _ in range(80):
+        seq.append(model(seq, None))
+    plain = seq[len(PROMPT):]
+    assert ban.bias == {plain[det.onset]: float("-inf")}, "the token that started the second copy is banned"
+    assert list(ban.generated) == plain[: det.onset]
+    assert subs[2].bias is None and subs[2].max_tokens == 80 - det.onset - 1, "then decoding continues"
+    assert g.tokens[: det.onset] == plain[: det.onset] and g.tokens != plain
+    assert first.neurons_off is False and all(not s.neurons_off for s in subs), "no neuron step unless offered"
+    assert "rollback" in [a.level for a in g.report.actions]
+
+
+def test_the_last_pass_escalates_with_one_token_penalty_steps_and_can_give_up():
+    cfg = GuardConfig(stop_after=4)
+    g = RequestGuard(RollbackPolicy(cfg, max_rollbacks=0), max_new_tokens=120)
+    subs = []
+    run(g, fake_model(12), log=subs)
+    steps = [s for s in subs if s.bias]
+    assert steps and all(s.max_tokens == 1 and all(v < 0 for v in s.bias.values()) for s in steps)
+    assert g.report.detections and g.report.max_level in ("escalate", "stop")
+
+
+def test_max_rollbacks_bounds_the_resubmissions_and_reports_repetition():
+    g = RequestGuard(RollbackPolicy(GuardConfig(escalate=False), max_rollbacks=2), max_new_tokens=100)
+    run(g, fake_model(12))
+    assert g.rollbacks == 2
+    assert g.finish_reason == "repetition" and g.report.finish_reason == "repetition"
+
+
+@pytest.mark.parametrize("holdback", [0, 12, 110])
+def test_released_tokens_are_final_and_add_up_to_the_result(holdback):
+    g = RequestGuard(RollbackPolicy(settings={"holdback": holdback}), max_new_tokens=90)
+    out = run(g, fake_model(12))
+    assert out == g.tokens, "every released token is final; together they are the result"
+    if holdback == 110:
+        assert g.rollbacks >= 1
+    if holdback == 0:
+        assert g.rollbacks == 0 and g.finish_reason == "repetition", "a rollback never retracts released text"
+
+
+def test_neuron_step_is_asked_for_on_re_decodes_only():
+    g = RequestGuard(RollbackPolicy(max_rollbacks=1), max_new_tokens=80, neuron_step=True)
+    subs = []
+    run(g, fake_model(12), log=subs)
+    assert subs[0].neurons_off is False
+    assert all(s.neurons_off for s in subs[1:])
+    assert g.form == "tokens+neurons"
+
+
+def test_seeds_of_resubmissions_are_derived_and_reproducible():
+    assert derive_seed(None, 3) is None and derive_seed(7, 0) == 7
+    assert derive_seed(7, 1) == derive_seed(7, 1) != derive_seed(7, 2) != 7
+
+
+def test_settings_a_token_stream_cannot_run_are_refused_by_name():
+    with pytest.raises(ConfigError, match="monitor_gate"):
+        RequestGuard(RollbackPolicy(GuardConfig(monitor_gate=1.0)), 10)
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        RequestGuard(RollbackPolicy(), 0)
+    with pytest.raises(ConfigError, match="max_rollbacks"):
+        RollbackPolicy(settings={"max_rollbacks": -1})
+    with pytest.raises(ConfigError, match="holdback"):
+        RollbackPolicy(settings={"holdback": "12"})
+
+
+def test_the_result_ends_the_paper_loop_more_often_than_not():
+    looped = fixed = 0
+    for period in (11, 12, 13, 15, 20):
+        seq = list(PROMPT)
+        model = fake_model(period)
+        for _ in range(100):
+            seq.append(model(seq, None))
+        looped += find_repetition(seq[len(PROMPT):]) is not None
+        g = RequestGuard(RollbackPolicy(), max_new_tokens=100)
+        run(g, model)
+        fixed += g.rollbacks > 0
+    assert looped == 5 and fixed == 5
