@@ -5,6 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --servers --compat
 export PYTHONUNBUFFERED=1
+# Lint (rule set in pyproject.toml); a venv made before ruff joined the dev extra gets it here.
+.venv/bin/python -m ruff --version >/dev/null 2>&1 || .venv/bin/pip install -q "ruff>=0.5"
+.venv/bin/python -m ruff check repguard tests benchmarks
 if [ $# -eq 0 ]; then
   # The transformers guard on the oldest supported transformers (the main venv has the newest).
   PYTHONPATH="$PWD" .venv-tf457/bin/python -m pytest -q -p no:cacheprovider --timeout=600 \

@@ -1,6 +1,5 @@
 """The per-sequence policy on hand-made token streams."""
 
-import pytest
 
 from repguard.config import GuardConfig
 from repguard.policy import Level, SequenceGuard

@@ -136,7 +136,6 @@ def main(argv=None) -> None:
     rand_map = nmap.random_control() if nmap is not None else None
     k = nmap.meta.num_selected if nmap is not None else None
     ids = prompts.paper_prompts(model, tok, args.n) if args.half == "paper" else prompts.build(tok, args.half, args.n)
-    batches = [torch.tensor(ids[i : i + args.batch_size]) for i in range(0, len(ids), args.batch_size)]
 
     path = Path(args.out)
     data = json.loads(path.read_text()) if path.exists() else {}

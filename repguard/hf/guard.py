@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 
