@@ -26,6 +26,7 @@ that goes away closes its upstream request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -288,9 +289,10 @@ class GuardedCall:
         try:
             while self.sub is not None:
                 sub, resp = self.sub, self.resp
-                ended = False
+                ended = by_upstream = False
+                events = sse_events(resp)
                 try:
-                    async for event in sse_events(resp):
+                    async for event in events:
                         choices = event.get("choices") or []
                         if not choices:
                             continue
@@ -317,9 +319,14 @@ class GuardedCall:
                             if new:
                                 yield new
                         if cancel or fin is not None:
-                            ended = True
+                            ended, by_upstream = True, fin is not None
                             break
+                    if by_upstream:  # read to [DONE] so that the connection goes back to the pool
+                        with contextlib.suppress(APIError):
+                            async for _ in events:
+                                pass
                 finally:
+                    await events.aclose()
                     await close(resp)  # a cancelled submission is aborted by the upstream
                     self.resp = None
                 if not ended:

