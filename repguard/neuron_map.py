@@ -168,6 +168,14 @@ class Fingerprint:
     config: str
     weights: torch.Tensor
 
+    @classmethod
+    def of(cls, architecture: str, num_layers: int, intermediate_size: int, hidden_size: int, vocab_size: int,
+           final_norm_weight: torch.Tensor) -> "Fingerprint":
+        """The one way every framework adapter computes a model's identity (transformers and vLLM alike)."""
+        key = config_fingerprint(architecture, int(num_layers), int(intermediate_size), int(hidden_size), int(vocab_size))
+        weights = final_norm_weight.detach().flatten()[:FINGERPRINT_WIDTH].float().cpu().clone()
+        return cls(key, weights)
+
     def matches(self, other: "Fingerprint") -> bool:
         if self.config != other.config:
             return False

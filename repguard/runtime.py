@@ -241,4 +241,17 @@ class GuardRuntime:
         return act
 
 
-__all__ = ["GuardRuntime", "LayerPlan", "NeuronSet", "Level"]
+def penalise(logits: torch.Tensor, row: int, token: int, amount: float) -> None:
+    """Escalation: lower one token's logit in one row (in place), where the token exists."""
+    if 0 <= token < logits.shape[-1]:
+        logits[row, token] -= amount
+
+
+def force_token(logits: torch.Tensor, row: int, token: int) -> None:
+    """Stop: make ``token`` (the EOS) the only choice of one row (in place), keeping its own logit if finite."""
+    keep = logits[row, token].clone()
+    logits[row].fill_(float("-inf"))
+    logits[row, token] = keep if torch.isfinite(keep) else 0.0
+
+
+__all__ = ["GuardRuntime", "LayerPlan", "NeuronSet", "Level", "force_token", "penalise"]

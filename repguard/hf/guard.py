@@ -28,7 +28,7 @@ from ..errors import ConfigError, RepGuardError
 from ..maps import find_map
 from ..neuron_map import NeuronMap
 from ..policy import SequenceReport
-from ..runtime import GuardRuntime
+from ..runtime import GuardRuntime, force_token, penalise
 from .introspect import act_modules, arch_of, fingerprint, shape_of
 
 log = logging.getLogger("repguard")
@@ -273,15 +273,13 @@ class Guard:
             if penalties or stops:
                 logits = output[:, -1, :] if output.dim() == 3 else output
                 for row, token, amount in penalties:
-                    if not self._done[row] and 0 <= token < logits.shape[-1]:
-                        logits[row, token] -= amount
+                    if not self._done[row]:
+                        penalise(logits, row, token, amount)
                 for row in stops:
                     if self._done[row]:
                         continue
                     if self.eos:
-                        keep = logits[row, self.eos[0]].clone()
-                        logits[row].fill_(float("-inf"))
-                        logits[row, self.eos[0]] = keep if torch.isfinite(keep) else 0.0
+                        force_token(logits, row, self.eos[0])
                     self._done[row] = True
         except Exception as exc:
             self._fail("penalty", exc)

@@ -6,7 +6,7 @@ import torch
 
 from ..archs import ArchSpec, arch_for, resolve
 from ..errors import UnsupportedModelError
-from ..neuron_map import FINGERPRINT_WIDTH, Fingerprint, config_fingerprint
+from ..neuron_map import Fingerprint
 
 
 def text_config(model):
@@ -45,6 +45,5 @@ def fingerprint(model) -> Fingerprint:
     config = text_config(model)
     num_layers, width = shape_of(model)
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
-    key = config_fingerprint(config.model_type, num_layers, width, int(hidden), int(config.vocab_size))
-    weights = resolve(model, spec.final_norm).weight.detach().flatten()[:FINGERPRINT_WIDTH].float().cpu().clone()
-    return Fingerprint(key, weights)
+    return Fingerprint.of(config.model_type, num_layers, width, hidden, config.vocab_size,
+                          resolve(model, spec.final_norm).weight)

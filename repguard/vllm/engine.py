@@ -31,8 +31,8 @@ from .. import metrics
 from ..archs import ArchSpec, arch_for, resolve
 from ..config import GuardConfig
 from ..errors import UnsupportedModelError
-from ..neuron_map import FINGERPRINT_WIDTH, Fingerprint, NeuronMap, config_fingerprint
-from ..runtime import GuardRuntime, LayerPlan
+from ..neuron_map import Fingerprint, NeuronMap
+from ..runtime import GuardRuntime, LayerPlan, force_token, penalise
 from . import compat
 
 log = logging.getLogger("repguard")
@@ -104,10 +104,8 @@ def model_fingerprint(vllm_config, model) -> Fingerprint:
     spec = vllm_arch(vllm_config)
     config = compat.text_config(vllm_config)
     layers, width = spec.num_layers(config), spec.intermediate_size(config)
-    key = config_fingerprint(config.model_type, layers, width, int(config.hidden_size), int(config.vocab_size))
-    norm = resolve(model, spec.final_norm)
-    weights = norm.weight.detach().flatten()[:FINGERPRINT_WIDTH].float().cpu().clone()
-    return Fingerprint(key, weights)
+    return Fingerprint.of(config.model_type, layers, width, config.hidden_size, config.vocab_size,
+                          resolve(model, spec.final_norm).weight)
 
 
 class EngineGuard:
@@ -459,15 +457,11 @@ class EngineGuard:
                         if len(self.stop_signals) > REPORTS_KEPT:  # nobody collects them (no tagging runner)
                             del self.stop_signals[: -REPORTS_KEPT]
                     if state.eos is not None:
-                        keep = logits[index, state.eos].clone()
-                        logits[index].fill_(float("-inf"))
-                        logits[index, state.eos] = keep if torch.isfinite(keep) else 0.0
+                        force_token(logits, index, state.eos)
                     continue
                 penalty = seq.penalty
                 if penalty is not None:
-                    token, amount = penalty
-                    if 0 <= token < logits.shape[-1]:
-                        logits[index, token] -= amount
+                    penalise(logits, index, *penalty)
         except Exception as exc:
             self._fail("penalty", exc)
         self.overhead_seconds += time.perf_counter() - t0
