@@ -1,4 +1,9 @@
-"""Finding the neuron map for a model: by path, or by model name in the shipped ``neuron_maps/``."""
+"""Finding the neuron map for a model: by path, or by model name among the shipped maps.
+
+The shipped maps live in the repository's top-level ``neuron_maps/``; a wheel or a non-editable install
+carries them as ``repguard/neuron_maps/`` (``pyproject.toml`` maps one onto the other). Both are searched,
+after the folders in ``REPGUARD_MAP_PATH``.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +13,15 @@ from pathlib import Path
 from .errors import NeuronMapError
 from .neuron_map import NeuronMap
 
-SHIPPED = Path(__file__).resolve().parent.parent / "neuron_maps"
+PACKAGED = Path(__file__).resolve().parent / "neuron_maps"  # an installed wheel
+SOURCE = Path(__file__).resolve().parent.parent / "neuron_maps"  # a checkout (or an editable install)
+SHIPPED = PACKAGED if PACKAGED.is_dir() else SOURCE  # where this install's shipped maps are
 
 
 def map_dirs() -> list[Path]:
     extra = [Path(p) for p in os.environ.get("REPGUARD_MAP_PATH", "").split(os.pathsep) if p]
-    return extra + [SHIPPED, Path(__file__).resolve().parent / "neuron_maps"]
+    shipped = [d for d in (PACKAGED, SOURCE) if d.is_dir()] or [SHIPPED]
+    return extra + shipped
 
 
 def find_map(name_or_path: str) -> NeuronMap:
