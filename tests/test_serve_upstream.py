@@ -7,7 +7,6 @@ that streams tokens and can be killed mid-stream)."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import signal

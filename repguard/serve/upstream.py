@@ -32,6 +32,7 @@ import logging
 import time
 import uuid
 from typing import Any, AsyncIterator
+from urllib.parse import quote
 
 import anyio
 import httpx
@@ -42,7 +43,7 @@ from .. import metrics
 from ..config import GuardConfig
 from ..errors import ConfigError, RepGuardError
 from ..request_guard import RequestGuard, Submission, derive_seed
-from ..rollback import BAN, RollbackConfig, RollbackPolicy
+from ..rollback import RollbackConfig, RollbackPolicy
 from .router import CLIENT_CLOSED, DISCONNECT_POLL_S, APIError, SafeJSONResponse, dumps, openai_route
 from .settings import ServeSettings
 
@@ -59,7 +60,7 @@ CARRIED = (
 )
 REFUSED = {
     "n": lambda v: v not in (None, 1), "best_of": lambda v: v not in (None, 1), "echo": bool,
-    "logprobs": lambda v: v not in (None, False), "top_logprobs": lambda v: v is not None,
+    "logprobs": lambda v: v is not None and v is not False, "top_logprobs": lambda v: v is not None,
     "prompt_logprobs": lambda v: v is not None, "use_beam_search": bool, "tools": bool,
     "structured_outputs": lambda v: v is not None, "guided_json": lambda v: v is not None,
     "guided_regex": lambda v: v is not None, "guided_choice": lambda v: v is not None,
@@ -207,8 +208,7 @@ def _bias(client: Any, extra: dict[int, float] | None) -> dict[str, float] | Non
     bias = {str(k): float(v) for k, v in (client or {}).items()}
     for token, amount in (extra or {}).items():
         key = str(int(token))
-        total = bias.get(key, 0.0) + (-BAN if amount == -BAN else amount)
-        bias[key] = max(-BIAS_LIMIT, min(BIAS_LIMIT, total)) if total != -BAN else -BIAS_LIMIT
+        bias[key] = max(-BIAS_LIMIT, min(BIAS_LIMIT, bias.get(key, 0.0) + amount))  # -inf (BAN) -> -100
     return bias or None
 
 
@@ -549,7 +549,7 @@ def build_upstream_router(proxy: UpstreamProxy, settings: ServeSettings) -> APIR
 
     @router.get("/models/{model_id:path}")
     async def get_model(model_id: str) -> Response:
-        return await passthrough_get(f"/v1/models/{model_id}")
+        return await passthrough_get(f"/v1/models/{quote(model_id, safe='')}")
 
     async def body_of(request: Request) -> dict[str, Any]:
         try:
@@ -582,7 +582,7 @@ def build_upstream_router(proxy: UpstreamProxy, settings: ServeSettings) -> APIR
         async def relay() -> AsyncIterator[bytes]:
             code = CLIENT_CLOSED
             try:
-                async for chunk in resp.aiter_raw():
+                async for chunk in resp.aiter_bytes():
                     yield chunk
                 code = 200
             except httpx.HTTPError as exc:
