@@ -154,13 +154,21 @@ def test_processor_guards_only_opted_in_rows(setup):
     assert sorted(guard.rows) == [0, 2]
     changed_rows = set()
     first_change = None
+    penalised = False
     for step in range(200):
         outs[0].append(LOOP[step % len(LOOP)])  # a loop of period 7
         outs[1].append(LOOP[step % len(LOOP)])  # the same loop, not guarded
         outs[2].append(100 + step)  # never repeats
         proc.update_state(None)
         base = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(step))
+        seq = guard.runtime.seqs[0]
+        penalty = seq.penalty if not seq.stopped else None
         out = proc.apply(base.clone())
+        if penalty is not None:  # exactly the loop's next token, by exactly the policy's amount
+            expect = base[0].clone()
+            expect[penalty[0]] -= penalty[1]
+            assert torch.allclose(out[0], expect)
+            penalised = True
         for row in range(3):
             if not torch.equal(out[row], base[row]):
                 changed_rows.add(row)
@@ -169,6 +177,7 @@ def test_processor_guards_only_opted_in_rows(setup):
             assert out[0].argmax().item() == EOS and torch.isinf(out[0]).sum() == VOCAB - 1
             break
     assert changed_rows == {0}, "only the guarded looping row may change"
+    assert penalised, "the loop was penalised before it was stopped"
     assert guard.runtime.seqs[0].report.first_detection is not None
     assert guard.runtime.seqs[2].report.first_detection is None
     assert guard.rows[0].done, "the default policy ends a loop that survives escalation"
@@ -479,7 +488,7 @@ def test_rows_are_mapped_when_a_graph_replay_skips_the_model_pre_hook(monkeypatc
         layer, plan = next(iter(guard.plans.items()))
         x = torch.randn(3, 2 * D_FF, generator=torch.Generator().manual_seed(7))
         runner.xs = [x] * LAYERS
-        monkeypatch.setattr(compat, "query_start_loc", lambda n: [0, 1, 2])  # a: token 0, b: token 1, pad: 2
+        monkeypatch.setattr(compat, "query_start_loc", lambda n, runner=None: [0, 1, 2])  # a: token 0, b: token 1, pad: 2
         guard.runtime.off[1] = True  # b switched off
         guard.runtime.any_off = True
         runner._model_forward()

@@ -164,10 +164,12 @@ def tp_all_reduce(tensor):
     return tensor_model_parallel_all_reduce(tensor)
 
 
-def query_start_loc(num_reqs: int) -> list[int] | None:
+def query_start_loc(num_reqs: int, runner=None) -> list[int] | None:
     """Token offsets of the requests in the current forward (``qsl[i]:qsl[i+1]`` is request ``i``,
     the same index as ``input_batch.req_ids`` and the logits processor's rows), or None during
-    warm-up/profiling, where there is no attention metadata."""
+    warm-up/profiling, where there is no attention metadata. Read from the runner's host copy
+    (``runner.query_start_loc.np``, filled before the forward) where it has one, so that no device
+    tensor is read back (a host sync per step on GPU)."""
     if not is_forward_context_available():
         return None
     meta = get_forward_context().attn_metadata
@@ -175,7 +177,13 @@ def query_start_loc(num_reqs: int) -> list[int] | None:
         return None
     if isinstance(meta, list):  # micro-batching: one dict per micro-batch; not supported
         return None
+    host = getattr(getattr(runner, "query_start_loc", None), "np", None)
+    if host is not None:
+        return host[: num_reqs + 1].tolist()
     first: Any = next(iter(meta.values())) if isinstance(meta, dict) else meta
+    host = getattr(first, "query_start_loc_cpu", None)
+    if host is not None:
+        return host[: num_reqs + 1].tolist()
     qsl = getattr(first, "query_start_loc", None)
     if qsl is None:
         return None

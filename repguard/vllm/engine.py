@@ -32,7 +32,7 @@ from ..archs import ArchSpec, arch_for, resolve
 from ..config import GuardConfig
 from ..errors import UnsupportedModelError
 from ..neuron_map import Fingerprint, NeuronMap
-from ..runtime import GuardRuntime, LayerPlan, force_token, penalise
+from ..runtime import GuardRuntime, LayerPlan, force_token
 from . import compat
 
 log = logging.getLogger("repguard")
@@ -210,7 +210,7 @@ class EngineGuard:
         """Runs eagerly before every forward (outside any compiled region or CUDA graph)."""
         try:
             num_reqs = int(self.runner.input_batch.num_reqs)
-            self.map_tokens(compat.query_start_loc(num_reqs))
+            self.map_tokens(compat.query_start_loc(num_reqs, self.runner))
         except Exception as exc:
             self._fail("observe", exc)
 
@@ -225,8 +225,13 @@ class EngineGuard:
         starts = torch.tensor(qsl[:-1], dtype=torch.long)
         last = torch.tensor(qsl[1:], dtype=torch.long) - 1
         keep = last >= starts  # a request with no token in this forward has no newest token
-        rows = torch.arange(len(starts), dtype=torch.long)[keep].to(self.device)
-        last = last[keep].to(self.device)
+        pin = self.device.type == "cuda"
+        rows = torch.arange(len(starts), dtype=torch.long)[keep]
+        last = last[keep]
+        if pin:  # pinned host memory: the copies below do not block the host
+            rows, last = rows.pin_memory(), last.pin_memory()
+        rows = rows.to(self.device, non_blocking=True)
+        last = last.to(self.device, non_blocking=True)
         self.token_row.index_copy_(0, last, rows)
         self._last_rows = last
 
@@ -446,6 +451,7 @@ class EngineGuard:
         t0 = time.perf_counter()
         try:
             rt = self.runtime
+            rows, tokens, amounts = [], [], []
             for index, state in self.rows.items():
                 seq = rt.seqs[index]
                 if seq is None or state.done or index >= logits.shape[0]:
@@ -460,8 +466,14 @@ class EngineGuard:
                         force_token(logits, index, state.eos)
                     continue
                 penalty = seq.penalty
-                if penalty is not None:
-                    penalise(logits, index, *penalty)
+                if penalty is not None and 0 <= penalty[0] < logits.shape[-1]:
+                    rows.append(index)
+                    tokens.append(penalty[0])
+                    amounts.append(-penalty[1])
+            if rows:  # every penalty of the step in one write, as vLLM's own processors do
+                dev = logits.device
+                logits.index_put_((torch.tensor(rows, device=dev), torch.tensor(tokens, device=dev)),
+                                  torch.tensor(amounts, device=dev, dtype=logits.dtype), accumulate=True)
         except Exception as exc:
             self._fail("penalty", exc)
         self.overhead_seconds += time.perf_counter() - t0
