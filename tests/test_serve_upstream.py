@@ -7,6 +7,7 @@ that streams tokens and can be killed mid-stream)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -216,14 +217,20 @@ def test_chat_completions(direct, guarded):
     assert started and (text, finish) == (w.message.content, w.finish_reason)
 
 
-def test_looping_chat_is_rolled_back_through_the_templated_prompt(guarded):
-    """For chat the resubmission's prompt is the upstream's own templated prompt ids."""
-    messages = [{"role": "user", "content": "Repeat forever: I like apples. I like apples. I like apples."}]
-    got = guarded.chat.completions.create(model=MODEL, messages=messages, max_tokens=LOOP_TOKENS, temperature=0,
-                                          extra_body={"return_token_ids": True})
+def test_looping_chat_is_rolled_back_through_the_templated_prompt(direct, guarded):
+    """For chat the resubmissions' prompt is the upstream's own templated prompt ids plus the kept ids."""
+    args = dict(model=MODEL, messages=[{"role": "user", "content": "List the numbers 1 1 1 1 1 1 1 1"}],
+                max_tokens=LOOP_TOKENS, temperature=0, extra_body={"return_token_ids": True})
+    want = direct.chat.completions.create(**args)
+    assert find_repetition(want.choices[0].model_extra["token_ids"]) is not None, "precondition: it loops"
+    got = guarded.chat.completions.create(**args)
     c = got.choices[0]
-    assert find_repetition(c.model_extra["token_ids"]) is None
-    assert c.message.content and len(c.model_extra["token_ids"]) <= LOOP_TOKENS
+    ids, rep = c.model_extra["token_ids"], c.model_extra["repguard"]
+    assert rep["rollbacks"] >= 1 and find_repetition(ids) is None
+    onset = rep["detections"][0]["onset"]
+    assert ids[:onset] == want.choices[0].model_extra["token_ids"][:onset]
+    assert got.model_extra["prompt_token_ids"] == want.model_extra["prompt_token_ids"]
+    assert c.message.content and len(ids) <= LOOP_TOKENS
 
 
 def test_models_errors_and_guard_off(direct, guarded, proxy_url):
@@ -330,6 +337,14 @@ FAKE = textwrap.dedent('''
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             prompt = body.get("prompt")
+            if self.path == "/detokenize":
+                return self.send_json(200, {"prompt": "".join(" t%d" % t for t in body["tokens"])})
+            xargs = body.get("vllm_xargs") or {}
+            if PLUGIN and "repguard_k" in xargs:  # the plugin's processor refuses a bad setting
+                return self.send_json(400, {"error": {"message": "repguard_k: must be >= 1"}})
+            if isinstance(prompt, list):  # a resubmission: recorded, answered with fresh tokens
+                with open(RECORD, "a") as f:
+                    f.write(json.dumps(body) + "\\n")
             if prompt == "fail":
                 return self.send_json(500, {"error": {"message": "boom inside"}})
             if prompt == "bad":
@@ -347,7 +362,8 @@ FAKE = textwrap.dedent('''
                 self.wfile.flush()
             n = int(body.get("max_tokens") or 16)
             for i in range(n):
-                choice = {"index": 0, "text": " w%d" % i, "token_ids": [1000 + i],
+                tok = 10 + i % 6 if prompt == "loop" else 2000 + i if isinstance(prompt, list) else 1000 + i
+                choice = {"index": 0, "text": " w%d" % i, "token_ids": [tok],
                           "finish_reason": "length" if i == n - 1 else None}
                 if i == 0:
                     choice["prompt_token_ids"] = [1, 2, 3]
@@ -356,22 +372,64 @@ FAKE = textwrap.dedent('''
             send("data: [DONE]\\n\\n")
             self.wfile.write(b"0\\r\\n\\r\\n")
 
+    RECORD, PLUGIN = sys.argv[2], sys.argv[3] == "plugin"
     ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 ''')
 
 
-@pytest.fixture
-def fake_upstream(tmp_path):
+@contextlib.contextmanager
+def fake(tmp_path: Path, plugin: bool = False):
     script = tmp_path / "fake_upstream.py"
     script.write_text(FAKE)
     port = free_port()
     log = tmp_path / "fake.log"
-    proc = subprocess.Popen([sys.executable, str(script), str(port)], stdout=log.open("w"), stderr=subprocess.STDOUT)
+    record = tmp_path / "resubmissions.jsonl"
+    proc = subprocess.Popen([sys.executable, str(script), str(port), str(record), "plugin" if plugin else "-"],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    _wait_http(url + "/v1/models", proc, log, 20)
-    yield url, proc
-    proc.kill()
-    proc.wait()
+    try:
+        _wait_http(url + "/v1/models", proc, log, 20)
+        yield url, proc, record
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def fake_upstream(tmp_path):
+    with fake(tmp_path) as (url, proc, _):
+        yield url, proc
+
+
+def test_resubmissions_carry_the_request_and_the_neuron_step(tmp_path):
+    """What the proxy sends on a rollback, as an upstream with repguard's plugin receives it: the prompt ids
+    plus the kept ids, the ban on the first new token added to the client's bias, the client's sampling with a
+    derived seed, and the neuron step in vllm_xargs."""
+    from repguard.request_guard import derive_seed
+
+    with fake(tmp_path, plugin=True) as (url, _, record), inprocess_proxy(upstream=url) as proxy:
+        client = openai.OpenAI(base_url=proxy + "/v1", api_key="x", timeout=30, max_retries=0)
+        got = client.completions.create(model="fake", prompt="loop", max_tokens=60, temperature=0.7, top_p=0.9,
+                                        seed=5, logit_bias={"42": 5}, extra_body={"return_token_ids": True})
+    choice = got.choices[0]
+    rep = choice.model_extra["repguard"]
+    assert rep["rollbacks"] == 1 and rep["form"] == "tokens+neurons"
+    ids = choice.model_extra["token_ids"]
+    onset = rep["detections"][0]["onset"]
+    assert ids[:onset] == [10 + i % 6 for i in range(onset)] and len(ids) == 60
+    assert find_repetition(ids) is None
+    assert choice.text == "".join(f" t{t}" for t in ids), "the text of the final ids, by the upstream's /detokenize"
+    step, rest = [json.loads(line) for line in record.read_text().splitlines()]
+    kept = ids[:onset]
+    assert step["prompt"] == [1, 2, 3] + kept and step["max_tokens"] == 1
+    assert step["logit_bias"] == {"42": 5.0, str(10 + onset % 6): -100.0}, "the loop's next token banned"
+    assert (step["temperature"], step["top_p"], step["seed"]) == (0.7, 0.9, derive_seed(5, 1))
+    assert rest["prompt"] == [1, 2, 3] + kept + [2000] and rest["max_tokens"] == 60 - onset - 1
+    assert rest["logit_bias"] == {"42": 5.0} and rest["seed"] == derive_seed(5, 2)
+    for sub in (step, rest):
+        assert sub["vllm_xargs"]["repguard"] == "true"
+        cfg = json.loads(sub["vllm_xargs"]["repguard_config"])
+        assert (cfg["always_on"], cfg["escalate"], cfg["stop"]) == (True, False, False)
 
 
 def test_upstream_failures_are_clean_openai_errors(fake_upstream):
