@@ -340,7 +340,7 @@ FAKE = textwrap.dedent('''
             if self.path == "/detokenize":
                 return self.send_json(200, {"prompt": "".join(" t%d" % t for t in body["tokens"])})
             xargs = body.get("vllm_xargs") or {}
-            if PLUGIN and "repguard_k" in xargs:  # the plugin's processor refuses a bad setting
+            if MODE == "plugin" and "repguard_k" in xargs:  # the plugin's processor refuses a bad setting
                 return self.send_json(400, {"error": {"message": "repguard_k: must be >= 1"}})
             if isinstance(prompt, list):  # a resubmission: recorded, answered with fresh tokens
                 with open(RECORD, "a") as f:
@@ -352,6 +352,9 @@ FAKE = textwrap.dedent('''
                                                       "param": "prompt", "code": 400}})
             if prompt == "hang":
                 time.sleep(30)
+            if not body.get("stream"):  # the proxy's start-up check
+                ids = {} if MODE == "noids" else {"token_ids": [1000], "prompt_token_ids": [1, 2, 3]}
+                return self.send_json(200, {"choices": [{"index": 0, "text": " w0", "finish_reason": "length", **ids}]})
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Transfer-Encoding", "chunked")
@@ -372,19 +375,19 @@ FAKE = textwrap.dedent('''
             send("data: [DONE]\\n\\n")
             self.wfile.write(b"0\\r\\n\\r\\n")
 
-    RECORD, PLUGIN = sys.argv[2], sys.argv[3] == "plugin"
+    RECORD, MODE = sys.argv[2], sys.argv[3]
     ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 ''')
 
 
 @contextlib.contextmanager
-def fake(tmp_path: Path, plugin: bool = False):
+def fake(tmp_path: Path, mode: str = "-"):
     script = tmp_path / "fake_upstream.py"
     script.write_text(FAKE)
     port = free_port()
     log = tmp_path / "fake.log"
     record = tmp_path / "resubmissions.jsonl"
-    proc = subprocess.Popen([sys.executable, str(script), str(port), str(record), "plugin" if plugin else "-"],
+    proc = subprocess.Popen([sys.executable, str(script), str(port), str(record), mode],
                             stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -407,7 +410,7 @@ def test_resubmissions_carry_the_request_and_the_neuron_step(tmp_path):
     derived seed, and the neuron step in vllm_xargs."""
     from repguard.request_guard import derive_seed
 
-    with fake(tmp_path, plugin=True) as (url, _, record), inprocess_proxy(upstream=url) as proxy:
+    with fake(tmp_path, "plugin") as (url, _, record), inprocess_proxy(upstream=url) as proxy:
         client = openai.OpenAI(base_url=proxy + "/v1", api_key="x", timeout=30, max_retries=0)
         got = client.completions.create(model="fake", prompt="loop", max_tokens=60, temperature=0.7, top_p=0.9,
                                         seed=5, logit_bias={"42": 5}, extra_body={"return_token_ids": True})
@@ -466,10 +469,22 @@ def test_upstream_failures_are_clean_openai_errors(fake_upstream):
         assert health.status_code == 503 and health.json()["status"] == "upstream_unavailable"
 
 
-def test_start_fails_on_an_unreachable_upstream():
-    port = free_port()
-    out = subprocess.run([sys.executable, "-m", "repguard.cli", "serve", "--upstream", f"http://127.0.0.1:{port}",
-                          "--check"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2
-    assert f"upstream http://127.0.0.1:{port}: cannot reach it" in out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1
+def test_start_fails_on_an_unusable_upstream(tmp_path):
+    """A one-line error naming the URL, exit code 2: nothing listens there, or it returns no token ids."""
+    def check(url: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "repguard.cli", "serve", "--upstream", url, "--check"],
+                              capture_output=True, text=True, timeout=120)
+
+    url = f"http://127.0.0.1:{free_port()}"
+    out = check(url)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert f"upstream {url}: cannot reach it" in out.stderr
+    with fake(tmp_path, "noids") as (url, _, _):
+        out = check(url)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert f"upstream {url}: its completions carry no token ids" in out.stderr
+    from repguard.errors import ConfigError
+    from repguard.serve.settings import load_settings
+
+    with pytest.raises(ConfigError, match="upstream: .*expected an http:// or https:// URL"):
+        load_settings({"upstream": "localhost:8000"}, env={})

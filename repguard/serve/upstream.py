@@ -455,6 +455,7 @@ class UpstreamProxy:
             self.models = [str(c["id"]) for c in cards]
             self.max_model_len = {str(c["id"]): int(c["max_model_len"]) for c in cards
                                   if isinstance(c.get("max_model_len"), int)}
+            self._probe_token_ids(client)
             want = self.settings.upstream_neuron_step
             available = self._probe_neurons(client) if want is not False else False
         if want and not available:
@@ -465,6 +466,26 @@ class UpstreamProxy:
         for model in self.models:
             metrics.init_model(model)
             metrics.set_info(model, "upstream")
+
+    def _probe_token_ids(self, client: httpx.Client) -> None:
+        """The guard needs the token ids of each answer: refuse an upstream that does not return them."""
+        url = self.upstream.url
+        probe = {"model": self.model_name, "prompt": "Hi", "max_tokens": 1, "temperature": 0, "return_token_ids": True}
+        try:
+            resp = client.post("/v1/completions", json=probe)
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"upstream {url}: a 1-token test completion failed ({type(exc).__name__}: {exc})") from None
+        if resp.status_code != 200:
+            raise UpstreamError(f"upstream {url}: a 1-token test completion answered HTTP {resp.status_code}: "
+                                f"{resp.text[:300]}")
+        try:
+            choice = resp.json()["choices"][0]
+            ok = isinstance(choice.get("token_ids"), list) and isinstance(choice.get("prompt_token_ids"), list)
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+            ok = False
+        if not ok:
+            raise UpstreamError(f"upstream {url}: its completions carry no token ids (return_token_ids); the guard "
+                                "needs vLLM's OpenAI server (tested with vLLM 0.32)")
 
     def _probe_neurons(self, client: httpx.Client) -> bool:
         """Does the upstream run repguard's plugin with the neuron step? Its processor refuses a bad setting
