@@ -242,11 +242,16 @@ def test_models_errors_and_guard_off(direct, guarded, proxy_url):
     with pytest.raises(openai.BadRequestError, match="repguard"):
         guarded.completions.create(model=MODEL, prompt="Hi", max_tokens=4, extra_body={"repguard": {"k": 0}})
     # the guard off: the upstream's answer, unchanged (n=2 allowed)
-    args = dict(model=MODEL, prompt=LOOP, max_tokens=LOOP_TOKENS, temperature=0.5, seed=11, n=2)
+    args = dict(model=MODEL, prompt=LOOP, max_tokens=24, temperature=0.5, seed=11, n=2)
     off = guarded.completions.create(**args, extra_body={"repguard": {"preset": "off"}})
     plain = direct.completions.create(**args)
     assert [c.text for c in off.choices] == [c.text for c in plain.choices]
     assert "repguard" not in off.choices[0].model_extra
+    texts = ["", ""]
+    for chunk in guarded.completions.create(**args, stream=True, extra_body={"repguard": {"preset": "off"}}):
+        for c in chunk.choices:
+            texts[c.index] += c.text
+    assert texts == [c.text for c in plain.choices]
 
 
 def test_metrics_by_upstream_model(guarded, proxy_url):
@@ -469,20 +474,21 @@ def test_upstream_failures_are_clean_openai_errors(fake_upstream):
         assert health.status_code == 503 and health.json()["status"] == "upstream_unavailable"
 
 
-def test_start_fails_on_an_unusable_upstream(tmp_path):
-    """A one-line error naming the URL, exit code 2: nothing listens there, or it returns no token ids."""
-    def check(url: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "repguard.cli", "serve", "--upstream", url, "--check"],
-                              capture_output=True, text=True, timeout=120)
+def test_start_fails_on_an_unusable_upstream(tmp_path, capsys):
+    """``repguard serve --upstream URL --check``: a one-line error naming the URL, exit code 2, when nothing
+    listens there or its completions return no token ids."""
+    from repguard.cli import main
+
+    def check(url: str) -> str:
+        assert main(["serve", "--upstream", url, "--check"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        return err
 
     url = f"http://127.0.0.1:{free_port()}"
-    out = check(url)
-    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
-    assert f"upstream {url}: cannot reach it" in out.stderr
+    assert f"upstream {url}: cannot reach it" in check(url)
     with fake(tmp_path, "noids") as (url, _, _):
-        out = check(url)
-    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
-    assert f"upstream {url}: its completions carry no token ids" in out.stderr
+        assert f"upstream {url}: its completions carry no token ids" in check(url)
     from repguard.errors import ConfigError
     from repguard.serve.settings import load_settings
 
