@@ -504,3 +504,88 @@ def test_rows_are_mapped_when_a_graph_replay_skips_the_model_pre_hook(monkeypatc
         guard.remove()
         engine.set_current(None)
     assert "_model_forward" not in runner.__dict__, "remove() restores the runner"
+
+
+def test_random_batch_updates_keep_every_request_state(monkeypatch):
+    """Randomised adds, finishes, preemptions (removed, later added back with their outputs so far), swaps and
+    one-way moves, as vLLM's own logits-processor tests drive processors: after every update, each guarded
+    request's guard has seen exactly its own tokens, wherever its row went; unguarded requests have no state."""
+    import random
+
+    monkeypatch.setattr(logits, "PLUGIN_ACTIVE", True)
+    width = 6
+    runner = fake_runner(max_reqs=width)
+    guard = EngineGuard(runner, tiny_map(), GuardConfig.from_preset("monitor"), "tiny").install()
+    engine.set_current(guard)
+    proc = RepGuardLogitsProcessor(runner.vllm_config, torch.device("cpu"), False)
+    runner.input_batch.logitsprocs.all = [proc]
+    rng = random.Random(0)
+    slots: list[str | None] = [None] * width
+    outputs: dict[str, list[int]] = {}
+    ref: dict[str, list[int]] = {}
+    guarded: dict[str, bool] = {}
+    parked: list[str] = []
+    finished: set[str] = set()
+    counts = {"preempted": 0, "resumed": 0, "moved": 0, "finished": 0}
+    try:
+        for step in range(400):
+            removed, added, moved = [], [], []
+            for i, rid in enumerate(slots):
+                if rid is None:
+                    continue
+                r = rng.random()
+                if r < 0.04:
+                    removed.append(i)
+                    slots[i] = None
+                    del runner.requests[rid]
+                    finished.add(rid)
+                    counts["finished"] += 1
+                elif r < 0.09:
+                    removed.append(i)
+                    slots[i] = None
+                    parked.append(rid)
+                    counts["preempted"] += 1
+            for i in range(width):
+                if slots[i] is not None or rng.random() < 0.5:
+                    continue
+                if parked and rng.random() < 0.6:
+                    rid = parked.pop(rng.randrange(len(parked)))
+                    counts["resumed"] += 1
+                else:
+                    rid = f"r{step}x{i}-0000abcd"
+                    ref[rid] = []
+                    guarded[rid] = rng.random() < 0.7
+                    runner.requests[rid] = object()
+                outputs[rid] = list(ref[rid])  # a fresh list, as vLLM builds on resumption
+                slots[i] = rid
+                extra = {"repguard": True, "repguard_preset": "monitor"} if guarded[rid] else {}  # never stops
+                added.append((i, SamplingParams(extra_args=extra, max_tokens=1000), [1, 2, 3], outputs[rid]))
+            if rng.random() < 0.4:
+                a, b = rng.sample(range(width), 2)
+                if slots[a] is not None and slots[b] is None:
+                    slots[a], slots[b] = None, slots[a]
+                    moved.append((a, b, MoveDirectionality.UNIDIRECTIONAL))
+                else:
+                    slots[a], slots[b] = slots[b], slots[a]
+                    moved.append((a, b, MoveDirectionality.SWAP))
+                counts["moved"] += 1
+            runner.input_batch.req_ids = list(slots)
+            runner.input_batch.num_reqs = width
+            proc.update_state(BatchUpdate(batch_size=width, removed=removed, added=added, moved=moved))
+            for i, rid in enumerate(slots):
+                seq = guard.runtime.seqs[i]
+                if rid is None or not guarded[rid]:
+                    assert seq is None, f"step {step}: row {i} holds state it should not"
+                    continue
+                assert seq is not None and seq.history == ref[rid], f"step {step}: {rid} at row {i}"
+            for rid in slots:  # this step's sampled tokens: some requests loop, others never repeat
+                if rid is not None:
+                    token = LOOP[len(ref[rid]) % len(LOOP)] if int(rid[1:].split("x")[0]) % 2 else 1000 + len(ref[rid])
+                    ref[rid].append(token)
+                    outputs[rid].append(token)
+        assert min(counts.values()) >= 10, counts
+        reports = guard.take_reports()
+        done = {r.rpartition("-")[0] for r in finished if guarded[r]}
+        assert done <= set(reports), "every finished guarded request has its report"
+    finally:
+        engine.set_current(None)
