@@ -302,7 +302,7 @@ class GuardedCall:
                         ids = choice.get("token_ids")
                         fin = choice.get("finish_reason")
                         if ids is None:
-                            if self._text_of(choice) and fin is None:
+                            if self._delta_text(choice) and fin is None:
                                 raise APIError(502, "the upstream did not return token ids (return_token_ids); the "
                                                "guard needs vLLM's OpenAI server", type="server_error",
                                                code="upstream_error")
@@ -310,7 +310,7 @@ class GuardedCall:
                         ids = [int(t) for t in ids]
                         if sub.index == 0:
                             self.n0 += len(ids)
-                            self.text0 += self._text_of(choice)
+                            self.text0 += self._delta_text(choice)
                             self.pieces.append((self.n0, self.text0))
                         self.last_stop = choice.get("stop_reason")
                         cancel = feed_chunk(rg, sub, ids, fin, self.last_stop)
@@ -351,7 +351,7 @@ class GuardedCall:
         if self.prompt_ids is None and ids:
             self.prompt_ids = [int(t) for t in ids]
 
-    def _text_of(self, choice: dict[str, Any]) -> str:
+    def _delta_text(self, choice: dict[str, Any]) -> str:
         if self.chat:
             return (choice.get("delta") or {}).get("content") or ""
         return choice.get("text") or ""
