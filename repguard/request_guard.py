@@ -75,18 +75,24 @@ class RequestGuard:
     """One request under rollback, driven by token streams (module doc)."""
 
     def __init__(self, policy: RollbackPolicy, max_new_tokens: int, eos_ids: Iterable[int] = (),
-                 neuron_step: bool = False) -> None:
+                 neuron_step: bool = False, greedy: bool = False) -> None:
+        """``greedy``: the engine decodes greedily, so a penalty on a token the engine did not pick anyway
+        would change nothing; the guard then waits for the next token and resubmits only when the engine
+        picked the penalised one (exact under greedy decoding, and far fewer resubmissions). Otherwise
+        every penalty is applied by a one-token step, exactly as the per-token policy would."""
         check_request_config(policy.config)
         self.policy = policy
         self.state: RollbackState = policy.start(max_new_tokens)
         self.eos = frozenset(int(e) for e in eos_ids)
         self.neuron_step = neuron_step
+        self.greedy = greedy
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.submissions = 0
         self.decoded = 0  # tokens the engine decoded for this request, discarded ones included
         self._current: Submission | None = None
         self._bias: dict[int, float] | None = None
+        self._pending: tuple[int, float] | None = None  # greedy: a penalty for the next streamed token
         self._pass: list[int] = []
         self._seq: SequenceGuard | None = None
         self._new_pass()
@@ -155,6 +161,12 @@ class RequestGuard:
         for token in tokens:
             token = int(token)
             self._bias = None
+            pending, self._pending = self._pending, None
+            if pending is not None and token == pending[0]:
+                # The engine picked the token the policy penalises: decode this position again with it.
+                self._bias = {token: -pending[1]}
+                self._current = None
+                return True
             self._pass.append(token)
             if token in self.eos:
                 self._finish("stop")
@@ -172,6 +184,12 @@ class RequestGuard:
                 return True
             penalty = seq.penalty
             if penalty is not None:
+                if self.greedy:
+                    self._pending = penalty  # wait: it only matters if the engine picks that token
+                    if sub.max_tokens == 1:
+                        self._current = None
+                        return True
+                    continue
                 token_id, amount = penalty
                 self._bias = {token_id: -amount}
                 self._current = None
@@ -196,6 +214,7 @@ class RequestGuard:
 
     # -- internals ---------------------------------------------------------------------------------------
     def _new_pass(self) -> None:
+        self._pending = None
         self._pass = []
         self._current = None
         state = self.state

@@ -177,3 +177,17 @@ def test_the_result_ends_the_paper_loop_more_often_than_not():
         run(g, model)
         fixed += g.rollbacks > 0
     assert looped == 5 and fixed == 5
+
+
+def test_greedy_streams_resubmit_only_when_the_engine_picks_the_penalised_token():
+    """Under greedy decoding a penalty on a token the engine did not pick changes nothing: the guard waits,
+    and steps back only when the engine picked it. Same tokens as applying every penalty, fewer submissions."""
+    cfg = GuardConfig(stop_after=4)
+    eager, lazy = [], []
+    a = RequestGuard(RollbackPolicy(cfg, max_rollbacks=0), max_new_tokens=120)
+    run(a, fake_model(12), log=eager)
+    b = RequestGuard(RollbackPolicy(cfg, max_rollbacks=0), max_new_tokens=120, greedy=True)
+    run(b, fake_model(12), log=lazy)
+    assert b.tokens == a.tokens and b.finish_reason == a.finish_reason
+    assert len(lazy) <= len(eager)
+    assert any(s.bias for s in lazy), "the penalised token was picked at least once"

@@ -136,6 +136,10 @@ class _Front:
             log.exception("repguard: could not record metrics")
 
 
+def _greedy(params) -> bool:
+    return params.temperature is not None and params.temperature < 1e-5
+
+
 def _status(worker) -> dict:
     """Runs in each worker: can the plugin run the neuron step on this engine?"""
     from . import engine
@@ -194,7 +198,7 @@ class GuardedLLM(_Front):
         for i, (prompt, p, g) in enumerate(zip(prompts, params, guards)):
             self._check_params(p)
             policy = self._policy(g)
-            rg = RequestGuard(policy or self.policy, p.max_tokens, neuron_step=self.neuron_step)
+            rg = RequestGuard(policy or self.policy, p.max_tokens, neuron_step=self.neuron_step, greedy=_greedy(p))
             reqs.append({"prompt": prompt, "params": p, "guard": rg, "guarded": policy is not None, "ids": None,
                          "cached": 0, "counted": set(), "text": "", "stop_reason": None, "out_reason": None, "tokens": [],
                          "t0": time.perf_counter()})
@@ -339,7 +343,8 @@ class GuardedAsyncLLM(_Front):
                                     o.text if o else "", out.finished, o.finish_reason if o else None,
                                     o.stop_reason if o else None)
             return
-        rg = RequestGuard(policy, sampling_params.max_tokens, neuron_step=self.neuron_step)
+        rg = RequestGuard(policy, sampling_params.max_tokens, neuron_step=self.neuron_step,
+                          greedy=_greedy(sampling_params))
         prompt_ids: list[int] | None = None
         cached = 0
         text0 = ""
