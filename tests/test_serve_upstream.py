@@ -442,7 +442,7 @@ def test_resubmissions_carry_the_request_and_the_neuron_step(tmp_path):
 
 def test_upstream_failures_are_clean_openai_errors(fake_upstream):
     url, proc = fake_upstream
-    with inprocess_proxy(upstream=url, upstream_timeout_s=1.0, rollback={"holdback": 2}) as proxy:
+    with inprocess_proxy(upstream=url, upstream_timeout_s=2.0, rollback={"holdback": 2}) as proxy:
         client = openai.OpenAI(base_url=proxy + "/v1", api_key="x", timeout=30, max_retries=0)
         ok = client.completions.create(model="fake", prompt="hello", max_tokens=5)
         assert ok.choices[0].text == " w0 w1 w2 w3 w4" and ok.choices[0].finish_reason == "length"
