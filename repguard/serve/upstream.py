@@ -230,13 +230,19 @@ class Decoder:
         return text
 
 
+def _greedy(body: dict[str, Any]) -> bool:
+    """Only an explicit temperature 0 is greedy (without one, vLLM uses the model's default)."""
+    t = body.get("temperature")
+    return isinstance(t, (int, float)) and not isinstance(t, bool) and t < 1e-5
+
+
 class GuardedCall:
     """One guarded request: the client's own request first, then resubmissions to ``/v1/completions``."""
 
     def __init__(self, proxy: "UpstreamProxy", body: dict[str, Any], chat: bool, policy: RollbackPolicy,
                  model: str, max_tokens: int) -> None:
         self.proxy, self.body, self.chat, self.model = proxy, body, chat, model
-        self.rg = RequestGuard(policy, max_tokens, neuron_step=proxy.neuron_step)
+        self.rg = RequestGuard(policy, max_tokens, neuron_step=proxy.neuron_step, greedy=_greedy(body))
         self.prompt_ids: list[int] | None = None
         self.first: dict[str, Any] = {}  # id, created, system_fingerprint of the first upstream chunk
         self.text0 = ""  # submission 0's text as the upstream sent it
