@@ -487,6 +487,8 @@ def test_start_fails_on_an_unusable_upstream(tmp_path, capsys):
 
     url = f"http://127.0.0.1:{free_port()}"
     assert f"upstream {url}: cannot reach it" in check(url)
+    assert main(["serve", "--upstream", url, "--neuron-map", "x.safetensors", "--check"]) == 2
+    assert "--neuron-map: not used with --upstream" in capsys.readouterr().err
     with fake(tmp_path, "noids") as (url, _, _):
         assert f"upstream {url}: its completions carry no token ids" in check(url)
     from repguard.errors import ConfigError

@@ -160,6 +160,14 @@ def run(args) -> int:
 
     settings = load_settings(cli, config_file=args.config)
     if settings.upstream:
+        embedded_only = ("model", "served_model_name", "neuron_map", "dtype", "threads", "max_batch_size",
+                         "max_queue", "batch_wait_ms", "default_max_tokens")
+        given = [f for f in embedded_only if cli.get(f) is not None]
+        if given:
+            from ..errors import ConfigError
+
+            flag = "--" + given[0].replace("_", "-")
+            raise ConfigError(f"{flag}: not used with --upstream (the upstream server runs the model); leave it out")
         return run_upstream(settings, args.check)
     require("transformers", "hf")
     import uvicorn
