@@ -81,6 +81,9 @@ class RequestGuard:
         picked the penalised one (exact under greedy decoding, and far fewer resubmissions). Otherwise
         every penalty is applied by a one-token step, exactly as the per-token policy would."""
         check_request_config(policy.config)
+        if not neuron_step and (policy.config.deactivate or policy.config.always_on):
+            # No neuron step on this engine: passes must not claim (or count) switched-off neurons.
+            policy = RollbackPolicy(policy.config.replace(deactivate=False, always_on=False), policy.settings)
         self.policy = policy
         self.state: RollbackState = policy.start(max_new_tokens)
         self.eos = frozenset(int(e) for e in eos_ids)
@@ -198,6 +201,22 @@ class RequestGuard:
                 self._current = None
                 return True
         return False
+
+    def feed_output(self, sub: Submission, tokens: Iterable[int], finish_reason: str | None = None,
+                    stop_reason: str | int | None = None) -> bool:
+        """One engine output (a streamed chunk) of ``sub``: its new tokens and, on its last output, the
+        engine's finish reason. An engine-side "stop" (EOS, a stop token or string) is told with the token
+        that ended it, which is kept but not watched. Returns True when ``sub`` is over for the guard."""
+        tokens = list(tokens)
+        if finish_reason is None:
+            return self.feed(sub, tokens)
+        if finish_reason == "stop" and tokens:
+            if not self.feed(sub, tokens[:-1]):
+                self.end(sub, "stop", stop_reason, tail=tokens[-1:])
+            return True
+        if not self.feed(sub, tokens):
+            self.end(sub, finish_reason, stop_reason)
+        return True
 
     def end(self, sub: Submission, finish_reason: str | None, stop_reason: str | int | None = None,
             tail: Iterable[int] = ()) -> None:

@@ -191,3 +191,23 @@ def test_greedy_streams_resubmit_only_when_the_engine_picks_the_penalised_token(
     assert b.tokens == a.tokens and b.finish_reason == a.finish_reason
     assert len(lazy) <= len(eager)
     assert any(s.bias for s in lazy), "the penalised token was picked at least once"
+
+
+def test_without_the_neuron_step_no_report_claims_switched_off_neurons():
+    g = RequestGuard(RollbackPolicy(max_rollbacks=2), max_new_tokens=100)
+    run(g, fake_model(12))
+    assert g.rollbacks >= 1
+    assert "deactivate" not in [a.level for a in g.report.actions]
+    assert g.form == "tokens"
+    h = RequestGuard(RollbackPolicy(max_rollbacks=2), max_new_tokens=100, neuron_step=True)
+    run(h, fake_model(12))
+    assert "deactivate" in [a.level for a in h.report.actions], "with the neuron step, re-decodes report it"
+
+
+def test_engine_outputs_that_end_on_a_stop_token_keep_it_unwatched():
+    g = RequestGuard(RollbackPolicy(), max_new_tokens=50)
+    sub = g.next_submission()
+    assert g.feed_output(sub, [5, 6, 7]) is False
+    assert g.feed_output(sub, [8, 0], "stop", 0) is True
+    assert g.tokens == [5, 6, 7, 8, 0] and g.finish_reason == "stop" and g.stop_reason == 0
+    assert g.report.tokens_observed == 4

@@ -188,19 +188,8 @@ async def sse_events(resp: httpx.Response) -> AsyncIterator[dict[str, Any]]:
 
 def feed_chunk(rg: RequestGuard, sub: Submission, tokens: list[int], finish_reason: str | None,
                stop_reason: Any) -> bool:
-    """One upstream chunk to the guard (the HTTP twin of ``repguard.vllm.front._feed``): an upstream-side
-    end is told with the token that ended it (an EOS or stop token), which is kept but not watched."""
-    if finish_reason is None:
-        return rg.feed(sub, tokens)
-    if finish_reason == "stop" and tokens:
-        if rg.feed(sub, tokens[:-1]):
-            return True
-        rg.end(sub, "stop", stop_reason, tail=tokens[-1:])
-        return True
-    if rg.feed(sub, tokens):
-        return True
-    rg.end(sub, finish_reason, stop_reason)
-    return True
+    """One upstream chunk to the guard (``RequestGuard.feed_output``, shared with the vLLM front)."""
+    return rg.feed_output(sub, tokens, finish_reason, stop_reason)
 
 
 def _bias(client: Any, extra: dict[int, float] | None) -> dict[str, float] | None:

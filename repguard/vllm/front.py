@@ -267,20 +267,12 @@ class GuardedLLM(_Front):
 
 
 def _feed(rg: RequestGuard, sub: Submission, tokens: list[int], finished: bool, o) -> bool:
-    """Feed one engine output to the guard; an engine-side end (EOS, stop strings, length, abort) is told
-    with the tokens that ended it, which are not watched."""
+    """Feed one engine output to the guard (``RequestGuard.feed_output``); a finished output without a
+    completion counts as aborted."""
     if not finished:
-        return rg.feed(sub, tokens)
+        return rg.feed_output(sub, tokens)
     reason = getattr(o, "finish_reason", None) if o is not None else "abort"
-    if reason == "stop" and tokens:
-        if rg.feed(sub, tokens[:-1]):
-            return True
-        rg.end(sub, "stop", getattr(o, "stop_reason", None), tail=tokens[-1:])
-        return True
-    if rg.feed(sub, tokens):
-        return True
-    rg.end(sub, reason, getattr(o, "stop_reason", None))
-    return True
+    return rg.feed_output(sub, tokens, reason or "stop", getattr(o, "stop_reason", None))
 
 
 class GuardedAsyncLLM(_Front):
