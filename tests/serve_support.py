@@ -127,3 +127,12 @@ class ServerProcess:
 def write_json(path: Path, data) -> Path:
     path.write_text(json.dumps(data))
     return path
+
+
+def tiny_model_and_map(folder: Path) -> tuple[Path, Path]:
+    """A saved tiny random model in ``folder``/tiny and a random neuron map that fits it (for fast server tests)."""
+    from repguard.hf.models import load_model
+
+    model_dir = make_tiny_model(folder / "tiny")
+    model, _, name = load_model(str(model_dir))
+    return model_dir, make_random_map(model, name, folder / "tiny.safetensors")

@@ -9,16 +9,12 @@ from pathlib import Path
 import pytest
 
 from repguard.cli import main
-from serve_support import make_random_map, make_tiny_model
+from serve_support import tiny_model_and_map
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> tuple[Path, Path]:
-    from repguard.hf.models import load_model
-
-    folder = make_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny")
-    model, _, name = load_model(str(folder))
-    return folder, make_random_map(model, name, folder.parent / "tiny.safetensors")
+    return tiny_model_and_map(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")

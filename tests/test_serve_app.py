@@ -16,7 +16,7 @@ from repguard.errors import ConfigError
 from repguard.serve.app import build_engine, create_app
 from repguard.serve.router import build_router
 from repguard.serve.settings import load_settings
-from serve_support import ROOT, make_random_map, make_tiny_model
+from serve_support import ROOT, tiny_model_and_map
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "repguard.json"
 KEY = "sk-test-0123456789"
@@ -24,11 +24,7 @@ KEY = "sk-test-0123456789"
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> tuple[Path, Path]:
-    from repguard.hf.models import load_model
-
-    folder = make_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny")
-    model, _, name = load_model(str(folder))
-    return folder, make_random_map(model, name, folder.parent / "tiny.safetensors")
+    return tiny_model_and_map(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from prometheus_client import REGISTRY
 from repguard.errors import ConfigError
 from repguard.serve.app import build_engine, create_app
 from repguard.serve.settings import load_settings
-from serve_support import free_port, make_random_map, make_tiny_model
+from serve_support import free_port, tiny_model_and_map
 
 KEY = "sk-hardening-0123456789"
 JSON = {"content-type": "application/json"}
@@ -26,11 +26,7 @@ JSON = {"content-type": "application/json"}
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> tuple[Path, Path]:
-    from repguard.hf.models import load_model
-
-    folder = make_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny")
-    model, _, name = load_model(str(folder))
-    return folder, make_random_map(model, name, folder.parent / "tiny.safetensors")
+    return tiny_model_and_map(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")

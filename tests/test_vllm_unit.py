@@ -118,6 +118,15 @@ def tiny_map(selected=6):
     return map_from_scores(meta, scores, stats, selected, selected)
 
 
+def fitted_map(runner):
+    """A tiny map whose fingerprint is the fake runner's model."""
+    fp = engine.model_fingerprint(runner.vllm_config, runner.model)
+    nmap = tiny_map()
+    nmap.meta = nmap.meta.model_copy(update={"fingerprint": fp.config})
+    nmap.extra["fingerprint_weights"] = fp.weights
+    return nmap
+
+
 @pytest.fixture
 def setup(monkeypatch):
     monkeypatch.setattr(logits, "PLUGIN_ACTIVE", True)
@@ -345,11 +354,7 @@ def test_matching_map_installs_and_no_map_runs_unguarded(monkeypatch, tmp_path):
     from repguard.vllm import plugin
 
     runner = fake_runner()
-    fp = engine.model_fingerprint(runner.vllm_config, runner.model)
-    nmap = tiny_map()
-    nmap.meta = nmap.meta.model_copy(update={"fingerprint": fp.config})
-    nmap.extra["fingerprint_weights"] = fp.weights
-    monkeypatch.setenv("REPGUARD_MAP", str(nmap.save(tmp_path / "tiny.safetensors")))
+    monkeypatch.setenv("REPGUARD_MAP", str(fitted_map(runner).save(tmp_path / "tiny.safetensors")))
     try:
         guard = plugin.install(runner)
         assert guard is engine.current() and guard.plans
@@ -380,11 +385,7 @@ def test_unsupported_engines_load_unchanged_and_refuse_neuron_requests(case, mon
     monkeypatch.setattr(logits, "PLUGIN_ACTIVE", True)
     runner = fake_runner()
     make(runner.vllm_config, monkeypatch)
-    fp = engine.model_fingerprint(runner.vllm_config, runner.model)
-    nmap = tiny_map()
-    nmap.meta = nmap.meta.model_copy(update={"fingerprint": fp.config})
-    nmap.extra["fingerprint_weights"] = fp.weights
-    monkeypatch.setenv("REPGUARD_MAP", str(nmap.save(tmp_path / "tiny.safetensors")))
+    monkeypatch.setenv("REPGUARD_MAP", str(fitted_map(runner).save(tmp_path / "tiny.safetensors")))
     plugin._LOGGED.clear()
     loaded = plugin._wrap_load_model(lambda self: "loaded")
     try:
@@ -412,11 +413,7 @@ def test_supported_engine_installs_and_admits_neuron_requests(monkeypatch, tmp_p
 
     monkeypatch.setattr(logits, "PLUGIN_ACTIVE", True)
     runner = fake_runner()
-    fp = engine.model_fingerprint(runner.vllm_config, runner.model)
-    nmap = tiny_map()
-    nmap.meta = nmap.meta.model_copy(update={"fingerprint": fp.config})
-    nmap.extra["fingerprint_weights"] = fp.weights
-    monkeypatch.setenv("REPGUARD_MAP", str(nmap.save(tmp_path / "tiny.safetensors")))
+    monkeypatch.setenv("REPGUARD_MAP", str(fitted_map(runner).save(tmp_path / "tiny.safetensors")))
     try:
         plugin._wrap_load_model(lambda self: None)(runner)
         assert engine.current() is not None and logits.NEURON_STEP_BLOCKED is None
