@@ -38,7 +38,7 @@ from typing import Iterable
 from .config import GuardConfig
 from .errors import ConfigError
 from .policy import SequenceGuard, SequenceReport
-from .rollback import BAN, RollbackPolicy, RollbackState
+from .rollback import BAN, RollbackPolicy, RollbackState, merge_reports
 
 _SEED_MOD = 2**63 - 1
 
@@ -81,9 +81,8 @@ class RequestGuard:
         picked the penalised one (exact under greedy decoding, and far fewer resubmissions). Otherwise
         every penalty is applied by a one-token step, exactly as the per-token policy would."""
         check_request_config(policy.config)
-        if not neuron_step and (policy.config.deactivate or policy.config.always_on):
-            # No neuron step on this engine: passes must not claim (or count) switched-off neurons.
-            policy = RollbackPolicy(policy.config.replace(deactivate=False, always_on=False), policy.settings)
+        if not neuron_step:  # no neuron step here: passes must not claim (or count) switched-off neurons
+            policy = policy.token_level()
         self.policy = policy
         self.state: RollbackState = policy.start(max_new_tokens)
         self.eos = frozenset(int(e) for e in eos_ids)
@@ -116,8 +115,6 @@ class RequestGuard:
     def report(self) -> SequenceReport:
         if self.state.report is not None and self.done:
             return self.state.report
-        from .rollback import merge_reports
-
         return merge_reports(self.state.report, self._seq.report) if self._seq is not None else SequenceReport()
 
     @property

@@ -73,6 +73,7 @@ class RollbackPolicy:
         self.settings = base.model_copy(update=overrides) if overrides else base
         if overrides:
             self.settings = RollbackConfig.from_dict(self.settings.model_dump())
+        self._token_level: RollbackPolicy | None = None
         cfg = self.config
         # The first pass decides which sequences are touched at all.
         self.first = cfg.replace(suffix_trigger=False, paper_trigger=True) if self.settings.precise_trigger else cfg
@@ -84,6 +85,15 @@ class RollbackPolicy:
             # The last pass: the full policy.
             cfg.replace(always_on=cfg.deactivate),
         )
+
+    def token_level(self) -> "RollbackPolicy":
+        """The same policy without the neuron step (for engines that cannot run it), made once."""
+        cfg = self.config
+        if not (cfg.deactivate or cfg.always_on):
+            return self
+        if self._token_level is None:
+            self._token_level = RollbackPolicy(cfg.replace(deactivate=False, always_on=False), self.settings)
+        return self._token_level
 
     @property
     def max_rollbacks(self) -> int:

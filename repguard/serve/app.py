@@ -139,6 +139,12 @@ def _common_routes(app: FastAPI, settings: ServeSettings, model_name: str) -> No
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, model_name=model_name)
 
 
+def _new_app(description: str, lifespan) -> FastAPI:
+    # The docs are served by _common_routes, behind the key unless auth_docs is off.
+    return FastAPI(title="repguard", version=__version__, lifespan=lifespan, openapi_url=None, docs_url=None,
+                   redoc_url=None, default_response_class=SafeJSONResponse, description=description)
+
+
 def create_app(engine: Engine, settings: ServeSettings | None = None, *, close_engine: bool = True) -> FastAPI:
     settings = settings or ServeSettings()
 
@@ -148,10 +154,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, *, close_e
         if close_engine:  # uvicorn has already let in-flight responses finish (graceful shutdown)
             engine.close(timeout=settings.drain_timeout_s)
 
-    # the docs are served below, behind the key unless auth_docs is off
-    app = FastAPI(title="repguard", version=__version__, lifespan=lifespan, openapi_url=None, docs_url=None,
-                  redoc_url=None, default_response_class=SafeJSONResponse,
-                  description="OpenAI-compatible completions guarded against repetition loops.")
+    app = _new_app("OpenAI-compatible completions guarded against repetition loops.", lifespan)
     app.state.repguard_engine = engine
     app.include_router(build_router(engine, settings))
     auth = bearer_auth(settings.api_key)
@@ -192,9 +195,7 @@ def create_upstream_app(proxy, settings: ServeSettings) -> FastAPI:
         yield
         await proxy.aclose()
 
-    app = FastAPI(title="repguard", version=__version__, lifespan=lifespan, openapi_url=None, docs_url=None,
-                  redoc_url=None, default_response_class=SafeJSONResponse,
-                  description="A vLLM OpenAI server's completions, guarded against repetition loops.")
+    app = _new_app("A vLLM OpenAI server's completions, guarded against repetition loops.", lifespan)
     app.state.repguard_proxy = proxy
     app.include_router(build_upstream_router(proxy, settings))
     auth = bearer_auth(settings.api_key)

@@ -37,7 +37,7 @@ from typing import Any, AsyncIterator, Sequence
 from .. import metrics
 from ..config import GuardConfig
 from ..errors import ConfigError
-from ..request_guard import RequestGuard, Submission, derive_seed
+from ..request_guard import RequestGuard, Submission, check_request_config, derive_seed
 from ..rollback import RollbackConfig, RollbackPolicy
 
 log = logging.getLogger("repguard")
@@ -69,7 +69,7 @@ class _Front:
         self.config = config if isinstance(config, GuardConfig) else GuardConfig.from_dict(config)
         self.rollback = rollback if isinstance(rollback, RollbackConfig) else RollbackConfig.from_dict(rollback)
         self.policy = RollbackPolicy(self.config, self.rollback)
-        RequestGuard(self.policy, 1)  # refuses settings a token stream cannot run, before any request
+        check_request_config(self.config)  # settings a token stream cannot run are refused before any request
         self.model_name = model_name
         self.neuron_step = False
 
