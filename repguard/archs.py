@@ -45,6 +45,7 @@ class ArchSpec:
 
 
 _GATED = "act(gate_proj(x)), before the product with up_proj(x)"
+_FUSED = "act(gate), gate the first half of gate_up_proj(x), before the product with its second half"
 
 ARCHITECTURES: tuple[ArchSpec, ...] = (
     ArchSpec(
@@ -59,6 +60,9 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         "qwen2", ("qwen2",), "model.layers", "mlp.act_fn", True, _GATED, "model.norm",
         vllm_layers="model.layers", vllm_act="mlp.act_fn", vllm_gate_act="silu",
     ),
+    ArchSpec("qwen3", ("qwen3",), "model.layers", "mlp.act_fn", True, _GATED, "model.norm"),
+    ArchSpec("phi3", ("phi3",), "model.layers", "mlp.activation_fn", True, _FUSED, "model.norm"),
+    ArchSpec("olmo2", ("olmo2",), "model.layers", "mlp.act_fn", True, _GATED, "model.norm"),
     ArchSpec(
         "gemma", ("gemma",), "model.layers", "mlp.act_fn", True, _GATED, "model.norm",
         vllm_layers="model.layers", vllm_act="mlp.act_fn", vllm_gate_act="gelu_tanh",
@@ -83,12 +87,40 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
 
 _BY_TYPE = {t: spec for spec in ARCHITECTURES for t in spec.model_types}
 
+# Mixture-of-experts MLPs: a token's MLP is a routed mix of expert MLPs, so "neuron j of layer L" names
+# a different unit for every expert and the paper's per-neuron statistics do not apply as they stand.
+MOE_MODEL_TYPES = frozenset({
+    "mixtral", "qwen2_moe", "qwen3_moe", "qwen3_next", "olmoe", "phimoe", "deepseek_v2", "deepseek_v3", "dbrx",
+    "jamba", "granitemoe", "granitemoeshared", "granitemoehybrid", "gpt_oss", "llama4", "llama4_text",
+    "minimax", "ernie4_5_moe", "glm4_moe", "hunyuan_v1_moe", "dots1", "bailing_moe", "switch_transformers",
+    "nllb_moe",
+})
+# Config fields that, when > 0, say a model of any model_type routes tokens to experts.
+_EXPERT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
 
 def supported_model_types() -> list[str]:
     return sorted(_BY_TYPE)
 
 
-def arch_for(model_type: str) -> ArchSpec:
+def _experts(config) -> int:
+    for name in _EXPERT_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return 0
+
+
+def arch_for(model_type: str, config=None) -> ArchSpec:
+    """The table entry for ``model_type``; ``config`` (optional) also refuses a mixture-of-experts MLP."""
+    experts = _experts(config) if config is not None else 0
+    if model_type in MOE_MODEL_TYPES or experts:
+        what = f"{experts} experts per layer" if experts else "its MLPs are mixtures of experts"
+        raise UnsupportedModelError(
+            f"model_type '{model_type}' is not supported: {what}, and a neuron map addresses the neurons of one "
+            f"dense MLP per layer. Mixture-of-experts models (Mixtral, Qwen3-MoE, ...) are not supported by the "
+            f"neuron guard or calibration. Supported dense architectures: {', '.join(supported_model_types())}"
+        )
     try:
         return _BY_TYPE[model_type]
     except KeyError:

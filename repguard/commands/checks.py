@@ -126,7 +126,7 @@ def _folder_info(flag: str, name: str, folder: Path) -> ModelInfo:
     except Exception as exc:  # transformers raises ValueError, KeyError, OSError... for a config it cannot read
         raise ModelNotAvailableError(f"{where}: transformers cannot read config.json ({exc})") from None
     text = getattr(config, "text_config", None) or config if config.model_type == "gemma3" else config
-    spec = arch_for(text.model_type)  # UnsupportedModelError names the supported types
+    spec = arch_for(text.model_type, text)  # UnsupportedModelError names the supported types (and refuses MoE)
     try:
         layers, width = spec.num_layers(text), spec.intermediate_size(text)
         hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd")
