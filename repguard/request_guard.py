@@ -6,6 +6,11 @@ applies the core ``RollbackPolicy``; every repair is a *resubmission* of the pro
 
 * a confirmed loop: the request is cancelled and resubmitted from the onset; the loop's next token is
   banned for the first new token by a one-token submission with a logit bias, then decoding continues;
+* the re-decode repair (``RollbackState.repair_penalties``: a penalty on each token that would extend a
+  repeat): the guard waits for the engine's pick; when the engine picked a penalised token, that position
+  is decoded again by a one-token step with the penalties as its bias. Under greedy decoding this is
+  exactly the per-token penalty (a token the engine did not pick stays the argmax once others are
+  penalised); under sampling the penalised pick is re-drawn from the penalised distribution;
 * an escalation penalty of the last pass (the token that would extend the loop): the same one-token
   step with that penalty as its bias;
 * the neuron step, where the engine can run it, is a flag on the submission (``neurons_off``).
@@ -94,7 +99,7 @@ class RequestGuard:
         self.decoded = 0  # tokens the engine decoded for this request, discarded ones included
         self._current: Submission | None = None
         self._bias: dict[int, float] | None = None
-        self._pending: tuple[int, float] | None = None  # greedy: a penalty for the next streamed token
+        self._pending: dict[int, float] | None = None  # penalties for the next streamed token, applied if picked
         self._pass: list[int] = []
         self._seq: SequenceGuard | None = None
         self._new_pass()
@@ -162,9 +167,9 @@ class RequestGuard:
             token = int(token)
             self._bias = None
             pending, self._pending = self._pending, None
-            if pending is not None and token == pending[0]:
-                # The engine picked the token the policy penalises: decode this position again with it.
-                self._bias = {token: -pending[1]}
+            if pending is not None and token in pending:
+                # The engine picked a token the policy penalises: decode this position again with the penalties.
+                self._bias = {t: -amount for t, amount in pending.items()}
                 self._current = None
                 return True
             self._pass.append(token)
@@ -183,17 +188,23 @@ class RequestGuard:
                 self._finish("length")
                 return True
             penalty = seq.penalty
-            if penalty is not None:
-                if self.greedy:
-                    self._pending = penalty  # wait: it only matters if the engine picks that token
-                    if sub.max_tokens == 1:
-                        self._current = None
-                        return True
-                    continue
+            if penalty is not None and not self.greedy:
+                # The last pass's escalation penalty, exactly as the per-token policy applies it.
                 token_id, amount = penalty
-                self._bias = {token_id: -amount}
+                self._bias = {t: -a for t, a in self._repair().items()}
+                self._bias[token_id] = min(self._bias.get(token_id, 0.0), -amount)
                 self._current = None
                 return True
+            pending = self._repair()
+            if penalty is not None:
+                pending[penalty[0]] = max(pending.get(penalty[0], 0.0), penalty[1])
+            if pending:
+                # It only matters if the engine picks one of these tokens: wait for the next one.
+                self._pending = pending
+                if sub.max_tokens == 1:
+                    self._current = None
+                    return True
+                continue
             if sub.max_tokens == 1:  # a one-token step is over: continue with a full submission
                 self._current = None
                 return True
@@ -229,12 +240,18 @@ class RequestGuard:
         self._finish(finish_reason or "stop")
 
     # -- internals ---------------------------------------------------------------------------------------
+    def _repair(self) -> dict[int, float]:
+        return self.state.repair_penalties(self._pass)
+
     def _new_pass(self) -> None:
         self._pending = None
         self._pass = []
         self._current = None
         state = self.state
-        self._bias = {state.ban: -BAN} if state.ban is not None else None
+        bias = {t: -a for t, a in self._repair().items()}  # a re-decode's repair, from its first token on
+        if state.ban is not None:
+            bias[state.ban] = -BAN
+        self._bias = bias or None
         state.ban = None
         self._seq = SequenceGuard(state.pass_config(), history=state.kept)
 

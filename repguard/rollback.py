@@ -8,6 +8,8 @@ there, with the repair active from the first new token:
 
 * the token that started the second copy is banned for that first step (the exact token that would
   extend the loop);
+* every re-decoded token that would extend a repeat of recent text is penalised, DRY-style
+  (``repguard.repair``), so the re-decode does not fall back into a variant of the same loop;
 * the mapped neurons are switched off for the whole re-decode, where the path can run them;
 * re-decoded text is known to loop, so it is watched with the configured, earlier triggers too, and
   a loop there is rolled back again, up to ``max_rollbacks`` times;
@@ -34,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .config import GuardConfig, format_validation_error
 from .errors import ConfigError
 from .policy import Level, LevelChange, SequenceReport
+from .repair import RepeatPenalty
 
 BAN = float("inf")  # logit penalty of a banned token (frameworks that clamp biases use their maximum)
 
@@ -49,6 +52,14 @@ class RollbackConfig(BaseModel):
         True, description="The first pass fires on the paper's criterion only, so text that merely reuses a "
         "phrase is never touched.")
     holdback: int | None = Field(None, ge=0, le=100_000, description="Streaming: tokens held back before release.")
+    repair_multiplier: float = Field(
+        0.8, ge=0, le=100, description="Re-decodes: DRY-style penalty multiplier on tokens that extend a repeat "
+        "(0: off; only the loop's next token is banned).")
+    repair_base: float = Field(1.75, ge=1, le=10, description="Re-decodes: the penalty grows by this factor per "
+                               "matched token beyond repair_allowed_length.")
+    repair_allowed_length: int = Field(2, ge=1, le=100, description="Re-decodes: repeats up to this length are free.")
+    repair_window: int = Field(64, ge=0, le=100_000, description="Re-decodes: generated tokens searched for repeats "
+                               "(0: all).")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "RollbackConfig":
@@ -74,6 +85,11 @@ class RollbackPolicy:
         if overrides:
             self.settings = RollbackConfig.from_dict(self.settings.model_dump())
         self._token_level: RollbackPolicy | None = None
+        st = self.settings
+        self.repair: RepeatPenalty | None = None
+        if st.repair_multiplier > 0:
+            self.repair = RepeatPenalty(st.repair_multiplier, st.repair_base, st.repair_allowed_length,
+                                        st.repair_window)
         cfg = self.config
         # The first pass decides which sequences are touched at all.
         self.first = cfg.replace(suffix_trigger=False, paper_trigger=True) if self.settings.precise_trigger else cfg
@@ -146,6 +162,19 @@ class RollbackState:
 
     def pass_config(self) -> GuardConfig:
         return self.policy.pass_config(self.attempt)
+
+    def repair_penalties(self, pass_tokens: list[int]) -> dict[int, float]:
+        """{token: logit penalty} for the token after ``kept + pass_tokens`` (this pass's new tokens). Empty
+        in the first pass: a sequence that never rolled back is never written to."""
+        repair = self.policy.repair
+        if self.attempt == 0 or repair is None:
+            return {}
+        n = repair.last_n
+        if n and len(pass_tokens) >= n:
+            context = pass_tokens[-n:]
+        else:
+            context = (self.kept[-n:] if n else self.kept) + list(pass_tokens)
+        return repair.penalties(context)
 
     def end_pass(self, new_tokens: list[int], report: SequenceReport, final: bool = False) -> bool:
         """Record a finished pass (its new tokens, up to and including an EOS, and its report).

@@ -123,7 +123,9 @@ def test_the_last_pass_escalates_with_one_token_penalty_steps_and_can_give_up():
 
 
 def test_max_rollbacks_bounds_the_resubmissions_and_reports_repetition():
-    g = RequestGuard(RollbackPolicy(GuardConfig(escalate=False), max_rollbacks=2), max_new_tokens=100)
+    # Without the repeat penalty the fake model falls back into its loop on every re-decode.
+    g = RequestGuard(RollbackPolicy(GuardConfig(escalate=False), max_rollbacks=2, repair_multiplier=0),
+                     max_new_tokens=100)
     run(g, fake_model(12))
     assert g.rollbacks == 2
     assert g.finish_reason == "repetition" and g.report.finish_reason == "repetition"
@@ -163,6 +165,8 @@ def test_settings_a_token_stream_cannot_run_are_refused_by_name():
         RollbackPolicy(settings={"max_rollbacks": -1})
     with pytest.raises(ConfigError, match="holdback"):
         RollbackPolicy(settings={"holdback": "12"})
+    with pytest.raises(ConfigError, match="repair_multiplier"):
+        RollbackPolicy(settings={"repair_multiplier": -1.0})
 
 
 def test_the_result_ends_the_paper_loop_more_often_than_not():
@@ -211,3 +215,60 @@ def test_engine_outputs_that_end_on_a_stop_token_keep_it_unwatched():
     assert g.feed_output(sub, [8, 0], "stop", 0) is True
     assert g.tokens == [5, 6, 7, 8, 0] and g.finish_reason == "stop" and g.stop_reason == 0
     assert g.report.tokens_observed == 4
+
+
+def reference_redecode(model, plain: list[int], onset: int, max_new: int, repair) -> list[int]:
+    """The re-decode as a per-token sampler would run it: the loop's next token banned at the first step,
+    the repeat penalty subtracted at every step (``model`` takes a bias the way an argmax would)."""
+    seq = PROMPT + plain[:onset]
+    gen = list(plain[:onset])
+    first = True
+    while len(gen) < max_new:
+        bias = {t: -a for t, a in repair.penalties(gen[-repair.last_n:]).items()} if gen else {}
+        if first:
+            bias[plain[onset]] = float("-inf")
+            first = False
+        token = model(seq, bias)
+        seq.append(token)
+        gen.append(token)
+    return gen
+
+
+@pytest.mark.parametrize("greedy", [False, True])
+def test_the_re_decode_repair_equals_penalising_every_step_and_ends_the_loop(greedy):
+    """The repeat penalty is applied by resubmission only when the engine picks a penalised token, which gives
+    exactly the tokens of penalising every step; with it, one rollback ends the fake model's loop, which
+    falls back into the same loop on every re-decode without it."""
+    model = fake_model(12)
+    seq = list(PROMPT)
+    for _ in range(100):
+        seq.append(model(seq, None))
+    plain = seq[len(PROMPT):]
+    cfg = GuardConfig(escalate=False, stop=False)
+    g = RequestGuard(RollbackPolicy(cfg, max_rollbacks=1), max_new_tokens=100, greedy=greedy)
+    subs = []
+    run(g, model, log=subs)
+    assert g.rollbacks == 1 and g.finish_reason == "length"
+    onset = g.report.detections[0].onset
+    assert g.tokens == reference_redecode(model, plain, onset, 100, g.policy.repair)
+    assert find_repetition(g.tokens) is None, "the loop is gone"
+    assert any(s.bias and s.max_tokens == 1 for s in subs[2:]), "penalised picks were decoded again"
+
+    without = RequestGuard(RollbackPolicy(cfg, max_rollbacks=1, repair_multiplier=0), max_new_tokens=100,
+                           greedy=greedy)
+    run(without, model)
+    assert find_repetition(without.tokens) is not None, "banning only the loop's next token: the loop returns"
+
+
+def test_a_stream_that_never_rolls_back_is_never_penalised():
+    """The repair is a re-decode's: text with repeats that never makes the paper's loop gets no bias at all."""
+    def echo(seq, bias):  # repeats 4-token phrases twice, never three copies in a row
+        n = len(seq) - len(PROMPT)
+        token = 2000 + (n // 8) * 4 + n % 4
+        assert not bias
+        return token
+
+    g = RequestGuard(RollbackPolicy(), max_new_tokens=80, greedy=True)
+    subs = []
+    run(g, echo, log=subs)
+    assert len(subs) == 1 and g.rollbacks == 0

@@ -12,6 +12,8 @@ from typing import Iterable
 
 import torch
 
+from repguard.repair import RepeatPenalty
+
 DEFAULT_BREAKERS = ("\n", ":", '"', "*")
 
 
@@ -45,51 +47,12 @@ class DRYLogitsProcessor:
         breakers: Iterable[int] = (),
         max_match: int = 50,
     ) -> None:
-        if multiplier < 0:
-            raise ValueError(f"multiplier must be >= 0, got {multiplier}")
-        if base < 1:
-            raise ValueError(f"base must be >= 1, got {base}")
-        if allowed_length < 1:
-            raise ValueError(f"allowed_length must be >= 1, got {allowed_length}")
-        if last_n < 0:
-            raise ValueError(f"last_n must be >= 0 (0: whole context), got {last_n}")
-        self.multiplier, self.base, self.allowed_length = multiplier, base, allowed_length
-        self.last_n, self.max_match = last_n, max_match
-        self.breakers = frozenset(int(b) for b in breakers)
+        # The one implementation of the rule is the core's (rollback's re-decode repair runs it too).
+        self.rule = RepeatPenalty(multiplier, base, allowed_length, last_n, max_match, breakers=frozenset(breakers))
 
     def penalties(self, ids: list[int]) -> dict[int, float]:
         """{token: penalty} for one row's context."""
-        if self.last_n:
-            ids = ids[-self.last_n :]
-        if not ids or self.multiplier == 0:
-            return {}
-        last = ids[-1]
-        brk = self.breakers
-        if last in brk:
-            return {}
-        lengths: dict[int, int] = {}
-        for i in range(len(ids) - 1):
-            if ids[i] != last:
-                continue
-            nxt = ids[i + 1]
-            if nxt in brk:
-                continue
-            length = 1
-            while length < self.max_match:
-                j = i - length
-                if j < 0:
-                    break
-                prev = ids[-(length + 1)]
-                if ids[j] != prev or prev in brk:
-                    break
-                length += 1
-            if length > lengths.get(nxt, 0):
-                lengths[nxt] = length
-        return {
-            tok: self.multiplier * self.base ** (length - self.allowed_length)
-            for tok, length in lengths.items()
-            if length >= self.allowed_length
-        }
+        return self.rule.penalties(ids)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         out = scores.clone()

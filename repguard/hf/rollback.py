@@ -53,6 +53,34 @@ class _BanFirstToken:
         return scores
 
 
+class _Repair:
+    """Logits processor: the core's re-decode repair (``RollbackState.repair_penalties``) on the rows of a
+    re-decode pass; rows of a first pass are never touched."""
+
+    def __init__(self, states, start_length: int, eos: set[int]) -> None:
+        self.states, self.start_length, self.eos = states, start_length, eos
+        self.rows = [i for i, s in enumerate(states) if s.attempt > 0 and s.policy.repair is not None]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if not self.rows:
+            return scores
+        new = input_ids[self.rows, self.start_length:].tolist()
+        out = scores
+        for i, row_new in zip(self.rows, new):
+            if self.eos.intersection(row_new):
+                continue  # the row has finished
+            state = self.states[i]
+            penalties = state.repair_penalties(row_new)
+            if not penalties:
+                continue
+            if out is scores:
+                out = scores.clone()
+            tokens = torch.tensor(list(penalties), device=scores.device)
+            amounts = torch.tensor(list(penalties.values()), dtype=scores.dtype, device=scores.device)
+            out[i, tokens] -= amounts
+        return out
+
+
 class _Release:
     """Streamer for one pass: hands out each row's tokens once the core policy says they are final."""
 
@@ -97,10 +125,13 @@ def generate_with_rollback(
     model_name: str | None = None,
     on_tokens=None,
     holdback: int | None = None,
+    repair: dict | None = None,
     **generate_kwargs,
 ) -> RollbackOutput:
     """Guarded ``model.generate`` with rollback; returns each row's generated tokens and report.
-    ``on_tokens(row, tokens)`` streams final tokens, held back by ``holdback`` (module doc)."""
+    ``on_tokens(row, tokens)`` streams final tokens, held back by ``holdback`` (module doc). ``repair``:
+    ``RollbackConfig``'s ``repair_*`` settings, e.g. ``{"repair_multiplier": 0}`` to ban only the loop's
+    next token."""
     from transformers import LogitsProcessorList
 
     if max_new_tokens < 1:
@@ -110,8 +141,10 @@ def generate_with_rollback(
         raise ConfigError(f"max_rollbacks must be >= 0, got {max_rollbacks}")
     if holdback is not None and (not isinstance(holdback, int) or holdback < 0):
         raise ConfigError(f"holdback must be >= 0, got {holdback}")
+    if repair is not None and (not isinstance(repair, dict) or not all(str(k).startswith("repair_") for k in repair)):
+        raise ConfigError(f"repair must be a dict of RollbackConfig repair_* settings, got {repair!r}")
     policy = RollbackPolicy(cfg, {"max_rollbacks": max_rollbacks, "precise_trigger": precise_trigger,
-                                  "holdback": holdback})
+                                  "holdback": holdback, **(repair or {})})
     if on_tokens is not None and not callable(on_tokens):
         raise ConfigError(f"on_tokens must be a callable (row, tokens), got {type(on_tokens).__name__}")
     if on_tokens is not None and generate_kwargs.get("streamer") is not None:
@@ -154,6 +187,8 @@ def generate_with_rollback(
             row_bans = {i: states[r].ban for i, r in enumerate(pending) if states[r].ban is not None}
             if row_bans:
                 processors.append(_BanFirstToken(row_bans, width))
+            if not first:
+                processors.append(_Repair([states[r] for r in pending], width, eos))
             g.configure_rows([states[r].pass_config() for r in pending], histories=[states[r].kept for r in pending])
             streamer = None
             if on_tokens is not None:
