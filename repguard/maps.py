@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from .errors import NeuronMapError
-from .neuron_map import NeuronMap
+from .neuron_map import META_KEY, NeuronMap
 
 PACKAGED = Path(__file__).resolve().parent / "neuron_maps"  # an installed wheel
 SOURCE = Path(__file__).resolve().parent.parent / "neuron_maps"  # a checkout (or an editable install)
@@ -24,8 +24,13 @@ def map_dirs() -> list[Path]:
     return extra + shipped
 
 
-def find_map(name_or_path: str) -> NeuronMap:
-    """Load a map from a file path, or the shipped map of an embedded model (``<name>.safetensors``)."""
+def find_map(name_or_path: str, shape_key: str | None = None) -> NeuronMap:
+    """Load a map from a file path, or the map named ``<name>.safetensors`` in the map folders.
+
+    With ``shape_key`` (a model's shape fingerprint), a model without a map of its own name (a ``.gguf``
+    file, a renamed folder) gets the first map in the map folders calibrated on a model of that shape;
+    the weight half of the fingerprint is checked when the model loads, so another checkpoint of the same
+    shape is still refused there."""
     path = Path(name_or_path)
     if path.suffix == ".safetensors" or path.is_file():
         return NeuronMap.load(path)
@@ -33,7 +38,26 @@ def find_map(name_or_path: str) -> NeuronMap:
         candidate = folder / f"{name_or_path}.safetensors"
         if candidate.is_file():
             return NeuronMap.load(candidate)
+    if shape_key is not None:
+        for folder in map_dirs():
+            for candidate in sorted(folder.glob("*.safetensors")):
+                if _shape_key_of(candidate) == shape_key:
+                    return NeuronMap.load(candidate)
     raise NeuronMapError(
         f"no neuron map for '{name_or_path}': looked in {', '.join(str(d) for d in map_dirs())}; "
         "calibrate one with `repguard calibrate --model NAME --out PATH` or pass a path"
     )
+
+
+def _shape_key_of(path: Path) -> str | None:
+    """The shape fingerprint a map file's metadata records, read from its header only (None: unreadable)."""
+    import json
+
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get(META_KEY, "{}"))
+        return meta.get("fingerprint") if isinstance(meta, dict) else None
+    except Exception:  # a broken file in a map folder is reported when it is asked for by name, not here
+        return None

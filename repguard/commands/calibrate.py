@@ -15,7 +15,8 @@ def add_parser(sub) -> None:
         "every neuron by mean(after) - mean(before). Writes the map, and a Markdown report with figures next to it.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", default="smollm2-135m", help="embedded model name or local Hugging Face folder")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="embedded model name, local Hugging Face folder, or .gguf file (converted once into the cache)")
     p.add_argument("--out", required=True, help="path of the neuron map to write (.safetensors)")
     p.add_argument("--num-texts", type=int, default=256,
                    help="number of KEPT (qualifying) repetitive texts to collect; texts are generated in batches "

@@ -83,8 +83,8 @@ class ModelInfo:
 
 
 def model_info(flag: str, name_or_path: str) -> ModelInfo:
-    """Check an embedded model name or a local Hugging Face folder as the loader will use it."""
-    from ..hf.models import EMBEDDED, _manifest_ok, cache_dir
+    """Check an embedded model name, a local Hugging Face folder or a ``.gguf`` file as the loader will use it."""
+    from ..hf.models import EMBEDDED, _manifest_ok, cache_dir, ensure_converted_gguf, gguf_name, is_gguf
 
     if name_or_path in EMBEDDED:
         import importlib.util
@@ -97,10 +97,17 @@ def model_info(flag: str, name_or_path: str) -> ModelInfo:
         if not _manifest_ok(folder):
             return ModelInfo(name_or_path, None)  # converted at first load
         return _folder_info(flag, name_or_path, folder)
+    if is_gguf(name_or_path):  # converted here, once: its map is found by the converted model's shape
+        try:
+            folder = ensure_converted_gguf(name_or_path)
+        except ModelNotAvailableError as exc:
+            raise ModelNotAvailableError(f"{flag} {exc}") from None
+        return _folder_info(flag, gguf_name(name_or_path), folder)
     folder = Path(name_or_path)
     if not folder.is_dir():
         raise ModelNotAvailableError(
-            f"{flag} {name_or_path}: neither an embedded model ({', '.join(EMBEDDED)}) nor a local model folder"
+            f"{flag} {name_or_path}: neither an embedded model ({', '.join(EMBEDDED)}), a local model folder "
+            "nor a .gguf file"
         )
     return _folder_info(flag, folder.resolve().name, folder)
 
@@ -144,7 +151,7 @@ def neuron_map_for(flag: str, map_arg: str | None, info: ModelInfo):
     from ..maps import find_map
     from ..neuron_map import Fingerprint
 
-    nmap = find_map(map_arg or info.name)
+    nmap = find_map(map_arg) if map_arg else find_map(info.name, shape_key=info.shape_key)
     if info.shape_key is not None:  # the weight half of the fingerprint is checked when the model loads
         nmap.check_model(Fingerprint(info.shape_key, torch.zeros(0)), where=f"model '{info.name}'")
     return nmap

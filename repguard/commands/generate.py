@@ -22,7 +22,8 @@ def add_parser(sub) -> None:
         description="Generate text with repguard on an embedded model (smollm2-135m, gemma3-270m) or a local "
         "Hugging Face folder. Without --prompt/--prompt-file, a few loop-prone example prompts are used.",
     )
-    p.add_argument("--model", default="smollm2-135m", help="embedded model name or local HF folder (default: smollm2-135m)")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="embedded model name, local HF folder, or .gguf file (default: smollm2-135m)")
     p.add_argument("--map", default=None, help="neuron map path (default: the shipped map for the model)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompt-file", help="a file with one prompt per line (use \\n for newlines inside a prompt)")

