@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -23,6 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ._version import __version__
 from .errors import CorruptMapError, MapMismatchError, MapVersionError
+
+log = logging.getLogger("repguard")
 
 FORMAT_VERSION = 1
 META_KEY = "repguard"
@@ -43,7 +46,9 @@ class CalibrationInfo(BaseModel):
     greedy_tokens: int = 200
     min_second_occurrence: int = 50
     seed: int = 0
-    dtype: str = "float32"
+    # The torch dtype the model ran in during calibration ("float32", "bfloat16", ...). None: not recorded
+    # (a hand-made map); every map calibrate has written records it.
+    dtype: str | None = None
     texts_generated: int = 0
     texts_kept: int = 0
     seconds: float | None = None
@@ -155,6 +160,32 @@ def _check_indexes(layer: torch.Tensor, neuron: torch.Tensor, meta: MapMetadata,
         raise CorruptMapError(f"{where}: {prefix}neuron index out of range [0, {meta.intermediate_size})")
 
 
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """``torch.bfloat16`` or ``"torch.bfloat16"`` -> ``"bfloat16"``: how maps record a dtype."""
+    return str(dtype).removeprefix("torch.")
+
+
+_DTYPE_WARNED: set[tuple] = set()
+
+
+def _warn_dtype_once(meta: "MapMetadata", model_dtype: str, where: str) -> None:
+    """A map used in another dtype than it was calibrated in still guards (indexes do not depend on the
+    dtype), but its statistics were measured with other rounding: say so, once per map and dtype."""
+    made = meta.calibration.dtype
+    if made is None or model_dtype == made:
+        return
+    key = (meta.model_name, meta.fingerprint, meta.created, made, model_dtype)
+    if key in _DTYPE_WARNED:
+        return
+    _DTYPE_WARNED.add(key)
+    log.warning(
+        "neuron map for '%s' was calibrated in %s, but %s runs in %s: the guard works, but the map's activation "
+        "statistics (the monitor's z-scores, pre-onset means) were measured in %s, and greedy text can differ "
+        "between dtypes; calibrate in %s for a map that matches exactly", meta.model_name, made, where,
+        model_dtype, made, model_dtype,
+    )
+
+
 def config_fingerprint(architecture: str, num_layers: int, intermediate_size: int, hidden_size: int, vocab_size: int) -> str:
     """The shape part of a model fingerprint; the weight part is ``fingerprint_weights``."""
     key = f"{architecture}|{num_layers}|{intermediate_size}|{hidden_size}|{vocab_size}"
@@ -167,14 +198,17 @@ class Fingerprint:
 
     config: str
     weights: torch.Tensor
+    dtype: str | None = None  # the dtype the model runs in (None: unknown, not compared)
 
     @classmethod
     def of(cls, architecture: str, num_layers: int, intermediate_size: int, hidden_size: int, vocab_size: int,
-           final_norm_weight: torch.Tensor) -> "Fingerprint":
-        """The one way every framework adapter computes a model's identity (transformers and vLLM alike)."""
+           final_norm_weight: torch.Tensor, dtype: torch.dtype | str | None = None) -> "Fingerprint":
+        """The one way every framework adapter computes a model's identity (transformers and vLLM alike).
+
+        ``dtype`` defaults to the final norm weight's, which is the model's dtype as it was loaded."""
         key = config_fingerprint(architecture, int(num_layers), int(intermediate_size), int(hidden_size), int(vocab_size))
         weights = final_norm_weight.detach().flatten()[:FINGERPRINT_WIDTH].float().cpu().clone()
-        return cls(key, weights)
+        return cls(key, weights, dtype_name(final_norm_weight.dtype if dtype is None else dtype))
 
     def matches(self, other: "Fingerprint") -> bool:
         if self.config != other.config:
@@ -271,6 +305,8 @@ class NeuronMap:
                 f"neuron map for '{self.meta.model_name}' does not fit {where}: same shape, different weights "
                 "(was the map calibrated on another checkpoint?)"
             )
+        if fingerprint.dtype is not None:
+            _warn_dtype_once(self.meta, fingerprint.dtype, where)
 
     # -- persistence -------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
@@ -336,7 +372,7 @@ class NeuronMap:
             f" ({100.0 * m.num_selected / (m.num_layers * m.intermediate_size):.2f}%), {m.num_stored} stored",
             f"  fingerprint: {m.fingerprint}  created: {m.created}",
             f"  calibration: {m.calibration.texts_kept} texts kept of {m.calibration.texts_generated}, "
-            f"seed {m.calibration.seed}, {m.calibration.dtype}"
+            f"seed {m.calibration.seed}, {m.calibration.dtype or 'dtype not recorded'}"
             + (f", {m.calibration.seconds:.0f} s" if m.calibration.seconds else ""),
             f"  split-half Jaccard (top set): {m.split_half_jaccard if m.split_half_jaccard is not None else 'n/a'}",
             "  selected per layer: "

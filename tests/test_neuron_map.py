@@ -177,6 +177,46 @@ def test_map_for_another_model_is_refused():
         nmap.check_model(Fingerprint("abc123", -torch.linspace(0.5, 1.5, 16)))
 
 
+def test_a_map_records_its_dtype_and_a_model_in_another_dtype_gets_one_warning(tmp_path, caplog):
+    import logging
+
+    nmap, _ = make_map()
+    nmap.meta = nmap.meta.model_copy(update={"calibration": nmap.meta.calibration.model_copy(
+        update={"dtype": "bfloat16"})})
+    back = NeuronMap.load(nmap.save(tmp_path / "bf16.safetensors"))
+    assert back.meta.calibration.dtype == "bfloat16"
+    weights = torch.linspace(0.5, 1.5, 16)
+    fp32 = Fingerprint.of("llama", 1, 1, 1, 1, weights)
+    assert fp32.dtype == "float32"  # the model's dtype, read from the weights the fingerprint takes
+    with caplog.at_level(logging.WARNING, logger="repguard"):
+        for _ in range(3):
+            back.check_model(Fingerprint("abc123", weights, fp32.dtype), where="model 'toy'")
+        back.check_model(Fingerprint("abc123", weights, "bfloat16"))  # its own dtype: silent
+        back.check_model(Fingerprint("abc123", weights))  # dtype unknown (a shape-only check): silent
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "calibrated in bfloat16" in said[0] and "float32" in said[0]
+    assert "the guard works" in said[0]
+
+
+def test_a_map_written_before_maps_recorded_their_dtype_still_loads_and_never_warns(tmp_path, caplog):
+    import logging
+
+    nmap, _ = make_map()
+    path = nmap.save(tmp_path / "old.safetensors")
+
+    def without_dtype(raw):
+        d = json.loads(raw[META_KEY])
+        d["calibration"].pop("dtype", None)
+        return {META_KEY: json.dumps(d)}
+
+    _rewrite(path, meta=without_dtype)
+    old = NeuronMap.load(path)
+    assert old.meta.calibration.dtype is None and "dtype not recorded" in old.summary()
+    with caplog.at_level(logging.WARNING, logger="repguard"):
+        old.check_model(Fingerprint("abc123", torch.linspace(0.5, 1.5, 16), "bfloat16"))
+    assert not caplog.records
+
+
 def test_every_bad_input_is_a_repguard_error():
     for cls in (CorruptMapError, MapVersionError, MapMismatchError):
         assert issubclass(cls, RepGuardError)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import checks
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -28,7 +30,6 @@ def add_parser(sub) -> None:
     p.add_argument("--select", default="0.5%",
                    help="neurons to select: a fraction of all neurons (0.5%% or 0.005) or a count (230)")
     p.add_argument("--store", default="2%", help="fraction of all neurons stored as ranked candidates")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
     p.add_argument("--heldout", type=int, default=64,
                    help="held-out repetitive texts for the report's deactivation test (0: skip the test)")
     p.add_argument("--threads", type=int, default=1,
@@ -36,6 +37,7 @@ def add_parser(sub) -> None:
     p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
                    help="write <out stem>.md and PNG figures next to the map")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress bars")
+    checks.add_device_options(p)
     p.set_defaults(func=run)
 
 
@@ -46,8 +48,8 @@ def run(args) -> int:
     from ..hf.models import load_model
 
     from ..errors import ConfigError
-    from . import checks
 
+    device = checks.device("--device", args.device)
     checks.at_least("--num-texts", args.num_texts, 1)
     checks.at_least("--max-generated", args.max_generated, 1)
     checks.at_least("--batch-size", args.batch_size, 1)
@@ -70,7 +72,7 @@ def run(args) -> int:
         num_texts=args.num_texts, max_generated=args.max_generated, seed=args.seed, batch_size=args.batch_size,
         select=select, store=store, heldout_texts=args.heldout,
     )
-    model, tok, name = load_model(args.model, dtype=args.dtype)
+    model, tok, name = load_model(args.model, dtype=args.dtype, device=device)
     result = calibrate(model, tok, name, settings, progress=args.progress, dtype=args.dtype)
     path = result.map.save(args.out)
     print(result.map.summary(top=5))

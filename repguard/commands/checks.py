@@ -69,6 +69,41 @@ def writable_file(flag: str, path: str) -> Path:
     return target
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICES = "cpu, cuda, cuda:N or auto"
+
+
+def add_device_options(parser, dtype: bool = True) -> None:
+    """``--device`` (and ``--dtype``): the one definition every command that loads a model shares."""
+    parser.add_argument("--device", default="cpu",
+                        help=f"where the model runs: {DEVICES} (auto: device_map='auto', the model spread over the "
+                        "visible GPUs by accelerate, on CPU where there is none) (default: cpu)")
+    if dtype:
+        parser.add_argument("--dtype", default="float32", choices=DTYPES,
+                            help="model dtype; a neuron map records the dtype it was calibrated in (default: float32)")
+
+
+def device(flag: str, value: str) -> str:
+    """A ``--device`` value checked against this machine, before any model loads: cpu, cuda, cuda:N, auto."""
+    text = str(value).strip().lower()
+    if text in ("cpu", "auto"):
+        return text
+    if text == "cuda" or text.startswith("cuda:"):
+        index = text.partition(":")[2]
+        if index and not index.isdigit():
+            raise ConfigError(f"{flag} {value!r}: expected {DEVICES} (N a GPU index, e.g. cuda:0)")
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{flag} {value}: no CUDA GPU is available to torch here (torch {torch.__version__}, "
+                              "torch.cuda.is_available() is False); use --device cpu")
+        count = torch.cuda.device_count()
+        if index and int(index) >= count:
+            raise ConfigError(f"{flag} {value}: this machine has {count} CUDA GPU(s), indexes 0..{count - 1}")
+        return text
+    raise ConfigError(f"{flag} {value!r}: expected {DEVICES}")
+
+
 @dataclass
 class ModelInfo:
     """What can be known about a model without loading its weights (``config`` None: not converted yet)."""

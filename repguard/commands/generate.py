@@ -8,6 +8,8 @@ import sys
 import textwrap
 import time
 
+from .checks import add_device_options
+
 DEFAULT_PROMPTS = (
     "The tower is 100 meters high. The tower is",
     "Here is a list of the planets in the solar system:\n1.",
@@ -45,7 +47,7 @@ def add_parser(sub) -> None:
     p.add_argument("--no-rollback", dest="rollback", action="store_const", const=None,
                    help="guard in a single pass instead (hooks only: the form that streams and runs in vLLM)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default: 8)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_device_options(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", action="store_true", help="print results as JSON lines")
     p.set_defaults(func=run)
@@ -99,6 +101,7 @@ def _check_args(args) -> None:
     """Every argument's range, before the model loads."""
     from . import checks
 
+    checks.device("--device", args.device)
     checks.at_least("--max-new-tokens", args.max_new_tokens, 1)
     checks.at_least("--rollback", args.rollback, 0)
     checks.at_least("--batch-size", args.batch_size, 1)
@@ -112,8 +115,8 @@ def run(args) -> int:
     import torch
 
     from ..errors import ConfigError
-    from ..hf.models import load_model
-    from .checks import guard_fits, model_info, neuron_map_for
+    from ..hf.models import input_device, load_model
+    from .checks import device, guard_fits, model_info, neuron_map_for
 
     _check_args(args)
     if args.threads:
@@ -125,7 +128,7 @@ def run(args) -> int:
         raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: the model's context is {info.context_length} tokens")
     nmap = neuron_map_for("--map", args.map, info)  # before the (slow) model load
     guard_fits("--config/--set", config, nmap)
-    model, tok, name = load_model(args.model, dtype=args.dtype)
+    model, tok, name = load_model(args.model, dtype=args.dtype, device=device("--device", args.device))
     texts = [_render(tok, p, args.chat) for p in prompts]
     context = int(getattr(model.config, "max_position_embeddings", 0) or 0)
     longest = max(len(tok(t, add_special_tokens=not args.chat)["input_ids"]) for t in texts)
@@ -136,7 +139,8 @@ def run(args) -> int:
     if args.sample:
         gen_kwargs.update(temperature=args.temperature, top_p=args.top_p)
     batches = [(start, texts[start : start + args.batch_size]) for start in range(0, len(texts), args.batch_size)]
-    encoded = [tok(batch, return_tensors="pt", padding=True, add_special_tokens=not args.chat) for _, batch in batches]
+    encoded = [tok(batch, return_tensors="pt", padding=True, add_special_tokens=not args.chat).to(input_device(model))
+               for _, batch in batches]
     plain: list[list[int]] = []
     if args.compare:  # the reference run has no hooks installed at all
         for enc in encoded:

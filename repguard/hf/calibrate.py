@@ -35,6 +35,7 @@ from ..detect import LoopDetector
 from ..errors import ConfigError, RepGuardError
 from ..neuron_map import CalibrationInfo, NeuronMap, jaccard, map_from_scores
 from .introspect import act_modules, arch_of, fingerprint, shape_of
+from .models import input_device
 
 log = logging.getLogger("repguard")
 
@@ -194,9 +195,10 @@ def _generate_batch(model, bos: int, eos: set[int], indexes: Sequence[int], s: C
     from transformers import DynamicCache
 
     b = len(indexes)
+    dev = input_device(model)
     top_k, top_p = _sampling_params(model)
     uniforms = torch.stack([torch.rand(max(1, s.prompt_tokens), generator=_text_generator(s.seed, i), dtype=torch.float64)
-                            for i in indexes])
+                            for i in indexes]).to(dev)  # drawn on the CPU: the same texts on every device
     seqs = [[bos] for _ in range(b)]
     detectors = [LoopDetector(s.ngram, s.window, s.min_count, use_suffix=False) for _ in range(b)]
     for det in detectors:
@@ -205,7 +207,7 @@ def _generate_batch(model, bos: int, eos: set[int], indexes: Sequence[int], s: C
     with_repeat = 0
     active = list(range(b))
     cache = DynamicCache()
-    inp = torch.full((b, 1), bos, dtype=torch.long)
+    inp = torch.full((b, 1), bos, dtype=torch.long, device=dev)
     decoded = 0
     for step in range(s.prompt_tokens + s.greedy_tokens):
         logits = model(input_ids=inp, past_key_values=cache, use_cache=True).logits[:, -1, :]
@@ -233,7 +235,7 @@ def _generate_batch(model, bos: int, eos: set[int], indexes: Sequence[int], s: C
         if not keep_rows:
             break
         if len(keep_rows) < len(active):
-            sel = torch.tensor(keep_rows, dtype=torch.long)
+            sel = torch.tensor(keep_rows, dtype=torch.long, device=dev)
             cache.batch_select_indices(sel)
             nxt = nxt[sel]
             active = [active[row] for row in keep_rows]
@@ -372,8 +374,9 @@ def collect_onset_stats(model, tok, texts: Sequence[RepetitiveText], settings: C
                 mask[row, : len(q)] = 1
             batch = {"onsets": [texts[i].onset for i in chunk], "lengths": [len(q) for q in seqs],
                      "halves": [i % 2 for i in chunk]}
-            with recording(model, stats, batch):
-                model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)  # no full-vocab logits
+            dev = input_device(model)
+            with recording(model, stats, batch):  # no full-vocab logits:
+                model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False, logits_to_keep=1)
             bar.update(len(chunk))
     finally:
         bar.close()
@@ -392,10 +395,13 @@ def zeroed(model, layers: torch.Tensor, neurons: torch.Tensor) -> Iterator[None]
     modules = act_modules(model)
     handles = []
     for layer, idx in groups.items():
-        index = torch.tensor(idx, dtype=torch.long)
+        index = {torch.device("cpu"): torch.tensor(idx, dtype=torch.long)}
 
         def hook(_mod, _inp, out, index=index):
-            out[:, -1, index.to(out.device)] = 0
+            on = index.get(out.device)
+            if on is None:  # once per device (a layer of a sharded model may live on any GPU)
+                on = index[out.device] = index[torch.device("cpu")].to(out.device)
+            out[:, -1, on] = 0
             return out
 
         handles.append(modules[layer].register_forward_hook(hook))
@@ -438,6 +444,8 @@ def loop_rate(model, tok, prompts: Sequence[Sequence[int]], settings: Calibratio
                 detectors.append(det)
                 if fired:
                     raise CalibrationError("a deactivation prompt already repeats; cut it before its second copy")
+            dev = input_device(model)
+            ids, mask = ids.to(dev), mask.to(dev)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             cache = DynamicCache()
             active = list(range(b))
@@ -454,11 +462,11 @@ def loop_rate(model, tok, prompts: Sequence[Sequence[int]], settings: Calibratio
                         keep.append(row)
                 if not keep:
                     break
-                sel = torch.tensor(keep, dtype=torch.long)
+                sel = torch.tensor(keep, dtype=torch.long, device=dev)
                 if len(keep) < len(active):
                     cache.batch_select_indices(sel)
                     active = [active[row] for row in keep]
-                mask = torch.cat([mask[sel], torch.ones((len(keep), 1), dtype=torch.long)], dim=1)
+                mask = torch.cat([mask[sel], torch.ones((len(keep), 1), dtype=torch.long, device=dev)], dim=1)
                 positions = positions[sel, -1:] + 1
                 inp = nxt[sel].unsqueeze(-1)
             bar.update(b)

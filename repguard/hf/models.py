@@ -234,17 +234,35 @@ def resolve_model(name_or_path: str) -> tuple[str, Path]:
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu"):
-    """(model, tokenizer, display name). The tokenizer pads on the left, for batched generation."""
+    """(model, tokenizer, display name). The tokenizer pads on the left, for batched generation.
+
+    ``device`` is a torch device (``cpu``, ``cuda``, ``cuda:1``, ...) or ``auto``: ``device_map="auto"``, the
+    model spread by accelerate over the visible GPUs (and CPU memory) as it fits. Inputs go to
+    ``input_device(model)``."""
     transformers = require("transformers", "hf")
     import torch
 
     name, folder = resolve_model(name_or_path)
     torch_dtype = getattr(torch, dtype)
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype, local_files_only=True)
-    model.to(device).eval()
+    kwargs = {"device_map": "auto"} if device == "auto" else {}
+    if kwargs:
+        require("accelerate", "hf")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(folder), dtype=torch_dtype, local_files_only=True, **kwargs
+    )
+    if not kwargs:
+        model.to(device)
+    model.eval()
     tok = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     tok.padding_side = "left"
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     model.config.name_or_path = name  # maps record the embedded name, not a cache path
     return model, tok, name
+
+
+def input_device(model):
+    """The device a model's inputs go to: its input embedding's (the first shard under ``device_map``)."""
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embed, "weight", None)
+    return weight.device if weight is not None else next(model.parameters()).device
