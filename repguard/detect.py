@@ -13,6 +13,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Sequence
 
+from .errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Repetition:
@@ -128,7 +130,7 @@ class LoopDetector:
 
     __slots__ = (
         "ngram", "window", "min_count", "min_repeat", "min_copies", "max_period", "use_paper",
-        "use_suffix", "_ids", "_grams", "_expiry", "_sam", "_pos", "_recent", "_offset", "_span",
+        "use_suffix", "_ids", "_grams", "_expiry", "_sam", "_pos", "_shadow", "_offset", "_span",
     )
 
     def __init__(
@@ -143,8 +145,14 @@ class LoopDetector:
         min_copies: float = 2.0,
         max_period: int = 64,
     ) -> None:
-        if ngram < 1 or window < ngram or min_count < 3:
-            raise ValueError("need ngram >= 1, window >= ngram and min_count >= 3")
+        if ngram < 1:
+            raise ConfigError(f"ngram: must be >= 1, got {ngram}")
+        if window < ngram:
+            raise ConfigError(f"window: must be >= ngram ({ngram}), got {window}")
+        if min_count < 3:
+            raise ConfigError(f"min_count: must be >= 3 (the criterion compares three spacings), got {min_count}")
+        if max_period < 1:
+            raise ConfigError(f"max_period: must be >= 1, got {max_period}")
         self.ngram, self.window, self.min_count = ngram, window, min_count
         self.min_repeat, self.min_copies, self.max_period = min_repeat, min_copies, max_period
         self.use_paper, self.use_suffix = use_paper, use_suffix
@@ -152,10 +160,13 @@ class LoopDetector:
         self._grams: dict[tuple[int, ...], deque[int]] = {}
         self._expiry: deque[tuple[int, tuple[int, ...]]] = deque()
         self._sam = _SuffixAutomaton()  # always kept: the policy needs the loop period
-        # The automaton covers a sliding span of recent tokens and is rebuilt every ``_span`` tokens, so
-        # memory and per-token cost stay flat however long the sequence grows.
+        # The automaton covers a sliding span of recent tokens, so memory and per-token cost stay flat
+        # however long the sequence grows. Once it holds more than ``_span`` tokens, a second automaton
+        # (the shadow) starts on the newest tokens, one extension per token; when the first reaches
+        # 2 * ``_span`` tokens the shadow, by then holding exactly the last ``_span``, replaces it. This is
+        # the state a rebuild from the last ``_span`` tokens would give, without rebuilding in one step.
         self._span = max(512, 4 * max_period)
-        self._recent: deque[int] = deque(maxlen=self._span)
+        self._shadow: _SuffixAutomaton | None = None
         self._offset = 0  # stream position of the automaton's first token
         self._pos = -1
 
@@ -180,14 +191,18 @@ class LoopDetector:
         self._pos += 1
         pos = self._pos
         event = None
-        self._recent.append(token)
-        if self._sam.size >= 2 * self._span:
-            self._sam = _SuffixAutomaton()
-            self._offset = pos + 1 - len(self._recent)
-            for t in self._recent:
-                self._sam.extend(t)
+        sam = self._sam
+        if sam.size >= 2 * self._span:  # hand over to the shadow, which then holds the last _span tokens
+            sam = self._sam = self._shadow
+            self._shadow = None
+            sam.extend(token)
+            self._offset = pos + 1 - sam.size
         else:
-            self._sam.extend(token)
+            sam.extend(token)
+            if sam.size >= self._span + 2:
+                if self._shadow is None:
+                    self._shadow = _SuffixAutomaton()
+                self._shadow.extend(token)
         if self.use_suffix:
             event = self._check_suffix(pos)
         if self.use_paper:

@@ -13,8 +13,9 @@ import os
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 from ._version import __version__
+from .policy import Level
 
-LEVELS = ("deactivate", "escalate", "stop")
+LEVELS = tuple(level.label for level in Level if level > Level.MONITOR)  # the intervention levels, in order
 
 REQUESTS_GUARDED = Counter(
     "repguard_requests_guarded_total", "Sequences generated with the guard enabled.", ["model"]

@@ -23,7 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ._version import __version__
-from .errors import CorruptMapError, MapMismatchError, MapVersionError
+from .errors import ConfigError, CorruptMapError, MapMismatchError, MapVersionError
 
 log = logging.getLogger("repguard")
 
@@ -250,12 +250,12 @@ class NeuronMap:
 
     def top(self, k: int) -> "NeuronMap":
         if k < 0:
-            raise ValueError(f"k must be >= 0, got {k}")
+            raise ConfigError(f"k: the number of neurons to take must be >= 0, got {k}")
         return self._take(k)
 
     def fraction(self, p: float) -> "NeuronMap":
         if not 0.0 <= p <= 1.0:
-            raise ValueError(f"fraction must be in [0, 1], got {p}")
+            raise ConfigError(f"p: the fraction of neurons to take must be in [0, 1], got {p}")
         return self._take(round(p * self.meta.num_layers * self.meta.intermediate_size))
 
     def in_layers(self, layers) -> "NeuronMap":

@@ -4,6 +4,14 @@ It owns the per-sequence ``SequenceGuard`` objects and the tensors that the adap
 which neurons to watch and switch off (``LayerPlan``), per-row masks, the monitor buffer, and the
 per-row penalty/stop requests. Hooks do tensor math on these buffers only (graph-safe); all Python
 decisions happen once per token in ``observe``.
+
+One place each, for every adapter (transformers, vLLM, calibration):
+
+* ``switch_off``: the only function that writes neurons;
+* ``GuardRuntime.steer_logits``: escalation penalties and forced EOS;
+* ``GuardRuntime.fail_open``: what a failure inside a hook does;
+* ``model_fingerprint``: a model's identity for the map check;
+* ``token_id_list``: EOS / pad ids read from a model's configs.
 """
 
 from __future__ import annotations
@@ -14,8 +22,10 @@ from typing import Callable, Iterable
 
 import torch
 
+from . import metrics
+from .archs import ArchSpec, resolve
 from .config import GuardConfig
-from .neuron_map import NeuronMap
+from .neuron_map import Fingerprint, NeuronMap
 from .policy import Level, SequenceGuard, SequenceReport
 
 log = logging.getLogger("repguard")
@@ -31,6 +41,7 @@ class LayerPlan:
     zero: torch.Tensor  # [n] zeros
     pre_onset: torch.Tensor  # [n] pre-onset means
     monitored: bool = True  # holds one of the neurons the monitor scores
+    min_rank: int = 0  # best rank among its neurons: the layer is written for rows whose k exceeds it
 
 
 class NeuronSet:
@@ -64,7 +75,8 @@ class NeuronSet:
             neurons = neuron_map.neuron[idx[sl]].long().to(device)
             means = neuron_map.mean_before[idx[sl]].to(device, dtype)
             monitored = monitor_k is None or bool((idx[sl] < monitor_k).any())
-            self.plans[int(layer)] = LayerPlan(int(layer), neurons, sl, torch.zeros_like(means), means, monitored)
+            self.plans[int(layer)] = LayerPlan(int(layer), neurons, sl, torch.zeros_like(means), means, monitored,
+                                               int(idx[sl].min()))
             start += count
 
 
@@ -94,6 +106,7 @@ class GuardRuntime:
         self.width = neuron_map.meta.intermediate_size if neuron_map is not None else 0
         self.on_event = on_event
         self.seqs: list[SequenceGuard | None] = []
+        self.steering: set[int] = set()  # rows whose next logits get a penalty or a forced EOS
         self._alloc(max_rows)
 
     # -- buffers ---------------------------------------------------------------------------------------
@@ -107,9 +120,12 @@ class GuardRuntime:
         self.fill = torch.zeros(rows, k, device=dev, dtype=self.dtype)  # value written into switched-off slots
         self.any_off = False
         self._flat_index: torch.Tensor | None = None
+        self._step: dict[int, tuple] = {}  # per layer: (flat index, acts view, off view, fill view) of this step
+        self._step_key = None
         self.seqs = [None] * rows
         self.row_k = [0] * rows
         self._chosen: dict[int, torch.Tensor] = {}
+        self.steering = set()
 
     def ensure_rows(self, rows: int) -> None:
         if rows > self.rows:
@@ -120,6 +136,26 @@ class GuardRuntime:
             self._chosen.update(chosen)
             self.off[:n], self.use_mean[:n], self.fill[:n] = off, use_mean, fill
             self.any_off = bool(self.off.any())
+
+    # -- which layers a hook must sit on ----------------------------------------------------------------
+    def layers_needed(self, configs: Iterable[GuardConfig]) -> set[int]:
+        """Layers holding a neuron that rows with these settings will read (monitor) or write (deactivate).
+
+        The monitor reads the best-ranked ``monitor_k`` neurons of every enabled row; deactivation writes a
+        row's chosen neurons (rank < k, restricted to ``layers``). Other stored neurons are never touched, so
+        their layers need no hook at all.
+        """
+        needed: set[int] = set()
+        for cfg in configs:
+            if not cfg.enabled:
+                continue
+            needed.update(layer for layer, plan in self.neurons.plans.items() if plan.monitored)
+            if cfg.deactivate:
+                k = min(cfg.k or self.default_k, self.neurons.num_slots)
+                allowed = None if cfg.layers is None else set(cfg.layers)
+                needed.update(layer for layer, plan in self.neurons.plans.items()
+                              if plan.min_rank < k and (allowed is None or layer in allowed))
+        return needed
 
     # -- sequences ---------------------------------------------------------------------------------------
     def open(
@@ -139,6 +175,7 @@ class GuardRuntime:
         self.use_mean[row] = cfg.deactivate_value == "pre_onset_mean"
         self.fill[row] = self.neurons.pre_onset if cfg.deactivate_value == "pre_onset_mean" else 0
         self._refresh(row)
+        self._track(row)
         return seq
 
     def close(self, row: int) -> SequenceReport | None:
@@ -146,12 +183,14 @@ class GuardRuntime:
         self.seqs[row] = None
         self.off[row] = False
         self.any_off = bool(self.off.any())
+        self.steering.discard(row)
         return seq.report if seq is not None else None
 
     def reset(self) -> None:
         self.seqs = [None] * self.rows
         self.off.zero_()
         self.any_off = False
+        self.steering.clear()
 
     def reports(self) -> list[SequenceReport | None]:
         return [s.report if s is not None else None for s in self.seqs]
@@ -162,10 +201,11 @@ class GuardRuntime:
         z = (self.acts - self.neurons.mean_before) / self.neurons.std_before
         return z @ self.watch
 
-    def observe(self, tokens: dict[int, int], scores: torch.Tensor | None = None) -> None:
+    def observe(self, tokens: dict[int, int], scores: torch.Tensor | list[float] | None = None) -> None:
         """Feed each row's newest token; updates masks for the next forward."""
-        score_list = scores.tolist() if scores is not None else None
+        score_list = scores.tolist() if isinstance(scores, torch.Tensor) else scores
         changed = False
+        on_event = self.on_event
         for row, token in tokens.items():
             seq = self.seqs[row]
             if seq is None or seq.stopped:
@@ -174,16 +214,25 @@ class GuardRuntime:
             was_off = seq.deactivated
             n_det = len(seq.report.detections)
             seq.observe(token, score_list[row] if score_list is not None else None)
+            if seq.level != before or seq._penalty is not None or row in self.steering:
+                self._track(row)
             if seq.deactivated != was_off:
                 self._refresh(row)
                 changed = True
-            if self.on_event is not None:
+            if on_event is not None:
                 if len(seq.report.detections) != n_det:
-                    self.on_event("detect", {"row": row, "detection": seq.report.detections[-1]})
+                    on_event("detect", {"row": row, "detection": seq.report.detections[-1]})
                 if seq.level != before:
-                    self.on_event("level", {"row": row, "level": seq.level, "from": before})
+                    on_event("level", {"row": row, "level": seq.level, "from": before})
         if changed:
             self.any_off = bool(self.off.any())
+
+    def _track(self, row: int) -> None:
+        seq = self.seqs[row]
+        if seq is not None and (seq._penalty is not None or seq.stopped):
+            self.steering.add(row)
+        else:
+            self.steering.discard(row)
 
     def _refresh(self, row: int) -> None:
         seq = self.seqs[row]
@@ -196,55 +245,145 @@ class GuardRuntime:
     def penalties(self) -> list[tuple[int, int, float]]:
         """(row, token id, amount) for every row whose loop should be penalised at this step."""
         out = []
-        for row, seq in enumerate(self.seqs):
+        for row in sorted(self.steering):
+            seq = self.seqs[row]
             if seq is not None and seq._penalty is not None:
                 token, amount = seq._penalty
                 out.append((row, token, amount))
         return out
 
     def stops(self) -> list[int]:
-        return [row for row, seq in enumerate(self.seqs) if seq is not None and seq.stopped]
+        return [row for row in sorted(self.steering) if self.seqs[row] is not None and self.seqs[row].stopped]
+
+    def steer_logits(self, logits: torch.Tensor, rows: Iterable[int], eos: Callable[[int], int | None]) -> list[int]:
+        """The one place penalties and forced EOS reach the logits ([rows, vocab], changed in place).
+
+        ``rows``: the rows this adapter may still write (not finished); ``eos(row)``: the token that ends
+        that row (None: the row is only marked stopped). Every penalty of the step goes in one write.
+        Returns the rows stopped at this step.
+        """
+        index, tokens, amounts, stopped = [], [], [], []
+        vocab = logits.shape[-1]
+        for row in rows:
+            seq = self.seqs[row]
+            if seq is None or row >= logits.shape[0]:
+                continue
+            if seq.stopped:
+                stopped.append(row)
+                continue
+            penalty = seq._penalty
+            if penalty is not None and 0 <= penalty[0] < vocab:
+                index.append(row)
+                tokens.append(penalty[0])
+                amounts.append(-penalty[1])
+        if index:  # one row holds at most one penalty; computed in float32 whatever the logits' dtype
+            dev = logits.device
+            where = (torch.tensor(index, device=dev), torch.tensor(tokens, device=dev))
+            shifted = logits[where].float() + torch.tensor(amounts, device=dev, dtype=torch.float32)
+            logits[where] = shifted.to(logits.dtype)
+        for row in stopped:
+            token = eos(row)
+            if token is not None:
+                force_token(logits, row, token)
+        return stopped
+
+    # -- failure -----------------------------------------------------------------------------------------
+    def fail_open(self, model_name: str, where: str, reports: Iterable[SequenceReport | None], first: bool,
+                  consequence: str) -> None:
+        """The one fail-open path: count the error, switch every row's neurons back on, mark the reports,
+        log the traceback once (``first``). The adapter then stops calling its hooks' work."""
+        self.off.zero_()
+        self.any_off = False
+        self.steering.clear()
+        metrics.ERRORS.labels(model_name, where).inc()
+        for report in reports:
+            if report is not None:
+                report.errors += 1
+        if first:
+            log.exception("repguard: guard failed in %s; %s", where, consequence)
 
     # -- tensor math used inside hooks (graph-safe: no Python branching on tensor values) -----------------
-    def begin_step(self, rows: torch.Tensor) -> None:
-        """Precompute, once per forward, the flat positions of every mapped neuron at each row's newest
-        token, so each layer hook is one gather (and one scatter when a row is switched off)."""
-        self._flat_index = rows.unsqueeze(1) * self.width + self.neurons.neuron_of_slot.unsqueeze(0)
+    def begin_step(self, rows: torch.Tensor, key=None) -> None:
+        """Precompute the flat positions of every mapped neuron at each row's newest token, per layer, with
+        views of the row buffers, so that a layer hook is one gather (plus one write when a row is off).
 
-    def apply_layer(self, plan: LayerPlan, act: torch.Tensor, rows: torch.Tensor, graph_safe: bool = False) -> torch.Tensor:
-        """Monitor and deactivate one layer. ``act`` is [tokens, d_ff]; ``rows`` indexes the newest
-        token of each batch row. Modifies ``act`` in place where a row is switched off.
+        ``key`` (e.g. ``(batch, length)``): when it equals the previous step's, ``rows`` are the same and
+        nothing is recomputed (every decoding step after the first), so a step allocates nothing."""
+        if key is not None and key == self._step_key:
+            return
+        self._step_key = key
+        self._flat_index = flat = rows.unsqueeze(1) * self.width + self.neurons.neuron_of_slot.unsqueeze(0)
+        b = flat.shape[0]
+        self._step = {
+            layer: (flat[:, plan.slots].contiguous(), self.acts[:b, plan.slots], self.off[:b, plan.slots],
+                    self.fill[:b, plan.slots])
+            for layer, plan in self.neurons.plans.items()
+        }
 
-        With ``graph_safe`` the same tensor ops run on every call (no branching on Python state that
-        a compiled graph would freeze); otherwise layers with nothing to do return at once.
-        """
-        if not graph_safe and not (plan.monitored or self.any_off):
+    def apply_layer(self, plan: LayerPlan, act: torch.Tensor) -> torch.Tensor:
+        """Monitor and deactivate one layer after ``begin_step``. ``act`` holds the layer's activations of
+        the whole forward (any shape whose flattening is [tokens, d_ff], e.g. [batch, length, d_ff]).
+        Switched-off rows are written in place, at their newest token only."""
+        monitored = plan.monitored
+        if not (monitored or self.any_off):
             return act
-        flat_index = self._flat_index
-        if flat_index is not None and act.is_contiguous() and act.shape[-1] == self.width and flat_index.shape[0] == rows.shape[0]:
-            flat = act.view(-1)
-            index = flat_index[:, plan.slots]
-            cur = flat.take(index)  # [B, n]
-            b = cur.shape[0]
-            if graph_safe or plan.monitored:
-                self.acts[:b, plan.slots] = cur
-            if graph_safe or self.any_off:
-                flat.put_(index, torch.where(self.off[:b, plan.slots], self.fill[:b, plan.slots], cur))
-            return act
-        index = (rows.unsqueeze(1), plan.neurons.unsqueeze(0))
-        cur = act[index]  # [B, n]
-        b = cur.shape[0]
-        if graph_safe or plan.monitored:
-            self.acts[:b, plan.slots] = cur
-        if graph_safe or self.any_off:
-            act[index] = torch.where(self.off[:b, plan.slots], self.fill[:b, plan.slots], cur)
+        index, acts, off, fill = self._step[plan.layer]
+        cur = act.take(index)  # [B, n]: the one gather
+        if monitored:
+            acts.copy_(cur)
+        if self.any_off:
+            switch_off(act, index, fill, off, current=cur)
         return act
 
 
-def penalise(logits: torch.Tensor, row: int, token: int, amount: float) -> None:
-    """Escalation: lower one token's logit in one row (in place), where the token exists."""
-    if 0 <= token < logits.shape[-1]:
-        logits[row, token] -= amount
+def host_read(tokens: torch.Tensor, scores: torch.Tensor | None = None, pack: bool | None = None):
+    """The step's one read to the host: each row's newest token (and neuron score) as Python lists.
+
+    On an accelerator both travel in one copy (a float64 vector holds every token id and float32 score
+    exactly), so the guard adds one device-to-host read per step, not two. On CPU (``pack`` None) the
+    lists are read directly: there is no device to wait for.
+
+    >>> host_read(torch.tensor([5, 7]), torch.tensor([0.5, -1.0]), pack=True)
+    ([5, 7], [0.5, -1.0])
+    """
+    if pack is None:
+        pack = tokens.device.type != "cpu"
+    if scores is None:
+        return tokens.tolist(), None
+    if not pack:
+        return tokens.tolist(), scores.tolist()
+    both = torch.cat((tokens.to(torch.float64), scores.to(torch.float64))).tolist()
+    n = tokens.shape[0]
+    return [int(t) for t in both[:n]], both[n:]
+
+
+def flat_index(positions: torch.Tensor, columns: torch.Tensor, width: int) -> torch.Tensor:
+    """[P, n] positions of neurons ``columns`` at token rows ``positions`` of a [tokens, width] activation."""
+    return positions.unsqueeze(1) * width + columns.unsqueeze(0)
+
+
+def switch_off(act: torch.Tensor, index: torch.Tensor, fill, off: torch.Tensor | None = None,
+               current: torch.Tensor | None = None) -> None:
+    """The one function that switches neurons off, for every adapter (transformers and vLLM hooks, the
+    calibration's deactivation test).
+
+    ``act``: a layer's activations, changed in place; ``index``: flat positions into it (``flat_index``);
+    ``fill``: the value(s) written there (a number, or a tensor shaped like ``index``); ``off`` (optional,
+    bool like ``index``): write only where True, keep the others; ``current``: ``act.take(index)`` if the
+    caller already gathered it. The same tensor ops run on every call (safe under torch.compile).
+
+    >>> act = torch.ones(2, 4)
+    >>> switch_off(act, flat_index(torch.tensor([1]), torch.tensor([0, 3]), 4), 0.0)
+    >>> act.tolist()
+    [[1.0, 1.0, 1.0, 1.0], [0.0, 1.0, 1.0, 0.0]]
+    """
+    if off is None:
+        values = fill if isinstance(fill, torch.Tensor) else torch.full(index.shape, fill, dtype=act.dtype,
+                                                                          device=act.device)
+    else:
+        cur = act.take(index) if current is None else current
+        values = torch.where(off, fill, cur)
+    act.put_(index, values.to(act.dtype))
 
 
 def force_token(logits: torch.Tensor, row: int, token: int) -> None:
@@ -254,4 +393,30 @@ def force_token(logits: torch.Tensor, row: int, token: int) -> None:
     logits[row, token] = keep if torch.isfinite(keep) else 0.0
 
 
-__all__ = ["GuardRuntime", "LayerPlan", "NeuronSet", "Level", "force_token", "penalise"]
+def token_id_list(*sources) -> list[int]:
+    """The first of ``sources`` that is set (an id or a list of ids), as a list: how every adapter reads EOS
+    and pad ids (a generation config, then the model config or tokenizer; vLLM: the request, then the model).
+
+    >>> token_id_list(None, [2, 7], 5)
+    [2, 7]
+    >>> token_id_list(None, None)
+    []
+    """
+    for value in sources:
+        if value is None:
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]
+        return [int(v) for v in values]
+    return []
+
+
+def model_fingerprint(spec: ArchSpec, config, model) -> Fingerprint:
+    """A model's identity for ``NeuronMap.check_model``, read the same way from a transformers or vLLM model:
+    ``config`` is its text config, ``model`` the module tree holding ``spec.final_norm``."""
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
+    return Fingerprint.of(config.model_type, spec.num_layers(config), spec.intermediate_size(config), hidden,
+                          config.vocab_size, resolve(model, spec.final_norm).weight)
+
+
+__all__ = ["GuardRuntime", "LayerPlan", "NeuronSet", "Level", "flat_index", "host_read", "force_token", "model_fingerprint",
+           "switch_off", "token_id_list"]

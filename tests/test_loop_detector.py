@@ -101,3 +101,67 @@ def test_suffix_trigger_still_fires_after_a_long_history():
     ids = [rng.randrange(1000) for _ in range(5000)] + [1, 2, 3, 4, 5] * 10
     pos, event = feed(LoopDetector(use_paper=False), ids)
     assert (pos, event.onset, event.period) == (5000 + 5 + 11, 5005, 5)
+
+
+def _rebuilt_reference(ids, span=512):
+    """What the automaton must report at each token: one built from scratch over the tokens since the
+    last hand-over (every ``span`` tokens once 2 * ``span`` are in), as the detector did before it spread the work."""
+    from repguard.detect import _SuffixAutomaton
+
+    sam, offset, out = _SuffixAutomaton(), 0, []
+    for pos, token in enumerate(ids):
+        if sam.size >= 2 * span:
+            sam, offset = _SuffixAutomaton(), pos + 1 - span
+            for t in ids[offset : pos + 1]:
+                sam.extend(t)
+        else:
+            sam.extend(token)
+        period = pos - (sam.repeat_end + offset) if sam.repeat_length else 0
+        out.append((sam.repeat_length, period))
+    return out
+
+
+def test_the_spread_rebuild_reports_what_a_full_rebuild_would():
+    rng = random.Random(3)
+    ids = []
+    while len(ids) < 4000:  # random text with loops of varied periods, some across the hand-over points
+        ids += [rng.randrange(50) for _ in range(rng.randrange(5, 200))]
+        ids += [rng.randrange(50) for _ in range(rng.randrange(2, 40))] * rng.randrange(2, 6)
+    d = LoopDetector(use_paper=False)
+    seen = []
+    for token in ids:
+        d.update(token)
+        seen.append((d.repeat_length, d.repeat_period))
+    assert seen == _rebuilt_reference(ids)
+
+
+def test_no_token_pays_for_a_rebuild(monkeypatch):
+    # Every row used to rebuild its automaton (512 extensions) in the same step every 512 tokens: a latency
+    # spike. Now each token costs at most two extensions (the automaton and its shadow).
+    from repguard import detect
+
+    calls = [0]
+    extend = detect._SuffixAutomaton.extend
+
+    def counted(self, c):
+        calls[0] += 1
+        return extend(self, c)
+
+    monkeypatch.setattr(detect._SuffixAutomaton, "extend", counted)
+    d = LoopDetector()
+    rng = random.Random(0)
+    worst = 0
+    for _ in range(3000):
+        calls[0] = 0
+        d.update(rng.randrange(1000))
+        worst = max(worst, calls[0])
+    assert worst <= 2
+
+
+@pytest.mark.parametrize("kwargs, name", [({"ngram": 0}, "ngram"), ({"window": 5}, "window"),
+                                          ({"min_count": 2}, "min_count"), ({"max_period": 0}, "max_period")])
+def test_bad_settings_name_the_argument(kwargs, name):
+    from repguard.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=name):
+        LoopDetector(**kwargs)

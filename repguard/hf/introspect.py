@@ -7,6 +7,7 @@ import torch
 from ..archs import ArchSpec, arch_for, resolve
 from ..errors import UnsupportedModelError
 from ..neuron_map import Fingerprint
+from ..runtime import model_fingerprint
 
 
 def text_config(model):
@@ -41,9 +42,5 @@ def shape_of(model) -> tuple[int, int]:
 
 
 def fingerprint(model) -> Fingerprint:
-    spec = arch_of(model)
-    config = text_config(model)
-    num_layers, width = shape_of(model)
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
-    return Fingerprint.of(config.model_type, num_layers, width, hidden, config.vocab_size,
-                          resolve(model, spec.final_norm).weight)
+    """The model's identity for ``NeuronMap.check_model`` (``repguard.runtime.model_fingerprint``)."""
+    return model_fingerprint(arch_of(model), text_config(model), model)

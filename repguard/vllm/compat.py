@@ -12,6 +12,7 @@ import re
 from typing import Any
 
 from ..errors import RepGuardError, require
+from ..runtime import token_id_list
 
 SUPPORTED = ((0, 32), (0, 34))  # [low, high)
 SUPPORTED_TEXT = ">=0.32,<0.34"
@@ -191,12 +192,9 @@ def query_start_loc(num_reqs: int, runner=None) -> list[int] | None:
 
 
 def eos_token_id(params, vllm_config) -> int | None:
-    eos = getattr(params, "eos_token_id", None)
-    if eos is None:
-        eos = getattr(text_config(vllm_config), "eos_token_id", None)
-        if isinstance(eos, (list, tuple)):
-            eos = eos[0] if eos else None
-    return None if eos is None else int(eos)
+    """The EOS a forced stop writes: the request's, else the model's first (``runtime.token_id_list``)."""
+    eos = token_id_list(getattr(params, "eos_token_id", None), getattr(text_config(vllm_config), "eos_token_id", None))
+    return eos[0] if eos else None
 
 
 def extra_args(params) -> dict:

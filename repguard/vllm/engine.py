@@ -32,7 +32,7 @@ from ..archs import ArchSpec, arch_for, resolve
 from ..config import GuardConfig
 from ..errors import UnsupportedModelError
 from ..neuron_map import Fingerprint, NeuronMap
-from ..runtime import GuardRuntime, LayerPlan, force_token
+from ..runtime import GuardRuntime, LayerPlan, model_fingerprint as _fingerprint, switch_off
 from . import compat
 
 log = logging.getLogger("repguard")
@@ -100,12 +100,8 @@ def vllm_arch(vllm_config) -> ArchSpec:
 
 
 def model_fingerprint(vllm_config, model) -> Fingerprint:
-    """Same identity as ``repguard.hf.introspect.fingerprint``, read from a vLLM model."""
-    spec = vllm_arch(vllm_config)
-    config = compat.text_config(vllm_config)
-    layers, width = spec.num_layers(config), spec.intermediate_size(config)
-    return Fingerprint.of(config.model_type, layers, width, config.hidden_size, config.vocab_size,
-                          resolve(model, spec.final_norm).weight)
+    """The served model's identity (``repguard.runtime.model_fingerprint``, as for transformers)."""
+    return _fingerprint(vllm_arch(vllm_config), compat.text_config(vllm_config), model)
 
 
 class EngineGuard:
@@ -132,6 +128,8 @@ class EngineGuard:
         self.local_width = self.d_ff // self.world
         max_tokens = int(getattr(runner, "max_num_tokens", 0) or vllm_config.scheduler_config.max_num_batched_tokens)
         self.token_row = torch.full((max_tokens + 1,), self.trash, dtype=torch.long, device=self.device)
+        # Flat offset of each token's row in a [tokens, local_width] act output (for ``switch_off``).
+        self.token_base = torch.arange(max_tokens + 1, dtype=torch.long, device=self.device) * self.local_width
         self._gate = _gate_fn(self.spec.vllm_gate_act)
         self.rows: dict[int, RowState] = {}
         self.reports: OrderedDict[str, dict] = OrderedDict()  # finished requests
@@ -264,8 +262,8 @@ class EngineGuard:
             use_mean = rt.use_mean.index_select(0, row)  # [T, 1]
             up = x.index_select(1, up_cols)
             fill = torch.where(use_mean, pre_onset.to(x.dtype) * up, torch.zeros_like(up))
-            cur = output.index_select(1, local)
-            output.index_copy_(1, local, torch.where(off, fill.to(output.dtype), cur))
+            index = self.token_base[:tokens].unsqueeze(1) + local.unsqueeze(0)  # [T, n] flat positions
+            switch_off(output, index, fill.to(output.dtype), off, current=output.index_select(1, local))
             return None
 
         return hook
@@ -273,14 +271,12 @@ class EngineGuard:
     # -- request side (called by the logits processor, once per step, before the forward) -------------
     def owns(self, processor) -> bool:
         """Only one logits-processor instance per input batch drives the guard (it may be loaded both
-        from the entry point and from ``--logits-processors``)."""
+        from the entry point and from ``--logits-processors``): the first of the caller's class."""
         batch = self.runner.input_batch
         if batch is not self._owner_batch:
-            from .logits import RepGuardLogitsProcessor
-
             self._owner_batch = batch
             procs = getattr(getattr(batch, "logitsprocs", None), "all", ())
-            self._owner = next((p for p in procs if isinstance(p, RepGuardLogitsProcessor)), processor)
+            self._owner = next((p for p in procs if isinstance(p, type(processor))), processor)
         return self._owner is processor
 
     def update(self, batch_update, configs: dict[int, GuardConfig]) -> None:
@@ -336,6 +332,7 @@ class EngineGuard:
             rt._chosen[index] = chosen
         rt.use_mean[index], rt.fill[index] = use_mean, fill
         rt._refresh(index)  # the switched-off mask follows from the sequence's level and chosen neurons
+        rt._track(index)
         self.rows[index] = state
         return state
 
@@ -415,6 +412,8 @@ class EngineGuard:
             else:
                 self.rows.pop(b, None)
         rt.any_off = bool(rt.off.any())
+        rt._track(a)
+        rt._track(b)
 
     def _observe(self) -> None:
         rt = self.runtime
@@ -448,32 +447,19 @@ class EngineGuard:
         """Escalation penalties and forced EOS for the rows whose policy asks for them."""
         if not self.rows or self.broken:
             return logits
+        rt = self.runtime
+        if not rt.steering:  # no row escalates or stops (monitor mode, quiet rows): nothing to do
+            return logits
         t0 = time.perf_counter()
         try:
-            rt = self.runtime
-            rows, tokens, amounts = [], [], []
-            for index, state in self.rows.items():
-                seq = rt.seqs[index]
-                if seq is None or state.done or index >= logits.shape[0]:
-                    continue
-                if seq.stopped:
-                    state.done = True
-                    if state.req_id is not None:
-                        self.stop_signals.append(state.req_id)
-                        if len(self.stop_signals) > REPORTS_KEPT:  # nobody collects them (no tagging runner)
-                            del self.stop_signals[: -REPORTS_KEPT]
-                    if state.eos is not None:
-                        force_token(logits, index, state.eos)
-                    continue
-                penalty = seq.penalty
-                if penalty is not None and 0 <= penalty[0] < logits.shape[-1]:
-                    rows.append(index)
-                    tokens.append(penalty[0])
-                    amounts.append(-penalty[1])
-            if rows:  # every penalty of the step in one write, as vLLM's own processors do
-                dev = logits.device
-                logits.index_put_((torch.tensor(rows, device=dev), torch.tensor(tokens, device=dev)),
-                                  torch.tensor(amounts, device=dev, dtype=logits.dtype), accumulate=True)
+            rows = [index for index in sorted(rt.steering) if index in self.rows and not self.rows[index].done]
+            for index in rt.steer_logits(logits, rows, lambda index: self.rows[index].eos):
+                state = self.rows[index]
+                state.done = True
+                if state.req_id is not None:
+                    self.stop_signals.append(state.req_id)
+                    if len(self.stop_signals) > REPORTS_KEPT:  # nobody collects them (no tagging runner)
+                        del self.stop_signals[: -REPORTS_KEPT]
         except Exception as exc:
             self._fail("penalty", exc)
         self.overhead_seconds += time.perf_counter() - t0
@@ -504,15 +490,9 @@ class EngineGuard:
     # -- failure: fail open ----------------------------------------------------------------------------
     def _fail(self, where: str, exc: BaseException) -> None:
         self.errors += 1
-        metrics.ERRORS.labels(self.model_name, where).inc()
-        if not self.broken:
-            log.exception("repguard: guard failed in %s; requests continue unguarded", where)
-        self.broken = True
-        self.runtime.off.zero_()
-        self.runtime.any_off = False
-        for seq in self.runtime.seqs:
-            if seq is not None:
-                seq.report.errors += 1
+        first, self.broken = not self.broken, True
+        self.runtime.fail_open(self.model_name, where, [seq.report for seq in self.runtime.seqs if seq is not None],
+                               first, "requests continue unguarded")
 
 
 # The guard of the engine whose model this worker process loaded last (one engine per worker).
