@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +15,7 @@ import torch
 from conftest import tiny_model
 from repguard.detect import find_repetition
 from repguard.hf.calibrate import (
-    CalibrationSettings, calibrate, generate_repetitive_texts, loop_rate, zeroed,
+    CalibrationSettings, TextJournal, calibrate, generate_repetitive_texts, journal_header, loop_rate, zeroed,
 )
 from repguard.hf.introspect import act_modules, fingerprint
 from repguard.neuron_map import NeuronMap, jaccard
@@ -83,13 +86,13 @@ def test_early_stop_keeps_exactly_the_texts_the_full_procedure_keeps(one_thread)
     full, us = generate_repetitive_texts(
         model, TinyTok(), CalibrationSettings(**{**TINY, "heldout_texts": 0, "early_stop": False}), 10, progress=False
     )
-    assert [(t.index, t.p1, t.p2, t.p3) for t in fast] == [(t.index, t.p1, t.p2, t.p3) for t in full]
+    assert [(t.index, t.repetition) for t in fast] == [(t.index, t.repetition) for t in full]
     assert fs.generated == us.generated and fs.tokens_decoded < us.tokens_decoded
     for short, whole in zip(fast, full):
         assert whole.ids[: len(short.ids)] == short.ids  # the same text, only cut short
         assert len(short.ids) >= short.onset + s.context + 1  # it still holds the whole after-onset window
         hit = find_repetition(whole.ids)  # the paper's offline detector on the full text agrees
-        assert (hit.p1, hit.p2, hit.p3) == (whole.p1, whole.p2, whole.p3) and hit.p2 > 50
+        assert hit == whole.repetition and hit.p2 > 50  # the same record, ngram included
         assert len(whole.ids) <= 1 + s.prompt_tokens + s.greedy_tokens
 
 
@@ -129,7 +132,7 @@ def test_loop_rate_counts_prompts_whose_continuation_repeats(one_thread):
     model = tiny_model("llama")
     s = CalibrationSettings(**TINY)
     texts, _ = generate_repetitive_texts(model, TinyTok(), s, 4, need_after=0, progress=False)
-    prompts = [t.ids[: t.p2] for t in texts]
+    prompts = [t.ids[: t.repetition.p2] for t in texts]
     assert loop_rate(model, TinyTok(), prompts, s) == 1.0
     # prompts of different lengths are left-padded: each row decodes as it would alone
     alone = [loop_rate(model, TinyTok(), [p], s) for p in prompts]
@@ -173,6 +176,124 @@ def test_cli_writes_map_and_report_for_a_local_model_folder(tmp_path):
          "--select", "lots"], capture_output=True, text=True, cwd=ROOT, timeout=120,
     )
     assert bad.returncode == 2 and "--select" in bad.stderr
+
+
+# -- a long run: progress, a journal of texts, resume -------------------------------------------------
+
+
+def _forwards(model):
+    """A counter of the model's forward passes (how much a run really generated)."""
+    calls = []
+    handle = model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    return calls, handle
+
+
+def test_generation_resumed_from_its_journal_returns_what_an_uninterrupted_run_returns(one_thread, tmp_path):
+    model = tiny_model("llama")
+    s = CalibrationSettings(**{**TINY, "heldout_texts": 0})
+    calls, handle = _forwards(model)
+    whole, ws = generate_repetitive_texts(model, TinyTok(), s, 10, progress=False)
+    whole_forwards = len(calls)
+    header = journal_header(model, TinyTok(), "tiny", s)
+    path = tmp_path / "texts.jsonl"
+
+    stopped = CalibrationSettings(**{**TINY, "heldout_texts": 0, "max_generated": 12})  # a run cut short
+    journal = TextJournal(path, header)
+    part, ps = generate_repetitive_texts(model, TinyTok(), stopped, 10, progress=False, journal=journal)
+    journal.close()
+    assert ps.generated == 12 and 0 < ps.kept < 10
+    records = [json.loads(line) for line in path.read_text().splitlines()[1:]]
+    assert len(records) == 12  # every decision is on disk, the kept texts with their ids
+    assert sorted((r["index"], r["ids"]) for r in records if "ids" in r) == [(t.index, t.ids) for t in part]
+
+    calls.clear()
+    journal = TextJournal(path, header)
+    again, rs = generate_repetitive_texts(model, TinyTok(), s, 10, progress=False, journal=journal)
+    journal.close()
+    handle.remove()
+    assert [(t.index, t.ids, t.repetition) for t in again] == [(t.index, t.ids, t.repetition) for t in whole]
+    assert (rs.generated, rs.kept, rs.with_repeat, rs.tokens_decoded) == \
+        (ws.generated, ws.kept, ws.with_repeat, ws.tokens_decoded)
+    assert rs.resumed == 12 and len(calls) < whole_forwards  # the 12 decided texts were not generated again
+
+
+def test_progress_is_logged_and_a_kept_rate_too_low_for_the_count_is_said_early(one_thread, caplog):
+    model = tiny_model("llama")
+    with caplog.at_level(logging.INFO, logger="repguard"):
+        generate_repetitive_texts(model, TinyTok(), CalibrationSettings(**{**TINY, "heldout_texts": 0}), 10,
+                                  progress=False, log_every=0, desc="texts")
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    pattern = re.compile(r"texts: kept \d+/10 texts of \d+ generated \(\d+\.\d% kept\), \d+ tok/s, "
+                         r"(about \d+ (s|min|h) left|time left unknown \(no text kept yet\)|done)$")
+    assert len(lines) > 3 and all(pattern.match(line) for line in lines), lines
+    assert lines[-1].startswith("texts: kept 10/10") and lines[-1].endswith("done")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+    caplog.clear()  # no sampled prefix: every text is the same greedy text, which repeats too early to count
+    hopeless = CalibrationSettings(**{**TINY, "heldout_texts": 0, "prompt_tokens": 0, "max_generated": 64})
+    with caplog.at_level(logging.INFO, logger="repguard"):
+        _, st = generate_repetitive_texts(model, TinyTok(), hopeless, 10, progress=False, log_every=0, desc="texts")
+    warnings = [(i, r.getMessage()) for i, r in enumerate(caplog.records) if r.levelno == logging.WARNING]
+    assert st.kept == 0 and st.generated == 64 and len(warnings) == 1
+    at, message = warnings[0]
+    assert "only 0 of 32 generated texts qualified" in message  # said at 32 texts, not at the end (64)
+    assert "--max-generated" in message and "--num-texts" in message
+    assert at < len(caplog.records) - 1
+
+
+def test_a_calibration_killed_mid_run_resumes_from_its_journal_to_the_same_map(tmp_path, capsys, monkeypatch):
+    from repguard.cli import main
+    from repguard.hf import calibrate as cal
+
+    folder = _tiny_folder(tmp_path / "tiny-model")
+    args = ["--model", str(folder), "--num-texts", "8", "--heldout", "4", "--batch-size", "8", "--select", "4",
+            "--no-report", "--no-progress"]
+    assert main(["calibrate", "--out", str(tmp_path / "whole.safetensors"), *args]) == 0
+    whole = NeuronMap.load(tmp_path / "whole.safetensors")
+    assert not (tmp_path / "whole.texts.jsonl").exists()  # removed once the map is written
+
+    out, journal = tmp_path / "resumed.safetensors", tmp_path / "resumed.texts.jsonl"
+    record = cal.TextJournal.record
+    written = []
+
+    def killed_after_five(self, stream, decision):
+        if len(written) == 5:
+            raise KeyboardInterrupt  # Ctrl-C, or a kill, in the middle of a batch
+        written.append(decision.index)
+        record(self, stream, decision)
+
+    monkeypatch.setattr(cal.TextJournal, "record", killed_after_five)
+    assert main(["calibrate", "--out", str(out), *args]) == 130
+    monkeypatch.setattr(cal.TextJournal, "record", record)
+    assert not out.exists() and len(journal.read_text().splitlines()) == 1 + 5
+    with journal.open("a") as f:
+        f.write('{"stream": "calibration", "index": 9, "ids": [1, 2')  # a line torn by the kill
+    capsys.readouterr()
+    assert main(["calibrate", "--out", str(out), *args]) == 0
+    assert f"resuming from {journal}" in capsys.readouterr().err
+    resumed = NeuronMap.load(out)
+    assert torch.equal(resumed.extra["score_matrix"], whole.extra["score_matrix"])
+    assert torch.equal(resumed.layer, whole.layer) and torch.equal(resumed.neuron, whole.neuron)
+    for key in ("texts_kept", "texts_generated", "texts_with_repeat", "tokens_decoded", "deactivation"):
+        assert getattr(resumed.meta.calibration, key) == getattr(whole.meta.calibration, key), key
+    assert resumed.meta.calibration.model_extra["texts_resumed"] == 5
+
+
+def test_a_journal_written_for_other_settings_is_refused_by_name(tmp_path, capsys):
+    from repguard.cli import main
+
+    folder = _tiny_folder(tmp_path / "tiny-model")
+    out = tmp_path / "m.safetensors"
+    args = ["--model", str(folder), "--out", str(out), "--num-texts", "4", "--heldout", "0", "--batch-size", "8",
+            "--select", "4", "--no-report", "--no-progress"]
+    assert main(["calibrate", *args, "--keep-journal"]) == 0
+    assert (tmp_path / "m.texts.jsonl").is_file()
+    capsys.readouterr()
+    assert main(["calibrate", *args, "--seed", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "m.texts.jsonl" in err and "seed" in err and "--no-resume" in err
+    assert main(["calibrate", *args, "--seed", "5", "--no-resume"]) == 0
+    assert NeuronMap.load(out).meta.calibration.seed == 5
 
 
 # -- the embedded models -----------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from conftest import tiny_model
 from repguard.cli import main
 from repguard.commands import checks
 from repguard.config import GuardConfig
+from repguard.detect import Repetition
 from repguard.errors import ConfigError
 from repguard.hf.calibrate import (
     CalibrationSettings, RepetitiveText, collect_onset_stats, generate_repetitive_texts, loop_rate,
@@ -97,7 +98,7 @@ def _devices_of_first_forward(model, run) -> set[str]:
 def test_every_calibration_phase_feeds_the_model_on_its_own_device():
     model = tiny_model("llama").to("meta")  # a CPU tensor reaching it would show up as "cpu"
     s = CalibrationSettings(num_texts=2, batch_size=2, heldout_texts=0)
-    text = RepetitiveText(0, [1] + list(range(3, 90)), 5, 40, 75)
+    text = RepetitiveText(0, [1] + list(range(3, 90)), Repetition(tuple(range(7, 17)), 5, 40, 75))
     phases = {
         "generation": lambda: generate_repetitive_texts(model, TinyTok(), s, 2, progress=False),
         "activation pass": lambda: collect_onset_stats(model, TinyTok(), [text], s, progress=False),

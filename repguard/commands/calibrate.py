@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from . import checks
 
@@ -36,7 +37,18 @@ def add_parser(sub) -> None:
                    help="torch CPU threads (1 is fastest when other processes share the CPU)")
     p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
                    help="write <out stem>.md and PNG figures next to the map")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress bars")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="show progress bars (progress is logged at --log-level INFO either way, every 30 s)")
+    p.add_argument("--journal", default=None, metavar="PATH",
+                   help="JSON-lines file that receives every generated text's decision (and each kept text) as soon "
+                   "as it is final (default: <out stem>.texts.jsonl next to --out)")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="continue from the journal a stopped run left behind, generating only the texts it lacks "
+                   "(the map is the one an uninterrupted run makes); --no-resume starts the journal over. A journal "
+                   "written with other settings or for another model is refused")
+    p.add_argument("--keep-journal", action="store_true",
+                   help="keep the journal after the map is written (it is removed by default); a later run with a "
+                   "larger --num-texts then reuses its texts")
     checks.add_device_options(p)
     p.set_defaults(func=run)
 
@@ -66,6 +78,8 @@ def run(args) -> int:
         raise ConfigError(f"--store must be a fraction of all neurons (2% or 0.02), got the count {args.store!r}")
     checks.in_range("--store", store, 0.0, 1.0, low_open=True)
     checks.writable_file("--out", args.out)  # fail now, not after a run of many minutes
+    journal = Path(args.journal) if args.journal else Path(args.out).with_suffix(".texts.jsonl")
+    checks.writable_file("--journal", str(journal))
     checks.model_info("--model", args.model)
     torch.set_num_threads(args.threads)
     settings = CalibrationSettings(
@@ -73,8 +87,13 @@ def run(args) -> int:
         select=select, store=store, heldout_texts=args.heldout,
     )
     model, tok, name = load_model(args.model, dtype=args.dtype, device=device)
-    result = calibrate(model, tok, name, settings, progress=args.progress, dtype=args.dtype)
+    if args.resume and journal.is_file():
+        print(f"resuming from {journal} (pass --no-resume to start over)", file=sys.stderr)
+    result = calibrate(model, tok, name, settings, progress=args.progress, dtype=args.dtype, journal=journal,
+                       resume=args.resume)
     path = result.map.save(args.out)
+    if not args.keep_journal:
+        journal.unlink(missing_ok=True)
     print(result.map.summary(top=5))
     print(f"wrote {path}")
     if args.report:

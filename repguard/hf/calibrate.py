@@ -23,15 +23,18 @@ differences between batched matrix products.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, Sequence
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
 
 import torch
 
-from ..detect import LoopDetector
+from ..detect import LoopDetector, Repetition
 from ..errors import ConfigError, RepGuardError
 from ..neuron_map import CalibrationInfo, NeuronMap, jaccard, map_from_scores
 from .introspect import act_modules, arch_of, fingerprint, shape_of
@@ -123,17 +126,15 @@ def parse_select(text: str) -> float | int:
 
 @dataclass
 class RepetitiveText:
-    """A generated text with the detector's first hit. ``ids`` may stop early (see the module doc)."""
+    """A generated text with the paper's detector's first hit on it. ``ids`` may stop early (see the module doc)."""
 
     index: int
     ids: list[int]
-    p1: int
-    p2: int
-    p3: int
+    repetition: Repetition  # positions index ``ids`` (BOS at 0)
 
     @property
     def onset(self) -> int:
-        return self.p2 - 1
+        return self.repetition.onset
 
 
 @dataclass
@@ -143,6 +144,17 @@ class GenerationStats:
     kept: int = 0
     tokens_decoded: int = 0
     seconds: float = 0.0
+    resumed: int = 0  # texts whose decision was read back from the journal instead of generated
+
+
+@dataclass(frozen=True)
+class TextDecision:
+    """What generating one text decided, final as soon as it is known (one journal line)."""
+
+    index: int
+    with_repeat: bool
+    tokens_decoded: int
+    text: RepetitiveText | None  # the kept text, or None
 
 
 def _text_generator(seed: int, index: int) -> torch.Generator:
@@ -166,8 +178,14 @@ def _eos_ids(model, tok) -> set[int]:
     return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
 
 
+# Why calibration decodes by hand instead of calling ``model.generate``: every text's sampled prefix must
+# come from its own random stream (seeded by the text's index), so that the same seed gives the same texts
+# whatever the batch size and whichever texts a resumed run still has to generate; ``generate`` draws from
+# one global stream for the whole batch. And a row is dropped from the batch (``batch_select_indices``)
+# the moment its decision is final, which ``generate`` cannot do: it keeps finished rows decoding padding.
 def _sample(logits: torch.Tensor, uniforms: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Temperature-1 sampling with top-k/top-p, driven by one uniform per row (inverse CDF)."""
+    """Temperature-1 sampling with top-k/top-p as ``generate(do_sample=True)`` filters, driven by one given
+    uniform per row (inverse CDF) so each row's draw comes from that text's own stream."""
     logits = logits.double()
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
@@ -190,8 +208,8 @@ def _progress(total: int | None, desc: str, enabled: bool, unit: str = "text"):
 
 @torch.inference_mode()
 def _generate_batch(model, bos: int, eos: set[int], indexes: Sequence[int], s: CalibrationSettings,
-                    need_after: int) -> tuple[list[RepetitiveText], int, int]:
-    """Generate the texts of ``indexes`` together; returns (kept texts, texts with a repeat, tokens decoded)."""
+                    need_after: int, on_decision: Callable[[TextDecision], None]) -> None:
+    """Generate the texts of ``indexes`` together; ``on_decision`` gets each text's decision once it is final."""
     from transformers import DynamicCache
 
     b = len(indexes)
@@ -203,15 +221,18 @@ def _generate_batch(model, bos: int, eos: set[int], indexes: Sequence[int], s: C
     detectors = [LoopDetector(s.ngram, s.window, s.min_count, use_suffix=False) for _ in range(b)]
     for det in detectors:
         det.update(bos)
-    hits: list[tuple[int, int, int] | None] = [None] * b
-    with_repeat = 0
+    hits: list[Repetition | None] = [None] * b
+    repeated = [False] * b
     active = list(range(b))
     cache = DynamicCache()
     inp = torch.full((b, 1), bos, dtype=torch.long, device=dev)
-    decoded = 0
+
+    def decide(r: int) -> None:
+        text = RepetitiveText(indexes[r], seqs[r], hits[r]) if hits[r] is not None else None
+        on_decision(TextDecision(indexes[r], repeated[r], len(seqs[r]) - 1, text))
+
     for step in range(s.prompt_tokens + s.greedy_tokens):
         logits = model(input_ids=inp, past_key_values=cache, use_cache=True).logits[:, -1, :]
-        decoded += len(active)
         if step < s.prompt_tokens:
             nxt = _sample(logits, uniforms[active, step], top_k, top_p)
         else:
@@ -221,63 +242,248 @@ def _generate_batch(model, bos: int, eos: set[int], indexes: Sequence[int], s: C
             seqs[r].append(token)
             done = token in eos
             event = detectors[r].update(token)
-            if event is not None and hits[r] is None:
+            if event is not None and hits[r] is None and not repeated[r]:
+                repeated[r] = True
                 p2 = event.onset
-                hits[r] = (p2 - event.period, p2, event.position - s.ngram + 1)
-                with_repeat += 1
+                p3 = event.position - s.ngram + 1
+                hits[r] = Repetition(tuple(seqs[r][p3 : p3 + s.ngram]), p2 - event.period, p2, p3)
                 if p2 <= s.min_second_occurrence:
                     hits[r] = None  # first hit too early: the text can never qualify
                     done = True
-            if s.early_stop and hits[r] is not None and len(seqs[r]) >= hits[r][1] + need_after:
+            if s.early_stop and hits[r] is not None and len(seqs[r]) >= hits[r].p2 + need_after:
                 done = True
-            if not done:
+            if done:
+                decide(r)
+            else:
                 keep_rows.append(row)
         if not keep_rows:
-            break
+            return
         if len(keep_rows) < len(active):
             sel = torch.tensor(keep_rows, dtype=torch.long, device=dev)
             cache.batch_select_indices(sel)
             nxt = nxt[sel]
             active = [active[row] for row in keep_rows]
         inp = nxt.unsqueeze(-1)
-    kept = [RepetitiveText(indexes[r], seqs[r], *hits[r]) for r in range(b) if hits[r] is not None]
-    return kept, with_repeat, decoded
+    for r in active:  # the token budget is spent
+        decide(r)
+
+
+class TextJournal:
+    """Every text's decision as one JSON line, appended the moment it is final, so a stopped calibration
+    resumes where it stopped: a resumed run reads the decisions back and generates only the texts it lacks.
+
+    The first line records what decides the texts (model identity and dtype, seed, lengths, detector); a
+    journal written with anything else is refused rather than mixed in. A last line cut short by a kill
+    is ignored (that text is generated again)."""
+
+    FORMAT = "repguard-calibration-texts/1"
+
+    def __init__(self, path: str | os.PathLike, header: dict, resume: bool = True) -> None:
+        self.path = Path(path)
+        self.header = {"format": self.FORMAT, **header}
+        self.decisions: dict[str, dict[int, TextDecision]] = {}
+        if resume and self.path.is_file() and self.path.stat().st_size:
+            self._read()
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(self.header) + "\n")
+        self._file = self.path.open("a")
+
+    def _read(self) -> None:
+        lines = self.path.read_text().splitlines()
+        try:
+            header = json.loads(lines[0])
+        except ValueError:
+            header = None
+        if header != self.header:
+            differ = sorted(k for k in set(self.header) | set(header or {})
+                            if (header or {}).get(k) != self.header.get(k)) if isinstance(header, dict) else ["format"]
+            raise CalibrationError(
+                f"{self.path}: this journal of calibration texts was written for another run (differs in: "
+                f"{', '.join(differ)}); delete it, write another journal (--journal PATH), or start over (--no-resume)"
+            )
+        good = len(lines) - 1
+        for number, line in enumerate(lines[1:], start=2):
+            try:
+                d = json.loads(line)
+                rep = d.get("repetition")
+                text = RepetitiveText(d["index"], d["ids"], Repetition(tuple(rep["ngram"]), rep["p1"], rep["p2"],
+                                                                       rep["p3"])) if rep else None
+                decision = TextDecision(int(d["index"]), bool(d["with_repeat"]), int(d["tokens"]), text)
+            except (ValueError, KeyError, TypeError):
+                if number == len(lines):  # a line cut short when the run was stopped
+                    good -= 1
+                    break
+                raise CalibrationError(f"{self.path}: line {number} is not a calibration text record") from None
+            self.decisions.setdefault(d["stream"], {})[decision.index] = decision
+        if good < len(lines) - 1:  # drop the torn line, so new lines start on a line of their own
+            self.path.write_text("\n".join(lines[:-1]) + "\n")
+
+    def done(self, stream: str) -> dict[int, TextDecision]:
+        return self.decisions.setdefault(stream, {})
+
+    def record(self, stream: str, decision: TextDecision) -> None:
+        t = decision.text
+        line = {"stream": stream, "index": decision.index, "with_repeat": decision.with_repeat,
+                "tokens": decision.tokens_decoded}
+        if t is not None:
+            r = t.repetition
+            line.update(ids=t.ids, repetition={"ngram": list(r.ngram), "p1": r.p1, "p2": r.p2, "p3": r.p3})
+        self._file.write(json.dumps(line) + "\n")
+        self._file.flush()
+        self.done(stream)[decision.index] = decision
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def journal_header(model, tok, name: str, settings: CalibrationSettings) -> dict:
+    """What decides the texts: a journal is resumed only by a run that would generate the same ones."""
+    s = settings
+    fp = fingerprint(model)
+    return {
+        "model": name, "shape": fp.config, "weights": [round(float(w), 6) for w in fp.weights[:8]],
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "bos": tok.bos_token_id, "eos": sorted(_eos_ids(model, tok)), "sampling": list(_sampling_params(model)),
+        **{k: getattr(s, k) for k in ("seed", "prompt_tokens", "greedy_tokens", "min_second_occurrence", "context",
+                                      "ngram", "window", "min_count", "early_stop")},
+    }
+
+
+class _ProgressLog:
+    """INFO lines while texts are generated (kept/generated, kept rate, speed, time left), at most one per
+    ``every`` seconds; and one early warning when the kept rate so far cannot reach the requested count."""
+
+    def __init__(self, desc: str, count: int, cap: int, every: float, done: dict[int, TextDecision]) -> None:
+        self.desc, self.count, self.cap, self.every = desc, count, cap, every
+        self.t0 = self.last = time.perf_counter()
+        self.generated = len(done)
+        self.kept = sum(d.text is not None for d in done.values())
+        self.start_kept, self.tokens = self.kept, 0
+        self.warned = False
+
+    def add(self, d: TextDecision) -> None:
+        self.generated += 1
+        self.kept += d.text is not None
+        self.tokens += d.tokens_decoded
+        self.check_rate()
+        if time.perf_counter() - self.last >= self.every:
+            self.log()
+
+    def check_rate(self) -> None:
+        if self.warned or self.generated < min(self.cap, 32) or self.kept >= self.count:
+            return
+        rate = self.kept / self.generated
+        expected = self.kept + rate * (self.cap - self.generated)
+        if expected < self.count:
+            self.warned = True
+            log.warning(
+                "%s: only %d of %d generated texts qualified so far (%.1f%% kept); at that rate the cap of %d "
+                "generated texts (max_generated, --max-generated) gives about %d kept texts, fewer than the %d "
+                "requested (num_texts, --num-texts): raise the cap, lower the count, or check that the model "
+                "loops under greedy decoding", self.desc, self.kept, self.generated, 100 * rate, self.cap,
+                int(expected), self.count,
+            )
+
+    def log(self) -> None:
+        now = time.perf_counter()
+        self.last = now
+        elapsed = max(now - self.t0, 1e-9)
+        new_kept = self.kept - self.start_kept
+        if self.kept >= self.count:
+            left = "done"
+        elif new_kept > 0:
+            left = f"about {_duration((self.count - self.kept) * elapsed / new_kept)} left"
+        else:
+            left = "time left unknown (no text kept yet)"
+        log.info("%s: kept %d/%d texts of %d generated (%.1f%% kept), %.0f tok/s, %s", self.desc,
+                 min(self.kept, self.count), self.count, self.generated, 100 * self.kept / max(1, self.generated),
+                 self.tokens / elapsed, left)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def generate_repetitive_texts(model, tok, settings: CalibrationSettings, count: int, first_index: int = 0,
                               need_after: int | None = None, progress: bool = True,
-                              desc: str = "repetitive texts") -> tuple[list[RepetitiveText], GenerationStats]:
-    """The first ``count`` qualifying texts in index order (generating at most ``settings.generation_cap``)."""
+                              desc: str = "repetitive texts", journal: TextJournal | None = None,
+                              stream: str = "calibration", log_every: float = 30.0,
+                              ) -> tuple[list[RepetitiveText], GenerationStats]:
+    """The first ``count`` qualifying texts in index order (generating at most ``settings.generation_cap``).
+
+    With a ``journal``, each text's decision is appended as soon as it is final, and decisions already in
+    it are read back instead of generated: a resumed run returns what an uninterrupted one would."""
     bos = tok.bos_token_id
     if bos is None:
         raise CalibrationError("the tokenizer has no BOS token; the calibration prompt is BOS alone")
     eos = _eos_ids(model, tok)
     need = settings.context + 1 if need_after is None else need_after  # tokens from p2 on: up to s + context
-    stats = GenerationStats()
-    kept: list[RepetitiveText] = []
+    cap = settings.generation_cap
+    done: dict[int, TextDecision] = journal.done(stream) if journal is not None else {}
     t0 = time.perf_counter()
+
+    def frontier() -> int:  # the lowest index not decided yet: every text below it is decided
+        i = first_index
+        while i in done:
+            i += 1
+        return i
+
+    def summary(upto: int) -> tuple[list[RepetitiveText], GenerationStats]:
+        """The kept texts and counts over the decided texts below ``upto``, cut after the ``count``-th kept."""
+        st, kept = GenerationStats(), []
+        for i in range(first_index, upto):
+            d = done[i]
+            st.generated += 1
+            st.with_repeat += d.with_repeat
+            st.tokens_decoded += d.tokens_decoded
+            if d.text is not None:
+                kept.append(d.text)
+                if len(kept) == count:
+                    break
+        st.kept = len(kept)
+        return kept, st
+
+    first_stats = summary(frontier())[1]
+    first_stats.resumed = len(done)
+    if done:
+        log.info("%s: resuming from %s: %d texts already decided (%d kept)", desc, journal.path, len(done),
+                 sum(d.text is not None for d in done.values()))
+    plog = _ProgressLog(desc, count, cap, log_every, done)
     bar = _progress(count, desc, progress)
-    next_index = first_index
+    bar.update(min(first_stats.kept, count))
+
+    def on_decision(d: TextDecision) -> None:
+        if journal is not None:
+            journal.record(stream, d)
+        else:
+            done[d.index] = d
+        plog.add(d)
+
     try:
-        while len(kept) < count and stats.generated < settings.generation_cap:
-            n = min(settings.batch_size, settings.generation_cap - stats.generated)
-            indexes = list(range(next_index, next_index + n))
-            next_index += n
-            got, with_repeat, decoded = _generate_batch(model, bos, eos, indexes, settings, need)
-            stats.generated += n
-            stats.with_repeat += with_repeat
-            stats.tokens_decoded += decoded
-            kept.extend(got)
-            bar.update(min(len(got), count - bar.n))
-            bar.set_postfix(generated=stats.generated, tok_s=f"{stats.tokens_decoded / (time.perf_counter() - t0):.0f}")
+        while True:
+            kept, st = summary(frontier())
+            bar.update(max(0, min(st.kept, count) - bar.n))
+            if st.kept >= count or len(done) >= cap:
+                break
+            n = min(settings.batch_size, cap - len(done))
+            indexes, i = [], frontier()
+            while len(indexes) < n:
+                if i not in done:
+                    indexes.append(i)
+                i += 1
+            _generate_batch(model, bos, eos, indexes, settings, need, on_decision)
+            bar.set_postfix(generated=len(done))
     finally:
         bar.close()
-    if len(kept) > count:  # the first ``count`` by index; later texts of the last batch are not counted
-        last = kept[count - 1].index
-        stats.generated = last - first_index + 1
-        kept = kept[:count]
-    stats.kept = len(kept)
+    kept, stats = summary(frontier())
+    stats.resumed = first_stats.resumed
     stats.seconds = time.perf_counter() - t0
+    plog.log()
     return kept, stats
 
 
@@ -482,7 +688,7 @@ def _nothing() -> Iterator[None]:
 def deactivation_test(model, tok, nmap: NeuronMap, texts: Sequence[RepetitiveText], settings: CalibrationSettings,
                       progress: bool = True) -> list[dict]:
     """Loop rate with none, top-K and random-K neurons zeroed, for each K in ``deactivation_fractions``."""
-    prompts = [t.ids[: t.p2] for t in texts]  # holds the first copy; the model must not write the second
+    prompts = [t.ids[: t.repetition.p2] for t in texts]  # holds the first copy; the model must not write the second
     total = nmap.meta.num_layers * nmap.meta.intermediate_size
     rand_l, rand_n = nmap.extra["random_layer"], nmap.extra["random_neuron"]
     rows = [{"setting": "none", "k": 0, "fraction": 0.0,
@@ -514,9 +720,25 @@ class CalibrationResult:
 
 
 def calibrate(model, tok, name: str, settings: CalibrationSettings | None = None, progress: bool = True,
-              dtype: str | None = None) -> CalibrationResult:
-    """Run the paper's calibration on ``model`` and return the neuron map with what the report needs."""
+              dtype: str | None = None, journal: str | os.PathLike | None = None, resume: bool = True,
+              log_every: float = 30.0) -> CalibrationResult:
+    """Run the paper's calibration on ``model`` and return the neuron map with what the report needs.
+
+    ``journal``: a JSON-lines file that receives every generated text's decision as soon as it is final;
+    with ``resume`` (the default) the decisions already in it are read back, so a stopped run continues
+    where it stopped and ends with the map an uninterrupted run makes. Progress is logged at INFO every
+    ``log_every`` seconds while texts are generated."""
     s = settings or CalibrationSettings()
+    texts_journal = TextJournal(journal, journal_header(model, tok, name, s), resume) if journal is not None else None
+    try:
+        return _calibrate(model, tok, name, s, progress, dtype, texts_journal, log_every)
+    finally:
+        if texts_journal is not None:
+            texts_journal.close()
+
+
+def _calibrate(model, tok, name: str, s: CalibrationSettings, progress: bool, dtype: str | None,
+               journal: TextJournal | None, log_every: float) -> CalibrationResult:
     spec = arch_of(model)
     num_layers, width = shape_of(model)
     total = num_layers * width
@@ -524,10 +746,11 @@ def calibrate(model, tok, name: str, settings: CalibrationSettings | None = None
     t_all = time.perf_counter()
 
     texts, gen = generate_repetitive_texts(model, tok, s, s.num_texts, progress=progress,
-                                           desc="generating repetitive texts")
+                                           desc="calibration texts", journal=journal, stream="calibration",
+                                           log_every=log_every)
     timings["generate"] = gen.seconds
-    log.info("kept %d of %d generated texts (%d with a repeat) in %.1f s", gen.kept, gen.generated,
-             gen.with_repeat, gen.seconds)
+    log.info("kept %d of %d generated texts (%d with a repeat; %d read back from the journal) in %.1f s", gen.kept,
+             gen.generated, gen.with_repeat, gen.resumed, gen.seconds)
     if len(texts) < 2:
         raise CalibrationError(
             f"only {len(texts)} of {gen.generated} generated texts repeat with a second occurrence after position "
@@ -535,6 +758,7 @@ def calibrate(model, tok, name: str, settings: CalibrationSettings | None = None
         )
 
     t0 = time.perf_counter()
+    log.info("activation pass over %d kept texts", len(texts))
     stats = collect_onset_stats(model, tok, texts, s, progress=progress)
     timings["activations"] = time.perf_counter() - t0
 
@@ -578,11 +802,12 @@ def calibrate(model, tok, name: str, settings: CalibrationSettings | None = None
     if s.heldout_texts > 0:
         heldout, hstats = generate_repetitive_texts(
             model, tok, s, s.heldout_texts, first_index=HELDOUT_OFFSET, need_after=0, progress=progress,
-            desc="held-out repetitive texts",
+            desc="held-out texts", journal=journal, stream="heldout", log_every=log_every,
         )
         timings["heldout_generate"] = hstats.seconds
         result.heldout = hstats
         t0 = time.perf_counter()
+        log.info("deactivation test on %d held-out texts", len(heldout))
         result.deactivation = deactivation_test(model, tok, nmap, heldout, s, progress=progress)
         timings["deactivation"] = time.perf_counter() - t0
 
@@ -591,6 +816,7 @@ def calibrate(model, tok, name: str, settings: CalibrationSettings | None = None
         "seconds": round(timings["total"], 1),
         "timings": {k: round(v, 1) for k, v in timings.items()},
         "tokens_decoded": gen.tokens_decoded,
+        "texts_resumed": gen.resumed,
         "heldout_kept": result.heldout.kept if result.heldout else 0,
         "heldout_generated": result.heldout.generated if result.heldout else 0,
         "deactivation": result.deactivation,
@@ -613,6 +839,6 @@ def settings_dict(s: CalibrationSettings) -> dict:
 
 __all__ = [
     "CalibrationError", "CalibrationResult", "CalibrationSettings", "OnsetWindowStats", "RepetitiveText",
-    "calibrate", "collect_onset_stats", "deactivation_test", "generate_repetitive_texts", "loop_rate",
+    "TextDecision", "TextJournal", "calibrate", "collect_onset_stats", "deactivation_test", "generate_repetitive_texts", "loop_rate",
     "parse_select", "zeroed",
 ]
