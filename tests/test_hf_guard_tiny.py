@@ -194,6 +194,8 @@ def test_bad_settings_are_refused():
         guard(model, random_map(model), {"k": 10_000})
     with pytest.raises(ConfigError, match="layers"):
         guard(model, random_map(model), {"layers": [5]})
+    with pytest.raises(ConfigError, match="neuron_map: expected a NeuronMap"):
+        guard(model, 3)
 
 
 def test_custom_generate_reads_settings_from_the_generation_config():

@@ -25,7 +25,9 @@ from serve_support import make_random_map, make_tiny_model
 CASES: Counter = Counter()
 STATUSES: Counter = Counter()
 SCALE = float(os.environ.get("REPGUARD_FUZZ_SCALE", "1"))
-MIN_CASES = int(1000 * SCALE)
+# >= 1000 cases in all: each test checks its own share, so either passes or fails alone, in any order.
+MIN_SCHEMA_CASES = int(560 * SCALE)  # 588 seen (derandomized)
+MIN_MUTATED_CASES = int(440 * SCALE)  # 480 planned
 
 
 def _runs(n: int) -> int:
@@ -114,6 +116,7 @@ def test_no_server_errors(fuzz_app):
     operations = [result.ok() for result in schema.get_all_operations()]
     assert {f"{op.method.upper()} {op.path}" for op in operations} >= {"POST /v1/completions",
                                                                         "POST /v1/chat/completions"}
+    cases, statuses = CASES.copy(), STATUSES.copy()
     for op in operations:
         body_op = op.method.upper() == "POST"
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
@@ -129,6 +132,11 @@ def test_no_server_errors(fuzz_app):
                 fuzz()
             except Unsatisfiable:  # no negative case exists for an operation without inputs
                 assert mode is GenerationMode.NEGATIVE and not body_op
+    cases, statuses = CASES - cases, STATUSES - statuses
+    print(f"schemathesis cases: {sum(cases.values())} {dict(cases)}; statuses {dict(statuses)}")
+    assert sum(cases.values()) >= MIN_SCHEMA_CASES, dict(cases)
+    assert cases["POST /v1/completions"] >= 100 and cases["POST /v1/chat/completions"] >= 100, dict(cases)
+    assert statuses[200] >= 50, dict(statuses)  # the fuzzer reached generation, not only validation
 
 
 def test_surrogates_and_non_finite_numbers(fuzz_app):
@@ -136,6 +144,7 @@ def test_surrogates_and_non_finite_numbers(fuzz_app):
     schema = schemathesis.openapi.from_asgi("/openapi.json", fuzz_app)
     operations = [r.ok() for r in schema.get_all_operations() if r.ok().method.upper() == "POST"]
     assert len(operations) == 2
+    cases = CASES.copy()
     with TestClient(fuzz_app) as client:
         for op in operations:
 
@@ -153,16 +162,9 @@ def test_surrogates_and_non_finite_numbers(fuzz_app):
                 _check_response(response.status_code, response.headers.get("content-type", ""), response.text, raw)
 
             fuzz()
-
-
-def test_fuzzed_at_least_1000_cases(fuzz_app):
-    if not CASES:
-        pytest.skip("counts the cases of test_no_server_errors: run the module")
-    print(f"schemathesis cases: {sum(CASES.values())} {dict(CASES)}; statuses {dict(STATUSES)}")
-    assert sum(CASES.values()) >= MIN_CASES, dict(CASES)
-    assert CASES["POST /v1/completions"] >= 100 and CASES["POST /v1/chat/completions"] >= 100, dict(CASES)
-    assert CASES["mutated /v1/completions"] >= 100 and CASES["mutated /v1/chat/completions"] >= 100, dict(CASES)
-    assert STATUSES[200] >= 50, dict(STATUSES)  # the fuzzer reached generation, not only validation
+    cases = CASES - cases
+    assert sum(cases.values()) >= MIN_MUTATED_CASES, dict(cases)
+    assert cases["mutated /v1/completions"] >= 100 and cases["mutated /v1/chat/completions"] >= 100, dict(cases)
 
 
 def test_schema_names_the_served_model(fuzz_app):

@@ -67,6 +67,9 @@ class Guard:
             neuron_map = None
         elif neuron_map is None or isinstance(neuron_map, str):
             neuron_map = find_map(neuron_map or self.model_name)
+        if neuron_map is not None and not isinstance(neuron_map, NeuronMap):
+            raise ConfigError(f"neuron_map: expected a NeuronMap, a path or map name, None (the shipped map) or False "
+                              f"(no map), got {type(neuron_map).__name__}")
         if neuron_map is None:
             pass
         elif check_model:
