@@ -175,8 +175,14 @@ def test_non_finite_mistyped_or_out_of_model_values_are_refused(client, body, pa
 
 
 def test_the_refused_values_work_when_valid(client):
-    ok = {"prompt": "x", "max_tokens": 2, "repguard": {"layers": [1], "k": 3, "monitor_gate": 0.5, "penalty_max": 10}}
+    ok = {"prompt": "x", "max_tokens": 2, "repguard": {"layers": [1], "k": 3, "penalty_max": 10}}
     assert client.post("/v1/completions", json=ok).status_code == 200
+    # the neuron monitor's gate runs in the single pass only: rollback watches generated tokens
+    gated = {**ok, "repguard": {**ok["repguard"], "monitor_gate": 0.5}}
+    err = _err(client.post("/v1/completions", json=gated), 400, "repguard")
+    assert "monitor_gate" in err["message"] and '"rollback": false' in err["message"], err
+    gated["repguard"]["rollback"] = False
+    assert client.post("/v1/completions", json=gated).status_code == 200
 
 
 def test_a_non_finite_number_never_reaches_the_json(tiny, tmp_path):

@@ -31,8 +31,12 @@ def add_parser(sub) -> None:
     p.add_argument("--default-max-tokens", type=int)
     p.add_argument("--max-body-bytes", type=int)
     p.add_argument("--drain-timeout-s", type=float)
-    p.add_argument("--rollback", help="rollback settings for --upstream: a JSON object of RollbackConfig fields "
-                   "(max_rollbacks, holdback, precise_trigger)")
+    p.add_argument("--rollback", help="rollback settings of guarded requests: a JSON object of RollbackConfig fields "
+                   "(enabled, max_rollbacks, holdback, precise_trigger); {\"enabled\": false}: the single pass")
+    p.add_argument("--holdback", type=int, help="streaming: tokens held back before they are sent, so a rollback "
+                   "never retracts sent text (default: the paper window + n-gram; overrides --rollback's)")
+    p.add_argument("--rebatch-steps", type=int, help="embedded: a running batch takes waiting rows in after this many "
+                   "steps (0: a batch runs to its end; default 16)")
     p.add_argument("--upstream", metavar="URL", help="guard an existing vLLM OpenAI server at URL instead of "
                    "loading a model (its /v1 routes are forwarded, rolled back on a loop)")
     p.add_argument("--upstream-tokenizer", metavar="PATH", help="local folder with the upstream model's tokenizer "
@@ -150,18 +154,20 @@ def run(args) -> int:
     require("uvicorn", "serve")
     fields = ("model", "served_model_name", "neuron_map", "dtype", "threads", "host", "port", "api_key",
               "auth_metrics", "auth_health", "max_batch_size", "max_queue", "batch_wait_ms", "max_tokens_limit",
-              "default_max_tokens", "max_body_bytes", "drain_timeout_s", "upstream", "upstream_tokenizer",
+              "default_max_tokens", "max_body_bytes", "drain_timeout_s", "rebatch_steps", "upstream", "upstream_tokenizer",
               "upstream_api_key", "upstream_timeout_s", "upstream_wait_s")
     cli = {f: getattr(args, f) for f in fields}
     cli["guard"] = _guard_arg(args.guard)
     cli["rollback"] = _json_arg("--rollback", args.rollback)
+    if args.holdback is not None:
+        cli["rollback"] = {**(cli["rollback"] or {}), "holdback": args.holdback}
     cli["upstream_neuron_step"] = {"on": True, "off": False, "auto": None, None: None}[args.upstream_neuron_step]
     from ..serve.settings import load_settings
 
     settings = load_settings(cli, config_file=args.config)
     if settings.upstream:
         embedded_only = ("model", "served_model_name", "neuron_map", "dtype", "threads", "max_batch_size",
-                         "max_queue", "batch_wait_ms", "default_max_tokens")
+                         "max_queue", "batch_wait_ms", "default_max_tokens", "rebatch_steps")
         given = [f for f in embedded_only if cli.get(f) is not None]
         if given:
             from ..errors import ConfigError

@@ -48,6 +48,7 @@ def build_engine(settings: ServeSettings) -> Engine:
     return Engine(
         model, tokenizer, guard, served, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
         batch_wait_s=settings.batch_wait_ms / 1000.0, default_guard=settings.guard_config(),
+        rollback=settings.rollback, rebatch_steps=settings.rebatch_steps,
     ).start()
 
 

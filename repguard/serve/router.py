@@ -28,6 +28,8 @@ from fastapi.routing import APIRoute
 
 from .. import metrics
 from ..config import GuardConfig
+from ..errors import ConfigError
+from ..request_guard import check_request_config
 from .engine import Engine, EngineBusy, EngineDraining, GenerationRequest
 from .schemas import ChatCompletionRequest, CompletionRequest
 from .settings import ServeSettings
@@ -217,8 +219,15 @@ def build_router(engine: Engine, settings: ServeSettings | None = None) -> APIRo
             raise APIError(404, f"the model '{model_id}' does not exist", param="model", code="model_not_found")
         return model_card()
 
-    def check_guard(cfg: GuardConfig | None) -> None:
-        """Settings that validate alone but cannot work on this model (they would guard nothing)."""
+    def check_guard(cfg: GuardConfig | None, rollback: bool | None) -> None:
+        """Settings that validate alone but cannot work on this model (they would guard nothing), or that
+        rollback cannot run (it watches generated tokens only)."""
+        if engine.uses_rollback(cfg, rollback):
+            try:
+                check_request_config(cfg or engine.default_guard)
+            except ConfigError as exc:
+                raise APIError(400, f"repguard.{exc} (or send \"rollback\": false for the single pass)",
+                               param="repguard", code="invalid_value") from None
         if cfg is None:
             return
         if cfg.layers is not None and max(cfg.layers) >= engine.num_layers:
@@ -232,7 +241,7 @@ def build_router(engine: Engine, settings: ServeSettings | None = None) -> APIRo
         if body.model is not None and body.model != name:
             raise APIError(404, f"the model '{body.model}' does not exist; this server serves '{name}'",
                            param="model", code="model_not_found")
-        check_guard(body.repguard)
+        check_guard(body.repguard, body.rollback)
         max_tokens = max_tokens if max_tokens is not None else settings.default_max_tokens
         if max_tokens > settings.max_tokens_limit:
             raise APIError(400, f"max_tokens: {max_tokens} exceeds this server's limit of {settings.max_tokens_limit}",
@@ -256,7 +265,7 @@ def build_router(engine: Engine, settings: ServeSettings | None = None) -> APIRo
     def admit(body, prompts: list[list[int]], max_tokens: int) -> GenerationRequest:
         req = GenerationRequest(
             prompts=prompts, n=body.n, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-            seed=body.seed, stop=body.stop, guard_config=body.repguard,
+            seed=body.seed, stop=body.stop, guard_config=body.repguard, rollback=body.rollback, holdback=body.holdback,
         )
         try:
             engine.submit(req)

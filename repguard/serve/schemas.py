@@ -1,7 +1,8 @@
 """OpenAI-compatible request bodies, strict: unknown fields and wrong types are rejected (400).
 
 The ``repguard`` body field takes the fields of ``GuardConfig`` (plus ``preset``), validated by the
-same code as everywhere else in repguard. Responses are plain dicts built in ``router.py``: every
+same code as everywhere else in repguard, and two of the request's rollback: ``rollback`` (false: the
+single pass) and ``holdback`` (streaming: tokens held back before they are sent). Responses are plain dicts built in ``router.py``: every
 choice carries a ``repguard`` object with the guard's report.
 """
 
@@ -9,13 +10,24 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from ..config import GuardConfig
 
 MAX_STOP = 4
 MAX_STOP_CHARS = 256
 MAX_SEED = 2**63 - 1
+MAX_HOLDBACK = 100_000
+ROLLBACK_FIELDS = ("rollback", "holdback")  # the request's rollback settings, beside GuardConfig's fields
+
+
+def _refuse(cls, name: str, message: str, data: Any):
+    """A validation error at ``repguard.<name>`` (the router answers it as a 400 naming the field)."""
+    error = PydanticCustomError("value_error", "{message}", {"message": message})
+    raise ValidationError.from_exception_data(cls.__name__, [InitErrorDetails(type=error, loc=("repguard", name),
+                                                                              input=data)])
 
 
 class _Strict(BaseModel):
@@ -38,8 +50,41 @@ class _GenerationParams(_Strict):
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
     repguard: GuardConfig | None = Field(
-        None, description="Guard settings for this request: GuardConfig fields, or {'preset': 'monitor'|'off'|...}."
+        None, description="Guard settings for this request: GuardConfig fields, or {'preset': 'monitor'|'off'|...}, "
+        "plus 'rollback' (false: the single pass) and 'holdback' (streaming: tokens held back, 0 to 100000)."
     )
+    _rollback: bool | None = PrivateAttr(None)
+    _holdback: int | None = PrivateAttr(None)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _rollback_settings(cls, data: Any, handler):
+        """Take ``rollback`` and ``holdback`` out of the ``repguard`` object before GuardConfig sees it."""
+        found: dict[str, Any] = {}
+        if isinstance(data, dict) and isinstance(data.get("repguard"), dict):
+            raw = dict(data["repguard"])
+            found = {k: raw.pop(k) for k in ROLLBACK_FIELDS if k in raw}
+            data = {**data, "repguard": raw}
+        rollback, holdback = found.get("rollback"), found.get("holdback")
+        if rollback is not None and not isinstance(rollback, bool):
+            _refuse(cls, "rollback", f"expected true or false, got {rollback!r}", data)
+        if holdback is not None and (isinstance(holdback, bool) or not isinstance(holdback, int)
+                                     or not 0 <= holdback <= MAX_HOLDBACK):
+            _refuse(cls, "holdback", f"expected an integer from 0 to {MAX_HOLDBACK} (tokens held back while "
+                    f"streaming), got {holdback!r}", data)
+        model = handler(data)
+        model._rollback, model._holdback = rollback, holdback
+        return model
+
+    @property
+    def rollback(self) -> bool | None:
+        """The request's ``repguard.rollback`` (None: the server's setting)."""
+        return self._rollback
+
+    @property
+    def holdback(self) -> int | None:
+        """The request's ``repguard.holdback`` (None: the server's setting)."""
+        return self._holdback
 
     @field_validator("temperature", "top_p", mode="before")
     @classmethod

@@ -49,8 +49,10 @@ class ServeSettings(BaseModel):
     max_body_bytes: int = Field(1_000_000, ge=1024, le=1_000_000_000)
     drain_timeout_s: float = Field(60.0, ge=0.0, le=3600.0, description="SIGTERM: how long in-flight requests may finish.")
     log_level: str = Field("info", pattern="^(critical|error|warning|info|debug)$")
-    rollback: dict[str, Any] = Field(default_factory=dict, description="RollbackConfig fields (max_rollbacks, holdback, ...) "
-                                     "for the request-level rollback of --upstream.")
+    rollback: dict[str, Any] = Field(default_factory=dict, description="RollbackConfig fields (enabled, max_rollbacks, "
+                                     "holdback, ...) of guarded requests, embedded or --upstream.")
+    rebatch_steps: int = Field(16, ge=0, le=100000, description="Embedded: a running batch takes waiting rows in after "
+                               "this many steps, by re-batching its unfinished rows (0: a batch runs to its end).")
 
     # -- in front of an existing vLLM OpenAI server (``--upstream``; the embedded model is then not loaded) --
     upstream: str | None = Field(None, description="Base URL of a vLLM OpenAI server to guard (http://host:port).")
