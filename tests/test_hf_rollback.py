@@ -106,3 +106,56 @@ def test_rollback_without_a_neuron_map_is_token_level_and_ends_loops():
         else:
             assert out.rollbacks[i] >= 1 and out.sequences[i][: rep.p2] == row[: rep.p2]
     assert all(r.max_neuron_score is None for r in out.reports), "no neuron score without a map"
+
+
+def _engine_run(model, prompt: list[int], rg) -> list[int]:
+    """Drive the request-level guard with ``model.generate`` as its engine (greedy, one row, no padding)."""
+    from transformers import LogitsProcessorList
+
+    class FirstBias:
+        def __init__(self, bias, start):
+            self.bias, self.start = bias, start
+
+        def __call__(self, input_ids, scores):
+            if self.bias and input_ids.shape[1] == self.start:
+                scores = scores.clone()
+                for t, b in self.bias.items():
+                    scores[0, t] += b
+            return scores
+
+    while (sub := rg.next_submission()) is not None:
+        ids = torch.tensor([prompt + list(sub.generated)])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=sub.max_tokens,
+                             do_sample=False, pad_token_id=0,
+                             logits_processor=LogitsProcessorList([FirstBias(sub.bias, ids.shape[1])]))
+        rg.feed_output(sub, out[0, ids.shape[1]:].tolist(), "length")
+    return rg.tokens
+
+
+def test_the_re_decode_repair_gives_the_same_tokens_in_transformers_and_at_the_request_level():
+    """One policy, two adapters: transformers subtracts the repeat penalty from the logits at every step; the
+    request-level guard resubmits only where the engine picked a penalised token. Under greedy decoding both
+    give the same tokens, and both differ from banning only the loop's next token."""
+    from repguard.request_guard import RequestGuard
+    from repguard.rollback import RollbackPolicy
+
+    model = tiny_model()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 256, (6, 6), generator=g)
+    plain = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False,
+                           pad_token_id=0)[:, 6:]
+    looping = [i for i, r in enumerate(plain) if find_repetition(r.tolist()) is not None]
+    assert looping, "the seeded prompts include a looping one"
+    compared = 0
+    for i in looping[:2]:
+        row = ids[i : i + 1]
+        hf = generate_with_rollback(model, row, torch.ones_like(row), neuron_map=False, max_new_tokens=NEW,
+                                    do_sample=False, pad_token_id=0)
+        ban_only = generate_with_rollback(model, row, torch.ones_like(row), neuron_map=False, max_new_tokens=NEW,
+                                          do_sample=False, pad_token_id=0, repair={"repair_multiplier": 0.0})
+        rg = RequestGuard(RollbackPolicy(), max_new_tokens=NEW, greedy=True)
+        assert hf.rollbacks[0] >= 1
+        assert _engine_run(model, row[0].tolist(), rg) == hf.sequences[0]
+        assert rg.rollbacks == hf.rollbacks[0]
+        compared += hf.sequences[0] != ban_only.sequences[0]
+    assert compared >= 1, "the repair changed at least one re-decode"
