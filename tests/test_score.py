@@ -1,9 +1,10 @@
-"""The paper's score (pooled mean after onset - pooled mean before) on synthetic activations."""
+"""The paper's score (pooled mean after onset - pooled mean before) on synthetic activations: core arithmetic,
+tested without transformers."""
 
 import pytest
 import torch
 
-from repguard.hf.calibrate import CalibrationSettings, OnsetWindowStats, _top_set, parse_select
+from repguard.calibration import CalibrationSettings, OnsetWindowStats, parse_select, top_set
 from repguard.errors import ConfigError
 
 
@@ -28,7 +29,7 @@ def test_step_neuron_scores_the_size_of_its_step_and_constant_neurons_zero():
     assert score[1, 2].item() == pytest.approx(2.5)
     assert score[1, 3].item() == pytest.approx(-1.0)
     assert score[0, 0].item() == pytest.approx(0.0)
-    assert _top_set(score, 3) == {(1, 2)}  # negative and zero scores are never selected
+    assert top_set(score, 3) == {(1, 2)}  # negative and zero scores are never selected
 
 
 def test_windows_are_context_tokens_before_and_after_the_onset_only():
@@ -96,3 +97,36 @@ def test_select_parsing_and_validation():
         CalibrationSettings(select=1.5)
     with pytest.raises(ConfigError, match="num_texts"):
         CalibrationSettings(num_texts=1)
+
+
+def test_selection_counts_cover_the_selection_the_store_and_every_deactivation_fraction():
+    from repguard.calibration import selection_counts
+
+    total = 30 * 1536  # smollm2-135m
+    assert selection_counts(CalibrationSettings(), total) == (230, 922)  # 0.5% selected, 2% stored
+    wide = CalibrationSettings(store=0.001, deactivation_fractions=(0.05,))
+    assert selection_counts(wide, total) == (230, 2304)  # the 5% deactivation test needs 5% stored
+    assert selection_counts(CalibrationSettings(select=50, store=1.0), 40) == (40, 40)  # capped at the total
+
+
+def test_split_half_stability_is_the_jaccard_index_of_the_halves_top_sets():
+    from repguard.calibration import split_half_jaccard
+
+    T, s = 12, 6
+    a, b = torch.zeros(T, 1, 4), torch.zeros(T, 1, 4)
+    a[s:, 0, 0] = a[s:, 0, 1] = 1.0  # half 0 ranks neurons 0 and 1 first
+    b[s:, 0, 1] = b[s:, 0, 2] = 1.0  # half 1 ranks neurons 1 and 2 first
+    assert split_half_jaccard(_stats([a, b], [s, s], [T, T], halves=[0, 1]), 2) == 0.3333  # 1 of 3, to 4 places
+    assert split_half_jaccard(_stats([a, a.clone()], [s, s], [T, T], halves=[0, 1]), 2) == 1.0
+
+
+def test_the_random_control_is_fixed_by_the_seed_and_lies_inside_the_model():
+    from repguard.calibration import random_control
+
+    layer, neuron = random_control(3, 4 * 16, 20, 16)
+    again = random_control(3, 4 * 16, 20, 16)
+    other = random_control(4, 4 * 16, 20, 16)
+    assert torch.equal(layer, again[0]) and torch.equal(neuron, again[1])
+    assert not (torch.equal(layer, other[0]) and torch.equal(neuron, other[1]))
+    pairs = set(zip(layer.tolist(), neuron.tolist()))
+    assert len(pairs) == 20 and all(0 <= li < 4 and 0 <= n < 16 for li, n in pairs)

@@ -18,143 +18,40 @@ holds the 30 tokens after its onset (activations are causal: later tokens change
 
 Each text's sampled prefix uses its own random stream, seeded from (seed, text index), so the same seed
 and dtype give the same texts and the same map; the batch size can only matter through floating-point
-differences between batched matrix products.
+differences between batched matrix products. That also makes a stopped run resumable: every text's
+decision goes to a journal (``repguard.calibration.TextJournal``) as soon as it is final, and a resumed
+run generates only the texts the journal lacks.
+
+This module drives the model (generation, the activation pass, the deactivation test, their hooks);
+the settings, the records, the journal and the score's arithmetic are framework-free, in
+``repguard.calibration``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
 
+from ..calibration import (
+    HELDOUT_OFFSET, CalibrationError, CalibrationSettings, GenerationStats, OnsetWindowStats, ProgressLog,
+    RepetitiveText, TextDecision, TextJournal, parse_select, random_control, selection_counts, split_half_jaccard,
+    top_set,
+)
 from ..detect import LoopDetector, Repetition
-from ..errors import ConfigError, RepGuardError
-from ..neuron_map import CalibrationInfo, NeuronMap, jaccard, map_from_scores
+from ..neuron_map import CalibrationInfo, NeuronMap, map_from_scores
 from .introspect import act_modules, arch_of, fingerprint, shape_of
 from .models import input_device
 
 log = logging.getLogger("repguard")
 
-HELDOUT_OFFSET = 1 << 30  # text indexes of held-out texts: a random stream disjoint from calibration's
-
-
-class CalibrationError(RepGuardError):
-    """Calibration could not produce a map (for example: no text qualified)."""
-
-
-@dataclass(frozen=True)
-class CalibrationSettings:
-    """Parameters of one calibration run; the defaults are the paper's."""
-
-    num_texts: int = 256  # kept (qualifying) texts to collect
-    max_generated: int | None = None  # cap on generated texts (default: 16 x num_texts)
-    seed: int = 0
-    batch_size: int = 64
-    activation_batch_size: int = 32
-    prompt_tokens: int = 10
-    greedy_tokens: int = 200
-    min_second_occurrence: int = 50
-    context: int = 30
-    ngram: int = 10
-    window: int = 100
-    min_count: int = 3
-    select: float | int = 0.005  # a float in (0, 1] is a fraction of all neurons, an int a count
-    store: float = 0.02  # fraction of all neurons stored as candidates (for top(k) beyond the selection)
-    heldout_texts: int = 64  # kept held-out texts for the deactivation test (0: no test)
-    deactivation_fractions: tuple[float, ...] = (0.001, 0.005, 0.01)
-    deactivation_tokens: int = 160
-    early_stop: bool = True
-
-    def __post_init__(self) -> None:
-        def need(ok: bool, name: str, why: str) -> None:
-            if not ok:
-                raise ConfigError(f"calibration setting '{name}' {why} (got {getattr(self, name)!r})")
-
-        need(self.num_texts >= 2, "num_texts", "must be >= 2 (split-half stability needs two halves)")
-        need(self.max_generated is None or self.max_generated >= self.num_texts, "max_generated", "must be >= num_texts")
-        need(self.batch_size >= 1, "batch_size", "must be >= 1")
-        need(self.activation_batch_size >= 1, "activation_batch_size", "must be >= 1")
-        need(self.prompt_tokens >= 0, "prompt_tokens", "must be >= 0")
-        need(self.greedy_tokens >= 1, "greedy_tokens", "must be >= 1")
-        need(self.context >= 1, "context", "must be >= 1")
-        need(self.ngram >= 1 and self.window >= self.ngram, "window", "must be >= ngram >= 1")
-        need(self.min_count >= 3, "min_count", "must be >= 3")
-        if isinstance(self.select, bool) or not isinstance(self.select, (int, float)):
-            need(False, "select", "must be a count (int) or a fraction (float)")
-        if isinstance(self.select, float):
-            need(0.0 < self.select <= 1.0, "select", "as a fraction must be in (0, 1]")
-        else:
-            need(self.select >= 1, "select", "as a count must be >= 1")
-        need(0.0 < self.store <= 1.0, "store", "must be a fraction in (0, 1]")
-        need(self.heldout_texts >= 0, "heldout_texts", "must be >= 0")
-        need(all(0.0 < f <= 1.0 for f in self.deactivation_fractions), "deactivation_fractions", "must lie in (0, 1]")
-        need(self.deactivation_tokens >= 1, "deactivation_tokens", "must be >= 1")
-
-    @property
-    def generation_cap(self) -> int:
-        return self.max_generated if self.max_generated is not None else 16 * self.num_texts
-
-    def count(self, total: int) -> int:
-        """Number of neurons selected out of ``total``."""
-        if isinstance(self.select, float):
-            return max(1, round(self.select * total))
-        return min(int(self.select), total)
-
-
-def parse_select(text: str) -> float | int:
-    """``"0.5%"`` or ``"0.005"`` -> fraction 0.005; ``"230"`` -> count 230."""
-    text = text.strip()
-    try:
-        if text.endswith("%"):
-            return float(text[:-1]) / 100.0
-        if any(c in text for c in ".eE"):
-            return float(text)
-        return int(text)
-    except ValueError:
-        raise ConfigError(f"--select must be a count (230) or a fraction (0.5% or 0.005), got {text!r}") from None
-
 
 # -- repetitive texts ------------------------------------------------------------------------------
-
-
-@dataclass
-class RepetitiveText:
-    """A generated text with the paper's detector's first hit on it. ``ids`` may stop early (see the module doc)."""
-
-    index: int
-    ids: list[int]
-    repetition: Repetition  # positions index ``ids`` (BOS at 0)
-
-    @property
-    def onset(self) -> int:
-        return self.repetition.onset
-
-
-@dataclass
-class GenerationStats:
-    generated: int = 0
-    with_repeat: int = 0
-    kept: int = 0
-    tokens_decoded: int = 0
-    seconds: float = 0.0
-    resumed: int = 0  # texts whose decision was read back from the journal instead of generated
-
-
-@dataclass(frozen=True)
-class TextDecision:
-    """What generating one text decided, final as soon as it is known (one journal line)."""
-
-    index: int
-    with_repeat: bool
-    tokens_decoded: int
-    text: RepetitiveText | None  # the kept text, or None
 
 
 def _text_generator(seed: int, index: int) -> torch.Generator:
@@ -268,75 +165,6 @@ def _generate_batch(model, bos: int, eos: set[int], indexes: Sequence[int], s: C
         decide(r)
 
 
-class TextJournal:
-    """Every text's decision as one JSON line, appended the moment it is final, so a stopped calibration
-    resumes where it stopped: a resumed run reads the decisions back and generates only the texts it lacks.
-
-    The first line records what decides the texts (model identity and dtype, seed, lengths, detector); a
-    journal written with anything else is refused rather than mixed in. A last line cut short by a kill
-    is ignored (that text is generated again)."""
-
-    FORMAT = "repguard-calibration-texts/1"
-
-    def __init__(self, path: str | os.PathLike, header: dict, resume: bool = True) -> None:
-        self.path = Path(path)
-        self.header = {"format": self.FORMAT, **header}
-        self.decisions: dict[str, dict[int, TextDecision]] = {}
-        if resume and self.path.is_file() and self.path.stat().st_size:
-            self._read()
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(json.dumps(self.header) + "\n")
-        self._file = self.path.open("a")
-
-    def _read(self) -> None:
-        lines = self.path.read_text().splitlines()
-        try:
-            header = json.loads(lines[0])
-        except ValueError:
-            header = None
-        if header != self.header:
-            differ = sorted(k for k in set(self.header) | set(header or {})
-                            if (header or {}).get(k) != self.header.get(k)) if isinstance(header, dict) else ["format"]
-            raise CalibrationError(
-                f"{self.path}: this journal of calibration texts was written for another run (differs in: "
-                f"{', '.join(differ)}); delete it, write another journal (--journal PATH), or start over (--no-resume)"
-            )
-        good = len(lines) - 1
-        for number, line in enumerate(lines[1:], start=2):
-            try:
-                d = json.loads(line)
-                rep = d.get("repetition")
-                text = RepetitiveText(d["index"], d["ids"], Repetition(tuple(rep["ngram"]), rep["p1"], rep["p2"],
-                                                                       rep["p3"])) if rep else None
-                decision = TextDecision(int(d["index"]), bool(d["with_repeat"]), int(d["tokens"]), text)
-            except (ValueError, KeyError, TypeError):
-                if number == len(lines):  # a line cut short when the run was stopped
-                    good -= 1
-                    break
-                raise CalibrationError(f"{self.path}: line {number} is not a calibration text record") from None
-            self.decisions.setdefault(d["stream"], {})[decision.index] = decision
-        if good < len(lines) - 1:  # drop the torn line, so new lines start on a line of their own
-            self.path.write_text("\n".join(lines[:-1]) + "\n")
-
-    def done(self, stream: str) -> dict[int, TextDecision]:
-        return self.decisions.setdefault(stream, {})
-
-    def record(self, stream: str, decision: TextDecision) -> None:
-        t = decision.text
-        line = {"stream": stream, "index": decision.index, "with_repeat": decision.with_repeat,
-                "tokens": decision.tokens_decoded}
-        if t is not None:
-            r = t.repetition
-            line.update(ids=t.ids, repetition={"ngram": list(r.ngram), "p1": r.p1, "p2": r.p2, "p3": r.p3})
-        self._file.write(json.dumps(line) + "\n")
-        self._file.flush()
-        self.done(stream)[decision.index] = decision
-
-    def close(self) -> None:
-        self._file.close()
-
-
 def journal_header(model, tok, name: str, settings: CalibrationSettings) -> dict:
     """What decides the texts: a journal is resumed only by a run that would generate the same ones."""
     s = settings
@@ -348,65 +176,6 @@ def journal_header(model, tok, name: str, settings: CalibrationSettings) -> dict
         **{k: getattr(s, k) for k in ("seed", "prompt_tokens", "greedy_tokens", "min_second_occurrence", "context",
                                       "ngram", "window", "min_count", "early_stop")},
     }
-
-
-class _ProgressLog:
-    """INFO lines while texts are generated (kept/generated, kept rate, speed, time left), at most one per
-    ``every`` seconds; and one early warning when the kept rate so far cannot reach the requested count."""
-
-    def __init__(self, desc: str, count: int, cap: int, every: float, done: dict[int, TextDecision]) -> None:
-        self.desc, self.count, self.cap, self.every = desc, count, cap, every
-        self.t0 = self.last = time.perf_counter()
-        self.generated = len(done)
-        self.kept = sum(d.text is not None for d in done.values())
-        self.start_kept, self.tokens = self.kept, 0
-        self.warned = False
-
-    def add(self, d: TextDecision) -> None:
-        self.generated += 1
-        self.kept += d.text is not None
-        self.tokens += d.tokens_decoded
-        self.check_rate()
-        if time.perf_counter() - self.last >= self.every:
-            self.log()
-
-    def check_rate(self) -> None:
-        if self.warned or self.generated < min(self.cap, 32) or self.kept >= self.count:
-            return
-        rate = self.kept / self.generated
-        expected = self.kept + rate * (self.cap - self.generated)
-        if expected < self.count:
-            self.warned = True
-            log.warning(
-                "%s: only %d of %d generated texts qualified so far (%.1f%% kept); at that rate the cap of %d "
-                "generated texts (max_generated, --max-generated) gives about %d kept texts, fewer than the %d "
-                "requested (num_texts, --num-texts): raise the cap, lower the count, or check that the model "
-                "loops under greedy decoding", self.desc, self.kept, self.generated, 100 * rate, self.cap,
-                int(expected), self.count,
-            )
-
-    def log(self) -> None:
-        now = time.perf_counter()
-        self.last = now
-        elapsed = max(now - self.t0, 1e-9)
-        new_kept = self.kept - self.start_kept
-        if self.kept >= self.count:
-            left = "done"
-        elif new_kept > 0:
-            left = f"about {_duration((self.count - self.kept) * elapsed / new_kept)} left"
-        else:
-            left = "time left unknown (no text kept yet)"
-        log.info("%s: kept %d/%d texts of %d generated (%.1f%% kept), %.0f tok/s, %s", self.desc,
-                 min(self.kept, self.count), self.count, self.generated, 100 * self.kept / max(1, self.generated),
-                 self.tokens / elapsed, left)
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def generate_repetitive_texts(model, tok, settings: CalibrationSettings, count: int, first_index: int = 0,
@@ -453,7 +222,7 @@ def generate_repetitive_texts(model, tok, settings: CalibrationSettings, count: 
     if done:
         log.info("%s: resuming from %s: %d texts already decided (%d kept)", desc, journal.path, len(done),
                  sum(d.text is not None for d in done.values()))
-    plog = _ProgressLog(desc, count, cap, log_every, done)
+    plog = ProgressLog(desc, count, cap, log_every, done)
     bar = _progress(count, desc, progress)
     bar.update(min(first_stats.kept, count))
 
@@ -488,61 +257,6 @@ def generate_repetitive_texts(model, tok, settings: CalibrationSettings, count: 
 
 
 # -- activations around the onset -------------------------------------------------------------------
-
-
-class OnsetWindowStats:
-    """Float64 sums of activations at each position relative to the onset, per split half.
-
-    Relative positions run from ``-context`` to ``+context``: ``[-context, 0)`` is the paper's
-    ``before`` window, ``[0, context)`` its ``after`` window, ``+context`` is kept for the profile plot.
-    Memory: 2 x (2 context + 1) x layers x width doubles, whatever the number of texts.
-    """
-
-    def __init__(self, num_layers: int, width: int, context: int = 30) -> None:
-        self.num_layers, self.width, self.context = num_layers, width, context
-        w = 2 * context + 1
-        self.sums = torch.zeros(2, w, num_layers, width, dtype=torch.float64)
-        self.counts = torch.zeros(2, w, num_layers, dtype=torch.float64)
-        self.sumsq = torch.zeros(2, 2, num_layers, width, dtype=torch.float64)  # [half, before/after]
-
-    def add(self, layer: int, acts: torch.Tensor, onsets: Sequence[int], lengths: Sequence[int],
-            halves: Sequence[int]) -> None:
-        """Add one layer's activations ``acts`` [batch, time, width] of texts with these onsets."""
-        c = self.context
-        rel = torch.arange(-c, c + 1)
-        pos = torch.as_tensor(list(onsets)).unsqueeze(1) + rel  # [batch, 2c + 1]
-        valid = (pos >= 0) & (pos < torch.as_tensor(list(lengths)).unsqueeze(1)) & (pos < acts.shape[1])
-        idx = pos.clamp(0, acts.shape[1] - 1).unsqueeze(-1).expand(-1, -1, acts.shape[2])
-        got = acts.detach().gather(1, idx.to(acts.device)).cpu().double() * valid.unsqueeze(-1)
-        halves_t = torch.as_tensor(list(halves))
-        for h in (0, 1):
-            rows = halves_t == h
-            if not bool(rows.any()):
-                continue
-            g = got[rows]
-            self.sums[h, :, layer] += g.sum(0)
-            self.counts[h, :, layer] += valid[rows].sum(0).double()
-            self.sumsq[h, 0, layer] += g[:, :c].square().sum((0, 1))
-            self.sumsq[h, 1, layer] += g[:, c : 2 * c].square().sum((0, 1))
-
-    def pooled(self, halves: Sequence[int] = (0, 1)) -> dict[str, torch.Tensor]:
-        """The paper's score and the per-neuron mean/std before and after onset, [layers, width] each."""
-        c = self.context
-        h = list(halves)
-        sums, counts, sumsq = self.sums[h].sum(0), self.counts[h].sum(0), self.sumsq[h].sum(0)
-        n_before = counts[:c].sum(0).clamp(min=1).unsqueeze(-1)  # [layers, 1]
-        n_after = counts[c : 2 * c].sum(0).clamp(min=1).unsqueeze(-1)
-        mean_b, mean_a = sums[:c].sum(0) / n_before, sums[c : 2 * c].sum(0) / n_after
-        std_b = (sumsq[0] / n_before - mean_b.square()).clamp(min=0).sqrt()
-        std_a = (sumsq[1] / n_after - mean_a.square()).clamp(min=0).sqrt()
-        return {"score": mean_a - mean_b, "mean_before": mean_b, "std_before": std_b,
-                "mean_after": mean_a, "std_after": std_a}
-
-    def profile(self, layers: torch.Tensor, neurons: torch.Tensor) -> torch.Tensor:
-        """Mean activation at each relative position [-c..+c] for each given neuron: [neurons, 2c + 1]."""
-        sums = self.sums.sum(0)[:, layers.long(), neurons.long()]  # [w, k]
-        counts = self.counts.sum(0)[:, layers.long()].clamp(min=1)
-        return (sums / counts).T.contiguous()
 
 
 @contextmanager
@@ -656,6 +370,11 @@ def loop_rate(model, tok, prompts: Sequence[Sequence[int]], settings: Calibratio
             cache = DynamicCache()
             active = list(range(b))
             inp = ids
+            # Decoded by hand, like the texts above, rather than with ``model.generate``: a row leaves the batch
+            # (and its KV cache) the step the paper's detector fires on it or it ends, where ``generate`` would
+            # keep decoding it with padding, under the zeroing hook, until the slowest row is done; and the
+            # detector must see prompt + continuation token by token anyway, which ``generate`` offers only
+            # through a stopping criterion doing this same bookkeeping.
             for _ in range(settings.deactivation_tokens):
                 logits = model(input_ids=inp, attention_mask=mask, position_ids=positions, past_key_values=cache,
                                use_cache=True, logits_to_keep=1).logits[:, -1, :]
@@ -764,13 +483,9 @@ def _calibrate(model, tok, name: str, s: CalibrationSettings, progress: bool, dt
 
     t0 = time.perf_counter()
     pooled = stats.pooled()
-    num_selected = s.count(total)
-    num_stored = max(num_selected, round(s.store * total), *(round(f * total) for f in s.deactivation_fractions))
-    num_stored = min(num_stored, total)
-    top_a = _top_set(stats.pooled((0,))["score"], num_selected)
-    top_b = _top_set(stats.pooled((1,))["score"], num_selected)
-    split_half = round(jaccard(top_a, top_b), 4)
-    perm = torch.randperm(total, generator=torch.Generator().manual_seed(int(s.seed)))[:num_stored]
+    num_selected, num_stored = selection_counts(s, total)
+    split_half = split_half_jaccard(stats, num_selected)
+    random_layer, random_neuron = random_control(s.seed, total, num_stored, width)
     fp = fingerprint(model)
     info = CalibrationInfo(
         ngram=s.ngram, window=s.window, min_count=s.min_count, context=s.context, prompt_tokens=s.prompt_tokens,
@@ -784,8 +499,7 @@ def _calibrate(model, tok, name: str, s: CalibrationSettings, progress: bool, dt
         "model_name": name, "architecture": spec.family, "hook_point": spec.hook_point, "quantity": spec.computes,
         "fingerprint": fp.config, "split_half_jaccard": split_half, "calibration": info.model_dump(),
     }
-    extra = {"random_layer": (perm // width).to(torch.int32), "random_neuron": (perm % width).to(torch.int32),
-             "fingerprint_weights": fp.weights.float()}
+    extra = {"random_layer": random_layer, "random_neuron": random_neuron, "fingerprint_weights": fp.weights.float()}
     stat_mats = {k: v.float() for k, v in pooled.items() if k != "score"}
     nmap = map_from_scores(meta, pooled["score"].float(), stat_mats, num_selected, num_stored, extra)
     timings["score"] = time.perf_counter() - t0
@@ -825,20 +539,13 @@ def _calibrate(model, tok, name: str, s: CalibrationSettings, progress: bool, dt
     return result
 
 
-def _top_set(score: torch.Tensor, k: int) -> set[tuple[int, int]]:
-    flat = score.flatten()
-    order = torch.argsort(flat, descending=True, stable=True)[:k]
-    order = order[flat[order] > 0]
-    width = score.shape[1]
-    return {(int(i) // width, int(i) % width) for i in order}
-
-
 def settings_dict(s: CalibrationSettings) -> dict:
     return asdict(s)
 
 
-__all__ = [
-    "CalibrationError", "CalibrationResult", "CalibrationSettings", "OnsetWindowStats", "RepetitiveText",
-    "TextDecision", "TextJournal", "calibrate", "collect_onset_stats", "deactivation_test", "generate_repetitive_texts", "loop_rate",
-    "parse_select", "zeroed",
+__all__ = [  # the framework-free names are re-exported from repguard.calibration, where they live
+    "HELDOUT_OFFSET", "CalibrationError", "CalibrationResult", "CalibrationSettings", "GenerationStats",
+    "OnsetWindowStats", "RepetitiveText", "TextDecision", "TextJournal", "calibrate", "collect_onset_stats",
+    "deactivation_test", "generate_repetitive_texts", "journal_header", "loop_rate", "parse_select", "top_set",
+    "zeroed",
 ]

@@ -9,7 +9,8 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from .calibrate import CalibrationResult, CalibrationSettings
+from ..calibration import CalibrationSettings
+from .calibrate import CalibrationResult
 
 
 def _plt():
