@@ -28,8 +28,9 @@ def files(tmp_path_factory, tiny) -> dict[str, Path]:
     (d / "blank.txt").write_text("\n   \n\t\n\n")
     (d / "list.json").write_text("[1, 2]")
     (d / "a-file").write_text("x")
+    (d / "fake.gguf").write_text("not a GGUF file")
     return {"empty_config": empty_config, "binary": d / "binary.txt", "blank": d / "blank.txt",
-            "list": d / "list.json", "a_file": d / "a-file", "dir": d}
+            "list": d / "list.json", "a_file": d / "a-file", "fake_gguf": d / "fake.gguf", "dir": d}
 
 
 def _fails(capsys, argv: list[str], *names: str) -> str:
@@ -71,6 +72,10 @@ GENERATE = [
     (["--set", "k=100000"], "k"),
     (["--set", "penalty_max=Infinity"], "penalty_max"),
     (["--set", "nonsense"], "--set"),
+    (["--device", "tpu"], "--device"),
+    (["--device", "cuda:first"], "--device"),
+    (["--model", "{dir}/missing.gguf"], "--model"),
+    (["--model", "{fake_gguf}"], "--model"),
 ]
 
 
@@ -109,6 +114,8 @@ def test_calibrate_checks_out_and_store_before_any_work(capsys, tiny, files):
     _fails(capsys, [*base, "--out", out, "--select", "0"], "--select")
     _fails(capsys, [*base, "--out", out, "--batch-size", "0"], "--batch-size")
     _fails(capsys, ["calibrate", "--model", str(files["empty_config"]), "--out", out], "--model")
+    _fails(capsys, [*base, "--out", out, "--device", "gpu"], "--device")
+    _fails(capsys, [*base, "--out", out, "--journal", str(files["dir"])], "--journal", "directory")
     assert not Path(out).exists()
 
 

@@ -73,13 +73,16 @@ DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = "cpu, cuda, cuda:N or auto"
 
 
-def add_device_options(parser, dtype: bool = True) -> None:
-    """``--device`` (and ``--dtype``): the one definition every command that loads a model shares."""
-    parser.add_argument("--device", default="cpu",
+def add_device_options(parser, dtype: bool = True, default: str | None = "cpu") -> None:
+    """``--device`` (and ``--dtype``): the one definition every command that loads a model shares.
+
+    ``default=None`` leaves both unset when not given (for a command whose settings also come from the
+    environment or a file); check the value with ``device(flag, value)`` before loading the model."""
+    parser.add_argument("--device", default=default,
                         help=f"where the model runs: {DEVICES} (auto: device_map='auto', the model spread over the "
                         "visible GPUs by accelerate, on CPU where there is none) (default: cpu)")
     if dtype:
-        parser.add_argument("--dtype", default="float32", choices=DTYPES,
+        parser.add_argument("--dtype", default=None if default is None else "float32", choices=DTYPES,
                             help="model dtype; a neuron map records the dtype it was calibrated in (default: float32)")
 
 
