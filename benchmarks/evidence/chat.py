@@ -16,7 +16,8 @@ Methods: ``none``; the baselines ``rep_penalty_1.1``, ``rep_penalty_1.2``, ``no_
 ``stop_on_repeat`` (vLLM ``repetition_detection`` semantics: end the request at the first detected loop);
 ``rollback`` (``repguard generate``'s default: neuron map, re-decode repair), ``rollback_ban_only`` (the
 re-decode bans only the loop's next token), ``rollback_tokens`` (no neuron map: what an engine without
-the neuron step runs); ``rollback[key=value;...]`` overrides ``RollbackConfig`` settings (tuning).
+the neuron step runs); ``rollback[key=value;...]`` overrides ``RollbackConfig`` settings (tuning; also
+``neurons=false``).
 Methods already in ``--out`` are kept (``--redo`` recomputes them).
 """
 
@@ -176,9 +177,10 @@ def run_method(name, model, tok, nmap, prompts, args, sample_kwargs):
                 raise SystemExit(f"unknown method {name!r}")
             settings = dict(repair)
             max_rb = settings.pop("max_rollbacks", 2)
-            use_map = False if name == "rollback_tokens" else nmap
+            precise = settings.pop("precise_trigger", True)
+            use_map = False if name == "rollback_tokens" or settings.pop("neurons", True) is False else nmap
             res = generate_with_rollback(model, ids, mask, neuron_map=use_map, max_rollbacks=max_rb,
-                                         repair=settings or None, **kw)
+                                         precise_trigger=precise, repair=settings or None, **kw)
             for seq, rep, rb in zip(res.sequences, res.reports, res.rollbacks):
                 outs.append(cut(seq, eos))
                 reps.append({"rollbacks": rb, "finish_reason": rep.finish_reason, "max_level": rep.max_level})

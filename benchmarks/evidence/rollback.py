@@ -35,6 +35,7 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--map", default=None, help="neuron map path (default: the shipped map of the model)")
+    ap.add_argument("--repair", default="{}", help='RollbackConfig repair_* settings as JSON, e.g. {"repair_multiplier": 0}')
     ap.add_argument("--label", default="rg_rollback", help="method name prefix in the results file (rg...: ours)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -65,6 +66,7 @@ def main(argv=None) -> None:
             batch = torch.tensor([ids[i] for i in chunk])
             res = generate_with_rollback(model, batch, torch.ones_like(batch), neuron_map=nmap, config=cfg,
                                          max_new_tokens=max_new, max_rollbacks=max_rb, model_name=name,
+                                         repair=json.loads(args.repair) or None,
                                          do_sample=False, pad_token_id=tok.pad_token_id)
             for i, seq, rep, rb in zip(chunk, res.sequences, res.reports, res.rollbacks):
                 outs[i] = continuation(torch.tensor(seq), 0, eos)
@@ -76,7 +78,8 @@ def main(argv=None) -> None:
         summ = measures.summary(none, outs, base_loops, stopped, triggered)
         summ.update(seconds=secs, decoded_rows=len(rows))
         mname = f"{args.label}_{max_rb}"
-        data["methods"][mname] = {"config": cfg.to_dict(), "max_rollbacks": max_rb, "summary": summ,
+        data["methods"][mname] = {"config": cfg.to_dict(), "max_rollbacks": max_rb, "repair": json.loads(args.repair),
+                                  "summary": summ,
                                   "outputs": outs, "reports": reps}
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(data))
