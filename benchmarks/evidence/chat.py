@@ -241,6 +241,38 @@ def summarise(data: dict, name: str) -> dict:
     }
 
 
+def judge(data: dict, judge_name: str) -> dict:
+    """Judge perplexity (another model) of each method's continuations on the rows whose unguarded output loops
+    on the strict label (the rows a repair is for), and of the unguarded outputs that never looped (the bar)."""
+    import math
+
+    from transformers import AutoTokenizer
+
+    from repguard.hf.models import ensure_converted, load_model
+
+    from .judge import continuation_ppl
+
+    gen_tok = AutoTokenizer.from_pretrained(str(ensure_converted(data["model"])))
+    model, tok, name = load_model(judge_name)
+    base = data["methods"]["none"]["labels"]
+    looped = [i for i, r in enumerate(base) if r["strict"]]
+    calm = [i for i, r in enumerate(base) if not r["strict"]]
+
+    def ppl(outs, rows):
+        nll, count = 0.0, 0
+        for i in rows:
+            prompt = data["items"][i]["text"] + "\n\n"
+            a, b = continuation_ppl(model, tok, prompt, gen_tok.decode(outs[i], skip_special_tokens=True))
+            nll, count = nll + a, count + b
+        return math.exp(nll / count) if count else None
+
+    out = {"judge_model": name, "rows": len(looped), "calm_rows": len(calm),
+           "calm": ppl(data["methods"]["none"]["outputs"], calm)}
+    for mname, m in data["methods"].items():
+        out[mname] = ppl(m["outputs"], looped)
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -255,6 +287,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", required=True)
     ap.add_argument("--redo", action="store_true")
+    ap.add_argument("--judge", default="", help="after the methods: judge perplexity under this model (e.g. gemma3-270m)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from repguard.hf.models import load_model
@@ -298,6 +331,10 @@ def main(argv=None) -> None:
         print(f"{mname:34s} strict {s['strict']:.2f} paper {s['paper']:.2f} sent {s['sentence']:.2f} "
               f"dist {fmt(s['distortion'])} ident {fmt(s['identity'])} rb {s['rolled_back']:.2f} "
               f"srep4 {s['seq_rep_4']:.3f} {secs:.0f}s x{fmt(s['time_ratio'])} (load {load:.1f})", flush=True)
+    if args.judge:
+        data["judge"] = judge(data, args.judge)
+        path.write_text(json.dumps(data))
+        print("judge ppl:", json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in data["judge"].items()}))
 
 
 if __name__ == "__main__":

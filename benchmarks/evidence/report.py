@@ -3,7 +3,9 @@
     python -m benchmarks.evidence.report
 
 writes ``benchmarks/results/tables.md`` and ``benchmarks/results/loop_vs_distortion.png``; RESULTS.md
-is ``benchmarks/results/notes.md`` with ``{{tables}}`` replaced by those tables.
+is ``benchmarks/results/notes.md`` with ``{{tables}}`` replaced by those tables and ``{{chat_tables}}`` by one
+table per setting of the instruct-prompt runs (``benchmarks/results/chat/*.json``, ``benchmarks.evidence.chat``)
+and their loop-rate/distortion plot.
 """
 
 from __future__ import annotations
@@ -147,6 +149,90 @@ def plot(path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+CHAT_ORDER = ["none", "rep_penalty_1.1", "rep_penalty_1.2", "no_repeat_4", "dry_0.8", "stop_on_repeat", "rollback",
+              "rollback_tokens", "rollback_ban_only"]
+
+
+def chat_files() -> list[Path]:
+    return sorted((RES / "chat").glob("*.json"))
+
+
+def chat_table(data: dict) -> str:
+    """One setting of ``benchmarks.evidence.chat``: every method end to end, on labels no trigger uses."""
+    ms = data["methods"]
+    names = [n for n in CHAT_ORDER if n in ms] + sorted(n for n in ms if n not in CHAT_ORDER)
+    lines = ["| method | strict label | cut vs none | paper's label | Holtzman | repeated sentence | seq-rep-4 | "
+             "gzip ratio | distortion | identity (not rolled back) | rolled back | time vs none | judge ppl |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    judge = data.get("judge", {})
+    for n in names:
+        s = ms[n]["summary"]
+        ratio = "n/a" if s.get("time_ratio") is None else f"{s['time_ratio']:.2f}"
+        j = judge.get(n)
+        if n == "none" and judge.get("calm"):
+            j = judge["calm"]  # shown beside none: the bar (its looping rows score low, being repetitive)
+        lines.append(
+            f"| {n} | {pct(s['strict'])} | {pct(s['strict_cut'])} | {pct(s['paper'])} | {pct(s['holtzman'])} | "
+            f"{pct(s['sentence'])} | {s['seq_rep_4']:.3f} | {s['gzip']:.3f} | {pct(s['distortion'])} | "
+            f"{pct(s['identity'])} | {pct(s['rolled_back'])} | {ratio} | {'n/a' if j is None else f'{j:.1f}'} |")
+    if judge:
+        lines.append(f"\nJudge ppl: perplexity under {judge['judge_model']} of each method's continuations on the "
+                     f"{judge['rows']} rows whose unguarded output loops on the strict label; for none, of the "
+                     f"{judge['calm_rows']} unguarded outputs that never looped (the bar: a repair should come near it).")
+    loads = sorted({round(m.get("load", 0), 1) for m in ms.values()})
+    lines.append(f"\nLoad average at the start of each method's run: {loads[0]}-{loads[-1]} (2 cores, shared).")
+    return "\n".join(lines)
+
+
+def chat_title(data: dict) -> str:
+    samp = "greedy" if data["sampling"] == "greedy" else "seeded sampling, temperature 0.7, top_p 0.9"
+    return (f"### {data['model']}, instruct prompts, {data['half']} half: {len(data['prompts'])} prompts x "
+            f"{data['max_new_tokens']} new tokens, {samp}")
+
+
+def chat_plot(path: Path, files: list[Path]) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datas = [json.loads(p.read_text()) for p in files]
+    datas = [d for d in datas if d["half"] == "heldout"]
+    if not datas:
+        return False
+    fig, axes = plt.subplots(1, len(datas), figsize=(6.5 * len(datas), 5), squeeze=False)
+    for ax, d in zip(axes[0], datas):
+        for n, m in d["methods"].items():
+            s = m["summary"]
+            x, y = 100 * (s["distortion"] or 0), 100 * s["strict"]
+            ax.scatter(x, y, c="tab:red" if n.startswith("rollback") else "tab:blue", s=45, zorder=3)
+            ax.annotate(n, (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.set_xlabel("distortion: outputs with no strict-label loop that changed (%)")
+        ax.set_ylabel("strict-label loop rate (%)")
+        ax.set_title(f"{d['model']}, instruct, held-out, {d['max_new_tokens']} tokens, {d['sampling']}")
+        ax.set_xlim(-5, 105)
+        ax.set_ylim(-5, 105)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def chat_section() -> str:
+    files = chat_files()
+    if not files:
+        return ""
+    parts = []
+    for p in files:
+        d = json.loads(p.read_text())
+        parts.append(chat_title(d) + f"\n\n(`benchmarks/results/chat/{p.name}`)\n")
+        parts.append(chat_table(d))
+        parts.append("")
+    if chat_plot(RES / "chat_loop_vs_distortion.png", files):
+        parts.append("![strict-label loop rate against distortion, one point per method](results/chat_loop_vs_distortion.png)\n")
+    return "\n".join(parts)
+
+
 def main() -> None:
     parts = []
     titles = {"heldout": "held-out half", "heldout96": "held-out half, first 96 prompts (idle machine)",
@@ -188,7 +274,8 @@ def main() -> None:
     plot(RES / "loop_vs_distortion.png")
     notes = RES / "notes.md"
     if notes.exists():
-        (ROOT / "RESULTS.md").write_text(notes.read_text().replace("{{tables}}", tables))
+        text = notes.read_text().replace("{{chat_tables}}", chat_section())
+        (ROOT / "RESULTS.md").write_text(text.replace("{{tables}}", tables))
 
 
 if __name__ == "__main__":
