@@ -56,9 +56,9 @@ def test_looping_prompt_gets_a_guard_report(client):
     report = _report(r.choices[0])
     assert report["enabled"] and report["fired"] and report["first_detection"] is not None
     assert report["max_level"] != "monitor"  # the default preset acted on the loop
-    # an aggressive config ends the loop with finish_reason "repetition"
+    # in the single pass, an aggressive config ends the loop with finish_reason "repetition"
     r = client.completions.create(model=MODEL, prompt=LOOPING, max_tokens=40, temperature=0,
-                                  extra_body={"repguard": {"escalate": False, "stop_after": 1}})
+                                  extra_body={"repguard": {"escalate": False, "stop_after": 1, "rollback": False}})
     assert r.choices[0].finish_reason == "repetition", _report(r.choices[0])
     assert _report(r.choices[0])["finish_reason"] == "repetition"
 
