@@ -13,7 +13,8 @@ other rows. Streaming holds ``holdback`` tokens back, so a rollback never retrac
 ``"rollback": false`` runs the single pass: the hooks alone (deactivate, escalate, stop), in one batch.
 
 A running batch of rollback or unguarded rows ends early (after ``rebatch_steps`` steps) when rows of
-its kind wait that would fit beside its unfinished rows: those re-enter the queue with their tokens so
+its kind wait and there is room for them beside its unfinished rows (for all of them, or a quarter of the
+batch, so that a re-prefill serves several): those re-enter the queue with their tokens so
 far and the next batch takes them with the waiting ones (the KV cache is not kept: a re-prefill), so a
 request arriving mid-batch does not wait for the batch to finish. Single-pass rows keep their hooks'
 state for the whole pass, so their batches run to the end; so do seeded ones (reproducible sampling).
@@ -229,7 +230,7 @@ class _BatchTracker(StoppingCriteria, BaseStreamer):
                 self._feed_plain(slot, newest[i], reports[i] if reports is not None and i < len(reports) else None)
         live = sum(not s.stopped for s in self.slots)
         if (self.rebatch and live and self.step + 1 >= self.engine.rebatch_steps
-                and self.engine._waiting(self.key, self.engine.max_batch_size - live)):
+                and self.engine._waiting(self.key, self.engine.max_batch_size - live, len(self.slots))):
             self.preempted = True  # rows wait that fit beside the live ones: end the batch, re-batch them all
             for slot in self.slots:
                 if not slot.stopped:
@@ -489,11 +490,13 @@ class Engine:
                 self._insert(ch)
                 self._cond.notify_all()
 
-    def _waiting(self, key: tuple, free: int) -> bool:
-        """Does a row of kind ``key`` wait that would fit in ``free`` rows? (No lock: a hint, read per step.)"""
+    def _waiting(self, key: tuple, free: int, size: int) -> bool:
+        """Is a re-batch worth its re-prefill? Rows of kind ``key`` wait, and ``free`` rows are open for them:
+        all of them, or a quarter of the batch. (No lock: a hint, read per step.)"""
         if free <= 0:
             return False
-        return any(c.key == key and not c.request.cancelled.is_set() for c in list(self._pending))
+        waiting = sum(c.key == key and not c.request.cancelled.is_set() for c in list(self._pending))
+        return waiting > 0 and (waiting <= free or free >= max(1, size // 4))
 
     def _drop(self, ch: _Choice) -> None:
         ch.done, ch.finish_reason = True, "cancelled"
