@@ -93,7 +93,7 @@ def _sample(logits: torch.Tensor, uniforms: torch.Tensor, top_k: int, top_p: flo
         drop = (sorted_p.cumsum(-1) - sorted_p) > top_p
         probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
     cdf = probs.cumsum(-1)
-    target = (uniforms.double() * cdf[:, -1]).unsqueeze(-1)
+    target = (uniforms.to(cdf.device, torch.float64) * cdf[:, -1]).unsqueeze(-1)
     return torch.searchsorted(cdf, target).squeeze(-1).clamp(max=logits.shape[-1] - 1)
 
 
@@ -113,7 +113,7 @@ def _generate_batch(model, bos: int, eos: set[int], indexes: Sequence[int], s: C
     dev = input_device(model)
     top_k, top_p = _sampling_params(model)
     uniforms = torch.stack([torch.rand(max(1, s.prompt_tokens), generator=_text_generator(s.seed, i), dtype=torch.float64)
-                            for i in indexes]).to(dev)  # drawn on the CPU: the same texts on every device
+                            for i in indexes])  # drawn on the CPU: the same texts on every device
     seqs = [[bos] for _ in range(b)]
     detectors = [LoopDetector(s.ngram, s.window, s.min_count, use_suffix=False) for _ in range(b)]
     for det in detectors:
@@ -134,6 +134,7 @@ def _generate_batch(model, bos: int, eos: set[int], indexes: Sequence[int], s: C
             nxt = _sample(logits, uniforms[active, step], top_k, top_p)
         else:
             nxt = logits.argmax(-1)
+        nxt = nxt.to(dev)  # under device_map="auto" the logits come from the last GPU, the inputs go to the first
         keep_rows: list[int] = []
         for row, (r, token) in enumerate(zip(active, nxt.tolist())):
             seqs[r].append(token)
@@ -378,7 +379,7 @@ def loop_rate(model, tok, prompts: Sequence[Sequence[int]], settings: Calibratio
             for _ in range(settings.deactivation_tokens):
                 logits = model(input_ids=inp, attention_mask=mask, position_ids=positions, past_key_values=cache,
                                use_cache=True, logits_to_keep=1).logits[:, -1, :]
-                nxt = logits.argmax(-1)
+                nxt = logits.argmax(-1).to(dev)
                 keep = []
                 for row, (r, token) in enumerate(zip(active, nxt.tolist())):
                     if detectors[r].update(token) is not None:
