@@ -118,9 +118,14 @@ class GuardRuntime:
         self.off = torch.zeros(rows, k, device=dev, dtype=torch.bool)  # which slots are switched off, per row
         self.use_mean = torch.zeros(rows, 1, device=dev, dtype=torch.bool)
         self.fill = torch.zeros(rows, k, device=dev, dtype=self.dtype)  # value written into switched-off slots
-        self.any_off = False
+        self.any_off = False  # some row is switched off (read by hooks; kept from Python state, never a device read)
+        self._off_rows: set[int] = set()
         self._flat_index: torch.Tensor | None = None
-        self._step: dict[int, tuple] = {}  # per layer: (flat index, acts view, off view, fill view) of this step
+        # Per layer, for the current step: flat positions ([B, n] and flattened), the layer's gather buffer
+        # ([B, n], model dtype, contiguous: the gather writes into it), and views of the off / fill buffers.
+        self._step: dict[int, tuple] = {}
+        self._gathered: list[torch.Tensor] = []  # every layer's gather buffer, in slot order
+        self._stage: torch.Tensor | None = None  # [rows, K] in the model dtype when that is not float32
         self._step_key = None
         self.seqs = [None] * rows
         self.row_k = [0] * rows
@@ -135,7 +140,7 @@ class GuardRuntime:
             self.seqs[:n] = old
             self._chosen.update(chosen)
             self.off[:n], self.use_mean[:n], self.fill[:n] = off, use_mean, fill
-            self.any_off = bool(self.off.any())
+            self.recount_off()
 
     # -- which layers a hook must sit on ----------------------------------------------------------------
     def layers_needed(self, configs: Iterable[GuardConfig]) -> set[int]:
@@ -182,13 +187,15 @@ class GuardRuntime:
         seq = self.seqs[row]
         self.seqs[row] = None
         self.off[row] = False
-        self.any_off = bool(self.off.any())
+        self._off_rows.discard(row)
+        self.any_off = bool(self._off_rows)
         self.steering.discard(row)
         return seq.report if seq is not None else None
 
     def reset(self) -> None:
         self.seqs = [None] * self.rows
         self.off.zero_()
+        self._off_rows.clear()
         self.any_off = False
         self.steering.clear()
 
@@ -198,13 +205,19 @@ class GuardRuntime:
     # -- the per-token step ------------------------------------------------------------------------------
     def neuron_scores(self) -> torch.Tensor:
         """Mean z-score (against pre-onset statistics) of each row's monitored neurons, from the last forward."""
+        if self._gathered:  # the transformers hooks gathered per layer: one copy brings them into ``acts``
+            b = self._gathered[0].shape[0]
+            if self._stage is None:
+                torch.cat(self._gathered, dim=1, out=self.acts[:b])
+            else:
+                torch.cat(self._gathered, dim=1, out=self._stage[:b])
+                self.acts[:b].copy_(self._stage[:b])
         z = (self.acts - self.neurons.mean_before) / self.neurons.std_before
         return z @ self.watch
 
     def observe(self, tokens: dict[int, int], scores: torch.Tensor | list[float] | None = None) -> None:
         """Feed each row's newest token; updates masks for the next forward."""
         score_list = scores.tolist() if isinstance(scores, torch.Tensor) else scores
-        changed = False
         on_event = self.on_event
         for row, token in tokens.items():
             seq = self.seqs[row]
@@ -218,14 +231,11 @@ class GuardRuntime:
                 self._track(row)
             if seq.deactivated != was_off:
                 self._refresh(row)
-                changed = True
             if on_event is not None:
                 if len(seq.report.detections) != n_det:
                     on_event("detect", {"row": row, "detection": seq.report.detections[-1]})
                 if seq.level != before:
                     on_event("level", {"row": row, "level": seq.level, "from": before})
-        if changed:
-            self.any_off = bool(self.off.any())
 
     def _track(self, row: int) -> None:
         seq = self.seqs[row]
@@ -238,22 +248,16 @@ class GuardRuntime:
         seq = self.seqs[row]
         if seq is not None and seq.deactivated:
             self.off[row] = self._chosen[row]
+            self._off_rows.add(row)
         else:
             self.off[row] = False
-        self.any_off = bool(self.off.any())
+            self._off_rows.discard(row)
+        self.any_off = bool(self._off_rows)
 
-    def penalties(self) -> list[tuple[int, int, float]]:
-        """(row, token id, amount) for every row whose loop should be penalised at this step."""
-        out = []
-        for row in sorted(self.steering):
-            seq = self.seqs[row]
-            if seq is not None and seq._penalty is not None:
-                token, amount = seq._penalty
-                out.append((row, token, amount))
-        return out
-
-    def stops(self) -> list[int]:
-        return [row for row in sorted(self.steering) if self.seqs[row] is not None and self.seqs[row].stopped]
+    def recount_off(self) -> None:
+        """Recompute which rows are switched off from their sequences (after an adapter moved rows)."""
+        self._off_rows = {row for row, seq in enumerate(self.seqs) if seq is not None and seq.deactivated}
+        self.any_off = bool(self._off_rows)
 
     def steer_logits(self, logits: torch.Tensor, rows: Iterable[int], eos: Callable[[int], int | None]) -> list[int]:
         """The one place penalties and forced EOS reach the logits ([rows, vocab], changed in place).
@@ -293,6 +297,7 @@ class GuardRuntime:
         """The one fail-open path: count the error, switch every row's neurons back on, mark the reports,
         log the traceback once (``first``). The adapter then stops calling its hooks' work."""
         self.off.zero_()
+        self._off_rows.clear()
         self.any_off = False
         self.steering.clear()
         metrics.ERRORS.labels(model_name, where).inc()
@@ -312,27 +317,35 @@ class GuardRuntime:
         if key is not None and key == self._step_key:
             return
         self._step_key = key
-        self._flat_index = flat = rows.unsqueeze(1) * self.width + self.neurons.neuron_of_slot.unsqueeze(0)
+        self._flat_index = flat = flat_index(rows, self.neurons.neuron_of_slot, self.width)
         b = flat.shape[0]
-        self._step = {
-            layer: (flat[:, plan.slots].contiguous(), self.acts[:b, plan.slots], self.off[:b, plan.slots],
-                    self.fill[:b, plan.slots])
-            for layer, plan in self.neurons.plans.items()
-        }
+        if self.dtype != torch.float32 and (self._stage is None or self._stage.shape[0] < b):
+            self._stage = torch.zeros(self.rows, self.neurons.num_slots, device=self.device, dtype=self.dtype)
+        self._step = {}
+        self._gathered = []
+        for layer, plan in self.neurons.plans.items():
+            index = flat[:, plan.slots].contiguous()
+            gathered = torch.zeros(index.shape, device=self.device, dtype=self.dtype)
+            self._step[layer] = (index, index.view(-1), gathered, gathered.view(-1), gathered.view(b, 1, -1),
+                                 self.off[:b, plan.slots], self.fill[:b, plan.slots])
+            self._gathered.append(gathered)
 
     def apply_layer(self, plan: LayerPlan, act: torch.Tensor) -> torch.Tensor:
         """Monitor and deactivate one layer after ``begin_step``. ``act`` holds the layer's activations of
         the whole forward (any shape whose flattening is [tokens, d_ff], e.g. [batch, length, d_ff]).
-        Switched-off rows are written in place, at their newest token only."""
-        monitored = plan.monitored
-        if not (monitored or self.any_off):
+        The mapped neurons' values at each row's newest token are gathered into the layer's buffer (the
+        monitor reads them through ``neuron_scores``); switched-off rows are written in place, at their
+        newest token only. Monitoring costs one op per layer; a switched-off row adds two (select, write)."""
+        if not (plan.monitored or self.any_off):
             return act
-        index, acts, off, fill = self._step[plan.layer]
-        cur = act.take(index)  # [B, n]: the one gather
-        if monitored:
-            acts.copy_(cur)
+        index, index_1d, gathered, gathered_1d, gathered_3d, off, fill = self._step[plan.layer]
+        if act.dim() == 3 and act.shape[1] == 1 and act.shape[0] == gathered.shape[0]:
+            # a decoding step ([batch, 1, d_ff]): every row's newest token is its only one
+            torch.index_select(act, 2, plan.neurons, out=gathered_3d)
+        else:
+            torch.index_select(act.reshape(-1), 0, index_1d, out=gathered_1d)
         if self.any_off:
-            switch_off(act, index, fill, off, current=cur)
+            switch_off(act, index, fill, off, current=gathered)
         return act
 
 
@@ -383,14 +396,14 @@ def switch_off(act: torch.Tensor, index: torch.Tensor, fill, off: torch.Tensor |
     else:
         cur = act.take(index) if current is None else current
         values = torch.where(off, fill, cur)
-    act.put_(index, values.to(act.dtype))
+    act.put_(index, values if values.dtype == act.dtype else values.to(act.dtype))
 
 
 def force_token(logits: torch.Tensor, row: int, token: int) -> None:
     """Stop: make ``token`` (the EOS) the only choice of one row (in place), keeping its own logit if finite."""
     keep = logits[row, token].clone()
     logits[row].fill_(float("-inf"))
-    logits[row, token] = keep if torch.isfinite(keep) else 0.0
+    logits[row, token] = torch.where(torch.isfinite(keep), keep, torch.zeros_like(keep))  # no host read
 
 
 def token_id_list(*sources) -> list[int]:

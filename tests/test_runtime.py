@@ -138,3 +138,20 @@ def test_fail_open_switches_every_row_back_on_and_marks_reports():
     except ValueError:
         rt.fail_open("tiny-runtime", "deactivate", rt.reports(), first=False, consequence="continues")
     assert not rt.any_off and not rt.off.any() and rt.seqs[0].report.errors == 1
+
+
+def test_a_decoding_step_gathers_and_writes_like_a_flat_forward():
+    # [batch, 1, d_ff] (a decoding step) takes the one-op gather; [batch * tokens, d_ff] the flat one
+    rt = GuardRuntime(make_map(), GuardConfig(), max_rows=2)
+    rt.open(0, GuardConfig.from_preset("paper"))
+    rt.open(1, GuardConfig.from_preset("monitor"))
+    step3d = {layer: torch.arange(2 * WIDTH, dtype=torch.float32).view(2, 1, WIDTH) + 1 for layer in range(LAYERS)}
+    flat = {layer: v.clone().view(2, WIDTH) for layer, v in step3d.items()}
+    rt.begin_step(torch.tensor([0, 1]), key=(2, 1))
+    for layer, plan in rt.neurons.plans.items():
+        rt.apply_layer(plan, step3d[layer])
+    scores3d = rt.neuron_scores().clone()
+    step(rt, flat, torch.tensor([0, 1]))
+    assert all(torch.equal(step3d[k].view(2, WIDTH), flat[k]) for k in flat)
+    assert torch.equal(rt.neuron_scores(), scores3d)
+    assert step3d[0][0, 0, 1] == 0 and step3d[0][1, 0, 1] == WIDTH + 2  # row 0 off, row 1 untouched

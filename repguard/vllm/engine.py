@@ -411,7 +411,7 @@ class EngineGuard:
                 self.rows[b] = state
             else:
                 self.rows.pop(b, None)
-        rt.any_off = bool(rt.off.any())
+        rt.recount_off()
         rt._track(a)
         rt._track(b)
 
