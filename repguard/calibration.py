@@ -244,12 +244,18 @@ class ProgressLog:
                 int(expected), self.count,
             )
 
-    def log(self) -> None:
+    def log(self, final: GenerationStats | None = None) -> None:
+        """One progress line; ``final``: the run's result (the texts of the last batch past the
+        ``count``-th kept one are not counted), said once at the end."""
         now = time.perf_counter()
         self.last = now
         elapsed = max(now - self.t0, 1e-9)
+        if final is not None:
+            self.kept, self.generated = final.kept, final.generated
         new_kept = self.kept - self.start_kept
-        if self.kept >= self.count:
+        if final is not None:
+            left = f"finished in {_duration(elapsed)}"
+        elif self.kept >= self.count:
             left = "done"
         elif new_kept > 0:
             left = f"about {_duration((self.count - self.kept) * elapsed / new_kept)} left"

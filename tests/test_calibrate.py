@@ -220,13 +220,13 @@ def test_generation_resumed_from_its_journal_returns_what_an_uninterrupted_run_r
 def test_progress_is_logged_and_a_kept_rate_too_low_for_the_count_is_said_early(one_thread, caplog):
     model = tiny_model("llama")
     with caplog.at_level(logging.INFO, logger="repguard"):
-        generate_repetitive_texts(model, TinyTok(), CalibrationSettings(**{**TINY, "heldout_texts": 0}), 10,
-                                  progress=False, log_every=0, desc="texts")
+        _, st = generate_repetitive_texts(model, TinyTok(), CalibrationSettings(**{**TINY, "heldout_texts": 0}), 10,
+                                          progress=False, log_every=0, desc="texts")
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     pattern = re.compile(r"texts: kept \d+/10 texts of \d+ generated \(\d+\.\d% kept\), \d+ tok/s, "
-                         r"(about \d+ (s|min|h) left|time left unknown \(no text kept yet\)|done)$")
+                         r"(about \d+ (s|min|h) left|time left unknown \(no text kept yet\)|done|finished in .*)$")
     assert len(lines) > 3 and all(pattern.match(line) for line in lines), lines
-    assert lines[-1].startswith("texts: kept 10/10") and lines[-1].endswith("done")
+    assert lines[-1].startswith(f"texts: kept 10/10 texts of {st.generated} generated") and "finished in" in lines[-1]
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
     caplog.clear()  # no sampled prefix: every text is the same greedy text, which repeats too early to count

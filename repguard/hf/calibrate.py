@@ -253,7 +253,7 @@ def generate_repetitive_texts(model, tok, settings: CalibrationSettings, count: 
     kept, stats = summary(frontier())
     stats.resumed = first_stats.resumed
     stats.seconds = time.perf_counter() - t0
-    plog.log()
+    plog.log(final=stats)
     return kept, stats
 
 
