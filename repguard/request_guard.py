@@ -131,6 +131,13 @@ class RequestGuard:
         """Which repair ran: token-level only, or with the neuron step."""
         return "tokens+neurons" if self.neuron_step else "tokens"
 
+    @property
+    def pending_penalties(self) -> dict[int, float]:
+        """{token: penalty} the guard applies to the next token if the engine picks one of them (a copy; empty
+        when none). Under greedy decoding an engine that adds them to its next logits itself picks what the
+        re-decode would, and saves it."""
+        return dict(self._pending or {})
+
     def take_released(self) -> list[int]:
         """Tokens that became final since the last call (streaming)."""
         return self.state.releasable(self._pass, finished=False)
