@@ -86,7 +86,10 @@ def _client_loop(base: str, model: str, stop_at: float, phase: Phase, disconnect
     while time.monotonic() < stop_at:
         prompt = rng.choice(PROMPTS)
         sampling = rng.random() < 0.25
-        cut_after = rng.randint(1, 6) if rng.random() < disconnect_p else None
+        # an injected disconnect closes the stream after a random time (a guarded stream holds its text back,
+        # so it may not have sent a chunk yet)
+        cut_after = rng.uniform(0.5, 10.0) if rng.random() < disconnect_p else None
+        cut = threading.Event()
         t0 = time.perf_counter()
         first = None
         tokens = 0
@@ -98,28 +101,36 @@ def _client_loop(base: str, model: str, stop_at: float, phase: Phase, disconnect
                 temperature=0.8 if sampling else 0.0, stream_options={"include_usage": True},
                 extra_body=OFF if guard_off else None,
             )
+            timer = None
+            if cut_after is not None:
+                timer = threading.Timer(cut_after, lambda: (cut.set(), stream.close()))
+                timer.daemon = True
+                timer.start()
             chunks = 0
-            for chunk in stream:
+            try:
+                chunk_iter = list_until_cut(stream, cut)
+            finally:
+                if timer is not None:
+                    timer.cancel()
+            for at, chunk in chunk_iter:
                 if chunk.choices:
                     choice = chunk.choices[0]
                     if first is None and choice.text:
-                        first = time.perf_counter() - t0
+                        first = at - t0
                     chunks += 1
                     if choice.finish_reason:
                         finish = choice.finish_reason
                         report = choice.model_extra.get("repguard")
                 if chunk.usage:
                     tokens = chunk.usage.completion_tokens
-                if cut_after is not None and chunks >= cut_after:
-                    stream.close()  # the client goes away mid-stream
-                    tokens = 0  # what it received is not counted as delivered output
-                    break
+            if cut.is_set() and finish is None:
+                tokens = 0  # what it received is not counted as delivered output
             with phase.lock:
                 phase.requests += 1
                 if first is not None:
                     phase.ttft.append(first)
                 phase.tokens += tokens
-                if cut_after is not None and finish is None:
+                if cut.is_set() and finish is None:
                     phase.disconnected += 1
                 elif finish is None:
                     phase.broken += 1
@@ -141,7 +152,23 @@ def _client_loop(base: str, model: str, stop_at: float, phase: Phase, disconnect
         except (openai.APIConnectionError, httpx.HTTPError):
             with phase.lock:
                 phase.requests += 1
-                phase.broken += 1
+                if cut.is_set():
+                    phase.disconnected += 1
+                else:
+                    phase.broken += 1
+
+
+def list_until_cut(stream, cut: threading.Event) -> list:
+    """The stream's (arrival time, chunk) pairs, read to its end or until the client cut it (then what
+    arrived before)."""
+    chunks = []
+    try:
+        for chunk in stream:
+            chunks.append((time.perf_counter(), chunk))
+    except Exception:
+        if not cut.is_set():
+            raise
+    return chunks
 
 
 COUNTERS = ("repguard_rollbacks_total", "repguard_rollback_tokens_total", "repguard_generated_tokens_total",

@@ -12,6 +12,10 @@ row's ``GuardConfig`` when a map is loaded), in admission order, so it neither s
 other rows. Streaming holds ``holdback`` tokens back, so a rollback never retracts text already sent.
 ``"rollback": false`` runs the single pass: the hooks alone (deactivate, escalate, stop), in one batch.
 
+Under greedy decoding, the penalties a row's guard waits to apply to its next token (the re-decode's repair,
+the last pass's escalation) are added to that row's next logits in the running batch: the engine then picks
+what the guard's re-decode of that position would, without a new row for it.
+
 A running batch of rollback or unguarded rows ends early (after ``rebatch_steps`` steps) when rows of
 its kind wait and there is room for them beside its unfinished rows (for all of them, or a quarter of the
 batch, so that a re-prefill serves several): those re-enter the queue with their tokens so
@@ -175,18 +179,22 @@ class _Slot:
     preempted: bool = False  # ended by a re-batch: its choice continues in a later batch
 
 
-class _FirstStepBias:
-    """Logits processor: at a batch's first step, add each row's bias (a rollback's ban, a penalty step)."""
+class _RowBias:
+    """Logits processor: per-row logit biases. At the batch's first step, each row's submission bias (a
+    rollback's ban, a penalty step); at later steps, the penalties the row's guard is waiting to apply to the
+    next token (greedy rows: the engine then picks what the guard's re-decode of that position would)."""
 
-    def __init__(self, bias: dict[int, dict[int, float]], start_length: int) -> None:
-        self.bias, self.start_length = bias, start_length
+    def __init__(self, first: dict[int, dict[int, float]], start_length: int) -> None:
+        self.first, self.start_length = first, start_length
+        self.next: dict[int, dict[int, float]] = {}  # set by the tracker after each step
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if input_ids.shape[1] != self.start_length:
+        bias = self.first if input_ids.shape[1] == self.start_length else self.next
+        if not bias:
             return scores
         scores = scores.clone()
-        for row, bias in self.bias.items():
-            for token, amount in bias.items():
+        for row, row_bias in bias.items():
+            for token, amount in row_bias.items():
                 if amount == float("-inf"):
                     scores[row, token] = float("-inf")
                 else:
@@ -200,8 +208,9 @@ class _BatchTracker(StoppingCriteria, BaseStreamer):
     ``generate`` calls the criterion with the grown ``input_ids`` and then ``put`` with the new tokens,
     once per step; stopped rows keep receiving padding, which is ignored here."""
 
-    def __init__(self, engine: "Engine", slots: list[_Slot], key: tuple, rebatch: bool) -> None:
+    def __init__(self, engine: "Engine", slots: list[_Slot], key: tuple, rebatch: bool, bias: _RowBias) -> None:
         self.engine = engine
+        self.bias = bias
         self.slots = slots
         self.tok = engine.tokenizer
         self.eos = engine.eos
@@ -216,6 +225,7 @@ class _BatchTracker(StoppingCriteria, BaseStreamer):
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         newest = input_ids[:, -1].tolist()
         reports = self.engine.guard.reports if self.single else None
+        self.bias.next = {}
         for i, slot in enumerate(self.slots):
             if slot.stopped:
                 continue
@@ -226,6 +236,10 @@ class _BatchTracker(StoppingCriteria, BaseStreamer):
                 continue
             if ch.mode == "rollback":
                 self._feed_rollback(slot, newest[i])
+                if not slot.stopped and ch.request.greedy:
+                    pending = ch.guard.pending_penalties
+                    if pending:
+                        self.bias.next[i] = {t: -a for t, a in pending.items()}
             else:
                 self._feed_plain(slot, newest[i], reports[i] if reports is not None and i < len(reports) else None)
         live = sum(not s.stopped for s in self.slots)
@@ -635,9 +649,9 @@ class Engine:
         key = batch[0].key
         self.guard.configure_rows([ch.hook_config() for ch in batch])
         rebatch = key[0] in ("greedy", "sample")
-        tracker = _BatchTracker(self, slots, key, rebatch)
-        bias = {i: ch.first_bias() for i, ch in enumerate(batch) if ch.first_bias()}
-        processors = LogitsProcessorList([_FirstStepBias(bias, input_ids.shape[1])] if bias else [])
+        bias = _RowBias({i: ch.first_bias() for i, ch in enumerate(batch) if ch.first_bias()}, input_ids.shape[1])
+        tracker = _BatchTracker(self, slots, key, rebatch, bias)
+        processors = LogitsProcessorList([bias] if any(ch.mode == "rollback" for ch in batch) else [])
         sampling: dict[str, Any] = (
             {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
             if first.greedy
