@@ -86,51 +86,53 @@ def _client_loop(base: str, model: str, stop_at: float, phase: Phase, disconnect
     while time.monotonic() < stop_at:
         prompt = rng.choice(PROMPTS)
         sampling = rng.random() < 0.25
-        # an injected disconnect closes the stream after a random time (a guarded stream holds its text back,
-        # so it may not have sent a chunk yet)
-        cut_after = rng.uniform(0.5, 10.0) if rng.random() < disconnect_p else None
-        cut = threading.Event()
+        # an injected disconnect: the client goes away after a few chunks, or after waiting a random time for
+        # the next byte (a guarded stream may hold all its text back until its end)
+        cut_chunks = rng.randint(1, 6) if rng.random() < disconnect_p else None
+        wait_s = rng.uniform(0.5, 10.0) if cut_chunks is not None else None
+        cut = False
         t0 = time.perf_counter()
         first = None
         tokens = 0
         finish = None
         report = None
         try:
-            stream = client.completions.create(
+            caller = client.with_options(timeout=wait_s) if wait_s is not None else client
+            stream = caller.completions.create(
                 model=model, prompt=prompt, max_tokens=max_tokens, stream=True,
                 temperature=0.8 if sampling else 0.0, stream_options={"include_usage": True},
                 extra_body=OFF if guard_off else None,
             )
-            timer = None
-            if cut_after is not None:
-                timer = threading.Timer(cut_after, lambda: (cut.set(), stream.close()))
-                timer.daemon = True
-                timer.start()
             chunks = 0
             try:
-                chunk_iter = list_until_cut(stream, cut)
-            finally:
-                if timer is not None:
-                    timer.cancel()
-            for at, chunk in chunk_iter:
-                if chunk.choices:
-                    choice = chunk.choices[0]
-                    if first is None and choice.text:
-                        first = at - t0
-                    chunks += 1
-                    if choice.finish_reason:
-                        finish = choice.finish_reason
-                        report = choice.model_extra.get("repguard")
-                if chunk.usage:
-                    tokens = chunk.usage.completion_tokens
-            if cut.is_set() and finish is None:
+                for chunk in stream:
+                    if chunk.choices:
+                        choice = chunk.choices[0]
+                        if first is None and choice.text:
+                            first = time.perf_counter() - t0
+                        chunks += 1
+                        if choice.finish_reason:
+                            finish = choice.finish_reason
+                            report = choice.model_extra.get("repguard")
+                    if chunk.usage:
+                        tokens = chunk.usage.completion_tokens
+                    if cut_chunks is not None and chunks >= cut_chunks and finish is None:
+                        cut = True
+                        stream.close()
+                        break
+            except (openai.APITimeoutError, httpx.TimeoutException):
+                if wait_s is None:
+                    raise
+                cut = True  # the injected client stopped waiting and closed the connection
+                stream.close()
+            if cut:
                 tokens = 0  # what it received is not counted as delivered output
             with phase.lock:
                 phase.requests += 1
                 if first is not None:
                     phase.ttft.append(first)
                 phase.tokens += tokens
-                if cut.is_set() and finish is None:
+                if cut and finish is None:
                     phase.disconnected += 1
                 elif finish is None:
                     phase.broken += 1
@@ -149,26 +151,17 @@ def _client_loop(base: str, model: str, stop_at: float, phase: Phase, disconnect
                     phase.status_429 += 1
                 else:
                     phase.other_errors += 1
-        except (openai.APIConnectionError, httpx.HTTPError):
-            with phase.lock:
+        except openai.APITimeoutError:
+            with phase.lock:  # an injected client that gave up before the response began
                 phase.requests += 1
-                if cut.is_set():
+                if wait_s is not None:
                     phase.disconnected += 1
                 else:
                     phase.broken += 1
-
-
-def list_until_cut(stream, cut: threading.Event) -> list:
-    """The stream's (arrival time, chunk) pairs, read to its end or until the client cut it (then what
-    arrived before)."""
-    chunks = []
-    try:
-        for chunk in stream:
-            chunks.append((time.perf_counter(), chunk))
-    except Exception:
-        if not cut.is_set():
-            raise
-    return chunks
+        except (openai.APIConnectionError, httpx.HTTPError):
+            with phase.lock:
+                phase.requests += 1
+                phase.broken += 1
 
 
 COUNTERS = ("repguard_rollbacks_total", "repguard_rollback_tokens_total", "repguard_generated_tokens_total",
