@@ -339,7 +339,9 @@ class GuardRuntime:
         if not (plan.monitored or self.any_off):
             return act
         index, index_1d, gathered, gathered_1d, gathered_3d, off, fill = self._step[plan.layer]
-        if act.dim() == 3 and act.shape[1] == 1 and act.shape[0] == gathered.shape[0]:
+        if act.dtype != gathered.dtype:  # activations in another dtype than the weights (e.g. autocast)
+            gathered.copy_(act.take(index))
+        elif act.dim() == 3 and act.shape[1] == 1 and act.shape[0] == gathered.shape[0]:
             # a decoding step ([batch, 1, d_ff]): every row's newest token is its only one
             torch.index_select(act, 2, plan.neurons, out=gathered_3d)
         else:

@@ -155,3 +155,14 @@ def test_a_decoding_step_gathers_and_writes_like_a_flat_forward():
     assert all(torch.equal(step3d[k].view(2, WIDTH), flat[k]) for k in flat)
     assert torch.equal(rt.neuron_scores(), scores3d)
     assert step3d[0][0, 0, 1] == 0 and step3d[0][1, 0, 1] == WIDTH + 2  # row 0 off, row 1 untouched
+
+
+def test_activations_in_another_dtype_than_the_weights_are_still_read_and_written():
+    rt = GuardRuntime(make_map(), GuardConfig(), max_rows=1, dtype=torch.float32)
+    rt.open(0, GuardConfig.from_preset("paper"))
+    acts = {layer: torch.full((1, 1, WIDTH), 2.0, dtype=torch.bfloat16) for layer in range(LAYERS)}
+    rt.begin_step(torch.tensor([0]), key=(1, 1))
+    for layer, plan in rt.neurons.plans.items():
+        rt.apply_layer(plan, acts[layer])
+    assert acts[0][0, 0, 1] == 0 and acts[0][0, 0, 0] == 2 and acts[0].dtype == torch.bfloat16
+    assert torch.isfinite(rt.neuron_scores()).all()
