@@ -1,4 +1,4 @@
-"""Every Prometheus metric repguard exports, defined in this one module.
+"""Every Prometheus metric of the guard itself (the server's own are in ``repguard.serve.metrics``).
 
 Names follow prometheus-client conventions: prefix ``repguard_``, base units, ``_total`` on counters,
 low-cardinality labels (``model``, ``level``, ``where``). Works in multiprocess mode when
@@ -59,46 +59,19 @@ INFO = Gauge(
     ["version", "model", "neuron_map"], multiprocess_mode="max",
 )
 
-# -- the OpenAI-compatible server (``repguard serve``) -------------------------------------------------
-ENDPOINTS = ("completions", "chat_completions")
-SERVER_REQUESTS = Counter(
-    "repguard_server_requests_total", "HTTP requests to the generation endpoints, by status code.",
-    ["model", "endpoint", "status"],
-)
-SERVER_REQUEST_DURATION = Histogram(
-    "repguard_server_request_duration_seconds", "Time from admission to the last byte of a generation request.",
-    ["model", "endpoint"],
-    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160),
-)
-SERVER_TTFT = Histogram(
-    "repguard_server_time_to_first_token_seconds", "Time from admission to a request's first generated token.",
-    ["model"],
-    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40),
-)
-SERVER_QUEUED = Gauge(
-    "repguard_server_queued_requests", "Admitted requests waiting for a batch.", ["model"], multiprocess_mode="livesum"
-)
-SERVER_RUNNING = Gauge(
-    "repguard_server_running_requests", "Requests in the batch being generated.", ["model"], multiprocess_mode="livesum"
-)
-SERVER_BATCH_ROWS = Histogram(
-    "repguard_server_batch_rows", "Rows (prompt x n) per generate call.", ["model"],
-    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
-)
-
 ALL = (
     REQUESTS_GUARDED, LOOPS_DETECTED, INTERVENTIONS, INTERVENTION_TOKENS, GENERATED_TOKENS,
     DETECTION_POSITION, OVERHEAD, ERRORS, ROLLBACKS, ROLLBACK_TOKENS, INFO,
-    SERVER_REQUESTS, SERVER_REQUEST_DURATION, SERVER_TTFT, SERVER_QUEUED, SERVER_RUNNING, SERVER_BATCH_ROWS,
 )
 
 ERROR_SITES = ("observe", "deactivate", "penalty")
 
 
-def metric_names() -> set[str]:
-    """Every sample name the module can export (what dashboards may query)."""
+def metric_names(metrics=ALL) -> set[str]:
+    """Every sample name ``metrics`` can export (default: the guard's own; ``repguard.serve.metrics.
+    metric_names()`` adds the server's, and is what dashboards may query)."""
     names: set[str] = set()
-    for metric in ALL:
+    for metric in metrics:
         base = metric._name
         if isinstance(metric, Counter):
             names |= {base + "_total", base + "_created"}

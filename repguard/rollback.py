@@ -61,6 +61,12 @@ class RollbackConfig(BaseModel):
     repair_window: int = Field(64, ge=0, le=100_000, description="Re-decodes: generated tokens searched for repeats "
                                "(0: all).")
 
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, "RollbackConfig")) from None
+
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "RollbackConfig":
         if data is not None and not isinstance(data, dict):

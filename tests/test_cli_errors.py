@@ -132,6 +132,8 @@ def test_serve_check_checks_what_the_start_checks(capsys, tiny, files, monkeypat
     _fails(capsys, ["serve", "--check", "--model", str(files["dir"] / "nowhere")], "model")
     _fails(capsys, ["serve", "--check", "--model", str(files["empty_config"])], "model", "model_type")
     _fails(capsys, [*base, "--batch-wait-ms", "nan"], "batch_wait_ms")
+    _fails(capsys, [*base, "--device", "tpu"], "device")
+    assert shown["device"] == "cpu"
     _fails(capsys, [*base, "--drain-timeout-s", "inf"], "drain_timeout_s")
     _fails(capsys, [*base, "--guard", '{"layers": [5]}'], "layers")
     _fails(capsys, [*base, "--guard", '{"monitor_gate": NaN}'], "monitor_gate")

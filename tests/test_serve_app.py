@@ -11,7 +11,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from repguard import metrics
+from repguard.serve import metrics as server_metrics
 from repguard.errors import ConfigError
 from repguard.serve.app import build_engine, create_app
 from repguard.serve.router import build_router
@@ -248,7 +248,7 @@ def _dashboard_exprs() -> list[str]:
 
 
 def test_every_dashboard_metric_exists_in_the_metrics_module():
-    names = metrics.metric_names()
+    names = server_metrics.metric_names()
     exprs = _dashboard_exprs()
     assert exprs
     used = {m for e in exprs for m in re.findall(r"\b(repguard_[a-z_]+)\b", e)}
@@ -296,10 +296,11 @@ def test_metrics_in_multiprocess_mode(tmp_path):
 
     code = (
         "from repguard import metrics\n"
+        "from repguard.serve import metrics as server_metrics\n"
         "from prometheus_client import generate_latest\n"
         "metrics.init_model('m'); metrics.set_info('m', 'm')\n"
-        "metrics.LOOPS_DETECTED.labels('m').inc(); metrics.SERVER_QUEUED.labels('m').set(3)\n"
-        "metrics.SERVER_TTFT.labels('m').observe(0.2)\n"
+        "metrics.LOOPS_DETECTED.labels('m').inc(); server_metrics.SERVER_QUEUED.labels('m').set(3)\n"
+        "server_metrics.SERVER_TTFT.labels('m').observe(0.2)\n"
         "print(generate_latest(metrics.registry()).decode())\n"
     )
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}

@@ -214,10 +214,13 @@ def _render(tok, prompt: str, chat: bool) -> str:
 
 def _strip(ids: list[int], tok) -> list[int]:
     """Cut after the first EOS and drop trailing padding (rows that ended early are padded)."""
-    eos, pad = tok.eos_token_id, tok.pad_token_id
-    if eos in ids:
-        ids = ids[: ids.index(eos) + 1]
-    while ids and pad != eos and ids[-1] == pad:
+    from ..runtime import token_id_list
+
+    eos, pad = set(token_id_list(tok.eos_token_id)), tok.pad_token_id
+    for i, t in enumerate(ids):
+        if t in eos:
+            return ids[: i + 1]
+    while ids and ids[-1] == pad:
         ids.pop()
     return ids
 

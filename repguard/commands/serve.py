@@ -18,6 +18,7 @@ def add_parser(sub) -> None:
     p.add_argument("--neuron-map", help="neuron map path (default: the shipped map of the model)")
     p.add_argument("--guard", help="default guard config: a preset name or a JSON object of GuardConfig fields")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", help="where the embedded model runs: cpu, cuda, cuda:N, auto (default cpu)")
     p.add_argument("--threads", type=int, help="torch threads (0: torch's default)")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
@@ -67,8 +68,9 @@ def _guard_arg(value: str | None):
 def preflight(settings) -> None:
     """What the start checks before it binds, without loading the weights: the model folder (or embedded
     model), the neuron map and its fit to the model, the default guard against the map."""
-    from .checks import guard_fits, model_info, neuron_map_for
+    from .checks import device, guard_fits, model_info, neuron_map_for
 
+    device("device", settings.device)
     info = model_info("model", settings.model)
     nmap = neuron_map_for("neuron_map", settings.neuron_map, info)
     guard_fits("guard", settings.guard_config(), nmap)
@@ -152,7 +154,7 @@ def run(args) -> int:
 
     require("fastapi", "serve")
     require("uvicorn", "serve")
-    fields = ("model", "served_model_name", "neuron_map", "dtype", "threads", "host", "port", "api_key",
+    fields = ("model", "served_model_name", "neuron_map", "dtype", "device", "threads", "host", "port", "api_key",
               "auth_metrics", "auth_health", "max_batch_size", "max_queue", "batch_wait_ms", "max_tokens_limit",
               "default_max_tokens", "max_body_bytes", "drain_timeout_s", "rebatch_steps", "upstream", "upstream_tokenizer",
               "upstream_api_key", "upstream_timeout_s", "upstream_wait_s")
@@ -166,7 +168,7 @@ def run(args) -> int:
 
     settings = load_settings(cli, config_file=args.config)
     if settings.upstream:
-        embedded_only = ("model", "served_model_name", "neuron_map", "dtype", "threads", "max_batch_size",
+        embedded_only = ("model", "served_model_name", "neuron_map", "dtype", "device", "threads", "max_batch_size",
                          "max_queue", "batch_wait_ms", "default_max_tokens", "rebatch_steps")
         given = [f for f in embedded_only if cli.get(f) is not None]
         if given:

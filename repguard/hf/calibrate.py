@@ -45,6 +45,7 @@ from ..calibration import (
 )
 from ..detect import LoopDetector, Repetition
 from ..neuron_map import CalibrationInfo, NeuronMap, map_from_scores
+from ..runtime import flat_index, switch_off, token_id_list
 from .introspect import act_modules, arch_of, fingerprint, shape_of
 from .models import input_device
 
@@ -67,12 +68,8 @@ def _sampling_params(model) -> tuple[int, float]:
 
 
 def _eos_ids(model, tok) -> set[int]:
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        eos = tok.eos_token_id
-    if eos is None:
-        return set()
-    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+    return set(token_id_list(getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+                             tok.eos_token_id))
 
 
 # Why calibration decodes by hand instead of calling ``model.generate``: every text's sampled prefix must
@@ -322,7 +319,9 @@ def zeroed(model, layers: torch.Tensor, neurons: torch.Tensor) -> Iterator[None]
             on = index.get(out.device)
             if on is None:  # once per device (a layer of a sharded model may live on any GPU)
                 on = index[out.device] = index[torch.device("cpu")].to(out.device)
-            out[:, -1, on] = 0
+            batch, length, width = out.shape
+            newest = torch.arange(batch, device=out.device) * length + length - 1
+            switch_off(out, flat_index(newest, on, width), 0.0)
             return out
 
         handles.append(modules[layer].register_forward_hook(hook))

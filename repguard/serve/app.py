@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .._version import __version__
 from .. import metrics
+from . import metrics as server_metrics
 from .engine import Engine
 from .router import APIError, SafeJSONResponse, bearer_auth, build_router, endpoint_of, validation_error
 from .settings import ServeSettings
@@ -40,7 +41,7 @@ def build_engine(settings: ServeSettings) -> Engine:
     # a missing map fails before the (slow) model load when its name is known up front
     early = settings.neuron_map or (settings.model if settings.model in EMBEDDED else None)
     neuron_map = find_map(early) if early else None
-    model, tokenizer, name = load_model(settings.model, dtype=settings.dtype)
+    model, tokenizer, name = load_model(settings.model, dtype=settings.dtype, device=settings.device)
     served = settings.served_model_name or name
     neuron_map = neuron_map or find_map(name)
     guard = Guard(model, neuron_map, settings.guard_config(), model_name=served)
@@ -64,7 +65,7 @@ class BodyLimit:
     async def _refuse(self, error: APIError, scope, receive, send) -> None:
         endpoint = endpoint_of(scope.get("path", ""))
         if endpoint is not None:
-            metrics.SERVER_REQUESTS.labels(self.model_name, endpoint, str(error.status)).inc()
+            server_metrics.SERVER_REQUESTS.labels(self.model_name, endpoint, str(error.status)).inc()
         await error.response()(scope, receive, send)
 
     async def __call__(self, scope, receive, send):

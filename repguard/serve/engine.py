@@ -45,10 +45,12 @@ from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from .. import metrics
+from . import metrics as server_metrics
 from ..config import GuardConfig
 from ..errors import ConfigError
 from ..request_guard import RequestGuard, Submission, check_request_config, derive_seed
 from ..rollback import RollbackConfig, RollbackPolicy
+from ..runtime import token_id_list
 
 log = logging.getLogger("repguard.serve")
 
@@ -365,7 +367,7 @@ class Engine:
             except ConfigError as exc:
                 raise ConfigError(f"guard.{exc} (or turn rollback off: rollback {{\"enabled\": false}})") from None
         self._policies: dict[tuple, RollbackPolicy] = {}
-        self.eos = set(guard.eos) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+        self.eos = set(guard.eos) | set(token_id_list(tokenizer.eos_token_id))
         # Finished rows are padded with EOS, so the guard stops watching them (it ignores rows after EOS).
         self.pad_id = min(self.eos) if self.eos else tokenizer.pad_token_id
         self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
@@ -491,8 +493,8 @@ class Engine:
 
     def _gauges(self) -> None:
         queued, running = self._counts()
-        metrics.SERVER_QUEUED.labels(self.model_name).set(queued)
-        metrics.SERVER_RUNNING.labels(self.model_name).set(running)
+        server_metrics.SERVER_QUEUED.labels(self.model_name).set(queued)
+        server_metrics.SERVER_RUNNING.labels(self.model_name).set(running)
 
     def _insert(self, ch: _Choice) -> None:
         bisect.insort(self._pending, ch, key=lambda c: c.order)
@@ -661,7 +663,7 @@ class Engine:
             torch.manual_seed(derive_seed(first.seed, first.batches))
         for req in {id(ch.request): ch.request for ch in batch}.values():
             req.batches += 1
-        metrics.SERVER_BATCH_ROWS.labels(self.model_name).observe(len(rows))
+        server_metrics.SERVER_BATCH_ROWS.labels(self.model_name).observe(len(rows))
         self.batches += 1
         try:
             with torch.inference_mode():

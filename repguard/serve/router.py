@@ -26,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 
-from .. import metrics
+from . import metrics as server_metrics
 from ..config import GuardConfig
 from ..errors import ConfigError
 from ..request_guard import check_request_config
@@ -164,7 +164,7 @@ class OpenAIRoute(APIRoute):
                 response = APIError(500, "internal server error", type="server_error").response()
             if endpoint is not None and not isinstance(response, StreamingResponse):  # a stream counts its own end
                 status = getattr(request.state, "repguard_status", None) or response.status_code
-                metrics.SERVER_REQUESTS.labels(model, endpoint, str(status)).inc()
+                server_metrics.SERVER_REQUESTS.labels(model, endpoint, str(status)).inc()
             return response
 
         return wrapped
@@ -298,7 +298,7 @@ def build_router(engine: Engine, settings: ServeSettings | None = None) -> APIRo
                 return
             if first and ev["type"] in ("delta", "finish"):
                 first = False
-                metrics.SERVER_TTFT.labels(name).observe(time.perf_counter() - req.admitted)
+                server_metrics.SERVER_TTFT.labels(name).observe(time.perf_counter() - req.admitted)
             yield ev
 
     def guard_enabled(body) -> bool:
@@ -319,7 +319,7 @@ def build_router(engine: Engine, settings: ServeSettings | None = None) -> APIRo
         obj = "chat.completion" if chat else "text_completion"
 
         def duration() -> None:
-            metrics.SERVER_REQUEST_DURATION.labels(name, endpoint).observe(time.perf_counter() - req.admitted)
+            server_metrics.SERVER_REQUEST_DURATION.labels(name, endpoint).observe(time.perf_counter() - req.admitted)
 
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -359,7 +359,7 @@ def build_router(engine: Engine, settings: ServeSettings | None = None) -> APIRo
                     code = failed or 200
                 finally:  # normal end, error, or the client went away (the task is cancelled)
                     engine.cancel(req)
-                    metrics.SERVER_REQUESTS.labels(name, endpoint, str(code)).inc()
+                    server_metrics.SERVER_REQUESTS.labels(name, endpoint, str(code)).inc()
                     duration()
 
             return StreamingResponse(stream(), media_type="text/event-stream",

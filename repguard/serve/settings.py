@@ -31,6 +31,7 @@ class ServeSettings(BaseModel):
     neuron_map: str | None = Field(None, description="Neuron map path (default: the shipped map of the model).")
     guard: dict[str, Any] = Field(default_factory=dict, description="Default GuardConfig for requests (a preset or fields).")
     dtype: str = Field("float32", pattern="^(float32|bfloat16|float16)$")
+    device: str = Field("cpu", description="Where the embedded model runs: cpu, cuda, cuda:N, auto (device_map='auto').")
     threads: int = Field(0, ge=0, le=256, description="torch threads (0: leave torch's default).")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)

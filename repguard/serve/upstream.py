@@ -40,6 +40,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from .. import metrics
+from . import metrics as server_metrics
 from ..config import GuardConfig
 from ..errors import ConfigError, RepGuardError
 from ..request_guard import RequestGuard, Submission, derive_seed
@@ -607,7 +608,7 @@ def build_upstream_router(proxy: UpstreamProxy, settings: ServeSettings) -> APIR
                 yield f"data: {dumps(err.body())}\n\n".encode()
             finally:
                 await close(resp)
-                metrics.SERVER_REQUESTS.labels(model, endpoint, str(code)).inc()
+                server_metrics.SERVER_REQUESTS.labels(model, endpoint, str(code)).inc()
 
         return StreamingResponse(relay(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -683,7 +684,7 @@ async def _complete(call: GuardedCall, request: Request, chat: bool, endpoint: s
         async for _ in call.run():
             if first:
                 first = False
-                metrics.SERVER_TTFT.labels(call.model).observe(time.perf_counter() - admitted)
+                server_metrics.SERVER_TTFT.labels(call.model).observe(time.perf_counter() - admitted)
 
     try:
         if await _until_done(asyncio.ensure_future(drain()), request) is GONE:
@@ -691,7 +692,7 @@ async def _complete(call: GuardedCall, request: Request, chat: bool, endpoint: s
             return Response(status_code=CLIENT_CLOSED)
         text = await call.text_of(call.rg.tokens, final=True)
     finally:
-        metrics.SERVER_REQUEST_DURATION.labels(call.model, endpoint).observe(time.perf_counter() - admitted)
+        server_metrics.SERVER_REQUEST_DURATION.labels(call.model, endpoint).observe(time.perf_counter() - admitted)
         call.record()
     rg, body = call.rg, call.body
     choice: dict[str, Any] = {"index": 0}
@@ -746,7 +747,7 @@ async def _stream(call: GuardedCall, body: dict[str, Any], chat: bool, endpoint:
         try:
             async for ids in call.run():
                 if not released:
-                    metrics.SERVER_TTFT.labels(call.model).observe(time.perf_counter() - admitted)
+                    server_metrics.SERVER_TTFT.labels(call.model).observe(time.perf_counter() - admitted)
                 if call.rg.done:
                     continue  # the rest goes out with the finish
                 released += ids
@@ -769,8 +770,8 @@ async def _stream(call: GuardedCall, body: dict[str, Any], chat: bool, endpoint:
     finally:  # normal end, error, or the client went away (the task is cancelled: the upstream stream closes)
         if call.resp is not None:
             await close(call.resp)
-        metrics.SERVER_REQUESTS.labels(call.model, endpoint, str(code)).inc()
-        metrics.SERVER_REQUEST_DURATION.labels(call.model, endpoint).observe(time.perf_counter() - admitted)
+        server_metrics.SERVER_REQUESTS.labels(call.model, endpoint, str(code)).inc()
+        server_metrics.SERVER_REQUEST_DURATION.labels(call.model, endpoint).observe(time.perf_counter() - admitted)
         call.record()
 
 
