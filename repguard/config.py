@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -9,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .errors import ConfigError
 
 PRESETS = ("default", "monitor", "paper", "off")
+_STRICT: ContextVar[bool] = ContextVar("repguard_config_strict", default=False)  # set by _validate only
 _PRESET_FIELDS: dict[str, dict[str, Any]] = {
     "default": {},
     "monitor": {"deactivate": False, "escalate": False, "stop": False},
@@ -88,6 +90,14 @@ class GuardConfig(BaseModel):
         return self
 
     # -- construction ------------------------------------------------------------------------------
+    def __init__(self, /, **data: Any) -> None:
+        """``GuardConfig(k=64)``; a bad value raises ``ConfigError`` naming the field, as every other
+        way of building one does."""
+        try:
+            self.__pydantic_validator__.validate_python(data, self_instance=self, strict=_STRICT.get())
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, "GuardConfig")) from None
+
     @classmethod
     def from_preset(cls, name: str = "default", **overrides: Any) -> "GuardConfig":
         """Named starting points: default (trigger -> deactivate -> escalate -> stop), monitor
@@ -128,10 +138,13 @@ class GuardConfig(BaseModel):
 
 
 def _validate(cls, data: dict[str, Any], strict: bool = False) -> GuardConfig:
+    # through __init__, which raises ConfigError (model_validate would call it too, but drop ``strict``
+    # and wrap the ConfigError in a ValidationError)
+    token = _STRICT.set(strict)
     try:
-        return cls.model_validate(data, strict=strict)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, "GuardConfig")) from None
+        return cls(**data)
+    finally:
+        _STRICT.reset(token)
 
 
 def format_validation_error(exc: ValidationError, what: str, secret: frozenset[str] = frozenset()) -> str:

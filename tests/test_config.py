@@ -52,3 +52,18 @@ def test_strict_mode_refuses_coercion(bad, field):
 def test_strict_mode_accepts_json_shapes():
     cfg = GuardConfig.from_dict({"preset": "monitor", "layers": [0, 1], "k": 3, "min_copies": 2}, strict=True)
     assert cfg.layers == (0, 1) and cfg.k == 3 and cfg.min_copies == 2.0 and not cfg.deactivate
+
+
+@pytest.mark.parametrize("bad, field", [({"k": 0}, "k"), ({"unknown_knob": 1}, "unknown_knob"),
+                                        ({"window": 5}, "window"), ({"penalty_base": float("nan")}, "penalty_base")])
+def test_direct_construction_raises_config_error_naming_the_field(bad, field):
+    # what a user of the Python API writes first; it raises the same error as every other way in
+    with pytest.raises(ConfigError, match=field):
+        GuardConfig(**bad)
+    assert GuardConfig(k=7).k == 7
+
+
+def test_strict_mode_does_not_leak_into_later_constructions():
+    with pytest.raises(ConfigError, match="k"):
+        GuardConfig.from_dict({"k": "64"}, strict=True)
+    assert GuardConfig(k="64").k == 64  # the Python API coerces, as pydantic does

@@ -123,6 +123,8 @@ def test_the_cycle_check_sees_relative_and_parent_imports():
 
 
 def test_the_vllm_engine_guard_and_the_logits_processor_do_not_import_each_other():
-    """The processor finds the worker's guard; the guard never reaches back for the processor (not even in a
-    function body)."""
+    """They meet in ``repguard.vllm.worker``, the process's one guard slot: neither imports the other, not
+    even in a function body."""
     assert "repguard.vllm.logits" not in _imports("repguard.vllm.engine", everywhere=True)
+    assert "repguard.vllm.engine" not in _imports("repguard.vllm.logits", everywhere=True)
+    assert "repguard.vllm.worker" in _imports("repguard.vllm.logits", everywhere=False)

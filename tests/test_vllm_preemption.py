@@ -30,14 +30,14 @@ sys.path.insert(0, {here!r})
 from vllm_helpers import engine_kwargs
 if __name__ == "__main__":
     from vllm import LLM, SamplingParams
-    from repguard.vllm import engine, fetch_reports
+    from repguard.vllm import fetch_reports, worker
     # 12 blocks of 128 tokens: 1,536 tokens of KV cache for 8 requests of ~310 tokens each.
     llm = LLM({folder!r}, **engine_kwargs(max_num_seqs=8, num_gpu_blocks_override=12))
     p = SamplingParams(temperature=0, max_tokens=300, ignore_eos=True,
                        extra_args={{"repguard": True, "repguard_preset": "monitor"}})
     outs = llm.generate(json.loads({prompts!r}), p, use_tqdm=False)
     reports = fetch_reports(llm)
-    resumed = llm.collective_rpc(lambda worker: engine.current().resumed)
+    resumed = llm.collective_rpc(lambda w: worker.current().resumed)
     print("RESULT " + json.dumps({{"tokens": [list(o.outputs[0].token_ids) for o in outs],
                                   "reports": [reports.get(o.request_id) for o in outs], "resumed": resumed}}))
 '''

@@ -18,7 +18,7 @@ from repguard.config import GuardConfig  # noqa: E402
 from repguard.errors import ConfigError  # noqa: E402
 from repguard.archs import arch_for
 from repguard.neuron_map import map_from_scores  # noqa: E402
-from repguard.vllm import compat, engine, logits  # noqa: E402
+from repguard.vllm import compat, engine, logits, worker  # noqa: E402
 from repguard.vllm.engine import EngineGuard, slice_plans  # noqa: E402
 from repguard.vllm.logits import RepGuardLogitsProcessor, request_config  # noqa: E402
 
@@ -132,11 +132,11 @@ def setup(monkeypatch):
     monkeypatch.setattr(logits, "PLUGIN_ACTIVE", True)
     runner = fake_runner()
     guard = EngineGuard(runner, tiny_map(), GuardConfig(), "tiny").install()
-    engine.set_current(guard)
+    worker.set_current(guard)
     proc = RepGuardLogitsProcessor(runner.vllm_config, torch.device("cpu"), False)
     runner.input_batch.logitsprocs.all = [proc]
     yield runner, guard, proc
-    engine.set_current(None)
+    worker.set_current(None)
 
 
 def add(runner, proc, reqs):
@@ -357,12 +357,12 @@ def test_matching_map_installs_and_no_map_runs_unguarded(monkeypatch, tmp_path):
     monkeypatch.setenv("REPGUARD_MAP", str(fitted_map(runner).save(tmp_path / "tiny.safetensors")))
     try:
         guard = plugin.install(runner)
-        assert guard is engine.current() and guard.plans
+        assert guard is worker.current() and guard.plans
         monkeypatch.delenv("REPGUARD_MAP")
         monkeypatch.setenv("REPGUARD_MAP_PATH", str(tmp_path / "empty"))
-        assert plugin.install(runner) is None and engine.current() is None
+        assert plugin.install(runner) is None and worker.current() is None
     finally:
-        engine.set_current(None)
+        worker.set_current(None)
 
 
 # -- never harm an engine: where the neuron step cannot run, the plugin is inert ----------------------------
@@ -392,7 +392,7 @@ def test_unsupported_engines_load_unchanged_and_refuse_neuron_requests(case, mon
         with caplog.at_level("WARNING", logger="repguard"):
             assert loaded(runner) == "loaded"  # the engine's own load_model ran and returned
             loaded(runner)
-        assert engine.current() is None, "no guard installed"
+        assert worker.current() is None, "no guard installed"
         act = runner.model.model.layers[0].mlp.act_fn
         assert not act._forward_hooks and not runner.model._forward_pre_hooks, "no hook on the model"
         said = [r.getMessage() for r in caplog.records if "neuron step inactive" in r.getMessage()]
@@ -404,7 +404,7 @@ def test_unsupported_engines_load_unchanged_and_refuse_neuron_requests(case, mon
             RepGuardLogitsProcessor.validate_params(SamplingParams(extra_args={"repguard": True}))
         RepGuardLogitsProcessor.validate_params(SamplingParams(max_tokens=4))
     finally:
-        engine.set_current(None)
+        worker.set_current(None)
         logits.NEURON_STEP_BLOCKED = None
 
 
@@ -416,10 +416,10 @@ def test_supported_engine_installs_and_admits_neuron_requests(monkeypatch, tmp_p
     monkeypatch.setenv("REPGUARD_MAP", str(fitted_map(runner).save(tmp_path / "tiny.safetensors")))
     try:
         plugin._wrap_load_model(lambda self: None)(runner)
-        assert engine.current() is not None and logits.NEURON_STEP_BLOCKED is None
+        assert worker.current() is not None and logits.NEURON_STEP_BLOCKED is None
         RepGuardLogitsProcessor.validate_params(SamplingParams(extra_args={"repguard": True}))
     finally:
-        engine.set_current(None)
+        worker.set_current(None)
 
 
 def test_a_guard_failure_at_load_never_stops_the_engine(monkeypatch, caplog):
@@ -480,7 +480,7 @@ def test_rows_are_mapped_when_a_graph_replay_skips_the_model_pre_hook(monkeypatc
     try:
         proc = RepGuardLogitsProcessor(runner.vllm_config, torch.device("cpu"), False)
         runner.input_batch.logitsprocs.all = [proc]
-        engine.set_current(guard)
+        worker.set_current(guard)
         add(runner, proc, [("a-0000aaaa", {"repguard": True}), ("b-0000bbbb", {"repguard": True})])
         layer, plan = next(iter(guard.plans.items()))
         x = torch.randn(3, 2 * D_FF, generator=torch.Generator().manual_seed(7))
@@ -499,7 +499,7 @@ def test_rows_are_mapped_when_a_graph_replay_skips_the_model_pre_hook(monkeypatc
         assert guard._mapped is False
     finally:
         guard.remove()
-        engine.set_current(None)
+        worker.set_current(None)
     assert "_model_forward" not in runner.__dict__, "remove() restores the runner"
 
 
@@ -513,7 +513,7 @@ def test_random_batch_updates_keep_every_request_state(monkeypatch):
     width = 6
     runner = fake_runner(max_reqs=width)
     guard = EngineGuard(runner, tiny_map(), GuardConfig.from_preset("monitor"), "tiny").install()
-    engine.set_current(guard)
+    worker.set_current(guard)
     proc = RepGuardLogitsProcessor(runner.vllm_config, torch.device("cpu"), False)
     runner.input_batch.logitsprocs.all = [proc]
     rng = random.Random(0)
@@ -585,4 +585,4 @@ def test_random_batch_updates_keep_every_request_state(monkeypatch):
         done = {r.rpartition("-")[0] for r in finished if guarded[r]}
         assert done <= set(reports), "every finished guarded request has its report"
     finally:
-        engine.set_current(None)
+        worker.set_current(None)

@@ -27,9 +27,9 @@ from .logits import RepGuardLogitsProcessor, request_config, server_config  # no
 
 def _take_reports(worker, request_ids=None, pop=True):
     """Runs inside each worker (via ``collective_rpc``)."""
-    from . import engine
+    from . import worker
 
-    guard = engine.current()
+    guard = worker.current()
     if guard is None:
         return {}
     return guard.take_reports(request_ids, pop)

@@ -493,18 +493,3 @@ class EngineGuard:
         first, self.broken = not self.broken, True
         self.runtime.fail_open(self.model_name, where, [seq.report for seq in self.runtime.seqs if seq is not None],
                                first, "requests continue unguarded")
-
-
-# The guard of the engine whose model this worker process loaded last (one engine per worker).
-_CURRENT: EngineGuard | None = None
-
-
-def current() -> EngineGuard | None:
-    return _CURRENT
-
-
-def set_current(guard: EngineGuard | None) -> None:
-    global _CURRENT
-    if _CURRENT is not None and _CURRENT is not guard:
-        _CURRENT.remove()
-    _CURRENT = guard

@@ -142,9 +142,9 @@ def _greedy(params) -> bool:
 
 def _status(worker) -> dict:
     """Runs in each worker: can the plugin run the neuron step on this engine?"""
-    from . import engine
+    from . import worker
 
-    guard = engine.current()
+    guard = worker.current()
     return {"neurons": guard is not None and not guard.broken}
 
 

@@ -35,7 +35,7 @@ import torch
 
 from ..config import GuardConfig
 from ..errors import ConfigError
-from . import compat, engine
+from . import compat, worker
 
 log = logging.getLogger("repguard")
 
@@ -138,8 +138,8 @@ class RepGuardLogitsProcessor(compat.LogitsProcessor):
     def is_argmax_invariant(self) -> bool:
         return not self.active
 
-    def _guard(self) -> engine.EngineGuard | None:
-        guard = engine.current()
+    def _guard(self):  # -> engine.EngineGuard | None
+        guard = worker.current()
         if guard is None or guard.runner.vllm_config is not self.vllm_config or not guard.owns(self):
             return None
         return guard

@@ -136,9 +136,9 @@ def _tag_output(original):
     def sample_tokens(self, *args, **kwargs):
         out = original(self, *args, **kwargs)
         try:
-            from . import engine
+            from . import worker
 
-            guard = engine.current()
+            guard = worker.current()
             ending = guard.take_stop_signals() if guard is not None and guard.runner is self else None
             if ending:
                 _attach(out, ending)
@@ -175,9 +175,9 @@ def _wrap_load_model(original):
             raise  # REPGUARD_MAP names a map that cannot serve this model: say so at start
         except Exception:  # anything else: never stop the engine
             log.exception("repguard: could not install the neuron step; this engine runs without it")
-            from . import engine
+            from . import worker
 
-            engine.set_current(None)
+            worker.set_current(None)
         return result
 
     setattr(load_model, _WRAPPED, True)
@@ -223,10 +223,10 @@ def map_identity(neuron_map) -> str:
 
 def install(runner):
     """Install the guard on a loaded V1 model runner; returns the ``EngineGuard`` or None."""
-    from . import compat, engine, logits
+    from . import compat, engine, logits, worker
 
     vllm_config = runner.vllm_config
-    engine.set_current(None)
+    worker.set_current(None)
     logits.NEURON_STEP_BLOCKED = None
     if getattr(runner, "is_pooling_model", False):
         return None
@@ -259,6 +259,6 @@ def install(runner):
     if compat.is_compiled(vllm_config):
         compat.salt_compile_cache(vllm_config, "repguard", map_identity(neuron_map))
     guard = engine.EngineGuard(runner, neuron_map, logits.server_config(), model_name).install()
-    engine.set_current(guard)
+    worker.set_current(guard)
     log.info("repguard: neuron map from %s", source)
     return guard
