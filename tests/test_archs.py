@@ -151,6 +151,15 @@ def test_expert_counts_in_a_config_are_refused_whatever_the_model_type():
     assert not MOE_MODEL_TYPES & set(supported_model_types())
 
 
+def test_a_loaded_model_whose_config_counts_experts_is_refused_by_the_guard():
+    # a dense model type with experts in its config (a custom MoE on a known layout): the guard's hooks would
+    # address one dense MLP per layer, so it refuses rather than guard the wrong neurons
+    model = tiny("qwen3")
+    model.config.num_experts = 4
+    with pytest.raises(UnsupportedModelError, match="4 experts"):
+        guard(model, None)
+
+
 def test_the_cli_model_check_refuses_a_moe_folder_before_loading_weights(tmp_path):
     from repguard.commands.checks import model_info
 

@@ -104,3 +104,15 @@ def test_a_file_that_is_not_gguf_or_is_missing_is_a_clear_error(tmp_path, capsys
         code, _, err = _cli(capsys, *argv)
         assert code == 2
         assert "--model" in err and ("not a GGUF file" in err or "no such GGUF file" in err)
+
+
+def test_serve_takes_the_gguf_and_finds_the_shipped_map_by_its_shape(gguf_cache):
+    from repguard.serve.app import build_engine
+    from repguard.serve.settings import ServeSettings
+
+    engine = build_engine(ServeSettings(model=str(_smollm2_gguf()), threads=1))
+    try:
+        assert engine.neuron_step, "the GGUF of the embedded model is served with the neuron step"
+        assert engine.guard.neuron_map.meta.model_name == "smollm2-135m"
+    finally:
+        engine.close()

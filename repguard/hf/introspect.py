@@ -19,7 +19,8 @@ def arch_of(model) -> ArchSpec:
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "model_type"):
         raise UnsupportedModelError(f"{type(model).__name__} has no config.model_type; pass a transformers causal LM")
-    return arch_for(text_config(model).model_type)
+    text = text_config(model)
+    return arch_for(text.model_type, text)  # the config also refuses a mixture-of-experts MLP
 
 
 def act_modules(model) -> list[torch.nn.Module]:

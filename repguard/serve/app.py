@@ -43,7 +43,10 @@ def build_engine(settings: ServeSettings) -> Engine:
     neuron_map = find_map(early) if early else None
     model, tokenizer, name = load_model(settings.model, dtype=settings.dtype, device=settings.device)
     served = settings.served_model_name or name
-    neuron_map = neuron_map or find_map(name)
+    if neuron_map is None:  # a .gguf file or a renamed folder: the shipped map of a model of its shape
+        from ..hf.introspect import fingerprint
+
+        neuron_map = find_map(name, shape_key=fingerprint(model).config)
     guard = Guard(model, neuron_map, settings.guard_config(), model_name=served)
     guard.install()
     return Engine(
