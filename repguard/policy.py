@@ -76,6 +76,16 @@ class SequenceReport:
         return d
 
 
+
+def detector_for(config: GuardConfig) -> LoopDetector:
+    """A fresh ``LoopDetector`` with the triggers ``config`` asks for."""
+    return LoopDetector(
+        config.ngram, config.window, config.min_count,
+        use_paper=config.paper_trigger, use_suffix=config.suffix_trigger,
+        min_repeat=config.min_repeat, min_copies=config.min_copies, max_period=config.max_period,
+    )
+
+
 class SequenceGuard:
     """Guard state of one sequence. ``observe`` is the per-token hot path: keep it lean."""
 
@@ -95,11 +105,7 @@ class SequenceGuard:
         tokens kept from an earlier pass (a rollback): they prime the detector and positions continue
         after them. Report positions always count generated tokens."""
         self.config = config
-        self.detector = LoopDetector(
-            config.ngram, config.window, config.min_count,
-            use_paper=config.paper_trigger, use_suffix=config.suffix_trigger,
-            min_repeat=config.min_repeat, min_copies=config.min_copies, max_period=config.max_period,
-        )
+        self.detector = detector_for(config)
         self.history: list[int] = []
         self.report = SequenceReport()
         self.period = 0

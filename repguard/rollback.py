@@ -2,17 +2,20 @@
 reaches the output.
 
 A sequence is decoded in *passes*. The first pass only watches, with a precise trigger (by default the
-paper's criterion alone), so a sequence that never loops is never touched. When a pass confirms a loop,
-the sequence is cut back to the loop's onset (the start of its second copy) and decoded again from
-there, with the repair active from the first new token:
+paper's criterion alone: a 10-gram three times, equally spaced, here within ``watch_window`` = 200 tokens
+so that loops with copies up to ~95 tokens apart count), so a sequence that never loops is never touched.
+When a pass confirms a loop, the sequence is cut back to the loop's onset (the start of its second copy;
+with ``cut_back``, to an earlier repeat in the kept text that the re-decode's triggers see) and decoded
+again from there, with the repair active from the first new token:
 
 * the token that started the second copy is banned for that first step (the exact token that would
   extend the loop);
-* every re-decoded token that would extend a repeat of recent text is penalised, DRY-style
+* every re-decoded token that would extend a repeat of the text generated so far is penalised, DRY-style
   (``repguard.repair``), so the re-decode does not fall back into a variant of the same loop;
 * the mapped neurons are switched off for the whole re-decode, where the path can run them;
-* re-decoded text is known to loop, so it is watched with the configured, earlier triggers too, and
-  a loop there is rolled back again, up to ``max_rollbacks`` times;
+* re-decoded text is known to loop, so it is watched with the configured, earlier triggers too (the
+  suffix trigger for periods up to ``redecode_max_period``), and a loop there is rolled back again, up
+  to ``max_rollbacks`` times;
 * the last pass runs the full per-token policy (deactivate -> escalate -> stop).
 
 ``RollbackPolicy`` holds these decisions; ``RollbackState`` applies them to one sequence: what to keep,
@@ -35,14 +38,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .config import GuardConfig, format_validation_error
 from .errors import ConfigError
-from .policy import Level, LevelChange, SequenceReport
+from .policy import Level, LevelChange, SequenceReport, detector_for
 from .repair import RepeatPenalty
 
 BAN = float("inf")  # logit penalty of a banned token (frameworks that clamp biases use their maximum)
 
 
 class RollbackConfig(BaseModel):
-    """How rollback runs. ``holdback`` None: the paper criterion's window plus its n-gram."""
+    """How rollback runs. ``holdback`` None: the watch window plus the n-gram.
+
+    The defaults were chosen on the tuning half of ``benchmarks.evidence.chat`` (benchmarks/results/notes.md)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
@@ -53,13 +58,22 @@ class RollbackConfig(BaseModel):
         "phrase is never touched.")
     holdback: int | None = Field(None, ge=0, le=100_000, description="Streaming: tokens held back before release.")
     repair_multiplier: float = Field(
-        0.8, ge=0, le=100, description="Re-decodes: DRY-style penalty multiplier on tokens that extend a repeat "
+        1.6, ge=0, le=100, description="Re-decodes: DRY-style penalty multiplier on tokens that extend a repeat "
         "(0: off; only the loop's next token is banned).")
     repair_base: float = Field(1.75, ge=1, le=10, description="Re-decodes: the penalty grows by this factor per "
                                "matched token beyond repair_allowed_length.")
     repair_allowed_length: int = Field(2, ge=1, le=100, description="Re-decodes: repeats up to this length are free.")
-    repair_window: int = Field(64, ge=0, le=100_000, description="Re-decodes: generated tokens searched for repeats "
+    repair_window: int = Field(0, ge=0, le=100_000, description="Re-decodes: generated tokens searched for repeats "
                                "(0: all).")
+    watch_window: int | None = Field(
+        200, ge=2, le=4096, description="The paper criterion's window r in every pass (None: the guard config's "
+        "window). A loop whose copies are more than r/3 tokens apart never meets the criterion at r.")
+    cut_back: bool = Field(
+        True, description="On a rollback, cut to the earliest loop the re-decode's triggers see in the text kept "
+        "so far (a repeat that began before the confirmed loop), not only to the confirmed loop's onset.")
+    redecode_max_period: int | None = Field(
+        256, ge=1, le=4096, description="Re-decodes: longest loop period the suffix trigger watches for (None: "
+        "the guard config's max_period); re-decoded text is known to loop, so it is watched more widely.")
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -97,15 +111,20 @@ class RollbackPolicy:
             self.repair = RepeatPenalty(st.repair_multiplier, st.repair_base, st.repair_allowed_length,
                                         st.repair_window)
         cfg = self.config
+        if st.watch_window is not None and st.watch_window != cfg.window:
+            cfg = cfg.replace(window=st.watch_window)  # ConfigError when shorter than the n-gram
         # The first pass decides which sequences are touched at all.
-        self.first = cfg.replace(suffix_trigger=False, paper_trigger=True) if self.settings.precise_trigger else cfg
+        self.first = cfg.replace(suffix_trigger=False, paper_trigger=True) if st.precise_trigger else cfg
+        redecode = cfg
+        if st.redecode_max_period is not None and redecode.suffix_trigger:
+            redecode = redecode.replace(max_period=st.redecode_max_period)
         self._configs = (
             # Watch only; end the pass the moment a loop is confirmed.
             self.first.replace(deactivate=False, escalate=False, stop=True, always_on=False),
             # Re-decodes: neurons off throughout, end the pass at the first sign of the loop coming back.
-            cfg.replace(always_on=cfg.deactivate, escalate=False, stop=True, stop_after=1),
+            redecode.replace(always_on=cfg.deactivate, escalate=False, stop=True, stop_after=1),
             # The last pass: the full policy.
-            cfg.replace(always_on=cfg.deactivate),
+            redecode.replace(always_on=cfg.deactivate),
         )
 
     def token_level(self) -> "RollbackPolicy":
@@ -124,13 +143,22 @@ class RollbackPolicy:
     @property
     def holdback(self) -> int:
         hb = self.settings.holdback
-        return self.config.window + self.config.ngram if hb is None else hb
+        return self.first.window + self.first.ngram if hb is None else hb
 
     def pass_config(self, attempt: int) -> GuardConfig:
         """Settings of pass ``attempt`` (0 = the first)."""
         if attempt >= self.max_rollbacks:
             return self.first if attempt == 0 else self._configs[2]
         return self._configs[0] if attempt == 0 else self._configs[1]
+
+    def earliest_loop(self, text: list[int]) -> int | None:
+        """Onset of the first loop that a re-decode's triggers see in ``text`` (None: none)."""
+        det = detector_for(self._configs[1])
+        for token in text:
+            event = det.update(token)
+            if event is not None:
+                return event.onset
+        return None
 
     def start(self, max_new_tokens: int) -> "RollbackState":
         if max_new_tokens < 1:
@@ -194,8 +222,12 @@ class RollbackState:
             det = None
             merged.finish_reason = None
         onset = min(det.onset, len(text) - 1) if det is not None else -1
-        if (not final and not self.last and report.finish_reason == "repetition" and det is not None
-                and det.onset > 0 and onset >= self.released):
+        rolls = not final and not self.last and report.finish_reason == "repetition" and onset > 0
+        if rolls and self.policy.settings.cut_back:
+            early = self.policy.earliest_loop(text[:onset])
+            if early is not None and 0 < early < onset and early >= self.released:
+                onset = early
+        if rolls and onset >= self.released:
             self.ban = text[onset]
             self.kept = text[:onset]
             self.rollbacks += 1

@@ -112,3 +112,15 @@ def test_paper_prompts_are_bos_plus_ten_sampled_tokens_reproducibly():
     assert paper_prompts(model, tok, 3) == a[:3], "each prompt has its own seeded stream"
     assert len({tuple(p) for p in a}) > 1
     assert paper_prompts(model, tok, 6, seed=1) != a
+
+
+def test_the_first_pass_table_counts_the_rows_each_trigger_would_touch():
+    from benchmarks.evidence.first_pass import table
+
+    period_50 = [1000 + i for i in range(50)] * 4  # copies 50 apart: the paper's criterion needs r >= 110
+    calm = list(range(2000, 2200))
+    data = {"methods": {"none": {"outputs": [period_50, calm],
+                                 "labels": [{"strict": True}, {"strict": False}]}}}
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in table(data).splitlines()[2:]}
+    assert rows["paper r=100 (the paper's window)"] == ["0/1", "0/1 |"]
+    assert rows["paper r=200"] == ["1/1", "0/1 |"]

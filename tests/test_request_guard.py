@@ -272,3 +272,57 @@ def test_a_stream_that_never_rolls_back_is_never_penalised():
     subs = []
     run(g, echo, log=subs)
     assert len(subs) == 1 and g.rollbacks == 0
+
+
+def test_a_loop_with_copies_further_apart_than_a_third_of_the_window_is_caught_by_a_wider_watch_window():
+    """Copies 50 tokens apart: three of them span 110 tokens, so the paper's criterion at r=100 never sees the
+    loop and the text goes out untouched; watched at r=200 it is rolled back and the loop ends."""
+    model = fake_model(50)
+    seq = list(PROMPT)
+    for _ in range(200):
+        seq.append(model(seq, None))
+    plain = seq[len(PROMPT):]
+    narrow = RequestGuard(RollbackPolicy(GuardConfig(escalate=False, stop=False), watch_window=100),
+                          max_new_tokens=200, greedy=True)
+    run(narrow, model)
+    assert narrow.rollbacks == 0 and narrow.tokens == plain and find_repetition(plain, r=200) is not None
+    wide = RequestGuard(RollbackPolicy(GuardConfig(escalate=False, stop=False), watch_window=200),
+                        max_new_tokens=200, greedy=True)
+    run(wide, model)
+    assert wide.rollbacks >= 1 and wide.report.detections[0].period == 50
+    assert find_repetition(wide.tokens, r=200) is None, "the long-period loop is gone"
+
+
+def test_watch_settings_reach_the_passes_they_name():
+    policy = RollbackPolicy(GuardConfig(), watch_window=300, redecode_max_period=256, max_rollbacks=2)
+    first, redecode, last = policy.pass_config(0), policy.pass_config(1), policy.pass_config(2)
+    assert first.window == redecode.window == last.window == 300 and not first.suffix_trigger
+    assert first.max_period == GuardConfig().max_period and redecode.max_period == last.max_period == 256
+    assert policy.holdback == 310, "held back: the watch window plus the n-gram, so no rollback takes back text"
+    with pytest.raises(ConfigError, match="window"):
+        RollbackPolicy(GuardConfig(), watch_window=5)  # shorter than the n-gram
+    with pytest.raises(ConfigError, match="redecode_max_period"):
+        RollbackPolicy(GuardConfig(), redecode_max_period=0)
+
+
+def test_cut_back_goes_to_an_earlier_repeat_in_the_kept_text():
+    """A confirmed loop whose kept text already holds two back-to-back copies of a 14-token span: with
+    ``cut_back`` the re-decode starts at that earlier repeat (and bans its first token), so the repeat does not
+    stay in the output; without it only the confirmed loop's copy is cut."""
+    from repguard.policy import Detection, SequenceReport
+
+    span = list(range(100, 114))
+    text = list(range(10, 20)) + span + span + list(range(200, 240))
+    loop_onset = 60
+    def report():  # a pass's report (end_pass takes it over)
+        return SequenceReport(detections=[Detection(position=70, onset=loop_onset, period=10, trigger="paper")],
+                              finish_reason="repetition")
+
+    plain = RollbackPolicy(GuardConfig(), max_rollbacks=2, cut_back=False).start(100)
+    assert plain.end_pass(text, report()) and plain.kept == text[:loop_onset]
+    back = RollbackPolicy(GuardConfig(), max_rollbacks=2).start(100)  # the default
+    assert back.end_pass(text, report())
+    assert back.kept == text[:24] and back.ban == span[0], "cut to the start of the span's second copy"
+    calm = RollbackPolicy(GuardConfig(), max_rollbacks=2).start(100)
+    calm_text = list(range(10, 90))
+    assert calm.end_pass(calm_text, report()) and calm.kept == calm_text[:loop_onset], "nothing earlier: the onset"

@@ -57,7 +57,7 @@ async def stream_and_abort(folder):
     from vllm.v1.engine.async_llm import AsyncLLM
     from repguard.vllm import GuardedAsyncLLM
     eng = AsyncLLM.from_engine_args(AsyncEngineArgs(model=folder, **engine_kwargs(max_model_len=1024)))
-    front = GuardedAsyncLLM(eng)  # default hold-back: the paper window + n-gram (110 tokens)
+    front = GuardedAsyncLLM(eng)  # default hold-back: the watch window + n-gram (210 tokens)
     greedy = SamplingParams(temperature=0, max_tokens=MAX)
     streams = {{}}
     async def one(i, prompt):

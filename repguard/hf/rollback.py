@@ -10,7 +10,7 @@ Rows that never trigger come from the first pass untouched, so they are byte-ide
 run; only looping rows are re-decoded (as a smaller batch, after a fresh prefill of prompt + kept text).
 
 Streaming: with ``on_tokens(row, tokens)`` each row's tokens are handed out while they are decoded, held
-back by ``holdback`` tokens (default: the paper criterion's window plus its n-gram, 110 tokens), so that a
+back by ``holdback`` tokens (default: the watch window plus the n-gram, 210 tokens), so that a
 rollback never has to take back text already handed out. Every token handed out is final; together they
 are exactly the row's returned sequence. If a rollback would cut into text already handed out (only
 possible with a smaller ``holdback``), the row is not rolled back: it ends where its loop was confirmed,
@@ -26,7 +26,7 @@ import torch
 from ..config import GuardConfig
 from ..errors import ConfigError
 from ..policy import SequenceReport
-from ..rollback import RollbackPolicy
+from ..rollback import RollbackConfig, RollbackPolicy
 from .guard import Guard
 
 
@@ -126,12 +126,13 @@ def generate_with_rollback(
     on_tokens=None,
     holdback: int | None = None,
     repair: dict | None = None,
+    rollback: RollbackConfig | dict | None = None,
     **generate_kwargs,
 ) -> RollbackOutput:
     """Guarded ``model.generate`` with rollback; returns each row's generated tokens and report.
     ``on_tokens(row, tokens)`` streams final tokens, held back by ``holdback`` (module doc). ``repair``:
     ``RollbackConfig``'s ``repair_*`` settings, e.g. ``{"repair_multiplier": 0}`` to ban only the loop's
-    next token."""
+    next token. ``rollback``: any other ``RollbackConfig`` settings (they win over the arguments above)."""
     from transformers import LogitsProcessorList
 
     if max_new_tokens < 1:
@@ -143,8 +144,12 @@ def generate_with_rollback(
         raise ConfigError(f"holdback must be >= 0, got {holdback}")
     if repair is not None and (not isinstance(repair, dict) or not all(str(k).startswith("repair_") for k in repair)):
         raise ConfigError(f"repair must be a dict of RollbackConfig repair_* settings, got {repair!r}")
+    if isinstance(rollback, RollbackConfig):
+        rollback = rollback.to_dict()
+    if rollback is not None and not isinstance(rollback, dict):
+        raise ConfigError(f"rollback must be a RollbackConfig or a dict of its settings, got {type(rollback).__name__}")
     policy = RollbackPolicy(cfg, {"max_rollbacks": max_rollbacks, "precise_trigger": precise_trigger,
-                                  "holdback": holdback, **(repair or {})})
+                                  "holdback": holdback, **(repair or {}), **(rollback or {})})
     if on_tokens is not None and not callable(on_tokens):
         raise ConfigError(f"on_tokens must be a callable (row, tokens), got {type(on_tokens).__name__}")
     if on_tokens is not None and generate_kwargs.get("streamer") is not None:
