@@ -57,7 +57,10 @@ async def stream_and_abort(folder):
     from vllm.v1.engine.async_llm import AsyncLLM
     from repguard.vllm import GuardedAsyncLLM
     eng = AsyncLLM.from_engine_args(AsyncEngineArgs(model=folder, **engine_kwargs(max_model_len=1024)))
-    front = GuardedAsyncLLM(eng)  # default hold-back: the watch window + n-gram (210 tokens)
+    # the default hold-back (the watch window + n-gram, 210 tokens) exceeds MAX, so a stream would arrive in one
+    # piece; these loops are short, so 60 still never asks for a rollback into released text (checked below:
+    # streaming and offline agree)
+    front = GuardedAsyncLLM(eng, rollback={{"holdback": 60}})
     greedy = SamplingParams(temperature=0, max_tokens=MAX)
     streams = {{}}
     async def one(i, prompt):
