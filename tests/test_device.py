@@ -142,3 +142,72 @@ def test_a_bfloat16_map_records_its_dtype_and_warns_once_for_a_float32_model(fol
     with caplog.at_level(logging.WARNING, logger="repguard"):
         guard(bf16, nmap).remove()  # the dtype it was made in: nothing to say
     assert not [r for r in caplog.records if "calibrated in" in r.getMessage()]
+
+
+# -- a model spread over devices (device_map) ---------------------------------------------------------------
+
+def _guarded(model, nmap, cfg, ids, split):
+    from repguard.hf import guard
+
+    with guard(model, nmap, cfg) as g:
+        if split:  # every layer placed on its own device (here all CPU): the spread-model code path
+            g.runtime.place_layers({layer: torch.device("cpu") for layer in range(2)})
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=0, max_new_tokens=48,
+                             do_sample=False)
+    return out, g.reports
+
+
+def test_a_spread_model_is_guarded_exactly_as_a_model_on_one_device():
+    """The per-device path (own gather buffers, mirrored row masks, scores copied back per run of layers)
+    gives the same tokens and the same reports as the one-device path, for rows that switch off mid-way
+    (the default preset on loops of a tiny random model) and for rows off from the start (paper)."""
+    from conftest import random_map
+
+    model = tiny_model()
+    nmap = random_map(model, num_selected=64, num_stored=64)
+    ids = torch.randint(3, 256, (4, 6), generator=torch.Generator().manual_seed(5))
+    plain = model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=0, max_new_tokens=48,
+                           do_sample=False)
+    acted = 0
+    for preset in ("default", "paper"):
+        cfg = GuardConfig.from_preset(preset)
+        one, reports_one = _guarded(model, nmap, cfg, ids, split=False)
+        spread, reports_spread = _guarded(model, nmap, cfg, ids, split=True)
+        assert torch.equal(one, spread), preset
+        assert [r.to_dict() for r in reports_one] == [r.to_dict() for r in reports_spread], preset
+        acted += sum(r.tokens_under_intervention > 0 for r in reports_spread)
+        if preset == "paper":
+            assert not torch.equal(spread, plain)  # the spread path does write the neurons
+    assert acted > 4  # precondition: some default-preset row switched off on its own, not only paper's
+
+
+def test_each_layer_of_a_spread_model_gathers_and_writes_on_its_own_device():
+    """Layer 1 on a second device (``meta``: a buffer left on the CPU could not pass unnoticed): its
+    indexes, gather buffer and row masks live there, the hook runs there, and the guard reads the devices
+    from accelerate's hooks the way ``device_map`` places them."""
+    from types import SimpleNamespace
+
+    from conftest import random_map
+    from repguard.hf.introspect import layer_devices
+    from repguard.runtime import GuardRuntime
+
+    model = tiny_model()
+    assert layer_devices(model, "cpu") is None  # one device: the shared buffers, no copies
+    model.model.layers[1]._hf_hook = SimpleNamespace(execution_device="meta")
+    try:
+        devices = layer_devices(model, "cpu")
+    finally:
+        del model.model.layers[1]._hf_hook
+    assert devices == {0: torch.device("cpu"), 1: torch.device("meta")}
+    nmap = random_map(model, num_selected=64, num_stored=64)
+    rt = GuardRuntime(nmap, GuardConfig.from_preset("paper"), max_rows=2, device=torch.device("cpu"))
+    rt.place_layers(devices)
+    for row in range(2):
+        rt.open(row)
+    rt.begin_step(torch.tensor([5, 11]), key=(2, 6))
+    index, _, gathered, _, _, off, fill = rt._step[1]
+    assert {index.device.type, gathered.device.type, off.device.type, fill.device.type} == {"meta"}
+    assert rt._step[0][2].device.type == "cpu" and rt._step[0][5].device.type == "cpu"
+    assert [len(parts) for _, _, parts in rt._runs] == [1, 1]  # one copy back per device
+    act = torch.empty(2, 6, 128, device="meta")
+    assert rt.apply_layer(rt.neurons.plans[1], act) is act  # gathers and writes on meta without a device error

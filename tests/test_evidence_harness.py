@@ -124,3 +124,34 @@ def test_the_first_pass_table_counts_the_rows_each_trigger_would_touch():
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in table(data).splitlines()[2:]}
     assert rows["paper r=100 (the paper's window)"] == ["0/1", "0/1 |"]
     assert rows["paper r=200"] == ["1/1", "0/1 |"]
+
+
+def test_loop_rate_against_length_reads_prefixes_of_the_unguarded_run(tmp_path, monkeypatch):
+    """An output that starts looping after token 250 counts at 384 and 512 tokens, not at 200; a stored
+    200-token run whose outputs are the 512-token run's prefixes passes the prefix check, one that is not fails."""
+    import json
+
+    from benchmarks.evidence import length, report
+
+    calm = list(range(3000, 3400))
+    looping = calm[:250] + [1000 + i for i in range(40)] * 7
+    (tmp_path / "chat").mkdir()
+    base = {"model": "smollm2-135m", "half": "heldout", "sampling": "greedy", "prompts": [[1], [2]]}
+
+    def write(name, tokens, outs, rollback_strict):
+        methods = {"none": {"outputs": outs, "summary": {"strict": 0.5}},
+                   "rollback": {"outputs": outs, "summary": {"strict": rollback_strict}}}
+        (tmp_path / "chat" / name).write_text(json.dumps({**base, "max_new_tokens": tokens, "methods": methods}))
+
+    write("a-512.json", 512, [looping, calm], 0.0)
+    write("a-200.json", 200, [looping[:200], calm[5:205]], 0.0)  # row 1 is not the long run's prefix
+    (tmp_path / "chat" / "a-512-judge.json").write_text(json.dumps({"judge_model": "x"}))  # not a run file
+    monkeypatch.setattr(length, "RES", tmp_path)
+    monkeypatch.setattr(report, "RES", tmp_path)
+    length.main([])
+    d = json.loads((tmp_path / "loop_vs_length.json").read_text())
+    long_run = {r["length"]: r["strict"] for r in d["prefixes"] if r["file"] == "a-512.json"}
+    assert long_run[200] == 0.0 and long_run[384] == 0.5 and long_run[512] == 0.5
+    assert d["prefix_checks"] == [{"short": "a-200.json", "long": "a-512.json", "rows": 2, "equal": 1}]
+    text = length.table(tmp_path / "loop_vs_length.json")
+    assert "| smollm2-135m, heldout | none, prefixes of the 512-token run | 0% | 0% | 0% | 0% | 50% | 50% |" in text

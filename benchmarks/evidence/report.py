@@ -5,7 +5,8 @@
 writes ``benchmarks/results/tables.md`` and ``benchmarks/results/loop_vs_distortion.png``; RESULTS.md
 is ``benchmarks/results/notes.md`` with ``{{tables}}`` replaced by those tables and ``{{chat_tables}}`` by one
 table per setting of the instruct-prompt runs (``benchmarks/results/chat/*.json``, ``benchmarks.evidence.chat``)
-and their loop-rate/distortion plot.
+and their loop-rate/distortion plot, and ``{{length_table}}`` by the loop rate against length
+(``benchmarks.evidence.length``, from ``benchmarks/results/loop_vs_length.json``).
 """
 
 from __future__ import annotations
@@ -154,7 +155,8 @@ CHAT_ORDER = ["none", "rep_penalty_1.1", "rep_penalty_1.2", "no_repeat_4", "dry_
 
 
 def chat_files() -> list[Path]:
-    return sorted((RES / "chat").glob("*.json"))
+    """The run files of ``benchmarks.evidence.chat`` (a ``*-judge.json`` beside them holds judge figures only)."""
+    return sorted(p for p in (RES / "chat").glob("*.json") if not p.name.endswith("-judge.json"))
 
 
 def chat_table(data: dict) -> str:
@@ -274,7 +276,9 @@ def main() -> None:
     plot(RES / "loop_vs_distortion.png")
     notes = RES / "notes.md"
     if notes.exists():
-        text = notes.read_text().replace("{{chat_tables}}", chat_section())
+        from .length import table as length_table
+
+        text = notes.read_text().replace("{{chat_tables}}", chat_section()).replace("{{length_table}}", length_table())
         (ROOT / "RESULTS.md").write_text(text.replace("{{tables}}", tables))
 
 

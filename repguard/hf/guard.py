@@ -14,7 +14,8 @@ left padding, KV cache on) is guarded without touching transformers:
 
 Per decoding step the guard allocates nothing (buffers and indexes are made at the prefill), each
 hooked layer does one gather (plus one write while a row is switched off), and the host reads the
-newest tokens and the neuron scores once.
+newest tokens and the neuron scores once. A model spread over devices (``device_map``) is hooked on each
+layer's own device (``GuardRuntime.place_layers``).
 
 A row whose policy never leaves MONITOR is never written to, so its output is byte-identical to an
 unguarded run. Any exception inside a hook is logged once, counted, and turns the guard off for the
@@ -36,7 +37,7 @@ from ..maps import find_map
 from ..neuron_map import NeuronMap
 from ..policy import SequenceReport
 from ..runtime import GuardRuntime, host_read, token_id_list
-from .introspect import act_modules, arch_of, fingerprint, shape_of
+from .introspect import act_modules, arch_of, fingerprint, layer_devices, shape_of
 
 log = logging.getLogger("repguard")
 
@@ -87,6 +88,8 @@ class Guard:
             raise ConfigError(f"layers: the model has {num_layers} layers (0..{num_layers - 1})")
         param = next(model.parameters())
         self.runtime = GuardRuntime(neuron_map, self.config, max_rows=1, device=param.device, dtype=param.dtype)
+        # device_map: each hooked layer gathers and writes on its own device
+        self.runtime.place_layers(layer_devices(model, param.device))
         self.eos = model_token_ids(model, "eos_token_id")
         # generate() feeds finished rows with padding: a row's first EOS or pad token ends its watch.
         self._terminal = frozenset(self.eos + model_token_ids(model, "pad_token_id"))

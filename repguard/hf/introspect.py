@@ -35,6 +35,26 @@ def act_modules(model) -> list[torch.nn.Module]:
         ) from None
 
 
+def layer_devices(model, home) -> dict[int, torch.device] | None:
+    """Each decoder layer's device when the model is spread over several (``device_map``), else None.
+
+    A layer's device is its accelerate hook's execution device if it has one (offloaded weights wait on
+    ``meta`` until then), else its parameters'. None when every layer runs on ``home``.
+    """
+    layers = resolve(model, arch_of(model).layers)
+    home = torch.device(home)
+    devices = {}
+    for i, layer in enumerate(layers):
+        dev = getattr(getattr(layer, "_hf_hook", None), "execution_device", None)
+        if dev is None:
+            param = next(layer.parameters(), None)
+            if param is None or param.device.type == "meta":
+                continue  # no weights of its own, or offloaded without a hook: runs where its inputs are
+            dev = param.device
+        devices[i] = torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
+    return None if all(dev == home for dev in devices.values()) else devices
+
+
 def shape_of(model) -> tuple[int, int]:
     """(num_layers, intermediate_size)."""
     spec = arch_of(model)
