@@ -202,13 +202,20 @@ def chat_plot(path: Path, files: list[Path]) -> bool:
     datas = [d for d in datas if d["half"] == "heldout"]
     if not datas:
         return False
-    fig, axes = plt.subplots(1, len(datas), figsize=(6.5 * len(datas), 5), squeeze=False)
-    for ax, d in zip(axes[0], datas):
+    cols = min(2, len(datas))
+    rows = (len(datas) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(7 * cols, 5 * rows), squeeze=False)
+    for ax in axes.flat[len(datas):]:
+        ax.axis("off")
+    for ax, d in zip(axes.flat, datas):
         for n, m in d["methods"].items():
             s = m["summary"]
+            unknown = s["distortion"] is None  # no output is loop-free unguarded: drawn hollow at 0
             x, y = 100 * (s["distortion"] or 0), 100 * s["strict"]
-            ax.scatter(x, y, c="tab:red" if n.startswith("rollback") else "tab:blue", s=45, zorder=3)
-            ax.annotate(n, (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+            color = "tab:red" if n.startswith("rollback") else "tab:blue"
+            ax.scatter(x, y, s=45, zorder=3, facecolors="none" if unknown else color, edgecolors=color)
+            ax.annotate(n + (" (distortion n/a)" if unknown else ""), (x, y), fontsize=7, xytext=(4, 4),
+                        textcoords="offset points")
         ax.set_xlabel("distortion: outputs with no strict-label loop that changed (%)")
         ax.set_ylabel("strict-label loop rate (%)")
         ax.set_title(f"{d['model']}, instruct, held-out, {d['max_new_tokens']} tokens, {d['sampling']}")
