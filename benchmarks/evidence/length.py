@@ -30,6 +30,9 @@ def strict_rate(outs: list[list[int]], tok) -> float:
 
 
 def main(argv=None) -> None:
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
     from transformers import AutoTokenizer
 
     from repguard.hf.models import ensure_converted
