@@ -15,15 +15,19 @@ engine and batches (16 concurrent requests):
 * ``none``: plain requests; ``rep_penalty_1.2``: vLLM's ``repetition_penalty``; ``repetition_detection``:
   vLLM's stop-on-loop (``RepetitionDetectionParams``, stops, does not repair); ``single_pass``: the plugin's
   per-token guard (``extra_args={"repguard": True}``);
-* ``front_tokens``: ``GuardedLLM`` with token-level repair only (what every runner gets);
-  ``front_neurons``: ``GuardedLLM`` with the neuron step (this engine can run it).
+* ``front_tokens``: ``GuardedLLM`` with token-level repair only; ``front_neurons``: ``GuardedLLM`` with the
+  neuron step (this engine can run it). Both apply the repair inside the engine (this engine runs repguard's
+  logits processor); ``front_tokens_resubmission`` repairs by resubmission instead, which is what an engine
+  without the processor gets (model runner V2, or started without it).
 
 Loop labels (``benchmarks/evidence/measures.py``): the paper's detector and the strict label (paper, the
 wider label, Holtzman's criterion, repeated sentences; none of them is the trigger alone). Distortion: share
 of outputs whose plain run does not loop (strict label) that changed. Identity: share of requests the front
 never rolled back that are byte-identical to plain. Throughput: guarded over plain wall time of the same
 requests, interleaved, on the loop-prone held-out set and on the subset whose plain outputs do not loop.
-Also compared with the stored transformers rollback outputs of the same prompts.
+Throughput is measured for ``front_neurons`` and for the same front repairing by resubmission
+(``front_neurons_resubmission``), in rotating order with plain. Also compared with the stored transformers
+rollback outputs of the same prompts.
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 HF_ROLLBACK = ROOT / "benchmarks" / "results" / "smollm2-135m-heldout96-rollback.json"
+METHODS = ("none", "rep_penalty_1.2", "repetition_detection", "single_pass", "front_tokens", "front_neurons",
+           "front_tokens_resubmission")
+TIMED = ("front_neurons", "front_neurons_resubmission")
 
 
 def main(argv=None) -> None:
@@ -48,6 +55,10 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=2, help="interleaved timing repetitions per set")
     ap.add_argument("--prompts", choices=["wikitext", "chat"], default="wikitext")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vllm-front-smollm2-135m.json"))
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                    help="methods to run on every prompt (none always runs)")
+    ap.add_argument("--timed", nargs="+", choices=TIMED, default=list(TIMED),
+                    help="fronts whose throughput is timed against plain")
     args = ap.parse_args(argv)
     os.environ.update({"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "2",
                        "TOKENIZERS_PARALLELISM": "false", "VLLM_PLUGINS": "repguard_neurons",
@@ -71,7 +82,8 @@ def main(argv=None) -> None:
         ends = [t for t in (tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id) if t is not None]
         stop = {"stop_token_ids": ends}
         hf_stored = ROOT / "benchmarks" / "results" / "chat" / f"smollm2-135m-heldout-{args.max_new_tokens}-greedy.json"
-        hf_methods = {"none": "none", "front_neurons": "rollback", "front_tokens": "rollback_tokens"}
+        hf_methods = {"none": "none", "front_neurons": "rollback", "front_tokens": "rollback_tokens",
+                      "front_tokens_resubmission": "rollback_tokens"}
     else:
         ids = prompts.build(tok, "heldout", args.n)
     model_len = max(512, 1 << (max(len(p) for p in ids) + args.max_new_tokens).bit_length())
@@ -86,8 +98,10 @@ def main(argv=None) -> None:
         outs = llm.generate(chosen, params, use_tqdm=False)
         return [list(o.outputs[0].token_ids) for o in outs], [o.outputs[0].finish_reason for o in outs]
 
-    tokens_front = GuardedLLM(llm, neuron_step=False)
-    neuron_front = GuardedLLM(llm, neuron_step=True)
+    tokens_front = GuardedLLM(llm, neuron_step=False, engine_repair=True)
+    neuron_front = GuardedLLM(llm, neuron_step=True, engine_repair=True)
+    resub_front = GuardedLLM(llm, neuron_step=False, engine_repair=False)
+    resub_neuron_front = GuardedLLM(llm, neuron_step=True, engine_repair=False)
     methods: dict[str, dict] = {}
     timing = {}
     t0 = time.perf_counter()
@@ -100,11 +114,16 @@ def main(argv=None) -> None:
             max_pattern_size=45, min_pattern_size=10, min_count=3))),
         ("single_pass", SamplingParams(**greedy, extra_args={"repguard": True})),
     ):
+        if name not in args.methods:
+            continue
         t0 = time.perf_counter()
         outs, finish = run_plain(params)
         timing[name] = time.perf_counter() - t0
         methods[name] = {"outputs": outs, "finish": finish}
-    for name, front in (("front_tokens", tokens_front), ("front_neurons", neuron_front)):
+    for name, front in (("front_tokens", tokens_front), ("front_neurons", neuron_front),
+                        ("front_tokens_resubmission", resub_front)):
+        if name not in args.methods:
+            continue
         t0 = time.perf_counter()
         res = front.generate(reqs, SamplingParams(**greedy))
         timing[name] = time.perf_counter() - t0
@@ -148,7 +167,7 @@ def main(argv=None) -> None:
         if stored["prompts"][: args.n] == [list(p) for p in ids]:
             hf = {}
             for mine, theirs in hf_methods.items():
-                if theirs not in stored["methods"]:
+                if theirs not in stored["methods"] or mine not in methods:
                     continue
                 hf_outs = [[t for t in o if t not in stop.get("stop_token_ids", ())]
                            for o in stored["methods"][theirs]["outputs"][: args.n]]
@@ -156,29 +175,31 @@ def main(argv=None) -> None:
                 hf_text = [tok.decode(o, skip_special_tokens=True) for o in hf_outs]
                 hf_strict = [measures.strict_loop(o, t) for o, t in zip(hf_outs, hf_text)]
                 same = [a == b for a, b in zip(hf_outs, mine_outs)]
-                hf[theirs] = {"loop_rate_strict": sum(hf_strict) / len(hf_outs),
-                              "loop_cut_strict": (1 - sum(hf_strict) / len(hf_outs) / rate0) if rate0 else None,
-                              f"{mine}_equal_tokens": sum(same) / len(same)}
+                hf.setdefault(theirs, {"loop_rate_strict": sum(hf_strict) / len(hf_outs),
+                                       "loop_cut_strict": (1 - sum(hf_strict) / len(hf_outs) / rate0) if rate0 else None})
+                hf[theirs][f"{mine}_equal_tokens"] = sum(same) / len(same)
 
     # Throughput: interleaved plain / guarded runs of the same requests (16 concurrent).
     calm = [i for i, looped in enumerate(base_strict) if not looped][:32]
     loopy = list(range(min(32, len(reqs))))
     ratios = {}
+    fronts = {"front_neurons": neuron_front, "front_neurons_resubmission": resub_neuron_front}
+    timed = {"plain": None, **{name: fronts[name] for name in args.timed}}
+    names = list(timed)
     for label, subset in (("loop_prone", loopy), ("no_loop", calm)):
-        plain_s, front_s = [], []
+        seconds: dict[str, list[float]] = {name: [] for name in names}
         for rep in range(args.reps):
-            order = (0, 1) if rep % 2 == 0 else (1, 0)
-            for which in order:
+            for name in names[rep % len(names):] + names[: rep % len(names)]:  # rotating order
                 t0 = time.perf_counter()
-                if which == 0:
+                if timed[name] is None:
                     run_plain(SamplingParams(**greedy), subset)
-                    plain_s.append(time.perf_counter() - t0)
                 else:
-                    neuron_front.generate([reqs[i] for i in subset], SamplingParams(**greedy))
-                    front_s.append(time.perf_counter() - t0)
-        ratios[label] = {"requests": len(subset), "plain_s": plain_s, "front_s": front_s,
-                         "throughput_ratio": sum(plain_s) / sum(front_s)}
-    result = {"n": len(ids), "prompt_set": args.prompts, "max_new_tokens": args.max_new_tokens, "load_before": load, "load_after": os.getloadavg(),
+                    timed[name].generate([reqs[i] for i in subset], SamplingParams(**greedy))
+                seconds[name].append(time.perf_counter() - t0)
+        ratios[label] = {"requests": len(subset), **{f"{name}_s": v for name, v in seconds.items()},
+                         **{f"{name}_throughput_ratio": sum(seconds["plain"]) / sum(seconds[name])
+                            for name in names[1:]}}
+    result = {"n": len(ids), "prompt_set": args.prompts, "methods_run": list(methods), "timed": args.timed, "max_new_tokens": args.max_new_tokens, "load_before": load, "load_after": os.getloadavg(),
               "summary": summary, "hf_rollback": hf, "throughput": ratios, "prompts": ids,
               "methods": {k: {kk: vv for kk, vv in v.items()} for k, v in methods.items()}}
     Path(args.out).write_text(json.dumps(result))

@@ -12,8 +12,9 @@ The context is the sequence's generated tokens (the prompt is not searched), the
 them (0: all). Matches never cross a sequence breaker (token ids the adapter may pass, e.g. newlines).
 
 This module is the one implementation: the transformers adapter subtracts the penalties from the logits;
-request-level engines apply them by resubmission (``repguard.request_guard``); the evidence harness's
-DRY baseline uses it too.
+request-level engines apply them by resubmission (``repguard.request_guard``), or, where the engine runs
+repguard's logits processor, inside the engine from an ``EngineRepair`` sent with the request; the evidence
+harness's DRY baseline uses it too.
 
 >>> rp = RepeatPenalty(multiplier=1.0, base=2.0, allowed_length=2)
 >>> rp.penalties([5, 6, 7, 8, 5, 6, 7])   # a next 8 would extend a 3-token repeat
@@ -24,10 +25,15 @@ DRY baseline uses it too.
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from .errors import ConfigError
+
+BAN = float("inf")  # logit penalty of a banned token (frameworks that clamp biases use their maximum)
+WIRE_KEY = "repguard_repair"  # the request field (vLLM extra_args / vllm_xargs) that carries an EngineRepair
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,46 @@ class RepeatPenalty:
     def with_breakers(self, breakers: Iterable[int]) -> "RepeatPenalty":
         return RepeatPenalty(self.multiplier, self.base, self.allowed_length, self.last_n, self.max_match,
                              self.max_penalty, frozenset(breakers))
+
+    def penalties_after(self, kept: Sequence[int], new: Sequence[int]) -> dict[int, float]:
+        """``penalties(kept + new)``, joining no more than the ``last_n`` tokens searched."""
+        n = self.last_n
+        if n and len(new) >= n:
+            return self.penalties(new[-n:])
+        return self.penalties(list(kept[-n:] if n else kept) + list(new))
+
+    def penalty_row(self, ids, vocab_size: int):
+        """``penalties(ids)`` as a dense float32 tensor of ``vocab_size`` on ``ids``' device, computed there
+        (``ids``: a 1-D integer tensor; no host read, so an engine can call it inside its step). The same
+        rule as ``penalties``, matched for every candidate at once; amounts are computed in float64, as
+        ``penalties`` computes them, then rounded to float32."""
+        import torch
+
+        ids = ids.reshape(-1).long()
+        if self.last_n:
+            ids = ids[-self.last_n :]
+        n = ids.numel()
+        out = torch.zeros(vocab_size, dtype=torch.float64, device=ids.device)
+        if self.multiplier == 0 or n < 2:
+            return out.float()
+        k = torch.arange(self.max_match, device=ids.device)
+        start = torch.arange(n - 1, device=ids.device)  # candidate i: ids[i] == last, the repeat ends at i
+        pos = start[:, None] - k[None, :]
+        mine = ids[(n - 1 - k).clamp(min=0)]  # the text's own suffix, read backwards
+        eq = (ids[pos.clamp(min=0)] == mine[None, :]) & (pos >= 0)
+        nxt = ids[1:]
+        if self.breakers:
+            brk = torch.tensor(sorted(self.breakers), device=ids.device)
+            eq[:, 1:] &= ~torch.isin(mine[1:], brk)[None, :]  # a match never crosses a breaker
+            eq &= ~torch.isin(nxt, brk)[:, None]
+            eq &= ~torch.isin(ids[-1:], brk)
+        length = torch.cumprod(eq.to(torch.int32), dim=1).sum(dim=1)
+        longest = torch.zeros(vocab_size, dtype=torch.long, device=ids.device)
+        longest.scatter_reduce_(0, nxt, length.long(), reduce="amax")
+        excess = (longest - self.allowed_length).to(torch.float64)
+        amount = (self.multiplier * torch.pow(float(self.base), excess.clamp(max=61))).clamp(max=self.max_penalty)
+        amount = torch.where(excess > 60, torch.full_like(amount, self.max_penalty), amount)
+        return torch.where(longest >= self.allowed_length, amount, out).float()
 
     def penalties(self, ids: Sequence[int]) -> dict[int, float]:
         """{token id: logit penalty} for the token after ``ids``."""
@@ -94,4 +140,82 @@ class RepeatPenalty:
         return out
 
 
-__all__ = ["RepeatPenalty"]
+_PENALTY_FIELDS = ("multiplier", "base", "allowed_length", "last_n", "max_match", "max_penalty")
+
+
+@dataclass(frozen=True)
+class EngineRepair:
+    """The repair of one engine request, for an engine that applies it itself at every step (vLLM with
+    repguard's logits processor): ``penalty``'s penalties over the request's *generated* tokens, i.e. its
+    prompt past the caller's ``skip`` prompt tokens (the kept text a resubmission carries) followed by its
+    own output, and a ban of ``ban`` on its first new token. The same penalties as the resubmission path's,
+    from the same function.
+
+    >>> spec = EngineRepair(skip=3, penalty=RepeatPenalty(1.0, 2.0, 2), ban=9)
+    >>> EngineRepair.from_json(spec.to_json()) == spec
+    True
+    >>> spec.penalties([1, 2, 3, 5, 6, 7, 8], [])      # the caller's prompt 1 2 3, kept text 5 6 7 8
+    {9: inf}
+    >>> spec.penalties([1, 2, 3, 5, 6, 7, 8], [5, 6, 7])  # a next 8 would extend a 3-token repeat
+    {8: 2.0}
+    """
+
+    skip: int
+    penalty: RepeatPenalty | None = None
+    ban: int | None = None
+
+    def penalties(self, prompt_ids: Sequence[int], output_ids: Sequence[int]) -> dict[int, float]:
+        """{token: logit penalty} for the next token of a request with this prompt and output so far."""
+        out: dict[int, float] = {}
+        if self.penalty is not None:
+            out = self.penalty.penalties_after(prompt_ids[self.skip :], output_ids)
+        if not output_ids and self.ban is not None:
+            out[self.ban] = BAN
+        return out
+
+    def to_json(self) -> str:
+        data: dict[str, Any] = {"skip": self.skip, "ban": self.ban}
+        if self.penalty is not None:
+            data["penalty"] = {name: getattr(self.penalty, name) for name in _PENALTY_FIELDS}
+            data["penalty"]["breakers"] = sorted(self.penalty.breakers)
+        return json.dumps(data)
+
+    @classmethod
+    def from_json(cls, raw: Any) -> "EngineRepair":
+        """Parse what ``to_json`` wrote (a string or the decoded object); ``ConfigError`` names what is wrong."""
+        try:
+            data = json.loads(raw) if isinstance(raw, str) else raw
+        except ValueError as exc:
+            raise ConfigError(f"repguard_repair: not JSON ({exc})") from None
+        if not isinstance(data, dict) or not set(data) <= {"skip", "ban", "penalty"}:
+            raise ConfigError(f"repguard_repair: expected an object with skip, ban and penalty, got {raw!r}")
+
+        def count(name: str, value: Any) -> int:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"repguard_repair: {name} must be a token count or id >= 0, got {value!r}")
+            return value
+
+        skip = count("skip", data.get("skip"))
+        ban = None if data.get("ban") is None else count("ban", data["ban"])
+        penalty = None
+        if data.get("penalty") is not None:
+            fields = data["penalty"]
+            if not isinstance(fields, dict) or not set(fields) <= set(_PENALTY_FIELDS) | {"breakers"}:
+                raise ConfigError(f"repguard_repair: penalty must be an object of {', '.join(_PENALTY_FIELDS)}, "
+                                  f"breakers; got {fields!r}")
+            for name, value in fields.items():
+                if name != "breakers" and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                           or not math.isfinite(value)):
+                    raise ConfigError(f"repguard_repair: penalty.{name} must be a finite number, got {value!r}")
+            breakers = fields.get("breakers", [])
+            if not isinstance(breakers, list):
+                raise ConfigError(f"repguard_repair: penalty.breakers must be a list of token ids, got {breakers!r}")
+            kw = {k: v for k, v in fields.items() if k != "breakers"}
+            for name in ("allowed_length", "last_n", "max_match"):
+                if name in kw:
+                    kw[name] = count(f"penalty.{name}", kw[name])
+            penalty = RepeatPenalty(**kw, breakers=frozenset(count("penalty.breakers", b) for b in breakers))
+        return cls(skip, penalty, ban)
+
+
+__all__ = ["BAN", "EngineRepair", "RepeatPenalty", "WIRE_KEY"]

@@ -15,6 +15,11 @@ applies the core ``RollbackPolicy``; every repair is a *resubmission* of the pro
   step with that penalty as its bias;
 * the neuron step, where the engine can run it, is a flag on the submission (``neurons_off``).
 
+An engine that applies the repair itself (``engine_repair=True``: vLLM with repguard's logits processor)
+gets it with each re-decode submission (``Submission.repair``: the penalty and the ban of the pass's first
+token); the guard then steps in only for an escalation penalty beyond the repair's, so a rollback costs
+one resubmission instead of one per penalised pick, with the same tokens under greedy decoding.
+
 It does no I/O (a sans-I/O state machine): an adapter asks ``next_submission()``, sends it, feeds the
 tokens it streams back to ``feed()``, cancels it when ``feed`` says so, and reports an engine-side end
 with ``end()``. A request whose first submission never loops is never cancelled or resubmitted, so its
@@ -37,13 +42,14 @@ Seeded sampling stays reproducible: submission 0 is the caller's request with it
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable
 
 from .config import GuardConfig
 from .errors import ConfigError
 from .policy import SequenceGuard, SequenceReport
-from .rollback import BAN, RollbackPolicy, RollbackState, merge_reports
+from .repair import BAN, EngineRepair
+from .rollback import RollbackPolicy, RollbackState, merge_reports
 
 _SEED_MOD = 2**63 - 1
 
@@ -65,6 +71,11 @@ class Submission:
     max_tokens: int
     bias: dict[int, float] | None  # logit bias for this (one-token) step; -inf bans
     neurons_off: bool  # the pass wants the mapped neurons off throughout (where the engine runs them)
+    repair: EngineRepair | None = None  # engine_repair: what the engine applies at every step (skip 0, see below)
+
+    def engine_repair(self, prompt_len: int) -> EngineRepair | None:
+        """``repair`` for an engine whose request is the caller's ``prompt_len`` prompt tokens + ``generated``."""
+        return None if self.repair is None else replace(self.repair, skip=prompt_len)
 
 
 def check_request_config(config: GuardConfig) -> None:
@@ -80,11 +91,12 @@ class RequestGuard:
     """One request under rollback, driven by token streams (module doc)."""
 
     def __init__(self, policy: RollbackPolicy, max_new_tokens: int, eos_ids: Iterable[int] = (),
-                 neuron_step: bool = False, greedy: bool = False) -> None:
+                 neuron_step: bool = False, greedy: bool = False, engine_repair: bool = False) -> None:
         """``greedy``: the engine decodes greedily, so a penalty on a token the engine did not pick anyway
         would change nothing; the guard then waits for the next token and resubmits only when the engine
         picked the penalised one (exact under greedy decoding, and far fewer resubmissions). Otherwise
-        every penalty is applied by a one-token step, exactly as the per-token policy would."""
+        every penalty is applied by a one-token step, exactly as the per-token policy would.
+        ``engine_repair``: the engine applies each re-decode submission's ``repair`` itself (module doc)."""
         check_request_config(policy.config)
         if not neuron_step:  # no neuron step here: passes must not claim (or count) switched-off neurons
             policy = policy.token_level()
@@ -93,6 +105,7 @@ class RequestGuard:
         self.eos = frozenset(int(e) for e in eos_ids)
         self.neuron_step = neuron_step
         self.greedy = greedy
+        self.engine_repair = engine_repair
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.submissions = 0
@@ -100,6 +113,7 @@ class RequestGuard:
         self._current: Submission | None = None
         self._bias: dict[int, float] | None = None
         self._pending: dict[int, float] | None = None  # penalties for the next streamed token, applied if picked
+        self._ban: int | None = None  # engine_repair: the pass's first token ban, sent with its first submission
         self._pass: list[int] = []
         self._seq: SequenceGuard | None = None
         self._new_pass()
@@ -153,10 +167,14 @@ class RequestGuard:
         generated = tuple(self.state.kept + self._pass)
         budget = self.state.max_new_tokens - len(generated)
         bias = self._bias
+        repair = None
+        penalty = self.policy.repair if self.state.attempt > 0 else None
+        if self.engine_repair and (penalty is not None or self._ban is not None):
+            repair = EngineRepair(0, penalty, self._ban)
         self._current = Submission(
             index=self.submissions, attempt=self.state.attempt, generated=generated,
             max_tokens=1 if bias else budget, bias=dict(bias) if bias else None,
-            neurons_off=self.neuron_step and cfg.always_on and cfg.deactivate,
+            neurons_off=self.neuron_step and cfg.always_on and cfg.deactivate, repair=repair,
         )
         self.submissions += 1
         return self._current
@@ -172,7 +190,7 @@ class RequestGuard:
         state = self.state
         for token in tokens:
             token = int(token)
-            self._bias = None
+            self._bias = self._ban = None
             pending, self._pending = self._pending, None
             if pending is not None and token in pending:
                 # The engine picked a token the policy penalises: decode this position again with the penalties.
@@ -195,16 +213,28 @@ class RequestGuard:
                 self._finish("length")
                 return True
             penalty = seq.penalty
-            if penalty is not None and not self.greedy:
+            if self.engine_repair:
+                # The engine applies the repair itself; what is left is an escalation penalty beyond it.
+                pending = {}
+                if penalty is not None:
+                    applied = self._repair().get(penalty[0], 0.0)
+                    if penalty[1] > applied:
+                        pending[penalty[0]] = penalty[1] - applied
+                if pending and not self.greedy:
+                    self._bias = {t: -a for t, a in pending.items()}
+                    self._current = None
+                    return True
+            elif penalty is not None and not self.greedy:
                 # The last pass's escalation penalty, exactly as the per-token policy applies it.
                 token_id, amount = penalty
                 self._bias = {t: -a for t, a in self._repair().items()}
                 self._bias[token_id] = min(self._bias.get(token_id, 0.0), -amount)
                 self._current = None
                 return True
-            pending = self._repair()
-            if penalty is not None:
-                pending[penalty[0]] = max(pending.get(penalty[0], 0.0), penalty[1])
+            else:
+                pending = self._repair()
+                if penalty is not None:
+                    pending[penalty[0]] = max(pending.get(penalty[0], 0.0), penalty[1])
             if pending:
                 # It only matters if the engine picks one of these tokens: wait for the next one.
                 self._pending = pending
@@ -255,10 +285,13 @@ class RequestGuard:
         self._pass = []
         self._current = None
         state = self.state
-        bias = {t: -a for t, a in self._repair().items()}  # a re-decode's repair, from its first token on
-        if state.ban is not None:
-            bias[state.ban] = -BAN
-        self._bias = bias or None
+        if self.engine_repair:  # the engine bans the pass's first token and applies the repair itself
+            self._ban, self._bias = state.ban, None
+        else:
+            bias = {t: -a for t, a in self._repair().items()}  # a re-decode's repair, from its first token on
+            if state.ban is not None:
+                bias[state.ban] = -BAN
+            self._bias = bias or None
         state.ban = None
         self._seq = SequenceGuard(state.pass_config(), history=state.kept)
 
@@ -268,4 +301,4 @@ class RequestGuard:
         self._current = None
 
 
-__all__ = ["RequestGuard", "Submission", "check_request_config", "derive_seed"]
+__all__ = ["EngineRepair", "RequestGuard", "Submission", "check_request_config", "derive_seed"]

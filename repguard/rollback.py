@@ -39,9 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .config import GuardConfig, format_validation_error
 from .errors import ConfigError
 from .policy import Level, LevelChange, SequenceReport, detector_for
-from .repair import RepeatPenalty
-
-BAN = float("inf")  # logit penalty of a banned token (frameworks that clamp biases use their maximum)
+from .repair import BAN, RepeatPenalty
 
 
 class RollbackConfig(BaseModel):
@@ -203,12 +201,7 @@ class RollbackState:
         repair = self.policy.repair
         if self.attempt == 0 or repair is None:
             return {}
-        n = repair.last_n
-        if n and len(pass_tokens) >= n:
-            context = pass_tokens[-n:]
-        else:
-            context = (self.kept[-n:] if n else self.kept) + list(pass_tokens)
-        return repair.penalties(context)
+        return repair.penalties_after(self.kept, pass_tokens)
 
     def end_pass(self, new_tokens: list[int], report: SequenceReport, final: bool = False) -> bool:
         """Record a finished pass (its new tokens, up to and including an EOS, and its report).

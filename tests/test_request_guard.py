@@ -34,6 +34,18 @@ def fake_model(period: int | None, eos_at: int | None = None):
     return next_token
 
 
+def step_bias(sub, seq: list[int], first: bool) -> dict[int, float] | None:
+    """What an engine adds to its logits for the next token: the submission's bias on its first token, and,
+    where the engine runs the repair itself, the submission's ``EngineRepair`` penalties at every step."""
+    bias = dict(sub.bias or {}) if first else {}
+    spec = sub.engine_repair(len(PROMPT))
+    if spec is not None:
+        prompt = len(PROMPT) + len(sub.generated)
+        for token, amount in spec.penalties(seq[:prompt], seq[prompt:]).items():
+            bias[token] = bias.get(token, 0.0) - amount
+    return bias or None
+
+
 def run(guard: RequestGuard, model, chunk: int = 3, lag: int = 2, log=None):
     """Drive ``guard`` like an engine adapter: submit, stream in chunks, cancel when told (after ``lag``)."""
     released = []
@@ -46,7 +58,7 @@ def run(guard: RequestGuard, model, chunk: int = 3, lag: int = 2, log=None):
         while made < sub.max_tokens:
             piece = []
             for _ in range(min(chunk, sub.max_tokens - made)):
-                token = model(seq, sub.bias if made == 0 else None)
+                token = model(seq, step_bias(sub, seq, made == 0))
                 seq.append(token)
                 piece.append(token)
                 made += 1
@@ -260,6 +272,53 @@ def test_the_re_decode_repair_equals_penalising_every_step_and_ends_the_loop(gre
     assert find_repetition(without.tokens) is not None, "banning only the loop's next token: the loop returns"
 
 
+@pytest.mark.parametrize("greedy", [True, False])
+@pytest.mark.parametrize("rollbacks", [1, 2, 0])
+def test_an_engine_that_runs_the_repair_itself_gives_the_same_tokens_with_one_submission_per_pass(rollbacks, greedy):
+    """The engine applies each re-decode's repair (penalties at every step, the ban on the first token); the
+    tokens are those of the resubmission path, and a rollback costs one submission, not one per penalised
+    pick. With no rollback left (0), the last pass's escalation still steps in beyond the repair (when the
+    engine picked the token under greedy decoding, at once otherwise)."""
+    cfg = GuardConfig(stop_after=4) if rollbacks == 0 else GuardConfig(escalate=False, stop=False)
+    model = fake_model(12)
+    by_resubmission, in_engine = [], []
+    a = RequestGuard(RollbackPolicy(cfg, max_rollbacks=rollbacks), max_new_tokens=120, greedy=greedy)
+    run(a, model, log=by_resubmission)
+    b = RequestGuard(RollbackPolicy(cfg, max_rollbacks=rollbacks), max_new_tokens=120, greedy=greedy,
+                     engine_repair=True)
+    run(b, model, log=in_engine)
+    assert b.tokens == a.tokens and b.finish_reason == a.finish_reason and b.rollbacks == a.rollbacks
+    if rollbacks:
+        assert b.rollbacks >= 1 and find_repetition(b.tokens) is None
+        assert len(in_engine) == 1 + b.rollbacks, "one submission per pass"
+        assert len(by_resubmission) > len(in_engine) + 2
+        assert in_engine[0].repair is None, "the first pass is never written to"
+        assert all(s.repair is not None and s.repair.penalty is not None and s.bias is None for s in in_engine[1:])
+        bans = [t for s in by_resubmission for t, v in (s.bias or {}).items() if v == float("-inf")]
+        assert [s.repair.ban for s in in_engine[1:]] == bans, "the loop's next token, banned on the first step"
+    else:
+        assert any(s.bias for s in in_engine), "the escalation penalty is applied by a one-token step"
+
+
+def test_an_engine_repair_is_sent_as_json_and_bad_specs_are_refused_by_name():
+    from repguard.repair import EngineRepair
+
+    g = RequestGuard(RollbackPolicy(max_rollbacks=1), max_new_tokens=60, engine_repair=True)
+    first = g.next_submission()
+    loop = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]
+    assert first.repair is None and g.feed(first, [1, 2] + loop * 3) is True
+    sub = g.next_submission()
+    assert sub.bias is None and sub.max_tokens == 60 - len(sub.generated)
+    spec = sub.engine_repair(prompt_len=3)
+    assert spec.skip == 3 and spec.ban == 5 and spec.penalty == g.policy.repair
+    assert EngineRepair.from_json(spec.to_json()) == spec
+    for bad, name in (('{"skip": -1}', "skip"), ('{"skip": 1, "ban": "x"}', "ban"), ("[1]", "object"),
+                      ('{"skip": 0, "penalty": {"base": 0.5}}', "base"), ('{"skip": 0, "penalty": {"x": 1}}', "penalty"),
+                      ('{"skip": 0, "penalty": {"multiplier": NaN}}', "multiplier"), ("{", "JSON")):
+        with pytest.raises(ConfigError, match=name):
+            EngineRepair.from_json(bad)
+
+
 def test_a_stream_that_never_rolls_back_is_never_penalised():
     """The repair is a re-decode's: text with repeats that never makes the paper's loop gets no bias at all."""
     def echo(seq, bias):  # repeats 4-token phrases twice, never three copies in a row
@@ -326,3 +385,29 @@ def test_cut_back_goes_to_an_earlier_repeat_in_the_kept_text():
     calm = RollbackPolicy(GuardConfig(), max_rollbacks=2).start(100)
     calm_text = list(range(10, 90))
     assert calm.end_pass(calm_text, report()) and calm.kept == calm_text[:loop_onset], "nothing earlier: the onset"
+
+
+def test_the_device_form_of_the_repair_penalty_is_the_same_rule():
+    """``RepeatPenalty.penalty_row`` (what an engine computes on its device, model runner V2) gives exactly the
+    amounts of ``penalties`` on random and repeating texts, with windows, caps and sequence breakers."""
+    import random
+
+    import torch
+
+    from repguard.repair import RepeatPenalty
+
+    rng = random.Random(0)
+    for _ in range(600):
+        vocab = rng.choice([3, 5, 12, 40])
+        n = rng.randint(0, 120)
+        ids = [rng.randrange(vocab) for _ in range(n)]
+        if rng.random() < 0.5 and n > 10:
+            ids = (ids[: rng.randint(2, 10)] * 20)[:n]  # a loop
+        rule = RepeatPenalty(rng.choice([0.8, 1.6, 1.0]), rng.choice([1.0, 1.75, 2.0]), rng.randint(1, 4),
+                             rng.choice([0, 16, 64]), rng.choice([3, 50]), rng.choice([1e4, 5.0]),
+                             frozenset(rng.sample(range(vocab), rng.randint(0, 1))))
+        expected = torch.zeros(vocab)
+        for token, amount in rule.penalties(ids).items():
+            expected[token] = amount
+        assert torch.equal(rule.penalty_row(torch.tensor(ids, dtype=torch.long), vocab), expected), (ids, rule)
+    assert RepeatPenalty(1.0, 2.0, 2).penalty_row(torch.tensor([5, 6, 7, 8, 5, 6, 7]), 10)[8] == 2.0

@@ -347,6 +347,8 @@ FAKE = textwrap.dedent('''
             xargs = body.get("vllm_xargs") or {}
             if MODE == "plugin" and "repguard_k" in xargs:  # the plugin's processor refuses a bad setting
                 return self.send_json(400, {"error": {"message": "repguard_k: must be >= 1"}})
+            if MODE == "repair" and '"skip": -1' in xargs.get("repguard_repair", ""):  # so does its repair check
+                return self.send_json(400, {"error": {"message": "repguard_repair: skip must be >= 0"}})
             if isinstance(prompt, list):  # a resubmission: recorded, answered with fresh tokens
                 with open(RECORD, "a") as f:
                     f.write(json.dumps(body) + "\\n")
@@ -438,6 +440,32 @@ def test_resubmissions_carry_the_request_and_the_neuron_step(tmp_path):
         assert sub["vllm_xargs"]["repguard"] == "true"
         cfg = json.loads(sub["vllm_xargs"]["repguard_config"])
         assert (cfg["always_on"], cfg["escalate"], cfg["stop"]) == (True, False, False)
+
+
+def test_an_upstream_with_the_logits_processor_gets_the_repair_with_one_resubmission(tmp_path):
+    """An upstream that runs repguard's logits processor (found by its refusal of a malformed repair at start):
+    a rollback is one resubmission that carries the repair in vllm_xargs (the caller's prompt length, the ban
+    of the loop's next token, the penalty), with no one-token ban step and the client's own logit_bias kept."""
+    from repguard.repair import EngineRepair
+    from repguard.serve.upstream import UpstreamError
+
+    with fake(tmp_path, "repair") as (url, _, record), inprocess_proxy(upstream=url) as proxy:
+        client = openai.OpenAI(base_url=proxy + "/v1", api_key="x", timeout=30, max_retries=0)
+        got = client.completions.create(model="fake", prompt="loop", max_tokens=60, temperature=0, seed=5,
+                                        logit_bias={"42": 5}, extra_body={"return_token_ids": True})
+    rep = got.choices[0].model_extra["repguard"]
+    assert rep["rollbacks"] == 1 and rep["repair"] == "engine" and rep["submissions"] == 2
+    onset = rep["detections"][0]["onset"]
+    ids = got.choices[0].model_extra["token_ids"]
+    (only,) = [json.loads(line) for line in record.read_text().splitlines()]
+    assert only["prompt"] == [1, 2, 3] + ids[:onset] and only["max_tokens"] == 60 - onset
+    assert only["logit_bias"] == {"42": 5.0}, "the ban goes with the repair, not as a bias step"
+    spec = EngineRepair.from_json(only["vllm_xargs"]["repguard_repair"])
+    assert spec.skip == 3 and spec.ban == 10 + onset % 6 and spec.penalty is not None
+    with fake(tmp_path, "-") as (url, _, _record):
+        with pytest.raises(UpstreamError, match="upstream_engine_repair"):
+            with inprocess_proxy(upstream=url, upstream_engine_repair=True):
+                pass
 
 
 def test_upstream_failures_are_clean_openai_errors(fake_upstream):

@@ -237,6 +237,73 @@ def test_with_the_plugin_re_decodes_run_the_neuron_step(tmp_path):
     assert all(p["config"]["always_on"] for p in n["plugin"]), "only re-decodes ask the plugin for anything"
 
 
+ENGINE_REPAIR = r'''
+import asyncio, json, sys
+sys.path.insert(0, {here!r})
+from vllm_helpers import LOGITS_PROCESSOR, engine_kwargs
+PROMPTS = json.loads({prompts!r})
+
+async def streamed(folder, greedy):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from repguard.vllm import GuardedAsyncLLM
+    eng = AsyncLLM.from_engine_args(AsyncEngineArgs(model=folder, **engine_kwargs(
+        max_model_len=1024, logits_processors=[LOGITS_PROCESSOR])))
+    front = GuardedAsyncLLM(eng, rollback={{"holdback": 60}})
+    async def one(i, prompt):
+        last = None
+        async for out in front.generate(prompt, greedy, f"e{{i}}"):
+            last = out
+        return last.token_ids, last.report
+    got = await asyncio.gather(*(one(i, p) for i, p in enumerate(PROMPTS)))
+    eng.shutdown()
+    return got
+
+if __name__ == "__main__":
+    from vllm import LLM, SamplingParams
+    from repguard.vllm import GuardedLLM
+    llm = LLM({folder!r}, **engine_kwargs(max_model_len=1024, logits_processors=[LOGITS_PROCESSOR]))
+    greedy = SamplingParams(temperature=0, max_tokens={max_tokens})
+    plain = [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, greedy, use_tqdm=False)]
+    front = GuardedLLM(llm)
+    outs = front.generate(PROMPTS, greedy)
+    resub = GuardedLLM(llm, engine_repair=False).generate(PROMPTS, greedy)
+    del llm, front
+    got = asyncio.run(streamed({folder!r}, greedy))
+    print("RESULT " + json.dumps({{"plain": plain, "tokens": [o.token_ids for o in outs],
+                                  "reports": [o.report for o in outs], "resub": [o.token_ids for o in resub],
+                                  "resub_reports": [o.report for o in resub],
+                                  "async": [g[0] for g in got], "async_reports": [g[1] for g in got]}}))
+'''
+
+
+def test_an_engine_with_the_logits_processor_applies_the_repair_itself(result, tmp_path):
+    """The engine runs repguard's logits processor (no plugin, no map): the front sends each re-decode's repair
+    with the request instead of stepping in at every penalised pick. Same tokens as the resubmission path (and
+    so as transformers rollback), one submission per pass; untouched requests stay byte-identical; the same
+    holds through ``GuardedAsyncLLM``."""
+    folder, r = result
+    env = {**os.environ, **ENGINE_ENV, "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache"), "VLLM_PLUGINS": ""}
+    script = tmp_path / "engine_repair.py"
+    script.write_text(ENGINE_REPAIR.format(here=str(HERE), folder=str(folder), prompts=json.dumps(PROMPTS),
+                                           max_tokens=MAX_TOKENS))
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and line, proc.stderr[-4000:]
+    e = json.loads(line[-1][len("RESULT "):])
+    assert e["plain"] == r["plain"], "the processor changes nothing for plain requests"
+    assert e["tokens"] == r["tokens"] == e["resub"] == e["async"], "same tokens as repairing by resubmission"
+    assert [rep["repair"] for rep in e["reports"]] == ["engine"] * len(PROMPTS)
+    assert [rep["repair"] for rep in e["resub_reports"]] == ["resubmission"] * len(PROMPTS)
+    for i, (rep, old) in enumerate(zip(e["reports"], e["resub_reports"])):
+        assert rep["rollbacks"] == old["rollbacks"]
+        assert rep["submissions"] == 1 + rep["rollbacks"], (PROMPTS[i][:30], rep["submissions"])
+        assert e["async_reports"][i]["submissions"] == rep["submissions"]
+    looped = [i for i, rep in enumerate(e["reports"]) if rep["rollbacks"]]
+    assert looped and sum(e["resub_reports"][i]["submissions"] for i in looped) > \
+        sum(e["reports"][i]["submissions"] for i in looped), "the repair picked penalised tokens on the way"
+
+
 V2_START = r'''
 import sys
 sys.path.insert(0, {here!r})

@@ -1,5 +1,6 @@
 """A real vLLM OpenAI server with the plugin: a request with ``vllm_xargs`` is guarded, one without is
-not, and a bad setting is refused with HTTP 400. Uses the official ``openai`` client."""
+not, and a bad setting is refused with HTTP 400; ``repguard serve --upstream`` in front of it sends each
+re-decode's repair for the server's logits processor to apply. Uses the official ``openai`` client."""
 
 from __future__ import annotations
 
@@ -94,3 +95,39 @@ def test_guard_stop_has_finish_reason_repetition(server):
 def test_bad_setting_is_http_400(server):
     with pytest.raises(openai.BadRequestError, match="repguard_k|k:"):
         complete(server, extra_body={"vllm_xargs": {"repguard_k": 0}})
+
+
+def test_the_server_applies_a_repair_sent_with_the_request(server):
+    """The request-level repair over HTTP: ``vllm_xargs.repguard_repair`` bans the given token on the first new
+    token (so the answer changes there and only there), and a malformed one is refused with 400 naming it."""
+    from repguard.repair import EngineRepair
+
+    plain = server.completions.create(model="smollm2-135m", prompt=LOOP, max_tokens=8, temperature=0,
+                                      extra_body={"return_token_ids": True}).choices[0]
+    ids, prompt_len = plain.model_extra["token_ids"], len(plain.model_extra["prompt_token_ids"])
+    spec = EngineRepair(prompt_len, None, ids[0]).to_json()
+    banned = server.completions.create(model="smollm2-135m", prompt=LOOP, max_tokens=8, temperature=0,
+                                       extra_body={"return_token_ids": True, "vllm_xargs": {"repguard_repair": spec}})
+    assert banned.choices[0].model_extra["token_ids"][0] != ids[0]
+    with pytest.raises(openai.BadRequestError, match="repguard_repair"):
+        complete(server, extra_body={"vllm_xargs": {"repguard_repair": '{"skip": -1}'}})
+
+
+def test_the_upstream_proxy_lets_the_server_apply_the_repair(server):
+    """``repguard serve --upstream`` finds the server's processor at start and sends each re-decode's repair with
+    it: a rollback is one resubmission, with the same tokens as repairing by one-token resubmissions."""
+    from test_serve_upstream import inprocess_proxy
+
+    url = str(server.base_url).rstrip("/").removesuffix("/v1")
+    answers = {}
+    for mode in (None, False):
+        with inprocess_proxy(upstream=url, upstream_neuron_step=False, upstream_engine_repair=mode) as proxy:
+            client = openai.OpenAI(base_url=proxy + "/v1", api_key="x", timeout=300, max_retries=0)
+            answers[mode] = client.completions.create(model="smollm2-135m", prompt=LOOP, max_tokens=120,
+                                                      temperature=0, extra_body={"return_token_ids": True}).choices[0]
+    engine, resub = (answers[m].model_extra for m in (None, False))
+    assert engine["repguard"]["repair"] == "engine" and resub["repguard"]["repair"] == "resubmission"
+    assert engine["repguard"]["rollbacks"] >= 1
+    assert engine["repguard"]["submissions"] == 1 + engine["repguard"]["rollbacks"]
+    assert resub["repguard"]["submissions"] > engine["repguard"]["submissions"]
+    assert engine["token_ids"] == resub["token_ids"]

@@ -243,9 +243,81 @@ def test_unscheduled_request_keeps_its_state(setup):
 def test_inert_without_plugin(monkeypatch):
     monkeypatch.setattr(logits, "PLUGIN_ACTIVE", False)
     proc = RepGuardLogitsProcessor(fake_runner().vllm_config, torch.device("cpu"), False)
-    assert proc.is_argmax_invariant() is True
     x = torch.randn(2, VOCAB)
-    assert proc.apply(x) is x
+    proc.update_state(BatchUpdate(batch_size=2, removed=[], moved=[],
+                                  added=[(0, SamplingParams(extra_args={"repguard": True}), [1, 2], [3]),
+                                         (1, SamplingParams(), [1, 2], [])]))
+    before = x.clone()
+    assert proc.apply(x) is x and torch.equal(x, before), "no plugin: guard settings change nothing"
+
+
+# -- the request-level guard's repair, applied in the engine ---------------------------------------------
+def repair_params(skip, ban=None, multiplier=1.0):
+    from repguard.repair import EngineRepair, RepeatPenalty
+
+    spec = EngineRepair(skip, RepeatPenalty(multiplier, 2.0, 2), ban)
+    return spec, SamplingParams(extra_args={logits.REPAIR_KEY: spec.to_json()})
+
+
+@pytest.mark.parametrize("plugin", [False, True])
+def test_repair_rows_get_exactly_the_core_penalties_and_other_rows_nothing(monkeypatch, plugin):
+    monkeypatch.setattr(logits, "PLUGIN_ACTIVE", plugin)
+    proc = RepGuardLogitsProcessor(fake_runner().vllm_config, torch.device("cpu"), False)
+    assert proc.is_argmax_invariant() is False, "greedy batches must reach apply()"
+    spec, params = repair_params(skip=2, ban=9)
+    prompt, out = [1, 2, 5, 6, 7, 8], []  # the caller's prompt 1 2, kept text 5 6 7 8
+    other_out = [5, 6, 7]
+    proc.update_state(BatchUpdate(batch_size=2, removed=[], moved=[],
+                                  added=[(0, SamplingParams(), [1, 2, 5, 6, 7, 8], other_out), (1, params, prompt, out)]))
+    x = torch.zeros(2, VOCAB)
+    proc.apply(x)
+    assert x[0].abs().sum() == 0, "a request without a repair is untouched"
+    assert x[1, 9] == float("-inf") and (x[1] != 0).sum() == 1, "first step: only the loop's next token, banned"
+    out.extend([5, 6, 7])  # vLLM appends in place
+    x = torch.zeros(2, VOCAB)
+    proc.apply(x)
+    expected = spec.penalties(prompt, out)
+    assert expected == {8: 2.0} and x[1, 8] == -2.0 and (x[1] != 0).sum() == 1 and x[0].abs().sum() == 0
+    # rows move and swap with their requests, and leave with them
+    proc.update_state(BatchUpdate(batch_size=2, removed=[], added=[], moved=[(0, 1, MoveDirectionality.SWAP)]))
+    x = torch.zeros(2, VOCAB)
+    proc.apply(x)
+    assert x[0, 8] == -2.0 and x[1].abs().sum() == 0
+    proc.update_state(BatchUpdate(batch_size=1, removed=[0], added=[], moved=[]))
+    assert proc.repairs == {}
+
+
+def test_a_repair_is_applied_once_per_engine_and_a_bad_one_is_refused_at_admission(monkeypatch):
+    runner = fake_runner()
+    first = RepGuardLogitsProcessor(runner.vllm_config, torch.device("cpu"), False)
+    twin = RepGuardLogitsProcessor(runner.vllm_config, torch.device("cpu"), False)  # loaded twice
+    assert first.repairs_here and not twin.repairs_here
+    _spec, params = repair_params(skip=0)
+    for proc in (first, twin):
+        proc.update_state(BatchUpdate(batch_size=1, removed=[], moved=[], added=[(0, params, [], [4, 5, 6, 4, 5])]))
+    x = torch.zeros(1, VOCAB)
+    twin.apply(first.apply(x))
+    assert x[0, 6] == -1.0, "penalised once, not twice"
+    with pytest.raises(ValueError, match="repguard_repair"):
+        RepGuardLogitsProcessor.validate_params(SamplingParams(extra_args={logits.REPAIR_KEY: '{"skip": -3}'}))
+    assert request_config({logits.REPAIR_KEY: "{}"}) is None, "a repair alone does not opt in to the neuron guard"
+
+
+def test_a_placeholder_token_skips_the_repair_and_is_counted_once(monkeypatch, caplog):
+    from repguard import metrics
+
+    proc = RepGuardLogitsProcessor(fake_runner().vllm_config, torch.device("cpu"), False)
+    _spec, params = repair_params(skip=0)
+    out = [4, 5, 6, 4, -1]
+    proc.update_state(BatchUpdate(batch_size=1, removed=[], moved=[], added=[(0, params, [], out)]))
+    counter = metrics.ERRORS.labels("tiny", "repair")
+    before = counter._value.get()
+    x = torch.zeros(1, VOCAB)
+    with caplog.at_level("WARNING", logger="repguard"):
+        proc.apply(x)
+        proc.apply(x)
+    assert x.abs().sum() == 0 and counter._value.get() == before + 2
+    assert sum("placeholder" in r.message for r in caplog.records) == 1
 
 
 def test_second_instance_is_inert(setup):
@@ -586,3 +658,99 @@ def test_random_batch_updates_keep_every_request_state(monkeypatch):
         assert done <= set(reports), "every finished guarded request has its report"
     finally:
         worker.set_current(None)
+
+
+# -- the same repair on model runner V2 (its own interface; hand-made contexts, as V2 cannot start here) ---
+def v2_context(slots, seq_lens):
+    import numpy as np
+    from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext
+
+    idx = torch.tensor(slots)
+    return LogitsContext(expanded_idx_mapping=idx, idx_mapping=idx, idx_mapping_np=np.array(slots),
+                         expanded_local_pos=torch.zeros(len(slots), dtype=torch.long), input_ids=torch.zeros(len(slots)),
+                         pos=torch.tensor(seq_lens) - 1, seq_lens_upper_bound_np=np.array(seq_lens))
+
+
+def test_model_runner_v2_processor_applies_the_same_repair_from_the_device_history():
+    import numpy as np
+
+    from repguard.vllm import RepGuardLogitsProcessorV2
+
+    history = torch.zeros(4, 64, dtype=torch.int32)
+    req_states = SimpleNamespace(all_token_ids=SimpleNamespace(gpu=history),
+                                 prompt_len=SimpleNamespace(np=np.zeros(4, dtype=np.int32)))
+    config = fake_runner().vllm_config
+    proc = RepGuardLogitsProcessorV2(config, req_states)
+    twin = RepGuardLogitsProcessorV2(config, req_states)
+    spec, params = repair_params(skip=2, ban=9)
+    prompt = [1, 2, 5, 6, 7, 8]  # the caller's prompt 1 2, then kept text
+    history[3, : len(prompt)] = torch.tensor(prompt)
+    req_states.prompt_len.np[3] = len(prompt)
+    assert proc.add_request(3, params) is True and twin.add_request(3, params) is False, "applied once per engine"
+    assert proc.add_request(1, SamplingParams()) is False
+    # first step: slot 3 sits at batch row 0, slot 1 at row 1
+    x = torch.zeros(2, VOCAB)
+    twin.apply(proc.apply(x, v2_context([3, 1], [len(prompt), 5])), v2_context([3, 1], [len(prompt), 5]))
+    assert x[0, 9] == float("-inf") and (x[0] != 0).sum() == 1 and x[1].abs().sum() == 0
+    out = [5, 6, 7]
+    history[3, len(prompt) : len(prompt) + 3] = torch.tensor(out)
+    x = torch.zeros(2, VOCAB)
+    proc.apply(x, v2_context([1, 3], [5, len(prompt) + 3]))
+    expected = torch.zeros(VOCAB)
+    for token, amount in spec.penalties(prompt, out).items():
+        expected[token] = -amount
+    assert torch.equal(x[1], expected) and x[1, 8] == -2.0 and x[0].abs().sum() == 0
+    assert proc.add_request(3, SamplingParams()) is False  # the slot is recycled for a plain request
+    x = torch.zeros(2, VOCAB)
+    assert proc.apply(x, v2_context([1, 3], [5, 9])) is x and x.abs().sum() == 0
+    with pytest.raises(ValueError, match="repguard_repair"):
+        RepGuardLogitsProcessorV2.validate_params(SamplingParams(extra_args={logits.REPAIR_KEY: "[]"}))
+
+
+def test_the_front_finds_the_repair_on_either_runner_and_not_where_it_is_missing():
+    import numpy as np
+
+    from repguard.vllm import RepGuardLogitsProcessorV2
+    from repguard.vllm.front import _status
+
+    runner = fake_runner()
+    v1 = RepGuardLogitsProcessor(runner.vllm_config, torch.device("cpu"), False)
+    runner.input_batch.logitsprocs.all = [v1]
+    assert _status(SimpleNamespace(model_runner=runner))["repair"] is True
+    runner.input_batch.logitsprocs.all = []
+    assert _status(SimpleNamespace(model_runner=runner))["repair"] is False
+    v2_config = SimpleNamespace(**vars(fake_runner().vllm_config), use_v2_model_runner=True)
+    states = SimpleNamespace(all_token_ids=SimpleNamespace(gpu=torch.zeros(1, 4)), prompt_len=SimpleNamespace(np=np.zeros(1)))
+    v2 = RepGuardLogitsProcessorV2(v2_config, states)
+    v2_runner = SimpleNamespace(vllm_config=v2_config, sampler=SimpleNamespace(logits_processors=[object(), v2]))
+    assert _status(SimpleNamespace(model_runner=v2_runner))["repair"] is True
+    v2_runner.sampler.logits_processors = [object()]
+    assert _status(SimpleNamespace(model_runner=v2_runner))["repair"] is False
+    spec_config = SimpleNamespace(**{**vars(v2_config), "speculative_config": object()})
+    v2_runner = SimpleNamespace(vllm_config=spec_config, sampler=SimpleNamespace(logits_processors=[v2]))
+    assert _status(SimpleNamespace(model_runner=v2_runner))["repair"] is False, "drafts: not supported"
+
+
+def test_where_workers_cannot_be_asked_the_front_reads_the_repair_from_the_engine_config():
+    """An ``AsyncLLM``'s engine core takes no function by RPC: the front then reads whether the engine runs the
+    processor for its runner from the config (and leaves the neuron step off)."""
+    from repguard.vllm.front import _Front
+
+    def config(processors, v2=False, spec=None):
+        base = vars(fake_runner().vllm_config)
+        mc = SimpleNamespace(**{**vars(base["model_config"]), "logits_processors": processors})
+        return SimpleNamespace(**{**base, "model_config": mc, "speculative_config": spec}, use_v2_model_runner=v2)
+
+    front = _Front(None, None, "tiny")
+    cases = [(config(["repguard.vllm:RepGuardLogitsProcessor"]), True),
+             (config(["repguard.vllm:RepGuardLogitsProcessorV2"], v2=True), True),
+             (config(["repguard.vllm:RepGuardLogitsProcessor"], v2=True), False),
+             (config([]), False),
+             (config(["repguard.vllm:RepGuardLogitsProcessor"], spec=object()), False)]
+    for cfg, expected in cases:
+        front._capabilities([], None, None, cfg)
+        assert (front.engine_repair, front.neuron_step) == (expected, False)
+    with pytest.raises(ConfigError, match="engine_repair"):
+        front._capabilities([], None, True, config([]))
+    front._capabilities([{"neurons": True, "repair": False}], None, None, cases[0][0])
+    assert (front.engine_repair, front.neuron_step) == (False, True), "the workers' answer wins where there is one"

@@ -47,6 +47,9 @@ def add_parser(sub) -> None:
     p.add_argument("--upstream-wait-s", type=float, help="at start, how long to wait for the upstream (default 60)")
     p.add_argument("--upstream-neuron-step", choices=["auto", "on", "off"],
                    help="re-decodes switch the mapped neurons off via repguard's vLLM plugin (auto: if it runs there)")
+    p.add_argument("--upstream-engine-repair", choices=["auto", "on", "off"],
+                   help="re-decodes send the repair with the request, applied by repguard's logits processor in the "
+                   "upstream (auto: if it runs there; off: one-token resubmissions)")
     p.add_argument("--check", action="store_true", help="validate the settings, print them (key hidden) and exit")
     p.set_defaults(func=run)
 
@@ -129,6 +132,7 @@ def run_upstream(settings, check: bool) -> int:
         shown = _show(settings)
         shown["upstream_models"] = proxy.models
         shown["upstream_neuron_step_available"] = proxy.neuron_step
+        shown["upstream_engine_repair_available"] = proxy.engine_repair
         print(json.dumps(shown, indent=1, allow_nan=False))
         return 0
     app = create_upstream_app(proxy, settings)
@@ -164,6 +168,7 @@ def run(args) -> int:
     if args.holdback is not None:
         cli["rollback"] = {**(cli["rollback"] or {}), "holdback": args.holdback}
     cli["upstream_neuron_step"] = {"on": True, "off": False, "auto": None, None: None}[args.upstream_neuron_step]
+    cli["upstream_engine_repair"] = {"on": True, "off": False, "auto": None, None: None}[args.upstream_engine_repair]
     from ..serve.settings import load_settings
 
     settings = load_settings(cli, config_file=args.config)

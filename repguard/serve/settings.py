@@ -67,6 +67,9 @@ class ServeSettings(BaseModel):
     upstream_neuron_step: bool | None = Field(
         None, description="Re-decodes switch the mapped neurons off through repguard's vLLM plugin (None: if the "
         "upstream runs it).")
+    upstream_engine_repair: bool | None = Field(
+        None, description="Re-decodes send the repair with the request and the upstream applies it at every step, "
+        "through repguard's vLLM logits processor (None: if the upstream runs it; else by one-token resubmissions).")
 
     @field_validator("upstream")
     @classmethod

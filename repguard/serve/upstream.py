@@ -11,7 +11,10 @@ watches each guarded request's ids with the core request-level rollback (``repgu
   the templated prompt ids the upstream returns) plus the kept ids, the loop's next token banned on the
   first new token by ``logit_bias``, the request's sampling settings kept and its seed derived per
   submission (``derive_seed``);
-* if the upstream runs repguard's vLLM plugin, re-decodes also switch the mapped neurons off (``vllm_xargs``).
+* if the upstream runs repguard's vLLM plugin, re-decodes also switch the mapped neurons off (``vllm_xargs``);
+* if it runs repguard's logits processor, the re-decode's repair (the ban of its first token and the penalty on
+  tokens that extend a repeat) goes with the request (``vllm_xargs.repguard_repair``) and the upstream applies
+  it at every step; otherwise the repair runs by one-token resubmissions with a ``logit_bias``.
 
 The client sees one continuous choice with a ``repguard`` report, and ``finish_reason == "repetition"``
 when the guard gave up. Streaming holds ``holdback`` tokens back (the rollback settings), so a rollback
@@ -43,6 +46,7 @@ from .. import metrics
 from . import metrics as server_metrics
 from ..config import GuardConfig
 from ..errors import ConfigError, RepGuardError
+from ..repair import WIRE_KEY
 from ..request_guard import RequestGuard, Submission, derive_seed
 from ..rollback import RollbackConfig, RollbackPolicy
 from .router import CLIENT_CLOSED, DISCONNECT_POLL_S, APIError, SafeJSONResponse, dumps, openai_route
@@ -232,7 +236,8 @@ class GuardedCall:
     def __init__(self, proxy: "UpstreamProxy", body: dict[str, Any], chat: bool, policy: RollbackPolicy,
                  model: str, max_tokens: int) -> None:
         self.proxy, self.body, self.chat, self.model = proxy, body, chat, model
-        self.rg = RequestGuard(policy, max_tokens, neuron_step=proxy.neuron_step, greedy=_greedy(body))
+        self.rg = RequestGuard(policy, max_tokens, neuron_step=proxy.neuron_step, greedy=_greedy(body),
+                               engine_repair=proxy.engine_repair)
         self.prompt_ids: list[int] | None = None
         self.first: dict[str, Any] = {}  # id, created, system_fingerprint of the first upstream chunk
         self.text0 = ""  # submission 0's text as the upstream sent it
@@ -269,6 +274,8 @@ class GuardedCall:
             cfg = self.rg.policy.config.replace(always_on=True, escalate=False, stop=False)
             fields = {k: v for k, v in cfg.to_dict().items() if k != "preset"}
             xargs.update(repguard="true", repguard_config=json.dumps(fields))
+        if sub.repair is not None:
+            xargs[WIRE_KEY] = sub.engine_repair(len(self.prompt_ids)).to_json()
         if xargs:
             out["vllm_xargs"] = xargs
         return "/v1/completions", out
@@ -386,7 +393,8 @@ class GuardedCall:
         rg = self.rg
         data = rg.report.to_dict()
         data.update(enabled=True, rollbacks=rg.rollbacks, submissions=rg.submissions, decoded_tokens=rg.decoded,
-                    form=rg.form, stopped=rg.finish_reason == "repetition")
+                    form=rg.form, stopped=rg.finish_reason == "repetition",
+                    repair="engine" if rg.engine_repair else "resubmission")
         return data
 
     def record(self) -> None:
@@ -417,6 +425,7 @@ class UpstreamProxy:
         self.models: list[str] = []
         self.max_model_len: dict[str, int] = {}
         self.neuron_step = False
+        self.engine_repair = False
         self.draining = False
 
     @property
@@ -454,11 +463,18 @@ class UpstreamProxy:
             self._probe_token_ids(client)
             want = self.settings.upstream_neuron_step
             available = self._probe_neurons(client) if want is not False else False
+            want_repair = self.settings.upstream_engine_repair
+            repair = self._probe_repair(client) if want_repair is not False else False
         if want and not available:
             raise UpstreamError(f"upstream_neuron_step: the upstream {url} does not run repguard's plugin with the "
                                 "neuron step (start it with the repguard_neurons plugin and --logits-processors "
                                 "repguard.vllm:RepGuardLogitsProcessor), or leave it unset")
+        if want_repair and not repair:
+            raise UpstreamError(f"upstream_engine_repair: the upstream {url} does not run repguard's logits processor "
+                                "(start it with --logits-processors repguard.vllm:RepGuardLogitsProcessor, or "
+                                "repguard.vllm:RepGuardLogitsProcessorV2 on model runner V2), or leave it unset")
         self.neuron_step = available
+        self.engine_repair = repair
         for model in self.models:
             metrics.init_model(model)
             metrics.set_info(model, "upstream")
@@ -495,6 +511,17 @@ class UpstreamProxy:
             return resp.status_code == 200
         except httpx.HTTPError:
             return False
+
+    def _probe_repair(self, client: httpx.Client) -> bool:
+        """Does the upstream run repguard's logits processor (either runner's)? It refuses a malformed
+        ``repguard_repair`` with 400 naming it; a server without it ignores ``vllm_xargs``."""
+        probe = {"model": self.model_name, "prompt": "Hi", "max_tokens": 1, "temperature": 0,
+                 "vllm_xargs": {WIRE_KEY: '{"skip": -1}'}}
+        try:
+            resp = client.post("/v1/completions", json=probe)
+        except httpx.HTTPError:
+            return False
+        return resp.status_code == 400 and WIRE_KEY in resp.text
 
     async def aclose(self) -> None:
         await self.upstream.aclose()

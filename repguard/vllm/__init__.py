@@ -4,9 +4,10 @@ Entry points (declared in pyproject.toml):
 
 * general plugin ``repguard_neurons`` -> ``repguard.vllm.plugin:register``: hooks the model's MLPs when
   it loads (map: ``REPGUARD_MAP`` or the shipped map of the served model; defaults: ``REPGUARD_CONFIG``);
-* logits processor ``repguard`` -> ``repguard.vllm.logits:RepGuardLogitsProcessor`` (also
-  ``--logits-processors repguard.vllm:RepGuardLogitsProcessor``): per-request opt-in through
-  ``extra_args`` / ``vllm_xargs`` (``repguard``, ``repguard_preset``, ``repguard_k``, ...).
+* logits processor ``--logits-processors repguard.vllm:RepGuardLogitsProcessor`` (model runner V1):
+  per-request opt-in through ``extra_args`` / ``vllm_xargs`` (``repguard``, ``repguard_preset``,
+  ``repguard_k``, ...), and the request-level guard's in-engine repair (``repguard_repair``);
+  ``repguard.vllm:RepGuardLogitsProcessorV2`` runs that repair on model runner V2.
 
 Reports of finished guarded requests stay in the worker until fetched with ``fetch_reports(llm)``
 (or ``await afetch_reports(engine_client)`` in a server). A request the guard stopped ends with
@@ -22,7 +23,7 @@ require("vllm", "vllm")
 
 from .compat import SUPPORTED_TEXT, UnsupportedVllmError  # noqa: E402
 from .front import GuardedAsyncLLM, GuardedLLM, GuardedOutput  # noqa: E402
-from .logits import RepGuardLogitsProcessor, request_config, server_config  # noqa: E402
+from .logits import RepGuardLogitsProcessor, RepGuardLogitsProcessorV2, request_config, server_config  # noqa: E402
 
 
 def _take_reports(worker, request_ids=None, pop=True):
@@ -58,6 +59,7 @@ __all__ = [
     "GuardedLLM",
     "GuardedOutput",
     "RepGuardLogitsProcessor",
+    "RepGuardLogitsProcessorV2",
     "SUPPORTED_TEXT",
     "UnsupportedVllmError",
     "afetch_reports",

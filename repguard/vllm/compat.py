@@ -56,6 +56,11 @@ from vllm.v1.sample.logits_processor import (  # noqa: E402
 
 SWAP = MoveDirectionality.SWAP
 
+try:  # model runner V2's own logits-processor interface (import-light by design in vLLM)
+    from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as LogitsProcessorV2
+except Exception:  # pragma: no cover - a build without it
+    LogitsProcessorV2 = None
+
 
 def uses_v2_runner(vllm_config) -> bool:
     """True where the worker will run model runner V2 (vLLM's GPU default; on CPU only with
@@ -70,15 +75,24 @@ def uses_async_scheduling(vllm_config) -> bool:
     return bool(getattr(getattr(vllm_config, "scheduler_config", None), "async_scheduling", False))
 
 
-def processor_configured(vllm_config) -> bool:
-    """True when the engine was started with repguard's logits processor (``logits_processors=[...]`` /
+def processor_configured(vllm_config, cls: str = "RepGuardLogitsProcessor") -> bool:
+    """True when the engine was started with repguard's logits processor ``cls`` (``logits_processors=[...]`` /
     ``--logits-processors repguard.vllm:RepGuardLogitsProcessor``), which drives the hooks."""
     configured = getattr(getattr(vllm_config, "model_config", None), "logits_processors", None) or ()
     for entry in configured:
         name = entry if isinstance(entry, str) else f"{getattr(entry, '__module__', '')}:{getattr(entry, '__qualname__', '')}"
-        if name.endswith(":RepGuardLogitsProcessor") and name.startswith("repguard.vllm"):
+        if name.endswith(f":{cls}") and name.startswith("repguard.vllm"):
             return True
     return False
+
+
+def repair_processor_configured(vllm_config) -> bool:
+    """True when the engine runs repguard's processor for its runner (V1 or V2) without speculative decoding,
+    so the request-level guard's repair can run inside it (read from the engine's config, in any process)."""
+    if getattr(vllm_config, "speculative_config", None) is not None:
+        return False
+    cls = "RepGuardLogitsProcessorV2" if uses_v2_runner(vllm_config) else "RepGuardLogitsProcessor"
+    return processor_configured(vllm_config, cls)
 
 
 def neuron_step_blockers(vllm_config) -> list[str]:

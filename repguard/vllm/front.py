@@ -14,6 +14,14 @@ plugin and ``logits_processors=[repguard.vllm.RepGuardLogitsProcessor]`` on the 
 for the model. Re-decode passes then ask the plugin to keep the mapped neurons off throughout. Each
 report says which form ran (``"form": "tokens"`` or ``"tokens+neurons"``).
 
+The repair (the re-decode's penalty on tokens that extend a repeat, and the ban of its first token) runs
+by resubmission on any engine: a one-token ``logit_bias`` step each time the engine picks a penalised token.
+Where the engine runs repguard's logits processor (``logits_processors=[RepGuardLogitsProcessor]`` on model
+runner V1, ``RepGuardLogitsProcessorV2`` on V2; no plugin or map needed), the front sends the repair with each
+re-decode submission instead and the engine applies it at every step: the same tokens under greedy decoding,
+one submission per pass.
+Each report says which ran (``"repair": "engine"`` or ``"resubmission"``).
+
 Prefix caching (vLLM's default) makes a resubmission re-prefill almost nothing; each output reports the
 prompt tokens the cache served (``cached_prompt_tokens``) and the tokens decoded in all
 (``decoded_tokens``, discarded ones included).
@@ -39,6 +47,7 @@ from ..config import GuardConfig
 from ..errors import ConfigError
 from ..request_guard import RequestGuard, Submission, check_request_config, derive_seed
 from ..rollback import RollbackConfig, RollbackPolicy
+from .logits import REPAIR_KEY
 
 log = logging.getLogger("repguard")
 
@@ -72,6 +81,33 @@ class _Front:
         check_request_config(self.config)  # settings a token stream cannot run are refused before any request
         self.model_name = model_name
         self.neuron_step = False
+        self.engine_repair = False
+
+    def _capabilities(self, results, neuron_step: bool | None, engine_repair: bool | None, vllm_config=None) -> None:
+        """Settle ``neuron_step`` and ``engine_repair`` from every worker's ``_status`` (None: use what the
+        engine can do; True: require it). Where the workers cannot be asked (an ``AsyncLLM``'s engine core
+        takes no function by RPC), the repair is read from the engine's config and the neuron step is off."""
+        results = results or []
+        can = {key: bool(results) and all(r.get(key) for r in results) for key in ("neurons", "repair")}
+        if not results and vllm_config is not None:
+            from .compat import repair_processor_configured
+
+            can["repair"] = repair_processor_configured(vllm_config)
+        if neuron_step and not can["neurons"]:
+            raise ConfigError("neuron_step: this engine cannot run the neuron step (start it with the "
+                              "repguard_neurons plugin, logits_processors=[RepGuardLogitsProcessor], the V1 "
+                              "runner and a neuron map), or pass neuron_step=None")
+        if engine_repair and not can["repair"]:
+            raise ConfigError("engine_repair: this engine does not run repguard's logits processor (start it with "
+                              "logits_processors=['repguard.vllm:RepGuardLogitsProcessor'] on model runner V1, "
+                              "'repguard.vllm:RepGuardLogitsProcessorV2' on V2, without speculative decoding), or "
+                              "pass engine_repair=None to repair by resubmission")
+        self.neuron_step = can["neurons"] if neuron_step is None else bool(neuron_step)
+        self.engine_repair = can["repair"] if engine_repair is None else bool(engine_repair)
+
+    def _guard(self, policy: RollbackPolicy, params) -> RequestGuard:
+        return RequestGuard(policy, params.max_tokens, neuron_step=self.neuron_step, greedy=_greedy(params),
+                            engine_repair=self.engine_repair)
 
     def _policy(self, guard: GuardConfig | dict | bool | None) -> RollbackPolicy | None:
         if guard is None or guard is True:
@@ -91,7 +127,7 @@ class _Front:
         if params.max_tokens is None:
             raise ConfigError("max_tokens: the guarded front needs a token budget per request")
 
-    def _sub_params(self, params, sub: Submission, kind):
+    def _sub_params(self, params, sub: Submission, kind, prompt_len: int):
         p = params.clone()
         p.output_kind = kind
         p.max_tokens = sub.max_tokens
@@ -106,10 +142,15 @@ class _Front:
             for token, amount in sub.bias.items():
                 bias[token] = bias.get(token, 0.0) + amount
             p.logit_bias = bias
+        extra = {}
         if sub.neurons_off:
             cfg = self.config.replace(always_on=True, escalate=False, stop=False)
             fields = {k: v for k, v in cfg.to_dict().items() if k != "preset"}
-            p.extra_args = {**(params.extra_args or {}), "repguard": True, "repguard_config": json.dumps(fields)}
+            extra.update(repguard=True, repguard_config=json.dumps(fields))
+        if sub.repair is not None:
+            extra[REPAIR_KEY] = sub.engine_repair(prompt_len).to_json()
+        if extra:
+            p.extra_args = {**(params.extra_args or {}), **extra}
         return p
 
     @staticmethod
@@ -125,6 +166,7 @@ class _Front:
         data.update(
             rollbacks=rg.rollbacks, submissions=rg.submissions, decoded_tokens=rg.decoded,
             cached_prompt_tokens=cached, form=rg.form, stopped=rg.finish_reason == "repetition",
+            repair="engine" if rg.engine_repair else "resubmission",
         )
         return data
 
@@ -140,12 +182,23 @@ def _greedy(params) -> bool:
     return params.temperature is not None and params.temperature < 1e-5
 
 
-def _status(worker) -> dict:
-    """Runs in each worker: can the plugin run the neuron step on this engine?"""
-    from . import worker
+def _status(worker_obj) -> dict:
+    """Runs in each worker: can the plugin run the neuron step on this engine, and does it run repguard's
+    logits processor (which applies repairs)?"""
+    from . import compat, worker
+    from .logits import RepGuardLogitsProcessor, RepGuardLogitsProcessorV2
 
     guard = worker.current()
-    return {"neurons": guard is not None and not guard.broken}
+    runner = getattr(worker_obj, "model_runner", None)
+    if runner is not None and compat.uses_v2_runner(runner.vllm_config):
+        kind, procs = RepGuardLogitsProcessorV2, getattr(getattr(runner, "sampler", None), "logits_processors", ())
+    else:
+        kind = RepGuardLogitsProcessor
+        procs = getattr(getattr(getattr(runner, "input_batch", None), "logitsprocs", None), "all", ())
+    repair = kind is not None and any(isinstance(p, kind) and p.repairs_here for p in procs or ())
+    if getattr(getattr(runner, "vllm_config", None), "speculative_config", None) is not None:
+        repair = False  # several logits rows per request: not supported
+    return {"neurons": guard is not None and not guard.broken, "repair": repair}
 
 
 def _first_output(out):
@@ -161,25 +214,18 @@ class GuardedLLM(_Front):
     """
 
     def __init__(self, llm, config: GuardConfig | dict | None = None, rollback: RollbackConfig | dict | None = None,
-                 *, neuron_step: bool | None = None, model_name: str | None = None) -> None:
+                 *, neuron_step: bool | None = None, engine_repair: bool | None = None,
+                 model_name: str | None = None) -> None:
         name = model_name or str(getattr(llm.llm_engine.model_config, "served_model_name", None)
                                  or llm.llm_engine.model_config.model)
         super().__init__(config, rollback, name)
         self.llm = llm
         self.engine = llm.llm_engine
-        available = self._neurons_available()
-        if neuron_step and not available:
-            raise ConfigError("neuron_step: this engine cannot run the neuron step (start it with the "
-                              "repguard_neurons plugin, logits_processors=[RepGuardLogitsProcessor], the V1 "
-                              "runner and a neuron map), or pass neuron_step=None")
-        self.neuron_step = available if neuron_step is None else bool(neuron_step)
-
-    def _neurons_available(self) -> bool:
         try:
             results = self.llm.collective_rpc(_status)
         except Exception:
-            return False
-        return bool(results) and all(r.get("neurons") for r in results)
+            results = []
+        self._capabilities(results, neuron_step, engine_repair, getattr(self.engine, "vllm_config", None))
 
     def generate(self, prompts, sampling_params, guard: Sequence[GuardConfig | dict | bool | None] | None = None,
                  ) -> list[GuardedOutput]:
@@ -198,7 +244,7 @@ class GuardedLLM(_Front):
         for i, (prompt, p, g) in enumerate(zip(prompts, params, guards)):
             self._check_params(p)
             policy = self._policy(g)
-            rg = RequestGuard(policy or self.policy, p.max_tokens, neuron_step=self.neuron_step, greedy=_greedy(p))
+            rg = self._guard(policy or self.policy, p)
             reqs.append({"prompt": prompt, "params": p, "guard": rg, "guarded": policy is not None, "ids": None,
                          "cached": 0, "counted": set(), "text": "", "stop_reason": None, "out_reason": None, "tokens": [],
                          "t0": time.perf_counter()})
@@ -213,7 +259,7 @@ class GuardedLLM(_Front):
             rid = f"{tag}-{i}.{sub.index}"
             live[rid] = (i, sub)
             self.engine.add_request(rid, self._prompt(r["prompt"], r["ids"], sub),
-                                    self._sub_params(r["params"], sub, RequestOutputKind.DELTA))
+                                    self._sub_params(r["params"], sub, RequestOutputKind.DELTA, len(r["ids"] or [])))
 
         for i in range(len(reqs)):
             submit(i)
@@ -284,12 +330,14 @@ class GuardedAsyncLLM(_Front):
     """
 
     def __init__(self, engine, config: GuardConfig | dict | None = None, rollback: RollbackConfig | dict | None = None,
-                 *, neuron_step: bool | None = None, model_name: str | None = None, tokenizer=None) -> None:
+                 *, neuron_step: bool | None = None, engine_repair: bool | None = None, model_name: str | None = None,
+                 tokenizer=None) -> None:
         mc = getattr(engine, "model_config", None)
         name = model_name or str(getattr(mc, "served_model_name", None) or getattr(mc, "model", "model"))
         super().__init__(config, rollback, name)
         self.engine = engine
         self._want_neurons = neuron_step
+        self._want_repair = engine_repair
         self._checked = False
         self._lock = asyncio.Lock()
         self._tokenizer = tokenizer
@@ -302,12 +350,10 @@ class GuardedAsyncLLM(_Front):
                 return
             try:
                 results = await self.engine.collective_rpc(_status)
-                available = bool(results) and all(r.get("neurons") for r in results)
             except Exception:
-                available = False
-            if self._want_neurons and not available:
-                raise ConfigError("neuron_step: this engine cannot run the neuron step (see repguard.vllm.front)")
-            self.neuron_step = available if self._want_neurons is None else bool(self._want_neurons)
+                results = []
+            self._capabilities(results, self._want_neurons, self._want_repair,
+                               getattr(self.engine, "vllm_config", None))
             self._checked = True
 
     async def _decode(self, tokens: list[int], skip_special: bool) -> str:
@@ -335,8 +381,7 @@ class GuardedAsyncLLM(_Front):
                                     o.text if o else "", out.finished, o.finish_reason if o else None,
                                     o.stop_reason if o else None)
             return
-        rg = RequestGuard(policy, sampling_params.max_tokens, neuron_step=self.neuron_step,
-                          greedy=_greedy(sampling_params))
+        rg = self._guard(policy, sampling_params)
         prompt_ids: list[int] | None = None
         cached = 0
         text0 = ""
@@ -344,7 +389,8 @@ class GuardedAsyncLLM(_Front):
         try:
             while (sub := rg.next_submission()) is not None:
                 gen = self.engine.generate(self._prompt(prompt, prompt_ids, sub),
-                                           self._sub_params(sampling_params, sub, RequestOutputKind.DELTA),
+                                           self._sub_params(sampling_params, sub, RequestOutputKind.DELTA,
+                                                            len(prompt_ids or [])),
                                            f"{request_id}.{sub.index}", **kwargs)
                 counted = False
                 try:

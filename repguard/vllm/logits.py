@@ -9,6 +9,17 @@ Requests opt in through ``SamplingParams.extra_args`` (``vllm_xargs`` over HTTP;
   ``repguard_stop=false``; ``repguard_layers`` takes a list or "3,4,5".
 * ``repguard_config``: a JSON object (string) of ``GuardConfig`` fields.
 
+The request-level guard (``front.py``) also sends ``repguard_repair`` (an ``repguard.repair.EngineRepair``
+as JSON) with its re-decode submissions: the processor then applies the rollback's repair to that request
+at every step (the DRY-style penalty over its generated tokens, and the ban of its first token), exactly as
+``logit_bias`` resubmissions would, so a rollback costs one resubmission. That works with or without the
+neuron plugin, with no map, wherever the processor is loaded. On model runner V1 (``RepGuardLogitsProcessor``)
+it reads the token lists vLLM keeps on the host; under async scheduling, the output tokens vLLM fills in
+before sampling (``update_async_output_token_ids``). Model runner V2 (vLLM's GPU default) takes processors
+of its own interface: ``RepGuardLogitsProcessorV2`` (``--logits-processors
+repguard.vllm:RepGuardLogitsProcessorV2``) applies the repair there from the token history V2 keeps on the
+device, with no host read (the neuron step does not run on V2).
+
 Example (in-process engine; the ``repguard_neurons`` plugin installs the hooks when the model loads)::
 
     llm = LLM(model_path, dtype="float32")
@@ -18,9 +29,9 @@ Example (in-process engine; the ``repguard_neurons`` plugin installs the hooks w
 
 Detection runs in ``update_state`` (vLLM calls it before every forward, with the output token lists
 updated in place), so it also runs for all-greedy batches. ``apply`` changes the logits of guarded
-rows only, and only when their policy escalates or stops; it is never argmax-invariant while the
-plugin is active. Without the plugin (``VLLM_PLUGINS`` excluding ``repguard_neurons``) every instance
-is inert and argmax-invariant.
+rows only, and only when their policy escalates or stops, and of rows that carry a repair; it is never
+argmax-invariant (vLLM calls it for greedy batches too; with no such row it returns the logits as they
+are). Without the plugin (``VLLM_PLUGINS`` excluding ``repguard_neurons``) the neuron step is inert.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import weakref
 from functools import lru_cache
 from typing import Any
 
@@ -35,11 +47,13 @@ import torch
 
 from ..config import GuardConfig
 from ..errors import ConfigError
+from ..repair import WIRE_KEY, EngineRepair
 from . import compat, worker
 
 log = logging.getLogger("repguard")
 
 PREFIX = "repguard_"
+REPAIR_KEY = WIRE_KEY  # the request-level guard's repair for one submission (not a GuardConfig field)
 _FIELDS = set(GuardConfig.model_fields) - {"preset"}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -75,7 +89,7 @@ def request_config(extra: dict | None, default: GuardConfig | None = None) -> Gu
     """The request's ``GuardConfig``, or None when it does not opt in. Raises ``ConfigError``
     naming the offending key."""
     extra = extra or {}
-    keys = [k for k in extra if k == "repguard" or k.startswith(PREFIX)]
+    keys = [k for k in extra if (k == "repguard" or k.startswith(PREFIX)) and k != REPAIR_KEY]
     if not keys:
         return None
     if "repguard" in extra and not _as_bool("repguard", extra["repguard"]):
@@ -118,12 +132,23 @@ def request_config(extra: dict | None, default: GuardConfig | None = None) -> Gu
         raise ConfigError(f"{exc} (from the request's repguard_* settings)") from None
 
 
+def request_repair(extra: dict | None) -> EngineRepair | None:
+    """The submission's ``EngineRepair`` (``repguard_repair``), or None. Raises ``ConfigError``."""
+    raw = (extra or {}).get(REPAIR_KEY)
+    return None if raw is None else EngineRepair.from_json(raw)
+
+
+_REPAIR_OWNERS: dict[tuple[int, str], Any] = {}  # (id(vllm_config), class) -> weakref of the processor that repairs
+
+
 class RepGuardLogitsProcessor(compat.LogitsProcessor):
-    """vLLM V1 logits processor that drives the worker's ``EngineGuard`` (see module docstring)."""
+    """vLLM V1 logits processor: drives the worker's ``EngineGuard`` and applies request-level repairs
+    (see module docstring)."""
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
         # raises ConfigError (a ValueError) -> HTTP 400
+        request_repair(compat.extra_args(sampling_params))
         cfg = request_config(compat.extra_args(sampling_params))
         if cfg is not None and cfg.enabled and NEURON_STEP_BLOCKED is not None:
             raise ConfigError(f"repguard: this request asks for the neuron step, which cannot run on this engine: "
@@ -134,9 +159,13 @@ class RepGuardLogitsProcessor(compat.LogitsProcessor):
         self.vllm_config = vllm_config
         self.active = PLUGIN_ACTIVE
         self._warned = False
+        self.device = device
+        self.repairs: dict[int, tuple[EngineRepair, list[int], list[int]]] = {}  # row -> (spec, prompt, output)
+        self._repair_failed = False
+        self.repairs_here = _owner(vllm_config, self)
 
     def is_argmax_invariant(self) -> bool:
-        return not self.active
+        return False  # a repair changes greedy picks; with nothing to do, apply returns its input
 
     def _guard(self):  # -> engine.EngineGuard | None
         guard = worker.current()
@@ -145,6 +174,8 @@ class RepGuardLogitsProcessor(compat.LogitsProcessor):
         return guard
 
     def update_state(self, batch_update) -> None:
+        if self.repairs_here and batch_update is not None:
+            self._track_repairs(batch_update)
         if not self.active:
             return
         guard = self._guard()
@@ -167,10 +198,62 @@ class RepGuardLogitsProcessor(compat.LogitsProcessor):
         guard.update(batch_update, configs)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.repairs:
+            logits = self._apply_repairs(logits)
         if not self.active:
             return logits
         guard = self._guard()
         return logits if guard is None else guard.apply(logits)
+
+    # -- request-level repairs ---------------------------------------------------------------------------
+    def _track_repairs(self, batch_update) -> None:
+        repairs = self.repairs
+        for index in batch_update.removed:
+            repairs.pop(index, None)
+        for index, params, prompt, output in batch_update.added:
+            repairs.pop(index, None)
+            try:
+                spec = request_repair(compat.extra_args(params))
+            except ConfigError:  # validated at admission
+                log.exception("repguard: invalid repguard_repair; the request runs without the repair")
+                spec = None
+            if spec is not None:
+                if prompt is None:
+                    self._fail_once("a repair request without prompt token ids")
+                else:
+                    repairs[index] = (spec, prompt, output)
+        for a, b, direction in batch_update.moved:
+            first, second = repairs.pop(a, None), repairs.pop(b, None)
+            if first is not None:
+                repairs[b] = first
+            if second is not None and direction == compat.SWAP:
+                repairs[a] = second
+
+    def _apply_repairs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Subtract each repaired row's penalties (one indexed write for the batch; only repaired rows are
+        read, on the host, where vLLM keeps their token lists)."""
+        try:
+            rows: list[int] = []
+            tokens: list[int] = []
+            amounts: list[float] = []
+            for row, (spec, prompt, output) in self.repairs.items():
+                if output and output[-1] < 0:  # a placeholder vLLM did not fill in: skip rather than guess
+                    self._fail_once("an output token was still a placeholder when the repair ran")
+                    continue
+                for token, amount in spec.penalties(prompt, output).items():
+                    rows.append(row)
+                    tokens.append(token)
+                    amounts.append(-amount)
+            if rows:
+                index = (torch.tensor(rows, device=logits.device), torch.tensor(tokens, device=logits.device))
+                logits.index_put_(index, torch.tensor(amounts, dtype=logits.dtype, device=logits.device),
+                                  accumulate=True)
+        except Exception:  # the repair never takes a batch down
+            self._fail_once("applying a repair failed", exc_info=True)
+        return logits
+
+    def _fail_once(self, what: str, exc_info: bool = False) -> None:
+        _fail_once(self, what, exc_info)
 
     @staticmethod
     def _config(params) -> GuardConfig | None:
@@ -186,3 +269,81 @@ class RepGuardLogitsProcessor(compat.LogitsProcessor):
             "repguard" in compat.extra_args(p) or any(k.startswith(PREFIX) for k in compat.extra_args(p))
             for _i, p, _a, _b in batch_update.added
         )
+
+
+def _owner(vllm_config, processor) -> bool:
+    """True for the first live processor of its class on this engine: a processor loaded twice applies a
+    repair once."""
+    key = (id(vllm_config), type(processor).__name__)
+    owner = _REPAIR_OWNERS.get(key)
+    if owner is None or owner() is None:
+        _REPAIR_OWNERS[key] = weakref.ref(processor)
+    return _REPAIR_OWNERS[key]() is processor
+
+
+def _fail_once(processor, what: str, exc_info: bool = False) -> None:
+    from .. import metrics
+
+    metrics.ERRORS.labels(str(processor.vllm_config.model_config.model), "repair").inc()
+    if not processor._repair_failed:
+        processor._repair_failed = True
+        log.warning("repguard: %s; such requests continue without the repair (logged once)", what, exc_info=exc_info)
+
+
+if compat.LogitsProcessorV2 is not None:
+
+    class RepGuardLogitsProcessorV2(compat.LogitsProcessorV2):
+        """Model runner V2 logits processor: the request-level guard's repair (``repguard_repair``), computed
+        on the device from V2's token history (``RepeatPenalty.penalty_row``), one dense row per repaired
+        request; requests without a repair are never read or written."""
+
+        @classmethod
+        def validate_params(cls, sampling_params) -> None:
+            request_repair(compat.extra_args(sampling_params))  # ConfigError (a ValueError) -> HTTP 400
+
+        def __init__(self, vllm_config, req_states) -> None:
+            self.vllm_config = vllm_config
+            self.req_states = req_states
+            self.specs: dict[int, EngineRepair] = {}  # request slot -> its repair
+            self._repair_failed = False
+            self.repairs_here = _owner(vllm_config, self)
+
+        def add_request(self, req_idx: int, sampling_params) -> bool:
+            self.specs.pop(req_idx, None)  # slots are recycled
+            if not self.repairs_here:
+                return False
+            try:
+                spec = request_repair(compat.extra_args(sampling_params))
+            except ConfigError:  # validated at admission
+                log.exception("repguard: invalid repguard_repair; the request runs without the repair")
+                return False
+            if spec is None:
+                return False
+            self.specs[req_idx] = spec
+            return True
+
+        def apply(self, logits: torch.Tensor, ctx) -> torch.Tensor:
+            if not self.specs:
+                return logits
+            try:
+                slots = ctx.idx_mapping_np
+                if logits.shape[0] != len(slots):
+                    _fail_once(self, "several logits rows per request (speculative decoding) are not supported")
+                    return logits
+                history = self.req_states.all_token_ids.gpu
+                prompt_len = self.req_states.prompt_len.np
+                vocab = logits.shape[1]
+                for row, slot in enumerate(slots.tolist()):
+                    spec = self.specs.get(slot)
+                    if spec is None:
+                        continue
+                    total = int(ctx.seq_lens_upper_bound_np[row])  # prompt + output so far (exact without drafts)
+                    if spec.penalty is not None and total > spec.skip:
+                        logits[row] -= spec.penalty.penalty_row(history[slot, spec.skip : total], vocab)
+                    if spec.ban is not None and total <= int(prompt_len[slot]):  # its first new token
+                        logits[row, spec.ban] = float("-inf")
+            except Exception:  # the repair never takes a batch down
+                _fail_once(self, "applying a repair failed", exc_info=True)
+            return logits
+else:  # pragma: no cover
+    RepGuardLogitsProcessorV2 = None
