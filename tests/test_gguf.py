@@ -116,3 +116,49 @@ def test_serve_takes_the_gguf_and_finds_the_shipped_map_by_its_shape(gguf_cache)
         assert engine.guard.neuron_map.meta.model_name == "smollm2-135m"
     finally:
         engine.close()
+
+
+def test_processes_starting_together_convert_once_and_all_get_the_folder(tmp_path, monkeypatch):
+    """Several servers or jobs starting at once on a fresh cache: the conversion runs once, under a lock across
+    processes (``fcntl.flock``, which also separates threads that open the lock file on their own), and every
+    caller gets the finished, integrity-checked folder. Without the lock they share the work and temporary
+    folders and race (seen: one removed the folder another was still reading)."""
+    import threading
+    import time
+
+    from repguard.hf import models
+
+    monkeypatch.setenv("REPGUARD_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "tiny.gguf"
+    source.write_bytes(b"GGUF" + bytes(64))
+    running, seen, calls = [0], [], []
+
+    def fake_convert(gguf, target, name, add_bos_token, progress):
+        running[0] += 1
+        seen.append(running[0])
+        calls.append(name)
+        time.sleep(0.3)  # long enough for the other callers to arrive while this one converts
+        target.mkdir(parents=True)
+        (target / "weights.bin").write_bytes(b"w" * 10)
+        manifest = {"cache_format": models._CACHE_FORMAT, "name": name, "source": gguf.name,
+                    "files": {"weights.bin": models._digest(target / "weights.bin")}}
+        (target / "repguard-model.json").write_text(json.dumps(manifest))
+        running[0] -= 1
+
+    monkeypatch.setattr(models, "_convert", fake_convert)
+    got, errors = [], []
+
+    def call():
+        try:
+            got.append(models.ensure_converted_gguf(source, progress=False))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors and len(got) == 4 and len(set(got)) == 1
+    assert calls == ["tiny"], "converted once; the others waited and found the folder"
+    assert max(seen) == 1 and models._manifest_ok(got[0])

@@ -303,6 +303,21 @@ def test_a_repair_is_applied_once_per_engine_and_a_bad_one_is_refused_at_admissi
     assert request_config({logits.REPAIR_KEY: "{}"}) is None, "a repair alone does not opt in to the neuron guard"
 
 
+def test_under_async_scheduling_the_repair_reads_the_tokens_vllm_fills_in_before_sampling():
+    """Async scheduling (V1's GPU default): when ``update_state`` runs, a request's output list ends in a ``-1``
+    placeholder; vLLM replaces it in place (``update_async_output_token_ids``) before the processors' ``apply``.
+    The repair must then see the real token, exactly as without async scheduling."""
+    proc = RepGuardLogitsProcessor(fake_runner().vllm_config, torch.device("cpu"), False)
+    spec, params = repair_params(skip=0)
+    out = [4, 5, 6, 4, -1]  # the list vLLM owns, as the batch update hands it over
+    proc.update_state(BatchUpdate(batch_size=1, removed=[], moved=[], added=[(0, params, [], out)]))
+    out[-1] = 5  # vLLM fills the placeholder in place before sampling
+    x = torch.zeros(1, VOCAB)
+    proc.apply(x)
+    expected = spec.penalties([], [4, 5, 6, 4, 5])
+    assert expected and {t: -float(x[0, t]) for t in range(VOCAB) if x[0, t] != 0} == expected
+
+
 def test_a_placeholder_token_skips_the_repair_and_is_counted_once(monkeypatch, caplog):
     from repguard import metrics
 

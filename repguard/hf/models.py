@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -122,17 +123,40 @@ def ensure_converted(name: str, progress: bool = True) -> Path:
     target = cache_dir() / "models" / name
     if _manifest_ok(target):
         return target
-    work = cache_dir() / "work" / name
-    work.mkdir(parents=True, exist_ok=True)
-    try:
-        gguf = spec.locate(work)
-    except ModuleNotFoundError as exc:
-        raise ModelNotAvailableError(
-            f"embedded model '{name}' needs its weight package ({exc.name} is not installed): {spec.install_hint}"
-        ) from None
-    _convert(gguf, target, name, spec.add_bos_token, progress)
-    shutil.rmtree(work, ignore_errors=True)
+    with _conversion_lock(target):
+        if _manifest_ok(target):  # another process converted it while this one waited
+            return target
+        work = cache_dir() / "work" / name
+        work.mkdir(parents=True, exist_ok=True)
+        try:
+            gguf = spec.locate(work)
+        except ModuleNotFoundError as exc:
+            raise ModelNotAvailableError(
+                f"embedded model '{name}' needs its weight package ({exc.name} is not installed): {spec.install_hint}"
+            ) from None
+        _convert(gguf, target, name, spec.add_bos_token, progress)
+        shutil.rmtree(work, ignore_errors=True)
     return target
+
+
+@contextmanager
+def _conversion_lock(target: Path):
+    """Hold an exclusive lock on ``target``'s conversion across processes (servers or jobs starting together on
+    a fresh cache): the first converts, the others wait and then find the finished folder. The work and
+    temporary folders are shared, so converting without it races."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no lock, as before
+        yield
+        return
+    locks = target.parent / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{target.name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def is_gguf(name_or_path: str) -> bool:
@@ -162,7 +186,9 @@ def ensure_converted_gguf(path: str | os.PathLike, progress: bool = True) -> Pat
     target = gguf_cache_folder(path)
     if _manifest_ok(target):
         return target
-    _convert(path, target, gguf_name(path), None, progress)
+    with _conversion_lock(target):
+        if not _manifest_ok(target):
+            _convert(path, target, gguf_name(path), None, progress)
     return target
 
 
