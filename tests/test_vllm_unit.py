@@ -769,3 +769,8 @@ def test_where_workers_cannot_be_asked_the_front_reads_the_repair_from_the_engin
         front._capabilities([], None, True, config([]))
     front._capabilities([{"neurons": True, "repair": False}], None, None, cases[0][0])
     assert (front.engine_repair, front.neuron_step) == (False, True), "the workers' answer wins where there is one"
+    for bad in ("yes", 1):
+        with pytest.raises(ConfigError, match="engine_repair: expected True, False or None"):
+            front._capabilities([], None, bad, cases[0][0])
+        with pytest.raises(ConfigError, match="neuron_step: expected True, False or None"):
+            front._capabilities([], bad, None, cases[0][0])

@@ -87,6 +87,9 @@ class _Front:
         """Settle ``neuron_step`` and ``engine_repair`` from every worker's ``_status`` (None: use what the
         engine can do; True: require it). Where the workers cannot be asked (an ``AsyncLLM``'s engine core
         takes no function by RPC), the repair is read from the engine's config and the neuron step is off."""
+        for name, value in (("neuron_step", neuron_step), ("engine_repair", engine_repair)):
+            if value is not None and not isinstance(value, bool):
+                raise ConfigError(f"{name}: expected True, False or None (use what the engine can do), got {value!r}")
         results = results or []
         can = {key: bool(results) and all(r.get(key) for r in results) for key in ("neurons", "repair")}
         if not results and vllm_config is not None:
