@@ -59,6 +59,9 @@ def main(argv=None) -> None:
                     help="methods to run on every prompt (none always runs)")
     ap.add_argument("--timed", nargs="+", choices=TIMED, default=list(TIMED),
                     help="fronts whose throughput is timed against plain")
+    ap.add_argument("--recompare", action="store_true",
+                    help="run nothing: compare the stored --out with the transformers run of the same prompts again "
+                    "(for a transformers run that finished after this one)")
     args = ap.parse_args(argv)
     os.environ.update({"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "2",
                        "TOKENIZERS_PARALLELISM": "false", "VLLM_PLUGINS": "repguard_neurons",
@@ -86,6 +89,13 @@ def main(argv=None) -> None:
                       "front_tokens_resubmission": "rollback_tokens"}
     else:
         ids = prompts.build(tok, "heldout", args.n)
+    if args.recompare:
+        result = json.loads(Path(args.out).read_text())
+        rate0 = result["summary"]["none"]["loop_rate_strict"]
+        result["hf_rollback"] = compare_hf(result["methods"], result["prompts"], tok, hf_stored, hf_methods, stop, rate0)
+        Path(args.out).write_text(json.dumps(result))
+        print(json.dumps(result["hf_rollback"], indent=1))
+        return
     model_len = max(512, 1 << (max(len(p) for p in ids) + args.max_new_tokens).bit_length())
     llm = LLM(str(folder), dtype="float32", distributed_executor_backend="uni", max_model_len=model_len,
               max_num_seqs=16, enforce_eager=True, seed=0, logits_processors=["repguard.vllm:RepGuardLogitsProcessor"])
@@ -159,26 +169,6 @@ def main(argv=None) -> None:
     for row in summary.values():
         row["loop_cut_strict"] = (1 - row["loop_rate_strict"] / rate0) if rate0 else None
 
-    # The transformers runs' stored outputs on the same prompts (greedy, fp32): rollback with the neuron step,
-    # and for the chat prompts also no guard and rollback without the neuron step.
-    hf = None
-    if hf_stored.exists():
-        stored = json.loads(hf_stored.read_text())
-        if stored["prompts"][: args.n] == [list(p) for p in ids]:
-            hf = {}
-            for mine, theirs in hf_methods.items():
-                if theirs not in stored["methods"] or mine not in methods:
-                    continue
-                hf_outs = [[t for t in o if t not in stop.get("stop_token_ids", ())]
-                           for o in stored["methods"][theirs]["outputs"][: args.n]]
-                mine_outs = [[t for t in o if t not in stop.get("stop_token_ids", ())] for o in methods[mine]["outputs"]]
-                hf_text = [tok.decode(o, skip_special_tokens=True) for o in hf_outs]
-                hf_strict = [measures.strict_loop(o, t) for o, t in zip(hf_outs, hf_text)]
-                same = [a == b for a, b in zip(hf_outs, mine_outs)]
-                hf.setdefault(theirs, {"loop_rate_strict": sum(hf_strict) / len(hf_outs),
-                                       "loop_cut_strict": (1 - sum(hf_strict) / len(hf_outs) / rate0) if rate0 else None})
-                hf[theirs][f"{mine}_equal_tokens"] = sum(same) / len(same)
-
     # Throughput: interleaved plain / guarded runs of the same requests (16 concurrent).
     calm = [i for i, looped in enumerate(base_strict) if not looped][:32]
     loopy = list(range(min(32, len(reqs))))
@@ -199,12 +189,40 @@ def main(argv=None) -> None:
         ratios[label] = {"requests": len(subset), **{f"{name}_s": v for name, v in seconds.items()},
                          **{f"{name}_throughput_ratio": sum(seconds["plain"]) / sum(seconds[name])
                             for name in names[1:]}}
+    # After the timed runs, so that a transformers run of the same prompts that finished meanwhile is seen.
+    hf = compare_hf(methods, ids, tok, hf_stored, hf_methods, stop, rate0)
     result = {"n": len(ids), "prompt_set": args.prompts, "methods_run": list(methods), "timed": args.timed, "max_new_tokens": args.max_new_tokens, "load_before": load, "load_after": os.getloadavg(),
               "summary": summary, "hf_rollback": hf, "throughput": ratios, "prompts": ids,
               "methods": {k: {kk: vv for kk, vv in v.items()} for k, v in methods.items()}}
     Path(args.out).write_text(json.dumps(result))
     print(json.dumps({"summary": summary, "hf_rollback": hf, "throughput": ratios,
                       "load": [load, os.getloadavg()]}, indent=1))
+
+
+def compare_hf(methods, ids, tok, hf_stored, hf_methods, stop, rate0):
+    """The transformers runs' stored outputs on the same prompts (greedy, fp32): the share of prompts on which
+    each vLLM method gave exactly the tokens of its transformers counterpart (stop tokens left out)."""
+    from benchmarks.evidence import measures
+
+    if not hf_stored.exists():
+        return None
+    stored = json.loads(hf_stored.read_text())
+    if stored["prompts"][: len(ids)] != [list(p) for p in ids]:
+        return None
+    hf = {}
+    ends = set(stop.get("stop_token_ids", ()))
+    for mine, theirs in hf_methods.items():
+        if theirs not in stored["methods"] or mine not in methods:
+            continue
+        hf_outs = [[t for t in o if t not in ends] for o in stored["methods"][theirs]["outputs"][: len(ids)]]
+        mine_outs = [[t for t in o if t not in ends] for o in methods[mine]["outputs"]]
+        hf_text = [tok.decode(o, skip_special_tokens=True) for o in hf_outs]
+        hf_strict = [measures.strict_loop(o, t) for o, t in zip(hf_outs, hf_text)]
+        same = [a == b for a, b in zip(hf_outs, mine_outs)]
+        hf.setdefault(theirs, {"loop_rate_strict": sum(hf_strict) / len(hf_outs),
+                               "loop_cut_strict": (1 - sum(hf_strict) / len(hf_outs) / rate0) if rate0 else None})
+        hf[theirs][f"{mine}_equal_tokens"] = sum(same) / len(same)
+    return hf
 
 
 if __name__ == "__main__":
