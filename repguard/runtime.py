@@ -319,9 +319,9 @@ class GuardRuntime:
                 tokens.append(penalty[0])
                 amounts.append(-penalty[1])
         if index:  # one row holds at most one penalty; computed in float32 whatever the logits' dtype
-            dev = logits.device
-            where = (torch.tensor(index, device=dev), torch.tensor(tokens, device=dev))
-            shifted = logits[where].float() + torch.tensor(amounts, device=dev, dtype=torch.float32)
+            rows_, tokens_, amounts_ = host_to_device([index, tokens, amounts], logits.device)
+            where = (rows_.long(), tokens_.long())
+            shifted = logits[where].float() + amounts_.float()
             logits[where] = shifted.to(logits.dtype)
         for row in stopped:
             token = eos(row)
@@ -430,6 +430,25 @@ def host_read(tokens: torch.Tensor, scores: torch.Tensor | None = None, pack: bo
     return [int(t) for t in both[:n]], both[n:]
 
 
+def host_to_device(values: list[list[float]], device: torch.device) -> torch.Tensor:
+    """Small host lists (ids below 2**53, numbers) to ``device`` as one float64 tensor, in one copy that does
+    not block the host: on an accelerator the copy leaves pinned memory with ``non_blocking=True`` (a plain
+    ``torch.tensor(..., device=...)`` waits for all work queued before it, like a read). Rows of the result are
+    the lists, in order.
+
+    >>> host_to_device([[1, 2], [0.5, -3.0]], torch.device("cpu")).tolist()
+    [[1.0, 2.0], [0.5, -3.0]]
+    """
+    packed = torch.tensor(values, dtype=torch.float64)
+    if device.type == "cpu":
+        return packed
+    try:
+        packed = packed.pin_memory()
+    except RuntimeError:  # no pinned memory for this device: a plain copy, which waits
+        return packed.to(device)
+    return packed.to(device, non_blocking=True)
+
+
 def flat_index(positions: torch.Tensor, columns: torch.Tensor, width: int) -> torch.Tensor:
     """[P, n] positions of neurons ``columns`` at token rows ``positions`` of a [tokens, width] activation."""
     return positions.unsqueeze(1) * width + columns.unsqueeze(0)
@@ -491,5 +510,5 @@ def model_fingerprint(spec: ArchSpec, config, model) -> Fingerprint:
                           config.vocab_size, resolve(model, spec.final_norm).weight)
 
 
-__all__ = ["GuardRuntime", "LayerPlan", "NeuronSet", "Level", "flat_index", "host_read", "force_token", "model_fingerprint",
+__all__ = ["GuardRuntime", "LayerPlan", "NeuronSet", "Level", "flat_index", "host_read", "host_to_device", "force_token", "model_fingerprint",
            "switch_off", "token_id_list"]

@@ -129,6 +129,40 @@ def test_penalties_and_stops_reach_the_logits_of_their_rows_only():
     assert logits[1].argmax() == 7 and torch.isinf(logits[1, :7]).all() and not logits[2].any()
 
 
+def test_penalties_reach_an_accelerator_in_one_copy_that_does_not_block_the_host(monkeypatch):
+    """On a GPU a plain ``torch.tensor(..., device=...)`` waits for the queued forward (the H200 check counted
+    about one such wait per step with rows penalised); the penalties travel in one pinned, non-blocking copy.
+    ``meta`` stands in for the accelerator: the copies made are recorded, the math is checked on the CPU."""
+    rt = GuardRuntime(None, GuardConfig(), max_rows=2)
+    rt.open(0, GuardConfig(deactivate=False, stop=False))
+    rt.open(1, GuardConfig(deactivate=False, stop=False))
+    for t in list(range(100, 120)) + [1, 2, 3] * 6:
+        rt.observe({0: t, 1: t + 1 if t >= 100 else t})
+    assert rt.seqs[0].penalty is not None and rt.seqs[1].penalty is not None
+    copies, pinned = [], []
+    real_to = torch.Tensor.to
+
+    def to(self, *a, **k):
+        if self.device.type == "cpu" and any(str(x) == "meta" for x in (*a, k.get("device"))):
+            copies.append(k.get("non_blocking", False) and self in pinned)
+        return real_to(self, *a, **k)
+
+    def pin(self, *a, **k):
+        pinned.append(self)
+        return self
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
+    assert rt.steer_logits(torch.zeros(2, 8, device="meta"), [0, 1], lambda row: 7) == []
+    assert copies == [True]  # one copy for both rows' penalties, from pinned memory, non-blocking
+    monkeypatch.undo()
+    logits = torch.zeros(2, 8)
+    rt.steer_logits(logits, [0, 1], lambda row: 7)
+    for row in (0, 1):
+        token, amount = rt.seqs[row].penalty
+        assert logits[row, token] == -amount and int((logits[row] != 0).sum()) == 1
+
+
 def test_fail_open_switches_every_row_back_on_and_marks_reports():
     rt = GuardRuntime(make_map(), GuardConfig(), max_rows=2)
     rt.open(0, GuardConfig.from_preset("paper"))

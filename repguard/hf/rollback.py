@@ -27,6 +27,7 @@ from ..config import GuardConfig
 from ..errors import ConfigError
 from ..policy import SequenceReport
 from ..rollback import RollbackConfig, RollbackPolicy
+from ..runtime import host_to_device
 from .guard import Guard
 
 
@@ -65,19 +66,21 @@ class _Repair:
         if not self.rows:
             return scores
         new = input_ids[self.rows, self.start_length:].tolist()
-        out = scores
+        rows: list[int] = []
+        tokens: list[int] = []
+        amounts: list[float] = []
         for i, row_new in zip(self.rows, new):
             if self.eos.intersection(row_new):
                 continue  # the row has finished
-            state = self.states[i]
-            penalties = state.repair_penalties(row_new)
-            if not penalties:
-                continue
-            if out is scores:
-                out = scores.clone()
-            tokens = torch.tensor(list(penalties), device=scores.device)
-            amounts = torch.tensor(list(penalties.values()), dtype=scores.dtype, device=scores.device)
-            out[i, tokens] -= amounts
+            for token, amount in self.states[i].repair_penalties(row_new).items():
+                rows.append(i)
+                tokens.append(token)
+                amounts.append(amount)
+        if not rows:
+            return scores
+        rows_, tokens_, amounts_ = host_to_device([rows, tokens, amounts], scores.device)  # one copy
+        out = scores.clone()
+        out[rows_.long(), tokens_.long()] -= amounts_.to(scores.dtype)
         return out
 
 

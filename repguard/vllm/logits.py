@@ -48,6 +48,7 @@ import torch
 from ..config import GuardConfig
 from ..errors import ConfigError
 from ..repair import WIRE_KEY, EngineRepair
+from ..runtime import host_to_device
 from . import compat, worker
 
 log = logging.getLogger("repguard")
@@ -244,10 +245,9 @@ class RepGuardLogitsProcessor(compat.LogitsProcessor):
                     rows.append(row)
                     tokens.append(token)
                     amounts.append(-amount)
-            if rows:
-                index = (torch.tensor(rows, device=logits.device), torch.tensor(tokens, device=logits.device))
-                logits.index_put_(index, torch.tensor(amounts, dtype=logits.dtype, device=logits.device),
-                                  accumulate=True)
+            if rows:  # one copy that does not block the host
+                rows_, tokens_, amounts_ = host_to_device([rows, tokens, amounts], logits.device)
+                logits.index_put_((rows_.long(), tokens_.long()), amounts_.to(logits.dtype), accumulate=True)
         except Exception:  # the repair never takes a batch down
             self._fail_once("applying a repair failed", exc_info=True)
         return logits
