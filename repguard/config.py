@@ -136,6 +136,19 @@ class GuardConfig(BaseModel):
     def replace(self, **changes: Any) -> "GuardConfig":
         return _validate(type(self), {**self.to_dict(), **changes})
 
+    @property
+    def acts_on_detection(self) -> bool:
+        """Whether a detection changes decoding (neurons switched off on a trigger, penalties, a stop). When
+        False (the monitor; the paper's always-on deactivation) an adapter may read each step's tokens one
+        step late, without waiting for the device.
+
+        >>> GuardConfig.from_preset("monitor").acts_on_detection, GuardConfig.from_preset("paper").acts_on_detection
+        (False, False)
+        >>> GuardConfig().acts_on_detection
+        True
+        """
+        return self.enabled and (self.escalate or self.stop or (self.deactivate and not self.always_on))
+
 
 def _validate(cls, data: dict[str, Any], strict: bool = False) -> GuardConfig:
     # through __init__, which raises ConfigError (model_validate would call it too, but drop ``strict``

@@ -430,6 +430,64 @@ def host_read(tokens: torch.Tensor, scores: torch.Tensor | None = None, pack: bo
     return [int(t) for t in both[:n]], both[n:]
 
 
+class LateRead:
+    """The step's read to the host taken one step late, for settings whose actions never depend on it
+    (``GuardConfig.acts_on_detection`` False: the monitor, the paper's always-on deactivation).
+
+    ``push`` packs each row's newest token (and neuron score) as ``host_read`` does and starts its copy to
+    the host; on a CUDA device into pinned memory with ``non_blocking=True``, so the host does not wait. It
+    returns the previous step's values, whose copy has finished by then (``generate`` waits for the device
+    once per step; an event says so without waiting, and is waited on only if not). ``take`` returns the
+    values still pending (at the end of a generation). Two buffers alternate, so a copy in flight is never
+    overwritten; on the CPU the copy is a plain one.
+
+    >>> late = LateRead()
+    >>> late.push(torch.tensor([5, 7]), torch.tensor([0.5, -1.0])) is None
+    True
+    >>> late.push(torch.tensor([6, 8]), torch.tensor([1.5, 2.0]))
+    ([5, 7], [0.5, -1.0])
+    >>> late.take(), late.take()
+    (([6, 8], [1.5, 2.0]), None)
+    """
+
+    def __init__(self) -> None:
+        self._buffers: list[torch.Tensor | None] = [None, None]
+        self._slot = 0
+        self._pending: tuple | None = None  # (buffer, rows, scored, event)
+
+    def push(self, tokens: torch.Tensor, scores: torch.Tensor | None = None):
+        previous = self.take()
+        packed = tokens.to(torch.float64)
+        if scores is not None:
+            packed = torch.cat((packed, scores.to(torch.float64)))
+        cuda = packed.device.type == "cuda"
+        buffer = self._buffers[self._slot]
+        if buffer is None or buffer.numel() != packed.numel():
+            buffer = torch.empty(packed.numel(), dtype=torch.float64, pin_memory=cuda)
+            self._buffers[self._slot] = buffer
+        self._slot ^= 1
+        buffer.copy_(packed, non_blocking=cuda)
+        event = None
+        if cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self._pending = (buffer, tokens.shape[0], scores is not None, event)
+        return previous
+
+    def take(self):
+        if self._pending is None:
+            return None
+        buffer, rows, scored, event = self._pending
+        self._pending = None
+        if event is not None and not event.query():
+            event.synchronize()
+        values = buffer.tolist()
+        return [int(t) for t in values[:rows]], (values[rows:] if scored else None)
+
+    def drop(self) -> None:
+        self._pending = None
+
+
 def host_to_device(values: list[list[float]], device: torch.device) -> torch.Tensor:
     """Small host lists (ids below 2**53, numbers) to ``device`` as one float64 tensor, in one copy that does
     not block the host: on an accelerator the copy leaves pinned memory with ``non_blocking=True`` (a plain
@@ -510,5 +568,5 @@ def model_fingerprint(spec: ArchSpec, config, model) -> Fingerprint:
                           config.vocab_size, resolve(model, spec.final_norm).weight)
 
 
-__all__ = ["GuardRuntime", "LayerPlan", "NeuronSet", "Level", "flat_index", "host_read", "host_to_device", "force_token", "model_fingerprint",
+__all__ = ["GuardRuntime", "LayerPlan", "NeuronSet", "Level", "flat_index", "host_read", "host_to_device", "LateRead", "force_token", "model_fingerprint",
            "switch_off", "token_id_list"]

@@ -69,6 +69,40 @@ def test_monitor_mode_and_never_firing_rows_are_byte_identical(arch):
         assert not any(r.fired for r in g.reports)
 
 
+@pytest.mark.parametrize("preset", ["monitor", "paper"])
+def test_settings_that_never_act_read_each_step_late_and_report_the_same(preset, monkeypatch):
+    """The monitor and the paper's always-on deactivation act on no detection, so the guard takes each step's
+    tokens one step late (on a GPU: a copy that does not make the host wait, where a read at once would). The
+    outputs and every report field equal those of a guard that reads at each step; the only host reads during
+    decoding are of the guard's own late-read buffers."""
+    model = tiny_model()
+    ids, nmap, cfg = prompts(3), random_map(model), GuardConfig.from_preset(preset)
+    real_tolist = torch.Tensor.tolist
+
+    def run(late: bool):
+        reads: list[bool] = []
+        with guard(model, nmap, cfg) as g:
+            def tolist(tensor):
+                reads.append(any(tensor is b for b in g._late._buffers))
+                return real_tolist(tensor)
+
+            with monkeypatch.context() as m:
+                m.setattr(torch.Tensor, "tolist", tolist)
+                if not late:
+                    m.setattr(GuardConfig, "acts_on_detection", property(lambda self: True))
+                out = gen(model, ids, max_new_tokens=96)
+                assert g._read_late is late
+            return out, [r.to_dict() for r in g.reports], reads
+
+    out_late, reports_late, reads_late = run(late=True)
+    out_now, reports_now, reads_now = run(late=False)
+    assert torch.equal(out_late, out_now)
+    assert reports_late == reports_now  # the last pending read was taken too (tokens_observed, detections)
+    assert any(r["detections"] for r in reports_late)  # the tiny model loops: there was something to report
+    assert reads_late and all(reads_late)  # only the late-read buffers were read
+    assert not any(reads_now)
+
+
 def test_sampling_with_the_same_seed_is_identical_in_monitor_mode():
     model = tiny_model()
     ids = prompts(2)

@@ -36,7 +36,7 @@ from ..errors import ConfigError, RepGuardError
 from ..maps import find_map
 from ..neuron_map import NeuronMap
 from ..policy import SequenceReport
-from ..runtime import GuardRuntime, host_read, token_id_list
+from ..runtime import GuardRuntime, LateRead, host_read, token_id_list
 from .introspect import act_modules, arch_of, fingerprint, layer_devices, shape_of
 
 log = logging.getLogger("repguard")
@@ -106,6 +106,9 @@ class Guard:
         self._failed_once = False
         self._reports: list[SequenceReport] = []
         self._recorded = True
+        # Settings that never act on a detection read each step's tokens one step late (no wait per step).
+        self._late = LateRead()
+        self._read_late = False
         # False: the caller records the reports itself (the server, whose requests span several generations)
         self.record_metrics = True
         self.errors = 0
@@ -122,6 +125,7 @@ class Guard:
     @property
     def reports(self) -> list[SequenceReport]:
         """One report per row of the most recent ``generate`` call."""
+        self._drain()
         return self._reports
 
     def configure_rows(
@@ -245,6 +249,8 @@ class Guard:
         rt.reset()
         configs = self._row_configs
         self._place_hooks(configs or [self.config])
+        self._read_late = not any(c.acts_on_detection for c in configs or [self.config])
+        self._late.drop()
         rt._step_key = None  # new prefill: new row positions
         if configs is not None and len(configs) != batch:
             raise ConfigError(f"configure_rows got {len(configs)} configs for a batch of {batch}")
@@ -264,8 +270,28 @@ class Guard:
         self._active = True
 
     def _observe(self, ids: torch.Tensor) -> None:
+        scores = self.runtime.neuron_scores() if self._scored else None
+        if not self._read_late:
+            self._consume(*host_read(ids[:, -1], scores))
+            return
+        previous = self._late.push(ids[:, -1], scores)  # nothing this step depends on the read
+        if previous is not None:
+            self._consume(*previous)
+
+    def _drain(self) -> None:
+        """Take the step read still pending (settings that read one step late), before anyone reads a report."""
+        if not self._active or self._broken:
+            self._late.drop()
+            return
+        try:
+            pending = self._late.take()
+            if pending is not None:
+                self._consume(*pending)
+        except Exception as exc:  # fail open
+            self._fail("observe", exc)
+
+    def _consume(self, newest: list[int], scores: list[float] | None) -> None:
         rt = self.runtime
-        newest, scores = host_read(ids[:, -1], rt.neuron_scores() if self._scored else None)
         tokens = {}
         terminal = self._terminal
         for row, token in enumerate(newest):
@@ -309,6 +335,7 @@ class Guard:
         return None
 
     def _finish(self) -> None:
+        self._drain()
         if self._recorded:
             return
         self._recorded = True
