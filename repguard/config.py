@@ -38,6 +38,13 @@ class GuardConfig(BaseModel):
     ngram: int = Field(10, ge=2, le=64, description="Paper criterion: n-gram length n.")
     window: int = Field(100, ge=4, le=4096, description="Paper criterion: window r in tokens.")
     min_count: int = Field(3, ge=3, le=16, description="Paper criterion: occurrences k.")
+    paper_spacing: Literal["consecutive", "first"] = Field(
+        "consecutive",
+        description="Paper criterion: which three occurrences in the window must be equally spaced. 'first': "
+        "the first three (the paper's offline rule; an earlier, unequally spaced occurrence in the window hides "
+        "a loop, so a wider window can miss a loop a narrower one catches). 'consecutive': any three in a row "
+        "(the criterion at every window up to r); fires wherever 'first' does, never later.",
+    )
     suffix_trigger: bool = Field(True, description="Fire early on back-to-back copies (longest repeated suffix).")
     min_repeat: int = Field(12, ge=2, le=4096, description="Suffix trigger: repeated tokens needed.")
     min_copies: float = Field(

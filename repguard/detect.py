@@ -122,7 +122,12 @@ class LoopDetector:
     Two triggers, either of which can be disabled:
 
     * ``paper``: the paper's criterion (n-gram ``ngram`` seen ``min_count`` times, equally spaced,
-      within ``window`` tokens). Fires exactly where ``find_repetition`` would first find a hit.
+      within ``window`` tokens). With ``spacing="first"`` (the paper's rule: the *first* three
+      occurrences in the window must be equally spaced) it fires exactly where ``find_repetition`` would
+      first find a hit. With ``spacing="consecutive"`` any three consecutive occurrences in the window
+      will do: the paper's criterion at every window up to ``window``. The paper's rule is not monotone
+      in the window: an earlier, unequally spaced occurrence that a wider window takes in hides a loop
+      that a narrower one catches; "consecutive" fires wherever "first" does, never later.
     * ``suffix``: the current text ends in at least ``min_copies`` back-to-back copies of a span of
       period <= ``max_period``, with at least ``min_repeat`` repeated tokens. Phrase reuse across a
       gap (period > repeat length) never counts, which keeps false triggers rare.
@@ -130,7 +135,7 @@ class LoopDetector:
 
     __slots__ = (
         "ngram", "window", "min_count", "min_repeat", "min_copies", "max_period", "use_paper",
-        "use_suffix", "_ids", "_grams", "_expiry", "_sam", "_pos", "_shadow", "_offset", "_span",
+        "use_suffix", "_newest", "_ids", "_grams", "_expiry", "_sam", "_pos", "_shadow", "_offset", "_span",
     )
 
     def __init__(
@@ -144,7 +149,10 @@ class LoopDetector:
         min_repeat: int = 12,
         min_copies: float = 2.0,
         max_period: int = 64,
+        spacing: str = "first",
     ) -> None:
+        if spacing not in ("first", "consecutive"):
+            raise ConfigError(f"spacing: must be 'first' or 'consecutive', got {spacing!r}")
         if ngram < 1:
             raise ConfigError(f"ngram: must be >= 1, got {ngram}")
         if window < ngram:
@@ -156,6 +164,7 @@ class LoopDetector:
         self.ngram, self.window, self.min_count = ngram, window, min_count
         self.min_repeat, self.min_copies, self.max_period = min_repeat, min_copies, max_period
         self.use_paper, self.use_suffix = use_paper, use_suffix
+        self._newest = spacing == "consecutive"
         self._ids: deque[int] = deque(maxlen=ngram)
         self._grams: dict[tuple[int, ...], deque[int]] = {}
         self._expiry: deque[tuple[int, tuple[int, ...]]] = deque()
@@ -246,7 +255,14 @@ class LoopDetector:
             hits.popleft()
         hits.append(start)
         expiry.append((start, gram))
-        if len(hits) >= self.min_count and hits[1] - hits[0] == hits[2] - hits[1]:
+        if len(hits) < self.min_count:
+            return None
+        if self._newest:  # the newest three (each consecutive three is the newest once)
+            p1, p2 = hits[-3], hits[-2]
+            if p2 - p1 != start - p2:
+                return None
+        else:
             p1, p2 = hits[0], hits[1]
-            return LoopEvent(pos, p2, p2 - p1, pos - p2 + 1, "paper")
-        return None
+            if p2 - p1 != hits[2] - p2:
+                return None
+        return LoopEvent(pos, p2, p2 - p1, pos - p2 + 1, "paper")

@@ -83,6 +83,7 @@ def detector_for(config: GuardConfig) -> LoopDetector:
         config.ngram, config.window, config.min_count,
         use_paper=config.paper_trigger, use_suffix=config.suffix_trigger,
         min_repeat=config.min_repeat, min_copies=config.min_copies, max_period=config.max_period,
+        spacing=config.paper_spacing,
     )
 
 

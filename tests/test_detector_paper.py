@@ -108,3 +108,41 @@ def test_streaming_detector_matches_reference_with_other_parameters(seed):
     assert (ref is None) == (event is None)
     if ref is not None:
         assert pos == ref.p3 + 3 and event.onset == ref.p2
+
+
+def _hidden_loop():
+    """An early copy of G, then a loop of G with period 15 that ends after three copies: at r=200 the early copy
+    is the first of four occurrences in the window, unequally spaced from the rest."""
+    return filler(10) + G + filler(90, 2000) + (G + filler(5, 3000)) + (G + filler(5, 3100)) + G + filler(60, 4000)
+
+
+def test_an_earlier_unequal_copy_in_the_window_hides_a_loop_from_the_papers_rule_but_not_from_consecutive():
+    ids = _hidden_loop()
+    assert find_repetition(ids, r=100) is not None, "the paper's detector at r=100 sees the loop"
+    assert find_repetition(ids, r=200) is None, "at r=200 the early copy comes first and hides it"
+    pos, _ = _stream_first_fire(ids, window=200)
+    assert pos is None
+    pos, event = _stream_first_fire(ids, window=200, spacing="consecutive")
+    assert pos == 140 + 9 and event.onset == 125 and event.period == 15
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_consecutive_spacing_fires_wherever_the_papers_rule_does_and_never_later_at_any_wider_window(seed):
+    rng = random.Random(5000 + seed)
+    ids = [rng.randrange(3) for _ in range(rng.randrange(20, 160))]
+    first_pos, _ = _stream_first_fire(ids, ngram=4, window=30)
+    previous = None
+    for window in (30, 60, 120):
+        pos, _ = _stream_first_fire(ids, ngram=4, window=window, spacing="consecutive")
+        if first_pos is not None:
+            assert pos is not None and pos <= first_pos
+        if previous is not None:
+            assert pos is not None and pos <= previous, "a wider window never loses or delays a loop"
+        previous = pos
+
+
+def test_an_unknown_spacing_is_refused_by_name():
+    from repguard.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="spacing"):
+        LoopDetector(spacing="last")

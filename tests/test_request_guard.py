@@ -352,6 +352,31 @@ def test_a_loop_with_copies_further_apart_than_a_third_of_the_window_is_caught_b
     assert find_repetition(wide.tokens, r=200) is None, "the long-period loop is gone"
 
 
+def test_a_loop_behind_an_earlier_copy_of_its_phrase_is_still_rolled_back():
+    """A 10-gram said once early, then three equally spaced copies of it that end by themselves: the paper's
+    rule at the watch window (200) takes the early copy as the first of the three and never fires, so the
+    loop would go out untouched; the default spacing (any three in a row) rolls it back."""
+    g10 = list(range(100, 110))
+    plan = (list(range(500, 510)) + g10 + list(range(2000, 2090)) + g10 + list(range(3000, 3005)) + g10
+            + list(range(3100, 3105)) + g10 + list(range(4000, 4060)))
+
+    def scripted(seq, bias):  # follows the plan until a bias turns it off it, then says fresh tokens
+        n = len(seq) - len(PROMPT)
+        on_plan = seq[len(PROMPT):] == plan[:n]
+        token = plan[n] if on_plan and n < len(plan) else 9000 + n
+        return 9000 + n if bias and bias.get(token, 0) < 0 else token
+
+    paper = RequestGuard(RollbackPolicy(GuardConfig(paper_spacing="first")), max_new_tokens=len(plan), greedy=True)
+    run(paper, scripted)
+    assert paper.rollbacks == 0 and paper.tokens == plan
+    assert find_repetition(plan) is not None, "the loop is there: the paper's own detector at r=100 sees it"
+    guarded = RequestGuard(RollbackPolicy(), max_new_tokens=len(plan), greedy=True)
+    run(guarded, scripted)
+    assert guarded.rollbacks == 1 and guarded.report.detections[0].period == 15
+    assert guarded.tokens[:125] == plan[:125], "kept up to the loop's second copy"
+    assert find_repetition(guarded.tokens) is None and find_repetition(guarded.tokens, r=200) is None
+
+
 def test_watch_settings_reach_the_passes_they_name():
     policy = RollbackPolicy(GuardConfig(), watch_window=300, redecode_max_period=256, max_rollbacks=2)
     first, redecode, last = policy.pass_config(0), policy.pass_config(1), policy.pass_config(2)

@@ -17,8 +17,8 @@ from repguard.config import GuardConfig
 
 # Stop at the first detection, as vLLM's repetition_detection does; triggers pinned (paper criterion, or
 # two back-to-back copies of a span of >= 12 tokens) so the baseline does not move with repguard's defaults.
-STOP_ONLY = {"deactivate": False, "escalate": False, "stop": True, "paper_trigger": True, "suffix_trigger": True,
-             "min_repeat": 12, "min_copies": 2.0, "max_period": 64, "monitor_gate": None}
+STOP_ONLY = {"deactivate": False, "escalate": False, "stop": True, "paper_trigger": True, "paper_spacing": "first",
+             "suffix_trigger": True, "min_repeat": 12, "min_copies": 2.0, "max_period": 64, "monitor_gate": None}
 
 
 @dataclass

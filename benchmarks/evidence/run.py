@@ -99,11 +99,9 @@ def generate(model, tok, batches, m, nmap, rand_map, max_new: int):
 
 def fires(cfg, cont) -> bool:
     """Would this config's token trigger fire on an unguarded output (the monitor gate only vetoes)?"""
-    from repguard.detect import LoopDetector
+    from repguard.policy import detector_for
 
-    det = LoopDetector(cfg.ngram, cfg.window, cfg.min_count, use_paper=cfg.paper_trigger,
-                       use_suffix=cfg.suffix_trigger, min_repeat=cfg.min_repeat, min_copies=cfg.min_copies,
-                       max_period=cfg.max_period)
+    det = detector_for(cfg)
     return any(det.update(t) is not None for t in cont)
 
 
