@@ -3,7 +3,9 @@ reaches the output.
 
 A sequence is decoded in *passes*. The first pass only watches, with a precise trigger (by default the
 paper's criterion alone: a 10-gram three times, equally spaced, here within ``watch_window`` = 200 tokens
-so that loops with copies up to ~95 tokens apart count), so a sequence that never loops is never touched.
+so that loops with copies up to ~95 tokens apart count; any three copies in a row count, so an earlier
+copy of the same 10-gram does not hide the loop: ``GuardConfig.paper_spacing``), so a sequence that never
+loops is never touched.
 When a pass confirms a loop, the sequence is cut back to the loop's onset (the start of its second copy;
 with ``cut_back``, to an earlier repeat in the kept text that the re-decode's triggers see) and decoded
 again from there, with the repair active from the first new token:
