@@ -15,11 +15,16 @@ import json
 from repguard.detect import LoopDetector
 
 CANDIDATES = {
-    "paper r=100 (the paper's window)": dict(use_suffix=False, window=100),
-    "paper r=200": dict(use_suffix=False, window=200),
-    "paper r=300": dict(use_suffix=False, window=300),
-    "paper r=512": dict(use_suffix=False, window=512),
-    "paper n=8 r=300": dict(use_suffix=False, ngram=8, window=300),
+    "paper r=100 (the paper's window and rule: the first three copies)": dict(use_suffix=False, window=100),
+    "paper r=200, first three": dict(use_suffix=False, window=200),
+    "paper r=300, first three": dict(use_suffix=False, window=300),
+    "paper r=512, first three": dict(use_suffix=False, window=512),
+    "paper r=100, any three in a row": dict(use_suffix=False, window=100, spacing="consecutive"),
+    "paper r=200, any three in a row (the default)": dict(use_suffix=False, window=200, spacing="consecutive"),
+    "paper r=300, any three in a row": dict(use_suffix=False, window=300, spacing="consecutive"),
+    "paper r=400, any three in a row": dict(use_suffix=False, window=400, spacing="consecutive"),
+    "paper r=512, any three in a row": dict(use_suffix=False, window=512, spacing="consecutive"),
+    "paper n=8 r=300, first three": dict(use_suffix=False, ngram=8, window=300),
     "suffix 12 tokens, 1.5 copies, period <= 64": dict(use_paper=False, min_repeat=12, min_copies=1.5, max_period=64),
     "suffix 24 tokens, 2 copies, period <= 256": dict(use_paper=False, min_repeat=24, min_copies=2.0, max_period=256),
 }
