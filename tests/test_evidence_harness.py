@@ -118,12 +118,15 @@ def test_the_first_pass_table_counts_the_rows_each_trigger_would_touch():
     from benchmarks.evidence.first_pass import table
 
     period_50 = [1000 + i for i in range(50)] * 4  # copies 50 apart: the paper's criterion needs r >= 110
+    g = list(range(100, 110))  # said once, then three copies 15 apart: the early copy hides them at r = 200
+    hidden = list(range(500, 510)) + g + list(range(2000, 2090)) + (g + [7] * 5) * 2 + g + list(range(4000, 4060))
     calm = list(range(2000, 2200))
-    data = {"methods": {"none": {"outputs": [period_50, calm],
-                                 "labels": [{"strict": True}, {"strict": False}]}}}
+    data = {"methods": {"none": {"outputs": [period_50, hidden, calm],
+                                 "labels": [{"strict": True}, {"strict": True}, {"strict": False}]}}}
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in table(data).splitlines()[2:]}
-    assert rows["paper r=100 (the paper's window)"] == ["0/1", "0/1 |"]
-    assert rows["paper r=200"] == ["1/1", "0/1 |"]
+    assert rows["paper r=100 (the paper's window and rule: the first three copies)"] == ["1/2", "0/1 |"]
+    assert rows["paper r=200, first three"] == ["1/2", "0/1 |"]
+    assert rows["paper r=200, any three in a row (the default)"] == ["2/2", "0/1 |"]
 
 
 def test_loop_rate_against_length_reads_prefixes_of_the_unguarded_run(tmp_path, monkeypatch):
