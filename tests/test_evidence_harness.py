@@ -158,3 +158,48 @@ def test_loop_rate_against_length_reads_prefixes_of_the_unguarded_run(tmp_path, 
     assert d["prefix_checks"] == [{"short": "a-200.json", "long": "a-512.json", "rows": 2, "equal": 1}]
     text = length.table(tmp_path / "loop_vs_length.json")
     assert "| smollm2-135m, heldout | none, prefixes of the 512-token run | 0% | 0% | 0% | 0% | 50% | 50% |" in text
+
+
+def test_paired_timing_decodes_each_batch_with_every_method_in_turns_and_compares_neighbours():
+    """Each batch runs both methods back to back, the order turning round every batch, with the batch's own
+    seed; the ratio is the sum over batches; a load that changes between batches cancels out of each pair."""
+    from benchmarks.evidence.timing import select_rows, time_pairs
+
+    data = {"methods": {"none": {"labels": [{"strict": s} for s in (True, False, True, True, False)]}}}
+    assert select_rows(data, "loop") == [0, 2, 3] and select_rows(data, "calm") == [1, 4]
+    assert select_rows(data, "all") == [0, 1, 2, 3, 4]
+    calls = []
+    loads = iter([1.0, 1.0, 3.0, 3.0])
+
+    def run(method, prompts, seed):
+        calls.append((method, [p[0] for p in prompts], seed))
+        slow = 2.0 if seed == 8 else 1.0  # the machine was twice as busy during the second batch
+        secs = slow * (1.5 if method == "rollback" else 1.0) * len(prompts)
+        return [], [{"rollbacks": 1 if method == "rollback" else 0} for _ in prompts], secs
+
+    prompts = [[10], [11], [12], [13], [14]]
+    res = time_pairs(run, prompts, [0, 2, 3], 2, ["none", "rollback"], seed=7, load=lambda: next(loads))
+    assert calls == [("none", [10, 12], 7), ("rollback", [10, 12], 7), ("rollback", [13], 8), ("none", [13], 8)]
+    assert res["totals"] == {"none": 4.0, "rollback": 6.0}
+    assert res["ratio"]["rollback"] == 1.5 and res["median_batch_ratio"]["rollback"] == 1.5
+    assert res["batches"][1]["load"] == {"rollback": 3.0, "none": 3.0}
+    assert res["batches"][0]["rolled_back"] == {"none": 0, "rollback": 2}
+    with pytest.raises(ValueError, match="none"):
+        time_pairs(run, prompts, [0], 2, ["rollback"], seed=0)
+
+
+def test_paired_timing_runs_end_to_end_from_a_stored_chat_file(tmp_path):
+    import json
+
+    from benchmarks.evidence import timing
+
+    src = tmp_path / "src.json"
+    src.write_text(json.dumps({"model": "smollm2-135m", "prompts": [[1, 504, 3156], [1, 504, 9519, 30]],
+                               "max_new_tokens": 6, "sampling": "greedy", "seed": 0, "batch_size": 8,
+                               "methods": {"none": {"labels": [{"strict": True}, {"strict": False}]}}}))
+    out = tmp_path / "timing.json"
+    timing.main([str(src), "--rows", "all", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["row_indexes"] == [0, 1] and len(res["batches"]) == 1
+    assert res["batches"][0]["order"] == ["none", "rollback"]
+    assert res["totals"]["none"] > 0 and res["totals"]["rollback"] > 0 and res["ratio"]["none"] == 1.0

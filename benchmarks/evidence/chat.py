@@ -157,6 +157,23 @@ def batches(prompts: list[list[int]], size: int, pad: int):
         yield start // size, ids, mask
 
 
+def load_chat_model(model_name: str):
+    """The model, its tokenizer, its canonical name and its shipped neuron map, set to end at the end of a turn."""
+    from repguard.hf.models import load_model
+    from repguard.maps import find_map
+
+    model, tok, name = load_model(model_name)
+    model.generation_config.eos_token_id = end_ids(model, tok)  # a chat answer ends at the end of its turn
+    return model, tok, name, find_map(name)
+
+
+def sampling_kwargs(sampling: str) -> dict:
+    """``generate`` arguments of a ``--sampling`` setting: greedy, or seeded t = 0.7 with top_p 0.9."""
+    if sampling == "greedy":
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 0}
+
+
 def run_method(name, model, tok, nmap, prompts, args, sample_kwargs):
     from transformers import LogitsProcessorList
 
@@ -290,20 +307,14 @@ def main(argv=None) -> None:
     ap.add_argument("--judge", default="", help="after the methods: judge perplexity under this model (e.g. gemma3-270m)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from repguard.hf.models import load_model
-    from repguard.maps import find_map
-
-    model, tok, name = load_model(args.model)
-    model.generation_config.eos_token_id = end_ids(model, tok)  # a chat answer ends at the end of its turn
-    nmap = find_map(name)
+    model, tok, name, nmap = load_chat_model(args.model)
     items = split(chat_prompts())[args.half]
     if args.kinds:
         items = [it for it in items if it["kind"] in args.kinds.split(",")]
     if args.n:
         items = items[: args.n]
     prompts = [encode(tok, it["text"]) for it in items]
-    sample_kwargs = {"do_sample": False} if args.sampling == "greedy" else {"do_sample": True, "temperature": 0.7,
-                                                                          "top_p": 0.9, "top_k": 0}
+    sample_kwargs = sampling_kwargs(args.sampling)
     path = Path(args.out)
     data = json.loads(path.read_text()) if path.exists() else {}
     if data and data.get("prompts") != prompts:
