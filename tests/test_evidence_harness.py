@@ -203,3 +203,21 @@ def test_paired_timing_runs_end_to_end_from_a_stored_chat_file(tmp_path):
     assert res["row_indexes"] == [0, 1] and len(res["batches"]) == 1
     assert res["batches"][0]["order"] == ["none", "rollback"]
     assert res["totals"]["none"] > 0 and res["totals"]["rollback"] > 0 and res["ratio"]["none"] == 1.0
+
+
+def test_the_report_lists_each_paired_timing_with_its_ratio_and_load(tmp_path, monkeypatch):
+    import json
+
+    from benchmarks.evidence import report
+    from benchmarks.evidence.timing import time_pairs
+
+    def run(method, prompts, seed):
+        return [], [{"rollbacks": int(method == "rollback")} for _ in prompts], (3.0 if method == "rollback" else 2.0)
+
+    res = time_pairs(run, [[1], [2], [3]], [0, 1, 2], 2, ["none", "rollback"], seed=0, load=lambda: 1.5)
+    res.update(model="m", max_new_tokens=200, sampling="greedy", rows="loop", row_indexes=[0, 1, 2])
+    (tmp_path / "timing").mkdir()
+    (tmp_path / "timing" / "m-loop.json").write_text(json.dumps(res))
+    monkeypatch.setattr(report, "RES", tmp_path)
+    row = report.timing_table().splitlines()[2]
+    assert row.startswith("| m, 200 tokens, greedy | loop (3) | 2 | 4 | 6 | 1.50 | 1.50 | 3 | 1.5-1.5 |")

@@ -5,8 +5,9 @@
 writes ``benchmarks/results/tables.md`` and ``benchmarks/results/loop_vs_distortion.png``; RESULTS.md
 is ``benchmarks/results/notes.md`` with ``{{tables}}`` replaced by those tables and ``{{chat_tables}}`` by one
 table per setting of the instruct-prompt runs (``benchmarks/results/chat/*.json``, ``benchmarks.evidence.chat``)
-and their loop-rate/distortion plot, and ``{{length_table}}`` by the loop rate against length
-(``benchmarks.evidence.length``, from ``benchmarks/results/loop_vs_length.json``).
+and their loop-rate/distortion plot, ``{{length_table}}`` by the loop rate against length
+(``benchmarks.evidence.length``, from ``benchmarks/results/loop_vs_length.json``), and ``{{timing_table}}`` by
+the paired timings of ``benchmarks.evidence.timing`` (``benchmarks/results/timing/*.json``).
 """
 
 from __future__ import annotations
@@ -242,6 +243,27 @@ def chat_section() -> str:
     return "\n".join(parts)
 
 
+def timing_table() -> str:
+    """The paired timings of ``benchmarks.evidence.timing`` (``benchmarks/results/timing/*.json``), one row each."""
+    files = sorted((RES / "timing").glob("*.json"))
+    if not files:
+        return ""
+    lines = ["| model, setting | rows | batches | no guard (s) | rollback (s) | rollback / no guard (target 1.3) | "
+             "median per-batch ratio | rows rolled back | load average | file |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for p in files:
+        d = json.loads(p.read_text())
+        tot, rb = d["totals"], d["ratio"].get("rollback")
+        loads = [v for e in d["batches"] for v in e["load"].values()]
+        rolled = sum(e["rolled_back"].get("rollback", 0) for e in d["batches"])
+        lines.append(
+            f"| {d['model']}, {d['max_new_tokens']} tokens, {d['sampling']} | {d['rows']} ({len(d['row_indexes'])}) | "
+            f"{len(d['batches'])} | {tot['none']:.0f} | {tot.get('rollback', 0):.0f} | "
+            f"{'n/a' if rb is None else f'{rb:.2f}'} | {d['median_batch_ratio'].get('rollback', 0):.2f} | {rolled} | "
+            f"{min(loads):.1f}-{max(loads):.1f} | `results/timing/{p.name}` |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parts = []
     titles = {"heldout": "held-out half", "heldout96": "held-out half, first 96 prompts (idle machine)",
@@ -286,6 +308,7 @@ def main() -> None:
         from .length import table as length_table
 
         text = notes.read_text().replace("{{chat_tables}}", chat_section()).replace("{{length_table}}", length_table())
+        text = text.replace("{{timing_table}}", timing_table())
         (ROOT / "RESULTS.md").write_text(text.replace("{{tables}}", tables))
 
 

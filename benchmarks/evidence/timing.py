@@ -7,7 +7,7 @@ and warm-up, and the ratio is taken between neighbours:
 
     OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.evidence.timing \\
         benchmarks/results/chat/smollm2-135m-heldout-200-greedy.json --rows loop --threads 1 \\
-        --out benchmarks/results/chat/timing-smollm2-135m-heldout-200-greedy-loop.json
+        --out benchmarks/results/timing/smollm2-135m-heldout-200-greedy-loop.json
 
 The prompts, model, length and sampling come from a stored ``chat`` results file; ``--rows`` picks the
 loop-prone set (the rows whose unguarded output loops on the strict label) or the calm set (the others).
@@ -96,6 +96,7 @@ def main(argv=None) -> None:
     res.update(source=args.source, model=data["model"], rows=args.rows, row_indexes=rows, threads=args.threads,
                max_new_tokens=data["max_new_tokens"], sampling=data["sampling"], batch_size=size,
                started=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t0)), wall_seconds=time.time() - t0)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
     for m in res["totals"]:
         loads = [e["load"][m] for e in res["batches"]]
