@@ -22,13 +22,29 @@ TINY_CHAT_TEMPLATE = (
 )
 
 
+def _byte_chars() -> dict[int, str]:
+    """GPT-2's printable stand-in character for each byte (the characters of ByteLevel's alphabet)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
 def make_tiny_model(folder: Path) -> Path:
     """A random 2-layer Llama with a byte-level tokenizer (256 bytes + 3 specials), saved as an HF folder."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    # Token id = byte value, through GPT-2's byte-to-character table (what ByteLevel pre-tokenizes into).
+    # ``ByteLevel.alphabet()`` comes back in a different order in every process, which made the prompts'
+    # ids, and so whether the random model loops on them, change from run to run.
+    vocab = {ch: b for b, ch in _byte_chars().items()}
     for i, special in enumerate(["<eos>", "<bos>", "<pad>"]):
         vocab[special] = 256 + i
     core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -50,7 +66,7 @@ def make_tiny_model(folder: Path) -> Path:
         for name, param in model.named_parameters():
             if "norm" not in name:
                 param.copy_(torch.randn(param.shape, generator=g) * config.initializer_range)
-        model.lm_head.weight[256].zero_()  # EOS logit 0 < max of 259 random logits: greedy never ends early
+        model.lm_head.weight[256:].zero_()  # special-token logits 0 < max of 256 random ones: greedy never ends early
     model.save_pretrained(str(folder))
     return folder
 
