@@ -211,13 +211,17 @@ def test_the_report_lists_each_paired_timing_with_its_ratio_and_load(tmp_path, m
     from benchmarks.evidence import report
     from benchmarks.evidence.timing import time_pairs
 
-    def run(method, prompts, seed):
-        return [], [{"rollbacks": int(method == "rollback")} for _ in prompts], (3.0 if method == "rollback" else 2.0)
+    seconds = {"none": 2.0, "rollback": 3.0, "rollback[overlap=false]": 4.0}
 
-    res = time_pairs(run, [[1], [2], [3]], [0, 1, 2], 2, ["none", "rollback"], seed=0, load=lambda: 1.5)
+    def run(method, prompts, seed):
+        return [], [{"rollbacks": int(method != "none")} for _ in prompts], seconds[method]
+
+    res = time_pairs(run, [[1], [2], [3]], [0, 1, 2], 2, list(seconds), seed=0, load=lambda: 1.5)
     res.update(model="m", max_new_tokens=200, sampling="greedy", rows="loop", row_indexes=[0, 1, 2])
     (tmp_path / "timing").mkdir()
     (tmp_path / "timing" / "m-loop.json").write_text(json.dumps(res))
     monkeypatch.setattr(report, "RES", tmp_path)
-    row = report.timing_table().splitlines()[2]
-    assert row.startswith("| m, 200 tokens, greedy | loop (3) | 2 | 4 | 6 | 1.50 | 1.50 | 3 | 1.5-1.5 |")
+    rows = report.timing_table().splitlines()[2:]
+    assert len(rows) == 2, "one row per guarded method"
+    assert rows[0].startswith("| m, 200 tokens, greedy | loop (3) | 2 | `rollback` | 4 | 6 | 1.50 | 1.50 | 3 | 1.5-1.5 |")
+    assert rows[1].startswith("| m, 200 tokens, greedy | loop (3) | 2 | `rollback[overlap=false]` | 4 | 8 | 2.00 | 2.00 | 3 |")

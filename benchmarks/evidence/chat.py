@@ -195,9 +195,10 @@ def run_method(name, model, tok, nmap, prompts, args, sample_kwargs):
             settings = dict(repair)
             max_rb = settings.pop("max_rollbacks", 2)
             precise = settings.pop("precise_trigger", True)
+            overlap = settings.pop("overlap", None)  # rollback[overlap=false]: the passes one after another
             use_map = False if name == "rollback_tokens" or settings.pop("neurons", True) is False else nmap
             res = generate_with_rollback(model, ids, mask, neuron_map=use_map, max_rollbacks=max_rb,
-                                         precise_trigger=precise, rollback=settings or None, **kw)
+                                         precise_trigger=precise, rollback=settings or None, overlap=overlap, **kw)
             for seq, rep, rb in zip(res.sequences, res.reports, res.rollbacks):
                 outs.append(cut(seq, eos))
                 reps.append({"rollbacks": rb, "finish_reason": rep.finish_reason, "max_level": rep.max_level})

@@ -244,23 +244,26 @@ def chat_section() -> str:
 
 
 def timing_table() -> str:
-    """The paired timings of ``benchmarks.evidence.timing`` (``benchmarks/results/timing/*.json``), one row each."""
+    """The paired timings of ``benchmarks.evidence.timing`` (``benchmarks/results/timing/*.json``), one row per
+    file and guarded method (``rollback[overlap=false]``: the passes one after another, no overlap)."""
     files = sorted((RES / "timing").glob("*.json"))
     if not files:
         return ""
-    lines = ["| model, setting | rows | batches | no guard (s) | rollback (s) | rollback / no guard (target 1.3) | "
+    lines = ["| model, setting | rows | batches | method | no guard (s) | method (s) | method / no guard (target 1.3) | "
              "median per-batch ratio | rows rolled back | load average | file |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in files:
         d = json.loads(p.read_text())
-        tot, rb = d["totals"], d["ratio"].get("rollback")
+        tot = d["totals"]
         loads = [v for e in d["batches"] for v in e["load"].values()]
-        rolled = sum(e["rolled_back"].get("rollback", 0) for e in d["batches"])
-        lines.append(
-            f"| {d['model']}, {d['max_new_tokens']} tokens, {d['sampling']} | {d['rows']} ({len(d['row_indexes'])}) | "
-            f"{len(d['batches'])} | {tot['none']:.0f} | {tot.get('rollback', 0):.0f} | "
-            f"{'n/a' if rb is None else f'{rb:.2f}'} | {d['median_batch_ratio'].get('rollback', 0):.2f} | {rolled} | "
-            f"{min(loads):.1f}-{max(loads):.1f} | `results/timing/{p.name}` |")
+        for m in [m for m in tot if m != "none"]:
+            ratio = d["ratio"].get(m)
+            rolled = sum(e["rolled_back"].get(m, 0) for e in d["batches"])
+            lines.append(
+                f"| {d['model']}, {d['max_new_tokens']} tokens, {d['sampling']} | {d['rows']} ({len(d['row_indexes'])}) | "
+                f"{len(d['batches'])} | `{m}` | {tot['none']:.0f} | {tot[m]:.0f} | "
+                f"{'n/a' if ratio is None else f'{ratio:.2f}'} | {d['median_batch_ratio'].get(m, 0):.2f} | {rolled} | "
+                f"{min(loads):.1f}-{max(loads):.1f} | `results/timing/{p.name}` |")
     return "\n".join(lines)
 
 

@@ -95,6 +95,8 @@ class Guard:
         self._terminal = frozenset(self.eos + model_token_ids(model, "pad_token_id"))
         self._row_configs: list[GuardConfig] | None = None
         self._row_histories: list | None = None
+        self._reserved: list[GuardConfig] = []  # settings rows may be switched to mid-generation (rewind_row)
+        self._refed: set[int] = set()  # rows whose next token is one their history already ends with
         self._handles: list = []
         self._layer_hooks: dict[int, object] = {}  # layer -> handle of its activation hook
         self._head_hook = None
@@ -109,6 +111,9 @@ class Guard:
         # Settings that never act on a detection read each step's tokens one step late (no wait per step).
         self._late = LateRead()
         self._read_late = False
+        # The newest token of each row as read this step (None when not read this step, or read late):
+        # ``generate``'s logits processors may use it instead of reading the tokens from the device again.
+        self.newest: list[int] | None = None
         # False: the caller records the reports itself (the server, whose requests span several generations)
         self.record_metrics = True
         self.errors = 0
@@ -121,6 +126,11 @@ class Guard:
     def form(self) -> str:
         """Which repair runs: token-level only (no map) or with the neuron step."""
         return "tokens+neurons" if self.neuron_map is not None else "tokens"
+
+    @property
+    def watching(self) -> bool:
+        """A generation is running and the guard has not failed open in it."""
+        return self._active and not self._broken
 
     @property
     def reports(self) -> list[SequenceReport]:
@@ -145,6 +155,23 @@ class Guard:
         self._row_configs = [
             self.config if c is None else (c if isinstance(c, GuardConfig) else GuardConfig.from_dict(c)) for c in configs
         ]
+
+    def reserve(self, configs: Sequence[GuardConfig]) -> None:
+        """Settings that ``rewind_row`` may switch a row to during a generation: their layers are hooked
+        from the prefill on (a hooked layer that no row writes only gathers, or does nothing)."""
+        self._reserved = list(configs)
+
+    def rewind_row(self, row: int, config: GuardConfig, history: Sequence[int], prompt: Sequence[int] | None = None) -> None:
+        """Restart one row's watch in the middle of a generation (an in-place rollback): the row continues
+        under ``config`` from ``history`` (its kept generated tokens); the next token it is fed is
+        ``history[-1]`` again (re-fed to recompute the logits after it), which is not observed twice.
+        ``config``'s layers must be hooked already (``reserve``)."""
+        if not self.watching:
+            return
+        seq = self.runtime.open(row, config, prompt if config.watch_prompt else None, history=list(history))
+        self._done[row] = False
+        self._reports[row] = seq.report
+        self._refed.add(row)
 
     def flush(self) -> None:
         """Record the last generation's reports in the metrics now (otherwise done when the next
@@ -208,6 +235,7 @@ class Guard:
         self.runtime.fail_open(self.model_name, where, self._reports, first, "this generation continues unguarded")
 
     def _pre_hook(self, module, args, kwargs):
+        self.newest = None
         if self._broken and not self._is_prefill(args, kwargs):
             return None
         t0 = time.perf_counter()
@@ -248,8 +276,9 @@ class Guard:
         rt.ensure_rows(batch)
         rt.reset()
         configs = self._row_configs
-        self._place_hooks(configs or [self.config])
-        self._read_late = not any(c.acts_on_detection for c in configs or [self.config])
+        self._place_hooks([*(configs or [self.config]), *self._reserved])
+        self._read_late = not any(c.acts_on_detection for c in [*(configs or [self.config]), *self._reserved])
+        self._refed.clear()
         self._late.drop()
         rt._step_key = None  # new prefill: new row positions
         if configs is not None and len(configs) != batch:
@@ -272,7 +301,9 @@ class Guard:
     def _observe(self, ids: torch.Tensor) -> None:
         scores = self.runtime.neuron_scores() if self._scored else None
         if not self._read_late:
-            self._consume(*host_read(ids[:, -1], scores))
+            newest, scores = host_read(ids[:, -1], scores)
+            self._consume(newest, scores)
+            self.newest = newest
             return
         previous = self._late.push(ids[:, -1], scores)  # nothing this step depends on the read
         if previous is not None:
@@ -294,8 +325,12 @@ class Guard:
         rt = self.runtime
         tokens = {}
         terminal = self._terminal
+        refed = self._refed
         for row, token in enumerate(newest):
             if self._done[row]:
+                continue
+            if refed and row in refed:
+                refed.discard(row)  # a rewound row's re-fed last kept token: already in its history
                 continue
             if token in terminal:
                 self._done[row] = True  # the row has finished; later tokens are padding

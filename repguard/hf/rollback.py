@@ -2,12 +2,22 @@
 
 The policy (when to cut, where, what to ban, which settings each pass uses, how reports merge, which
 streamed tokens are final) lives in the core and is shared with the vLLM and server paths. This module
-runs its passes as batched ``model.generate`` calls under the guard's hooks: a row whose loop is
-confirmed stops at once (the guard forces EOS), and is decoded again from the onset in the next pass,
-together with the other rows that rolled back.
+runs its passes under the guard's hooks, in one of two ways:
 
-Rows that never trigger come from the first pass untouched, so they are byte-identical to an unguarded
-run; only looping rows are re-decoded (as a smaller batch, after a fresh prefill of prompt + kept text).
+* **in place** (the default wherever possible): the whole batch is one ``model.generate`` call. When the
+  guard confirms a row's loop, the row is rewound there and then: the discarded tokens are masked out of
+  attention (their KV entries stay, unused), the last kept token is fed again at its own position so the
+  model predicts the onset's token anew, and the row goes on under the re-decode settings while the other
+  rows keep decoding. No prefill is repeated and a re-decode overlaps the rest of the batch. It needs a
+  left-padded batch (transformers drops an all-ones mask, and giving the batch one would change the
+  attention kernel of every row) and plain sampling or greedy decoding (``_in_place_blocker``). Logits
+  processors of the caller see a rewound row's ``input_ids`` with the discarded tokens still in them.
+* **pass after pass** otherwise: a row whose loop is confirmed stops (the guard forces EOS) and is decoded
+  again from the onset in the next ``generate`` call, together with the other rows that rolled back, as a
+  smaller batch after a fresh prefill of prompt + kept text.
+
+Either way, rows that never trigger see exactly the inputs of an unguarded run, so they are byte-identical
+to it (greedy, and seeded sampling: a rewound row changes no other row's random draws).
 
 Streaming: with ``on_tokens(row, tokens)`` each row's tokens are handed out while they are decoded, held
 back by ``holdback`` tokens (default: the watch window plus the n-gram, 210 tokens), so that a
@@ -27,7 +37,7 @@ from ..config import GuardConfig
 from ..errors import ConfigError
 from ..policy import SequenceReport
 from ..rollback import RollbackConfig, RollbackPolicy
-from ..runtime import host_to_device
+from ..runtime import force_token, host_to_device
 from .guard import Guard
 
 
@@ -108,6 +118,134 @@ class _Release:
         pass
 
 
+class _InPlace:
+    """Logits processor that runs every pass of a batch inside one ``generate`` call (``overlap``).
+
+    Each step it reads the rows' newest tokens, and for each row:
+
+    * a row whose loop the guard confirmed (it forces EOS) is handed to the core policy (``end_pass``); on a
+      rollback the row is rewound in place: its discarded tokens (and its last kept token) are masked out of
+      attention, its last kept token is fed again at the kept text's position, the guard restarts the row's
+      watch with the re-decode settings, and the next step bans the loop's next token;
+    * a row that reached its budget is ended (EOS forced; the EOS is not part of its text);
+    * a re-decoded row gets the core's repair penalties.
+
+    Rows that never trigger see the same batch, shapes and inputs as an unguarded run: their tokens are the
+    same. The masking of a rewound row is applied just before the next forward, by ``prepare`` (a wrapper
+    of the model's ``prepare_inputs_for_generation``), in place in the 2D attention mask and the position ids
+    that ``generate`` carries from step to step.
+    """
+
+    def __init__(self, guard: Guard, states, prompts: list[list[int]], width: int, eos: list[int], release) -> None:
+        self.g, self.states, self.prompts, self.width, self.release = guard, states, prompts, width, release
+        self.eos, self.eos0 = set(eos), eos[0]
+        n = len(states)
+        self.tokens: list[list[int]] = [[] for _ in range(n)]  # this pass's new tokens per row
+        self.cols: list[list[int]] = [[] for _ in range(n)]  # input_ids column of each kept + pass token
+        self.refed = [False] * n  # the newest token is the re-fed last kept token
+        self.ban = [False] * n  # this step is the first of a re-decode: ban the loop's next token
+        self.done = [False] * n
+        self.fixes: list[tuple[int, list[int], int, int]] = []  # (row, columns to mask, new column, its source)
+
+    def prepare(self, original):
+        def prepare_inputs(input_ids, *args, **kwargs):
+            if self.fixes:
+                mask, pos = kwargs.get("attention_mask"), kwargs.get("position_ids")
+                for row, masked, col, src in self.fixes:
+                    if isinstance(pos, torch.Tensor) and pos.dim() == 2 and pos.shape[-1] > col:
+                        pos[row, col] = pos[row, src]  # the re-fed token takes its first copy's position
+                    mask[row, torch.tensor(masked, device=mask.device)] = 0
+                self.fixes.clear()
+            return original(input_ids, *args, **kwargs)
+
+        return prepare_inputs
+
+    def _report(self, row: int):
+        return self.g._reports[row]
+
+    def _finish(self, row: int) -> None:
+        self.done[row] = True
+        self.release(row, self.states[row].releasable())
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        length = input_ids.shape[1]
+        newest = None
+        if length > self.width:  # the guard read them this step already, unless it failed
+            newest = self.g.newest if self.g.newest is not None else input_ids[:, -1].tolist()
+        # A guard that failed open watches no more: its rows go on unguarded (no rollback either).
+        seqs = self.g.runtime.seqs if self.g.watching else []
+        force: dict[int, int] = {}
+        penalties: list[tuple[int, int, float]] = []
+        for row, st in enumerate(self.states):
+            if self.done[row]:
+                continue
+            tokens = self.tokens[row]
+            if newest is not None:
+                self.cols[row].append(length - 1)
+                if self.refed[row]:
+                    self.refed[row], self.ban[row] = False, True
+                else:
+                    token = int(newest[row])
+                    tokens.append(token)
+                    if token in self.eos:  # the row ended by itself
+                        st.end_pass(tokens, self._report(row))
+                        self._finish(row)
+                        continue
+                    self.release(row, st.releasable(tokens))
+            seq = seqs[row] if row < len(seqs) else None
+            if seq is not None and seq.stopped:  # the guard confirmed a loop: it forces EOS
+                if st.end_pass([*tokens, self.eos0], self._report(row)):
+                    self._rewind(row, length)
+                    force[row] = st.kept[-1]
+                else:
+                    self._finish(row)
+                    force[row] = self.eos0
+                continue
+            if len(st.kept) + len(tokens) >= st.max_new_tokens:  # budget reached
+                st.end_pass(tokens, self._report(row))
+                self._finish(row)
+                force[row] = self.eos0
+                continue
+            if self.ban[row]:
+                self.ban[row] = False
+                if st.ban is not None:
+                    penalties.append((row, st.ban, float("inf")))
+            if st.attempt > 0:
+                penalties.extend((row, token, amount) for token, amount in st.repair_penalties(tokens).items())
+        if not force and not penalties:
+            return scores
+        out = scores.clone()
+        if penalties:
+            rows_, tokens_, amounts_ = host_to_device([[p[0] for p in penalties], [p[1] for p in penalties],
+                                                       [p[2] for p in penalties]], scores.device)
+            out[rows_.long(), tokens_.long()] -= amounts_.to(scores.dtype)
+        for row, token in force.items():
+            force_token(out, row, token)
+        return out
+
+    def _rewind(self, row: int, length: int) -> None:
+        st = self.states[row]
+        keep = len(st.kept)  # > 0: the core rolls back only past the first token
+        cols = self.cols[row]
+        masked = cols[keep - 1:]
+        # The last kept token is fed again at column ``length`` (the next one), at its first copy's position.
+        self.fixes.append((row, masked, length, masked[0]))
+        self.cols[row] = cols[: keep - 1]
+        self.tokens[row] = []
+        self.refed[row] = True
+        self.g.rewind_row(row, st.pass_config(), st.kept, self.prompts[row])
+
+    def close(self) -> None:
+        """Rows still open when ``generate`` returned (it reached its length limit): end them as they are."""
+        for row, st in enumerate(self.states):
+            if not self.done[row]:
+                if not self.refed[row]:
+                    st.end_pass(self.tokens[row], self._report(row), final=True)
+                else:
+                    st.end_pass([], self._report(row), final=True)
+                self._finish(row)
+
+
 def _trim(ids: list[int], eos: set[int]) -> list[int]:
     for i, t in enumerate(ids):
         if t in eos:
@@ -130,14 +268,18 @@ def generate_with_rollback(
     holdback: int | None = None,
     repair: dict | None = None,
     rollback: RollbackConfig | dict | None = None,
+    overlap: bool | None = None,
     **generate_kwargs,
 ) -> RollbackOutput:
     """Guarded ``model.generate`` with rollback; returns each row's generated tokens and report.
     ``on_tokens(row, tokens)`` streams final tokens, held back by ``holdback`` (module doc). ``repair``:
     ``RollbackConfig``'s ``repair_*`` settings, e.g. ``{"repair_multiplier": 0}`` to ban only the loop's
-    next token. ``rollback``: any other ``RollbackConfig`` settings (they win over the arguments above)."""
-    from transformers import LogitsProcessorList
-
+    next token. ``rollback``: any other ``RollbackConfig`` settings (they win over the arguments above).
+    ``overlap``: None (default) re-decodes looping rows in place, inside the batch's one ``generate`` call,
+    wherever that is possible (see ``_in_place_blocker``), else pass after pass; True requires it (ConfigError
+    where it is not possible); False always runs pass after pass."""
+    if overlap not in (None, True, False):
+        raise ConfigError(f"overlap must be None, True or False, got {overlap!r}")
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     cfg = config if isinstance(config, GuardConfig) else GuardConfig.from_dict(config)
@@ -166,7 +308,6 @@ def generate_with_rollback(
         pad = 0
     user_processors = generate_kwargs.pop("logits_processor", None) or []
     min_new = generate_kwargs.pop("min_new_tokens", None)
-    device = input_ids.device
     prompts = [row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask)]
     states = [policy.start(max_new_tokens) for _ in prompts]
 
@@ -174,47 +315,117 @@ def generate_with_rollback(
         if on_tokens is not None and tokens:
             on_tokens(r, tokens)
 
-    pending = list(range(len(prompts)))
-    first = True
+    in_place = _in_place_blocker(model, input_ids, attention_mask, generate_kwargs, min_new, policy) if overlap is not False else "off"
+    if overlap is True and in_place is not None:
+        raise ConfigError(f"overlap=True: passes cannot overlap here ({in_place}); use overlap=None or False")
     with Guard(model, neuron_map, policy.first, model_name=model_name) as g:
-        eos = set(g.eos)
-        while pending:
-            rows = [prompts[r] + states[r].kept for r in pending]
-            width = max(len(r) for r in rows)
-            ids = torch.full((len(rows), width), pad, dtype=input_ids.dtype, device=device)
-            mask = torch.zeros((len(rows), width), dtype=attention_mask.dtype, device=device)
-            for i, r in enumerate(rows):
-                ids[i, width - len(r):] = torch.tensor(r, dtype=input_ids.dtype, device=device)
-                mask[i, width - len(r):] = 1
-            budgets = [states[r].budget for r in pending]
-            step_max = max(budgets)
-            kwargs = dict(generate_kwargs)
-            if min_new is not None:
-                kwargs["min_new_tokens"] = min(min_new, step_max) if first else step_max
-            processors = LogitsProcessorList(list(user_processors))
-            row_bans = {i: states[r].ban for i, r in enumerate(pending) if states[r].ban is not None}
-            if row_bans:
-                processors.append(_BanFirstToken(row_bans, width))
-            if not first:
-                processors.append(_Repair([states[r] for r in pending], width, eos))
-            g.configure_rows([states[r].pass_config() for r in pending], histories=[states[r].kept for r in pending])
-            streamer = None
-            if on_tokens is not None:
-                streamer = _Release([states[r] for r in pending], list(pending), eos, release)
-            out = model.generate(ids, attention_mask=mask, max_new_tokens=step_max, pad_token_id=pad,
-                                 logits_processor=processors, streamer=streamer, **kwargs)
-            still = []
-            for i, r in enumerate(pending):
-                new = _trim(out[i, width:].tolist()[: budgets[i]], eos)
-                seq = g.runtime.seqs[i]
-                if seq is not None and new and new[-1] not in eos and len(seq.history) == len(states[r].kept) + len(new) - 1:
-                    # generate() ends without a forward that would show the guard the row's last token.
-                    seq.observe(new[-1])
-                if states[r].end_pass(new, g.reports[i]):
-                    still.append(r)
-                else:
-                    release(r, states[r].releasable())
-            pending = still
-            first = False
+        if in_place is None and g.eos:
+            _run_in_place(model, g, input_ids, attention_mask, prompts, states, policy, pad, user_processors,
+                          release, max_new_tokens, generate_kwargs)
+        else:
+            _run_passes(model, g, input_ids, attention_mask, prompts, states, pad, user_processors, min_new,
+                        release, on_tokens, generate_kwargs)
     return RollbackOutput([s.final or [] for s in states], [s.report or SequenceReport() for s in states],
                           [s.rollbacks for s in states], g.form)
+
+
+def _run_passes(model, g: Guard, input_ids, attention_mask, prompts, states, pad, user_processors, min_new,
+                release, on_tokens, generate_kwargs) -> None:
+    """Passes one after another: every row's first pass as one batch, then the rows that rolled back, as a
+    smaller batch after a fresh prefill of prompt + kept text, and so on."""
+    from transformers import LogitsProcessorList
+
+    device = input_ids.device
+    pending = list(range(len(prompts)))
+    first = True
+    eos = set(g.eos)
+    while pending:
+        rows = [prompts[r] + states[r].kept for r in pending]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=input_ids.dtype, device=device)
+        mask = torch.zeros((len(rows), width), dtype=attention_mask.dtype, device=device)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):] = torch.tensor(r, dtype=input_ids.dtype, device=device)
+            mask[i, width - len(r):] = 1
+        budgets = [states[r].budget for r in pending]
+        step_max = max(budgets)
+        kwargs = dict(generate_kwargs)
+        if min_new is not None:
+            kwargs["min_new_tokens"] = min(min_new, step_max) if first else step_max
+        processors = LogitsProcessorList(list(user_processors))
+        row_bans = {i: states[r].ban for i, r in enumerate(pending) if states[r].ban is not None}
+        if row_bans:
+            processors.append(_BanFirstToken(row_bans, width))
+        if not first:
+            processors.append(_Repair([states[r] for r in pending], width, eos))
+        g.configure_rows([states[r].pass_config() for r in pending], histories=[states[r].kept for r in pending])
+        streamer = None
+        if on_tokens is not None:
+            streamer = _Release([states[r] for r in pending], list(pending), eos, release)
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=step_max, pad_token_id=pad,
+                             logits_processor=processors, streamer=streamer, **kwargs)
+        still = []
+        for i, r in enumerate(pending):
+            new = _trim(out[i, width:].tolist()[: budgets[i]], eos)
+            seq = g.runtime.seqs[i]
+            if seq is not None and new and new[-1] not in eos and len(seq.history) == len(states[r].kept) + len(new) - 1:
+                # generate() ends without a forward that would show the guard the row's last token.
+                seq.observe(new[-1])
+            if states[r].end_pass(new, g.reports[i]):
+                still.append(r)
+            else:
+                release(r, states[r].releasable())
+        pending = still
+        first = False
+
+
+def _in_place_blocker(model, input_ids, attention_mask, generate_kwargs, min_new, policy) -> str | None:
+    """Why the passes of this call cannot run in one ``generate`` (None: they can)."""
+    if policy.max_rollbacks == 0:
+        return "no rollback"
+    if getattr(model.config, "is_encoder_decoder", False):
+        return "encoder-decoder model"
+    gen = getattr(model, "generation_config", None)
+    for key in ("num_beams", "num_return_sequences"):
+        if (generate_kwargs.get(key) or getattr(gen, key, 1) or 1) > 1:
+            return f"{key} > 1"
+    for key in ("stopping_criteria", "stop_strings", "assistant_model", "past_key_values", "max_length",
+                "cache_implementation", "prompt_lookup_num_tokens", "streamer"):
+        if generate_kwargs.get(key) is not None:
+            return f"{key} given"
+    if getattr(gen, "cache_implementation", None) is not None:
+        return "a preset cache implementation"
+    if min_new is not None:
+        return "min_new_tokens given"
+    if bool(attention_mask.bool().all()):
+        # With no padding, attention runs without a mask (transformers drops an all-ones mask): there is no
+        # mask to hide a rewound row's discarded tokens in, and giving the batch one would change the kernel
+        # every row runs. A batch of one gains nothing from overlapping anyway.
+        return "a batch without padding"
+    return None
+
+
+def _run_in_place(model, g: Guard, input_ids, attention_mask, prompts, states, policy, pad, user_processors,
+                  release, max_new_tokens, generate_kwargs) -> None:
+    """Every pass of every row inside one ``generate`` call (``_InPlace``): a looping row is re-decoded while
+    the other rows go on, from the KV cache of its kept text, with no new prefill."""
+    from transformers import LogitsProcessorList
+
+    step = _InPlace(g, states, prompts, input_ids.shape[1], g.eos, release)
+    g.reserve([policy.pass_config(a) for a in range(1, policy.max_rollbacks + 1)])
+    g.configure_rows([s.pass_config() for s in states], histories=None)
+    # Each pass decodes at most its budget plus one step (the re-fed token, or the EOS that ends it).
+    limit = (policy.max_rollbacks + 1) * (max_new_tokens + 2)
+    processors = LogitsProcessorList([*user_processors, step])
+    original = model.__dict__.get("prepare_inputs_for_generation")
+    model.prepare_inputs_for_generation = step.prepare(model.prepare_inputs_for_generation)
+    try:
+        model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=limit, pad_token_id=pad,
+                       logits_processor=processors, **generate_kwargs)
+    finally:
+        if original is None:
+            del model.prepare_inputs_for_generation
+        else:
+            model.prepare_inputs_for_generation = original
+        g.reserve([])
+    step.close()

@@ -1,0 +1,171 @@
+"""Rollback in place: every pass of a batch inside one ``generate`` call (looping rows are re-decoded from the
+KV cache of their kept text while the other rows go on). It must give what the passes one after another give,
+and leave every row that never triggers byte-identical to an unguarded run, greedy and sampled."""
+
+import pytest
+import torch
+
+from conftest import random_map, tiny_model
+from repguard.detect import find_repetition
+from repguard.errors import ConfigError
+from repguard.hf.rollback import generate_with_rollback
+
+NEW = 60
+LENGTHS = [4, 6, 5, 6, 3, 6, 2, 6]  # prompts of different lengths: a left-padded batch
+
+
+def _padded_batch(seed: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    width = max(LENGTHS)
+    ids = torch.zeros(len(LENGTHS), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(LENGTHS):
+        ids[i, width - n :] = torch.randint(3, 256, (n,), generator=g)
+        mask[i, width - n :] = 1
+    return ids, mask
+
+
+def _cut(row: list[int], eos: set[int]) -> list[int]:
+    for i, t in enumerate(row):
+        if t in eos:
+            return row[: i + 1]
+    return row
+
+
+def _eos(model) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos])
+
+
+def _count_generate_calls(model):
+    calls = []
+    original = model.generate
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    model.generate = counted
+    return calls
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gpt2"])
+def test_in_place_gives_the_passes_result_and_leaves_calm_rows_identical(arch):
+    """Greedy, a padded batch: the same tokens as the passes one after another (the re-decode reads its kept
+    text from the cache, at the same positions, with the discarded tokens masked), in one ``generate`` call.
+    gpt2 has learned absolute positions: a wrong position for the re-fed token would change its text."""
+    model = tiny_model(arch)
+    ids, mask = _padded_batch()
+    width = ids.shape[1]
+    plain = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    plain = [_cut(r, _eos(model)) for r in plain[:, width:].tolist()]
+    nmap = random_map(model, 32, 64)
+    kw = dict(neuron_map=nmap, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    calls = _count_generate_calls(model)
+    in_place = generate_with_rollback(model, ids, mask, overlap=True, **kw)
+    assert len(calls) == 1, "every pass ran inside one generate call"
+    passes = generate_with_rollback(model, ids, mask, overlap=False, **kw)
+    assert len(calls) > 2, "the passes one after another: one call per pass"
+    assert any(in_place.rollbacks), "the seeded batch has a looping row"
+    assert in_place.sequences == passes.sequences
+    assert in_place.rollbacks == passes.rollbacks
+    for i, row in enumerate(plain):
+        if in_place.rollbacks[i] == 0:
+            assert in_place.sequences[i] == row and not in_place.reports[i].fired
+        else:
+            rep = find_repetition(row)
+            assert rep is not None and in_place.sequences[i][: rep.p2] == row[: rep.p2]
+            assert in_place.sequences[i] != row and len(in_place.sequences[i]) <= NEW
+            assert "rollback" in [a.level for a in in_place.reports[i].actions]
+
+
+def test_sampled_calm_rows_stay_identical_while_other_rows_are_rewound():
+    """Seeded sampling: a rewound row changes its own inputs only, so the random numbers the other rows draw
+    are the unguarded run's, step for step."""
+    model = tiny_model("mistral")
+    ids, mask = _padded_batch()
+    width = ids.shape[1]
+    kw = dict(do_sample=True, temperature=0.05, top_p=0.9, pad_token_id=0)
+    torch.manual_seed(11)
+    plain = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, **kw)
+    plain = [_cut(r, _eos(model)) for r in plain[:, width:].tolist()]
+    torch.manual_seed(11)
+    out = generate_with_rollback(model, ids, mask, neuron_map=random_map(model, 32, 64), max_new_tokens=NEW,
+                                 overlap=True, **kw)
+    rolled = [i for i, n in enumerate(out.rollbacks) if n]
+    calm = [i for i, n in enumerate(out.rollbacks) if not n]
+    assert rolled and calm, "the seeded batch has both looping and calm rows"
+    assert all(out.sequences[i] == plain[i] for i in calm)
+    assert all(out.sequences[i] != plain[i] for i in rolled)
+
+
+def test_in_place_streams_final_tokens_only():
+    model = tiny_model("qwen2")
+    ids, mask = _padded_batch()
+    got: dict[int, list[int]] = {}
+
+    def on_tokens(row, tokens):
+        got.setdefault(row, []).extend(tokens)
+
+    kw = dict(neuron_map=random_map(model, 32, 64), max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    # The default hold-back is longer than any rollback: streaming changes nothing.
+    out = generate_with_rollback(model, ids, mask, overlap=True, on_tokens=on_tokens, **kw)
+    assert any(out.rollbacks)
+    assert [got.get(i, []) for i in range(len(LENGTHS))] == out.sequences
+    assert out.sequences == generate_with_rollback(model, ids, mask, overlap=True, **kw).sequences
+    # A short one streams while decoding; a row whose rollback would take back streamed text ends instead.
+    got.clear()
+    out = generate_with_rollback(model, ids, mask, overlap=True, on_tokens=on_tokens, holdback=12, **kw)
+    assert [got.get(i, []) for i in range(len(LENGTHS))] == out.sequences
+    assert "repetition" in [r.finish_reason for r in out.reports]
+
+
+def test_where_passes_cannot_overlap_they_run_one_after_another():
+    """A batch without padding attends without a mask: masking a rewound row would give every row one (and
+    another kernel), so by default such a batch runs pass after pass, and overlap=True says why it cannot."""
+    model = tiny_model()
+    ids = torch.randint(3, 256, (6, 6), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    kw = dict(neuron_map=random_map(model, 32, 64), max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    calls = _count_generate_calls(model)
+    out = generate_with_rollback(model, ids, mask, **kw)
+    assert any(out.rollbacks) and len(calls) > 1
+    with pytest.raises(ConfigError, match="without padding"):
+        generate_with_rollback(model, ids, mask, overlap=True, **kw)
+    with pytest.raises(ConfigError, match="overlap"):
+        generate_with_rollback(model, ids, mask, overlap="yes", **kw)
+    # With padding, the same rows run in place.
+    calls.clear()
+    padded = torch.cat([torch.zeros(6, 1, dtype=torch.long), ids], dim=1)
+    padded_mask = torch.cat([torch.zeros(6, 1, dtype=torch.long), mask], dim=1)
+    padded_mask[0, 0] = 1  # one row one token longer: the batch is padded
+    generate_with_rollback(model, padded, padded_mask, **kw)
+    assert len(calls) == 1
+
+
+def test_a_guard_that_fails_mid_batch_leaves_the_batch_decoding_unguarded(monkeypatch, caplog):
+    """The guard's step raises after a few tokens: the failure is logged and counted, no row is rolled back,
+    and every row is the unguarded run's text (cut at the budget)."""
+    from repguard import metrics
+    from repguard.runtime import GuardRuntime
+
+    model = tiny_model("qwen2")
+    ids, mask = _padded_batch()
+    width = ids.shape[1]
+    plain = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    plain = [_cut(r, _eos(model)) for r in plain[:, width:].tolist()]
+    original, steps = GuardRuntime.observe, []
+
+    def failing(self, tokens, scores=None):
+        steps.append(1)
+        if len(steps) > 5:
+            raise RuntimeError("injected failure")
+        return original(self, tokens, scores)
+
+    monkeypatch.setattr(GuardRuntime, "observe", failing)
+    before = metrics.ERRORS.labels("tiny-in-place", "observe")._value.get()
+    out = generate_with_rollback(model, ids, mask, neuron_map=random_map(model, 32, 64), max_new_tokens=NEW,
+                                 do_sample=False, pad_token_id=0, overlap=True, model_name="tiny-in-place")
+    assert out.sequences == plain and not any(out.rollbacks)
+    assert metrics.ERRORS.labels("tiny-in-place", "observe")._value.get() == before + 1
+    assert "injected failure" in caplog.text or "unguarded" in caplog.text
