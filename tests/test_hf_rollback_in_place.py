@@ -120,6 +120,21 @@ def test_in_place_streams_final_tokens_only():
     assert "repetition" in [r.finish_reason for r in out.reports]
 
 
+def test_without_streaming_nothing_is_final_before_the_end():
+    """Only streamed tokens are final. Without ``on_tokens`` the hold-back withholds nothing, so however short
+    it is, a rollback is never refused for cutting into text that nobody was handed: in place rolls back
+    exactly where the passes one after another do."""
+    model = tiny_model("qwen2")
+    ids, mask = _padded_batch()
+    kw = dict(neuron_map=random_map(model, 32, 64), max_new_tokens=NEW, do_sample=False, pad_token_id=0,
+              holdback=12)
+    in_place = generate_with_rollback(model, ids, mask, overlap=True, **kw)
+    passes = generate_with_rollback(model, ids, mask, overlap=False, **kw)
+    assert any(in_place.rollbacks)
+    assert in_place.sequences == passes.sequences and in_place.rollbacks == passes.rollbacks
+    assert "repetition" not in [r.finish_reason for r in in_place.reports]
+
+
 def test_where_passes_cannot_overlap_they_run_one_after_another():
     """A batch without padding attends without a mask: masking a rewound row would give every row one (and
     another kernel), so by default such a batch runs pass after pass, and overlap=True says why it cannot."""

@@ -136,8 +136,12 @@ class _InPlace:
     that ``generate`` carries from step to step.
     """
 
-    def __init__(self, guard: Guard, states, prompts: list[list[int]], width: int, eos: list[int], release) -> None:
+    def __init__(self, guard: Guard, states, prompts: list[list[int]], width: int, eos: list[int], release,
+                 streaming: bool) -> None:
         self.g, self.states, self.prompts, self.width, self.release = guard, states, prompts, width, release
+        # Only a streamed row hands tokens out while it decodes: what is handed out is final, and a rollback
+        # may not cut into it (``RollbackState.released``). Without streaming nothing is final before the end.
+        self.streaming = streaming
         self.eos, self.eos0 = set(eos), eos[0]
         n = len(states)
         self.tokens: list[list[int]] = [[] for _ in range(n)]  # this pass's new tokens per row
@@ -191,7 +195,8 @@ class _InPlace:
                         st.end_pass(tokens, self._report(row))
                         self._finish(row)
                         continue
-                    self.release(row, st.releasable(tokens))
+                    if self.streaming:
+                        self.release(row, st.releasable(tokens))
             seq = seqs[row] if row < len(seqs) else None
             if seq is not None and seq.stopped:  # the guard confirmed a loop: it forces EOS
                 if st.end_pass([*tokens, self.eos0], self._report(row)):
@@ -321,7 +326,7 @@ def generate_with_rollback(
     with Guard(model, neuron_map, policy.first, model_name=model_name) as g:
         if in_place is None and g.eos:
             _run_in_place(model, g, input_ids, attention_mask, prompts, states, policy, pad, user_processors,
-                          release, max_new_tokens, generate_kwargs)
+                          release, on_tokens is not None, max_new_tokens, generate_kwargs)
         else:
             _run_passes(model, g, input_ids, attention_mask, prompts, states, pad, user_processors, min_new,
                         release, on_tokens, generate_kwargs)
@@ -406,12 +411,12 @@ def _in_place_blocker(model, input_ids, attention_mask, generate_kwargs, min_new
 
 
 def _run_in_place(model, g: Guard, input_ids, attention_mask, prompts, states, policy, pad, user_processors,
-                  release, max_new_tokens, generate_kwargs) -> None:
+                  release, streaming, max_new_tokens, generate_kwargs) -> None:
     """Every pass of every row inside one ``generate`` call (``_InPlace``): a looping row is re-decoded while
     the other rows go on, from the KV cache of its kept text, with no new prefill."""
     from transformers import LogitsProcessorList
 
-    step = _InPlace(g, states, prompts, input_ids.shape[1], g.eos, release)
+    step = _InPlace(g, states, prompts, input_ids.shape[1], g.eos, release, streaming)
     g.reserve([policy.pass_config(a) for a in range(1, policy.max_rollbacks + 1)])
     g.configure_rows([s.pass_config() for s in states], histories=None)
     # Each pass decodes at most its budget plus one step (the re-fed token, or the EOS that ends it).
