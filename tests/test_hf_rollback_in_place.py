@@ -184,3 +184,37 @@ def test_a_guard_that_fails_mid_batch_leaves_the_batch_decoding_unguarded(monkey
     assert out.sequences == plain and not any(out.rollbacks)
     assert metrics.ERRORS.labels("tiny-in-place", "observe")._value.get() == before + 1
     assert "injected failure" in caplog.text or "unguarded" in caplog.text
+
+
+def test_sliding_window_rows_that_would_outgrow_it_are_re_decoded_pass_after_pass():
+    """A sliding window counts cache columns, not positions: a rewound row's discarded columns would take
+    places in it, and the re-decode would see fewer of its own tokens than a fresh prefill gives. A rewound row
+    that could outgrow the window is therefore re-decoded pass after pass (after the batch's generate call); the
+    other rows stay in place. The result is the passes' own, and calm rows are the unguarded run's."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.Gemma3TextConfig(vocab_size=256, num_hidden_layers=2, num_attention_heads=4, pad_token_id=0,
+                                 bos_token_id=1, eos_token_id=2, hidden_size=64, intermediate_size=128,
+                                 num_key_value_heads=4, head_dim=16, sliding_window=24)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    model.generation_config.pad_token_id = 0
+    assert "sliding_attention" in model.config.layer_types
+    ids, mask = _padded_batch()
+    width = ids.shape[1]
+    plain = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    plain = [_cut(r, _eos(model)) for r in plain[:, width:].tolist()]
+    kw = dict(neuron_map=random_map(model, 32, 64), max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    calls = _count_generate_calls(model)
+    in_place = generate_with_rollback(model, ids, mask, overlap=True, **kw)
+    assert len(calls) > 1, "rewound rows that outgrow the window were re-decoded after the batch's call"
+    passes = generate_with_rollback(model, ids, mask, overlap=False, **kw)
+    assert any(in_place.rollbacks)
+    assert in_place.sequences == passes.sequences and in_place.rollbacks == passes.rollbacks
+    assert all(in_place.sequences[i] == plain[i] for i, n in enumerate(in_place.rollbacks) if not n)
+    # Streamed, a deferred row's tokens are handed out by its later passes: together still its whole text.
+    got: dict[int, list[int]] = {}
+    streamed = generate_with_rollback(model, ids, mask, overlap=True,
+                                      on_tokens=lambda row, toks: got.setdefault(row, []).extend(toks), **kw)
+    assert streamed.sequences == passes.sequences
+    assert [got.get(i, []) for i in range(len(LENGTHS))] == streamed.sequences

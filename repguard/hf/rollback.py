@@ -11,7 +11,10 @@ runs its passes under the guard's hooks, in one of two ways:
   rows keep decoding. No prefill is repeated and a re-decode overlaps the rest of the batch. It needs a
   left-padded batch (transformers drops an all-ones mask, and giving the batch one would change the
   attention kernel of every row) and plain sampling or greedy decoding (``_in_place_blocker``). Logits
-  processors of the caller see a rewound row's ``input_ids`` with the discarded tokens still in them.
+  processors of the caller see a rewound row's ``input_ids`` with the discarded tokens still in them. On a
+  model whose attention counts cache columns (a sliding window, attention chunks), a rewound row that could
+  reach past that span is deferred instead: its discarded columns would take places in the window. It leaves
+  the call and is re-decoded pass after pass once the call returns.
 * **pass after pass** otherwise: a row whose loop is confirmed stops (the guard forces EOS) and is decoded
   again from the onset in the next ``generate`` call, together with the other rows that rolled back, as a
   smaller batch after a fresh prefill of prompt + kept text.
@@ -137,8 +140,13 @@ class _InPlace:
     """
 
     def __init__(self, guard: Guard, states, prompts: list[list[int]], width: int, eos: list[int], release,
-                 streaming: bool) -> None:
+                 streaming: bool, window: int | None = None) -> None:
         self.g, self.states, self.prompts, self.width, self.release = guard, states, prompts, width, release
+        # Attention that counts cache columns (a sliding window, chunks): a rewound row's discarded columns
+        # would take places in it. A row whose re-decode could reach that far is deferred: it ends here and
+        # is re-decoded pass after pass once the batch's call returns (``deferred``).
+        self.window = window
+        self.deferred: list[int] = []
         # Only a streamed row hands tokens out while it decodes: what is handed out is final, and a rollback
         # may not cut into it (``RollbackState.released``). Without streaming nothing is final before the end.
         self.streaming = streaming
@@ -200,6 +208,11 @@ class _InPlace:
             seq = seqs[row] if row < len(seqs) else None
             if seq is not None and seq.stopped:  # the guard confirmed a loop: it forces EOS
                 if st.end_pass([*tokens, self.eos0], self._report(row)):
+                    if self._outgrows_window(row, length):
+                        self.done[row] = True
+                        self.deferred.append(row)
+                        force[row] = self.eos0
+                        continue
                     self._rewind(row, length)
                     force[row] = st.kept[-1]
                 else:
@@ -227,6 +240,15 @@ class _InPlace:
         for row, token in force.items():
             force_token(out, row, token)
         return out
+
+    def _outgrows_window(self, row: int, length: int) -> bool:
+        """Whether the row, rewound now, could attend from a column more than the window past its first token:
+        the re-fed token takes column ``length`` and the re-decode may add the rest of the row's budget."""
+        if self.window is None:
+            return False
+        st = self.states[row]
+        first = self.width - len(self.prompts[row])
+        return length + (st.max_new_tokens - len(st.kept)) - first >= self.window
 
     def _rewind(self, row: int, length: int) -> None:
         st = self.states[row]
@@ -325,8 +347,11 @@ def generate_with_rollback(
         raise ConfigError(f"overlap=True: passes cannot overlap here ({in_place}); use overlap=None or False")
     with Guard(model, neuron_map, policy.first, model_name=model_name) as g:
         if in_place is None and g.eos:
-            _run_in_place(model, g, input_ids, attention_mask, prompts, states, policy, pad, user_processors,
-                          release, on_tokens is not None, max_new_tokens, generate_kwargs)
+            deferred = _run_in_place(model, g, input_ids, attention_mask, prompts, states, policy, pad,
+                                     user_processors, release, on_tokens is not None, max_new_tokens, generate_kwargs)
+            if deferred:
+                _run_passes(model, g, input_ids, attention_mask, prompts, states, pad, user_processors, min_new,
+                            release, on_tokens, generate_kwargs, rows=deferred)
         else:
             _run_passes(model, g, input_ids, attention_mask, prompts, states, pad, user_processors, min_new,
                         release, on_tokens, generate_kwargs)
@@ -335,14 +360,15 @@ def generate_with_rollback(
 
 
 def _run_passes(model, g: Guard, input_ids, attention_mask, prompts, states, pad, user_processors, min_new,
-                release, on_tokens, generate_kwargs) -> None:
+                release, on_tokens, generate_kwargs, rows: list[int] | None = None) -> None:
     """Passes one after another: every row's first pass as one batch, then the rows that rolled back, as a
-    smaller batch after a fresh prefill of prompt + kept text, and so on."""
+    smaller batch after a fresh prefill of prompt + kept text, and so on. ``rows``: only these rows, which have
+    rolled back already (their next pass is a re-decode)."""
     from transformers import LogitsProcessorList
 
     device = input_ids.device
-    pending = list(range(len(prompts)))
-    first = True
+    pending = list(range(len(prompts))) if rows is None else list(rows)
+    first = rows is None
     eos = set(g.eos)
     while pending:
         rows = [prompts[r] + states[r].kept for r in pending]
@@ -411,12 +437,13 @@ def _in_place_blocker(model, input_ids, attention_mask, generate_kwargs, min_new
 
 
 def _run_in_place(model, g: Guard, input_ids, attention_mask, prompts, states, policy, pad, user_processors,
-                  release, streaming, max_new_tokens, generate_kwargs) -> None:
+                  release, streaming, max_new_tokens, generate_kwargs) -> list[int]:
     """Every pass of every row inside one ``generate`` call (``_InPlace``): a looping row is re-decoded while
-    the other rows go on, from the KV cache of its kept text, with no new prefill."""
+    the other rows go on, from the KV cache of its kept text, with no new prefill. Returns the rows deferred
+    to passes one after another (a re-decode that could outgrow a sliding window)."""
     from transformers import LogitsProcessorList
 
-    step = _InPlace(g, states, prompts, input_ids.shape[1], g.eos, release, streaming)
+    step = _InPlace(g, states, prompts, input_ids.shape[1], g.eos, release, streaming, _column_window(model))
     g.reserve([policy.pass_config(a) for a in range(1, policy.max_rollbacks + 1)])
     g.configure_rows([s.pass_config() for s in states], histories=None)
     # Each pass decodes at most its budget plus one step (the re-fed token, or the EOS that ends it).
@@ -434,3 +461,21 @@ def _run_in_place(model, g: Guard, input_ids, attention_mask, prompts, states, p
             model.prepare_inputs_for_generation = original
         g.reserve([])
     step.close()
+    return step.deferred
+
+
+def _column_window(model) -> int | None:
+    """The smallest attention span that counts cache columns rather than positions (a sliding window or
+    attention chunks) in any layer of ``model``; None when every layer attends to the whole cache."""
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    spans = []
+    window = getattr(text, "sliding_window", None)
+    types = getattr(text, "layer_types", None)
+    if window and getattr(text, "use_sliding_window", True) is not False:
+        if types is None or any("sliding" in str(t) for t in types):
+            spans.append(int(window))
+    chunk = getattr(text, "attention_chunk_size", None)
+    if chunk and (types is None or any("chunk" in str(t) for t in types)):
+        spans.append(int(chunk))
+    return min(spans) if spans else None
