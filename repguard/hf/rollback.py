@@ -351,7 +351,7 @@ def generate_with_rollback(
                                      user_processors, release, on_tokens is not None, max_new_tokens, generate_kwargs)
             if deferred:
                 _run_passes(model, g, input_ids, attention_mask, prompts, states, pad, user_processors, min_new,
-                            release, on_tokens, generate_kwargs, rows=deferred)
+                            release, on_tokens, generate_kwargs, only=deferred)
         else:
             _run_passes(model, g, input_ids, attention_mask, prompts, states, pad, user_processors, min_new,
                         release, on_tokens, generate_kwargs)
@@ -360,15 +360,15 @@ def generate_with_rollback(
 
 
 def _run_passes(model, g: Guard, input_ids, attention_mask, prompts, states, pad, user_processors, min_new,
-                release, on_tokens, generate_kwargs, rows: list[int] | None = None) -> None:
+                release, on_tokens, generate_kwargs, only: list[int] | None = None) -> None:
     """Passes one after another: every row's first pass as one batch, then the rows that rolled back, as a
-    smaller batch after a fresh prefill of prompt + kept text, and so on. ``rows``: only these rows, which have
+    smaller batch after a fresh prefill of prompt + kept text, and so on. ``only``: just these rows, which have
     rolled back already (their next pass is a re-decode)."""
     from transformers import LogitsProcessorList
 
     device = input_ids.device
-    pending = list(range(len(prompts))) if rows is None else list(rows)
-    first = rows is None
+    pending = list(range(len(prompts))) if only is None else list(only)
+    first = only is None
     eos = set(g.eos)
     while pending:
         rows = [prompts[r] + states[r].kept for r in pending]
