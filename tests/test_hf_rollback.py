@@ -1,5 +1,6 @@
 """Rollback on a tiny random model: looping rows are cut back to the onset and re-decoded; others untouched."""
 
+import pytest
 import torch
 
 from conftest import random_map, tiny_model
@@ -159,3 +160,28 @@ def test_the_re_decode_repair_gives_the_same_tokens_in_transformers_and_at_the_r
         assert rg.rollbacks == hf.rollbacks[0]
         compared += hf.sequences[0] != ban_only.sequences[0]
     assert compared >= 1, "the repair changed at least one re-decode"
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_min_new_tokens_counts_the_whole_text_and_yields_to_the_guards_stop(sampled):
+    """``min_new_tokens`` holds for each row's whole text (kept + re-decoded), and never masks the end the guard
+    forces: a re-decode once ran with ``min_new_tokens`` = its full budget, which masked that end (greedy: the
+    row went on with the pad token; sampled: a row with no token left to draw, and the call crashed)."""
+    model = tiny_model("llama")
+    g = torch.Generator().manual_seed(3 if sampled else 0)
+    lengths = [4, 6, 5, 6, 3, 6, 2, 6]
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, width - n:] = torch.randint(3, 256, (n,), generator=g)
+        mask[i, width - n:] = 1
+    kw = dict(neuron_map=False, max_new_tokens=150, pad_token_id=0, repair={"repair_multiplier": 0})
+    kw.update(dict(do_sample=True, temperature=0.05) if sampled else dict(do_sample=False))
+    torch.manual_seed(3)
+    free = generate_with_rollback(model, ids, mask, overlap=False, **kw)
+    torch.manual_seed(3)
+    held = generate_with_rollback(model, ids, mask, min_new_tokens=5, **kw)
+    assert any(free.rollbacks)
+    assert held.sequences == free.sequences  # every row is longer than 5 tokens anyway
+    assert [r.finish_reason for r in held.reports] == [r.finish_reason for r in free.reports]

@@ -186,6 +186,31 @@ def test_a_guard_that_fails_mid_batch_leaves_the_batch_decoding_unguarded(monkey
     assert "injected failure" in caplog.text or "unguarded" in caplog.text
 
 
+
+@pytest.mark.parametrize("overlap", [None, False])
+def test_a_guard_that_fails_at_the_prefill_leaves_the_batch_decoding_unguarded(monkeypatch, overlap):
+    """The guard fails before its first step (while opening the rows' watch): both executors still return
+    every row, as the unguarded run's text, and the failure is counted once."""
+    from repguard import metrics
+    from repguard.runtime import GuardRuntime
+
+    model = tiny_model("llama")
+    ids, mask = _padded_batch()
+    width = ids.shape[1]
+    plain = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    plain = [_cut(r, _eos(model)) for r in plain[:, width:].tolist()]
+
+    def failing(self, *args, **kwargs):
+        raise RuntimeError("injected failure at the prefill")
+
+    monkeypatch.setattr(GuardRuntime, "reset", failing)
+    name = f"tiny-prefill-{overlap}"
+    before = metrics.ERRORS.labels(name, "observe")._value.get()
+    out = generate_with_rollback(model, ids, mask, neuron_map=False, max_new_tokens=NEW, do_sample=False,
+                                 pad_token_id=0, overlap=overlap, model_name=name)
+    assert out.sequences == plain and not any(out.rollbacks)
+    assert metrics.ERRORS.labels(name, "observe")._value.get() == before + 1
+
 def test_sliding_window_rows_that_would_outgrow_it_are_re_decoded_pass_after_pass():
     """A sliding window counts cache columns, not positions: a rewound row's discarded columns would take
     places in it, and the re-decode would see fewer of its own tokens than a fresh prefill gives. A rewound row
@@ -218,3 +243,93 @@ def test_sliding_window_rows_that_would_outgrow_it_are_re_decoded_pass_after_pas
                                       on_tokens=lambda row, toks: got.setdefault(row, []).extend(toks), **kw)
     assert streamed.sequences == passes.sequences
     assert [got.get(i, []) for i in range(len(LENGTHS))] == streamed.sequences
+
+
+def test_the_loops_next_token_is_banned_even_where_the_repair_also_penalises_it(smollm):
+    """The first re-decoded token of a rewound row may not be the loop's next token. On this list prompt the
+    repair penalises that token too (it extends an earlier repeat), and the two amounts once went to one logit
+    as two writes, of which only the repair's landed: in place, the row re-decoded the very token that started
+    the loop's second copy, two tokens later than the passes one after another."""
+    model, tok, _ = smollm
+    chats = ["Write a detailed essay about the history of the Roman Empire.",
+             "List all the countries in Africa, one per line."]
+    rows = [tok.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True, tokenize=False)
+            for c in chats]
+    encoded = [tok(r, add_special_tokens=False).input_ids for r in rows]
+    width = max(len(e) for e in encoded)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, e in enumerate(encoded):
+        ids[i, width - len(e):] = torch.tensor(e)
+        mask[i, width - len(e):] = 1
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    kw = dict(max_new_tokens=50, do_sample=False, pad_token_id=pad)
+    plain = model.generate(ids, attention_mask=mask, **kw)[:, width:].tolist()
+    in_place = generate_with_rollback(model, ids, mask, overlap=True, **kw)
+    passes = generate_with_rollback(model, ids, mask, overlap=False, **kw)
+    assert in_place.rollbacks == passes.rollbacks == [0, 1]
+    onset = next(a.position + 1 for a in in_place.reports[1].actions if a.level == "rollback")
+    assert in_place.sequences[1][:onset] == plain[1][:onset]
+    assert in_place.sequences[1][onset] != plain[1][onset], "the loop's next token was re-decoded"
+    assert in_place.sequences == passes.sequences
+
+
+def test_a_callers_eos_token_id_ends_rows_as_it_ends_them_in_generate():
+    """``eos_token_id`` given to the call, as to ``generate``: rows end at it (they once ran on, padded to the
+    budget, because the guard knew only the model's own end token)."""
+    model = tiny_model("qwen2")
+    ids, mask = _padded_batch()
+    width = ids.shape[1]
+    first = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    end = first[0, width + 5].item()  # a token row 0 decodes at its sixth step
+    plain = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0,
+                           eos_token_id=end)
+    plain = [_cut(r, {end}) for r in plain[:, width:].tolist()]
+    for overlap in (None, False):
+        out = generate_with_rollback(model, ids, mask, neuron_map=random_map(model, 32, 64), max_new_tokens=NEW,
+                                     do_sample=False, pad_token_id=0, eos_token_id=end, overlap=overlap)
+        assert out.sequences[0] == plain[0] and out.sequences[0][-1] == end and len(out.sequences[0]) <= 6
+        assert all(out.sequences[i] == plain[i] for i in range(len(plain)) if not out.rollbacks[i])
+
+
+@pytest.mark.parametrize("case", ["repetition_penalty", "generation_config", "right_padded"])
+def test_settings_in_place_cannot_honour_run_pass_after_pass(case):
+    """generate's own processors that read a row's tokens (a repetition penalty, from the call or from a
+    generation config) would see a rewound row's discarded tokens, and a right-padded batch has no columns
+    to hide them in: these run pass after pass, so the result is the passes' own."""
+    from transformers import GenerationConfig
+
+    model = tiny_model("gpt2")
+    kw = dict(neuron_map=False, max_new_tokens=100, do_sample=False, pad_token_id=0)
+    ids, mask = _padded_batch(seed=1)
+    if case == "repetition_penalty":
+        kw["repetition_penalty"] = 1.3
+    elif case == "generation_config":
+        kw["generation_config"] = GenerationConfig(repetition_penalty=1.3, do_sample=False,
+                                                   eos_token_id=model.generation_config.eos_token_id)
+    else:  # the same prompts, right-padded
+        ids, mask = torch.zeros_like(ids), torch.zeros_like(mask)
+        src, src_mask = _padded_batch(seed=1)
+        for i, n in enumerate(LENGTHS):
+            ids[i, :n] = src[i][src_mask[i].bool()]
+            mask[i, :n] = 1
+    calls = _count_generate_calls(model)
+    default = generate_with_rollback(model, ids, mask, **kw)
+    assert any(default.rollbacks) and len(calls) > 1, "pass after pass: one call per pass"
+    assert default.sequences == generate_with_rollback(model, ids, mask, overlap=False, **kw).sequences
+    with pytest.raises(ConfigError, match="cannot overlap"):
+        generate_with_rollback(model, ids, mask, overlap=True, **kw)
+
+
+def test_a_second_rollback_into_re_decoded_text_gives_the_passes_result():
+    """A row rolled back twice, whose second cut keeps tokens of its first re-decode: those tokens' cache
+    entries were computed with the mapped neurons off, while the passes one after another prefill them afresh
+    with the neurons on. The row is deferred to a pass of its own, so both executors give the same text."""
+    model = tiny_model("llama")
+    ids, mask = _padded_batch(seed=0)
+    kw = dict(neuron_map=random_map(model, 32, 64), max_new_tokens=150, do_sample=False, pad_token_id=0,
+              repair={"repair_multiplier": 0})
+    in_place = generate_with_rollback(model, ids, mask, overlap=True, **kw)
+    passes = generate_with_rollback(model, ids, mask, overlap=False, **kw)
+    assert 2 in in_place.rollbacks
+    assert in_place.sequences == passes.sequences

@@ -59,6 +59,7 @@ class Guard:
         *,
         model_name: str | None = None,
         check_model: bool = True,
+        eos_token_id: int | Sequence[int] | None = None,
     ) -> None:
         arch_of(model)  # raises UnsupportedModelError with the supported list
         self.model = model
@@ -90,7 +91,8 @@ class Guard:
         self.runtime = GuardRuntime(neuron_map, self.config, max_rows=1, device=param.device, dtype=param.dtype)
         # device_map: each hooked layer gathers and writes on its own device
         self.runtime.place_layers(layer_devices(model, param.device))
-        self.eos = model_token_ids(model, "eos_token_id")
+        # The end tokens the caller's generate call ends rows on (its own eos_token_id), else the model's.
+        self.eos = token_id_list(eos_token_id) or model_token_ids(model, "eos_token_id")
         # generate() feeds finished rows with padding: a row's first EOS or pad token ends its watch.
         self._terminal = frozenset(self.eos + model_token_ids(model, "pad_token_id"))
         self._row_configs: list[GuardConfig] | None = None
@@ -270,6 +272,10 @@ class Guard:
     def _begin(self, ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         self._finish()  # count the previous generation's reports
         batch = ids.shape[0]
+        # One report per row before anything here can fail: a guard that fails open at the prefill still
+        # answers for every row of this generation (its rows go on unguarded).
+        self._reports = [SequenceReport() for _ in range(batch)]
+        self._done = [False] * batch
         self._broken = False
         self._failed_once = False
         rt = self.runtime

@@ -14,7 +14,10 @@ runs its passes under the guard's hooks, in one of two ways:
   processors of the caller see a rewound row's ``input_ids`` with the discarded tokens still in them. On a
   model whose attention counts cache columns (a sliding window, attention chunks), a rewound row that could
   reach past that span is deferred instead: its discarded columns would take places in the window. It leaves
-  the call and is re-decoded pass after pass once the call returns.
+  the call and is re-decoded pass after pass once the call returns. So is a row whose second rollback keeps
+  text from its first re-decode, decoded with the mapped neurons off: a fresh prefill reads it with them on.
+  Settings that ``generate``'s own processors apply to a row's tokens (a repetition penalty, n-gram bans) run
+  pass after pass: in place they would see a rewound row's discarded tokens.
 * **pass after pass** otherwise: a row whose loop is confirmed stops (the guard forces EOS) and is decoded
   again from the onset in the next ``generate`` call, together with the other rows that rolled back, as a
   smaller batch after a fresh prefill of prompt + kept text.
@@ -39,6 +42,7 @@ import torch
 from ..config import GuardConfig
 from ..errors import ConfigError
 from ..policy import SequenceReport
+from ..repair import BAN
 from ..rollback import RollbackConfig, RollbackPolicy
 from ..runtime import force_token, host_to_device
 from .guard import Guard
@@ -94,6 +98,26 @@ class _Repair:
         rows_, tokens_, amounts_ = host_to_device([rows, tokens, amounts], scores.device)  # one copy
         out = scores.clone()
         out[rows_.long(), tokens_.long()] -= amounts_.to(scores.dtype)
+        return out
+
+
+class _MinNewTokens:
+    """Logits processor: ``min_new_tokens`` per row, over its whole generated text (kept + this pass): no
+    end-of-sequence token before that, except where the guard ends the row (a stop forces the EOS, which
+    ``generate``'s own processor would mask, leaving a row with no token to choose)."""
+
+    def __init__(self, guard: Guard, states, start_length: int, min_new: int, eos: list[int]) -> None:
+        self.g, self.states, self.start_length, self.min_new, self.eos = guard, states, start_length, min_new, eos
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        done = input_ids.shape[1] - self.start_length
+        seqs = self.g.runtime.seqs if self.g.watching else []
+        rows = [i for i, st in enumerate(self.states) if len(st.kept) + done < self.min_new
+                and not (i < len(seqs) and seqs[i] is not None and seqs[i].stopped)]
+        if not rows or not self.eos:
+            return scores
+        out = scores.clone()
+        out[torch.tensor(rows, device=scores.device)[:, None], torch.tensor(self.eos, device=scores.device)[None, :]] = float("-inf")
         return out
 
 
@@ -207,8 +231,9 @@ class _InPlace:
                         self.release(row, st.releasable(tokens))
             seq = seqs[row] if row < len(seqs) else None
             if seq is not None and seq.stopped:  # the guard confirmed a loop: it forces EOS
+                kept_before, attempt = len(st.kept), st.attempt
                 if st.end_pass([*tokens, self.eos0], self._report(row)):
-                    if self._outgrows_window(row, length):
+                    if self._outgrows_window(row, length) or self._keeps_switched_off(st, kept_before, attempt):
                         self.done[row] = True
                         self.deferred.append(row)
                         force[row] = self.eos0
@@ -224,12 +249,14 @@ class _InPlace:
                 self._finish(row)
                 force[row] = self.eos0
                 continue
+            # One amount per token: the ban and the repair may name the same token (the loop's next token often
+            # extends an earlier repeat too), and of two writes to one logit only one would land.
+            pen = st.repair_penalties(tokens) if st.attempt > 0 else {}
             if self.ban[row]:
                 self.ban[row] = False
                 if st.ban is not None:
-                    penalties.append((row, st.ban, float("inf")))
-            if st.attempt > 0:
-                penalties.extend((row, token, amount) for token, amount in st.repair_penalties(tokens).items())
+                    pen = {**pen, st.ban: BAN}
+            penalties.extend((row, token, amount) for token, amount in pen.items())
         if not force and not penalties:
             return scores
         out = scores.clone()
@@ -249,6 +276,13 @@ class _InPlace:
         st = self.states[row]
         first = self.width - len(self.prompts[row])
         return length + (st.max_new_tokens - len(st.kept)) - first >= self.window
+
+    def _keeps_switched_off(self, st, kept_before: int, attempt: int) -> bool:
+        """Whether a rollback out of a re-decode keeps some of that re-decode's tokens, whose cache entries were
+        computed with the mapped neurons switched off. Pass after pass reads kept text from a fresh prefill,
+        neurons on; in place would read those entries: such a row is deferred too."""
+        return (attempt > 0 and len(st.kept) > kept_before and self.g.neuron_map is not None
+                and st.policy.pass_config(attempt).always_on)
 
     def _rewind(self, row: int, length: int) -> None:
         st = self.states[row]
@@ -328,13 +362,22 @@ def generate_with_rollback(
         raise ConfigError("pass on_tokens or streamer, not both: rollback streams through on_tokens")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    # A generation config the caller passes wins over the model's, as in ``generate``; the call's own
+    # arguments win over both.
+    gen = generate_kwargs.get("generation_config") or model.generation_config
     pad = generate_kwargs.pop("pad_token_id", None)
+    if pad is None:
+        pad = getattr(gen, "pad_token_id", None)
     if pad is None:
         pad = model.generation_config.pad_token_id
     if pad is None:
         pad = 0
     user_processors = generate_kwargs.pop("logits_processor", None) or []
     min_new = generate_kwargs.pop("min_new_tokens", None)
+    if min_new is None and getattr(gen, "min_new_tokens", None):
+        # Counted per row over its whole text by ``_MinNewTokens``; generate's own would mask the guard's ends.
+        min_new, generate_kwargs["min_new_tokens"] = gen.min_new_tokens, 0
+    eos = generate_kwargs.get("eos_token_id", getattr(gen, "eos_token_id", None))
     prompts = [row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask)]
     states = [policy.start(max_new_tokens) for _ in prompts]
 
@@ -342,10 +385,10 @@ def generate_with_rollback(
         if on_tokens is not None and tokens:
             on_tokens(r, tokens)
 
-    in_place = _in_place_blocker(model, input_ids, attention_mask, generate_kwargs, min_new, policy) if overlap is not False else "off"
+    in_place = _in_place_blocker(model, gen, input_ids, attention_mask, generate_kwargs, min_new, policy) if overlap is not False else "off"
     if overlap is True and in_place is not None:
         raise ConfigError(f"overlap=True: passes cannot overlap here ({in_place}); use overlap=None or False")
-    with Guard(model, neuron_map, policy.first, model_name=model_name) as g:
+    with Guard(model, neuron_map, policy.first, model_name=model_name, eos_token_id=eos) as g:
         if in_place is None and g.eos:
             deferred = _run_in_place(model, g, input_ids, attention_mask, prompts, states, policy, pad,
                                      user_processors, release, on_tokens is not None, max_new_tokens, generate_kwargs)
@@ -381,9 +424,9 @@ def _run_passes(model, g: Guard, input_ids, attention_mask, prompts, states, pad
         budgets = [states[r].budget for r in pending]
         step_max = max(budgets)
         kwargs = dict(generate_kwargs)
-        if min_new is not None:
-            kwargs["min_new_tokens"] = min(min_new, step_max) if first else step_max
         processors = LogitsProcessorList(list(user_processors))
+        if min_new:
+            processors.append(_MinNewTokens(g, [states[r] for r in pending], width, min_new, g.eos))
         row_bans = {i: states[r].ban for i, r in enumerate(pending) if states[r].ban is not None}
         if row_bans:
             processors.append(_BanFirstToken(row_bans, width))
@@ -398,7 +441,7 @@ def _run_passes(model, g: Guard, input_ids, attention_mask, prompts, states, pad
         still = []
         for i, r in enumerate(pending):
             new = _trim(out[i, width:].tolist()[: budgets[i]], eos)
-            seq = g.runtime.seqs[i]
+            seq = g.runtime.seqs[i] if g.watching else None
             if seq is not None and new and new[-1] not in eos and len(seq.history) == len(states[r].kept) + len(new) - 1:
                 # generate() ends without a forward that would show the guard the row's last token.
                 seq.observe(new[-1])
@@ -410,21 +453,39 @@ def _run_passes(model, g: Guard, input_ids, attention_mask, prompts, states, pad
         first = False
 
 
-def _in_place_blocker(model, input_ids, attention_mask, generate_kwargs, min_new, policy) -> str | None:
-    """Why the passes of this call cannot run in one ``generate`` (None: they can)."""
+# ``generate``'s own processors that read a row's ``input_ids`` (or its length): in place they would see a rewound
+# row's discarded tokens, which the passes one after another never show them. With these, the passes run.
+_READS_INPUT_IDS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None,
+                    "sequence_bias": None, "exponential_decay_length_penalty": None, "min_length": 0,
+                    "watermarking_config": None, "forced_eos_token_id": None, "begin_suppress_tokens": None}
+
+
+def _in_place_blocker(model, gen, input_ids, attention_mask, generate_kwargs, min_new, policy) -> str | None:
+    """Why the passes of this call cannot run in one ``generate`` (None: they can). ``gen``: the generation
+    config the call runs with (the caller's, else the model's)."""
     if policy.max_rollbacks == 0:
         return "no rollback"
     if getattr(model.config, "is_encoder_decoder", False):
         return "encoder-decoder model"
-    gen = getattr(model, "generation_config", None)
+
+    def setting(key, default=None):
+        value = generate_kwargs[key] if key in generate_kwargs else getattr(gen, key, default)
+        return default if value is None else value
+
     for key in ("num_beams", "num_return_sequences"):
-        if (generate_kwargs.get(key) or getattr(gen, key, 1) or 1) > 1:
+        if (setting(key, 1) or 1) > 1:
             return f"{key} > 1"
+    for key, neutral in _READS_INPUT_IDS.items():
+        if setting(key, neutral) not in (neutral, None, [], {}):
+            return f"{key} set (generate's processor would see a rewound row's discarded tokens)"
+    mask = attention_mask.long()
+    if bool((mask[:, 1:] < mask[:, :-1]).any()):
+        return "a batch that is not left-padded"
     for key in ("stopping_criteria", "stop_strings", "assistant_model", "past_key_values", "max_length",
                 "cache_implementation", "prompt_lookup_num_tokens", "streamer"):
         if generate_kwargs.get(key) is not None:
             return f"{key} given"
-    if getattr(gen, "cache_implementation", None) is not None:
+    if setting("cache_implementation") is not None:
         return "a preset cache implementation"
     if min_new is not None:
         return "min_new_tokens given"
