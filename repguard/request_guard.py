@@ -20,6 +20,11 @@ gets it with each re-decode submission (``Submission.repair``: the penalty and t
 token); the guard then steps in only for an escalation penalty beyond the repair's, so a rollback costs
 one resubmission instead of one per penalised pick, with the same tokens under greedy decoding.
 
+The guard never takes generation down: an exception inside it (the detector, the policy) is counted
+(``repguard_guard_errors_total``), logged once for the request, and the request goes on unguarded: the
+submission running then is neither cancelled nor resubmitted, every token it streams is passed through and
+the request ends with the engine's own finish reason (``RequestGuard.broken``).
+
 It does no I/O (a sans-I/O state machine): an adapter asks ``next_submission()``, sends it, feeds the
 tokens it streams back to ``feed()``, cancels it when ``feed`` says so, and reports an engine-side end
 with ``end()``. A request whose first submission never loops is never cancelled or resubmitted, so its
@@ -42,9 +47,11 @@ Seeded sampling stays reproducible: submission 0 is the caller's request with it
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
-from typing import Iterable
+from typing import Callable, Iterable, Sequence
 
+from . import metrics
 from .config import GuardConfig
 from .errors import ConfigError
 from .policy import SequenceGuard, SequenceReport
@@ -52,6 +59,9 @@ from .repair import BAN, EngineRepair
 from .rollback import RollbackPolicy, RollbackState, merge_reports
 
 _SEED_MOD = 2**63 - 1
+CONTEXT_TOKENS = 5  # prompt tokens decoded before the output's, as an engine's incremental detokenizer does
+
+log = logging.getLogger("repguard")
 
 
 def derive_seed(seed: int | None, index: int) -> int | None:
@@ -59,6 +69,67 @@ def derive_seed(seed: int | None, index: int) -> int | None:
     if seed is None or index == 0:
         return seed
     return (int(seed) * 1_000_003 + index * 7_919) % _SEED_MOD
+
+
+# -- the output's text, as the engine would give it (one place for every request-level adapter) ----------
+def text_ids(tokens: Sequence[int], finish_reason: str | None, stop_reason: str | int | None,
+             include_stop: bool = False) -> list[int]:
+    """The ids whose text is a finished output's: the EOS or stop token that ended it is not text (a stop
+    token is, with ``include_stop_str_in_output``), as vLLM ends its text."""
+    ids = list(tokens)
+    if finish_reason == "stop" and ids and not isinstance(stop_reason, str):
+        if not (include_stop and stop_reason is not None):
+            ids = ids[:-1]
+    return ids
+
+
+def end_text(text: str, finish_reason: str | None, stop_reason: str | int | None, include_stop: bool = False,
+             final: bool = True, stops: Sequence[str] = ()) -> str:
+    """``text`` of the output's ids (``text_ids``) as the engine hands it out. ``final``: a stop string that
+    ended it is cut off (kept with ``include_stop``). Not ``final`` (streaming): an incomplete character, and
+    the possible start of a stop string in ``stops``, wait for the next tokens."""
+    if final:
+        if finish_reason == "stop" and isinstance(stop_reason, str) and stop_reason:
+            at = text.find(stop_reason)
+            if at >= 0:
+                text = text[: at + (len(stop_reason) if include_stop else 0)]
+        return text
+    text = text.rstrip("\ufffd")
+    hold = max((len(s) for s in stops), default=1) - 1
+    return text[: max(0, len(text) - hold)] if hold else text
+
+
+def find_stop(text: str, stops: Sequence[str]) -> str | None:
+    """The stop string that occurs first in ``text`` (None: none)."""
+    found = [(text.find(s), s) for s in stops if s and s in text]
+    return min(found)[1] if found else None
+
+
+def decode_context(prompt_ids: Sequence[int] | None) -> list[int]:
+    """The prompt's last tokens, decoded before the output's so that its first token reads as it does after the
+    prompt (SentencePiece decoders drop a leading space at the start of a text): ``after_context``."""
+    return list(prompt_ids or [])[-CONTEXT_TOKENS:]
+
+
+def after_context(full: str, head: str) -> str | None:
+    """The output's text from ``full`` (the text of context + output ids) and ``head`` (the context's text);
+    None when the context's text is no clean prefix of it (decode the output's ids alone then)."""
+    if head.endswith("\ufffd") or not full.startswith(head):
+        return None
+    return full[len(head):]
+
+
+def decode_output(decode: Callable[[list[int]], str], prompt_ids: Sequence[int] | None, ids: Sequence[int]) -> str:
+    """The text of output ``ids`` after the prompt, with a synchronous ``decode`` (``after_context``)."""
+    ids = list(ids)
+    if not ids:
+        return ""
+    context = decode_context(prompt_ids)
+    if context:
+        text = after_context(decode(context + ids), decode(context))
+        if text is not None:
+            return text
+    return decode(ids)
 
 
 @dataclass(frozen=True)
@@ -91,16 +162,24 @@ class RequestGuard:
     """One request under rollback, driven by token streams (module doc)."""
 
     def __init__(self, policy: RollbackPolicy, max_new_tokens: int, eos_ids: Iterable[int] = (),
-                 neuron_step: bool = False, greedy: bool = False, engine_repair: bool = False) -> None:
+                 neuron_step: bool = False, greedy: bool = False, engine_repair: bool = False,
+                 model_name: str = "model") -> None:
         """``greedy``: the engine decodes greedily, so a penalty on a token the engine did not pick anyway
         would change nothing; the guard then waits for the next token and resubmits only when the engine
         picked the penalised one (exact under greedy decoding, and far fewer resubmissions). Otherwise
         every penalty is applied by a one-token step, exactly as the per-token policy would.
-        ``engine_repair``: the engine applies each re-decode submission's ``repair`` itself (module doc)."""
+        ``engine_repair``: the engine applies each re-decode submission's ``repair`` itself (module doc).
+        ``model_name``: the ``model`` label of the guard-errors counter."""
         check_request_config(policy.config)
         if not neuron_step:  # no neuron step here: passes must not claim (or count) switched-off neurons
             policy = policy.token_level()
         self.policy = policy
+        self.model_name = model_name
+        self.broken = False  # an exception inside the guard: the request goes on unguarded (module doc)
+        self._out: list[int] = []  # broken: the request's tokens, passed through
+        self._broken_report: SequenceReport | None = None
+        self._last: Submission | None = None  # the last submission handed out
+        self._streamed: list[int] = []  # the tokens of ``_last`` taken (up to a cancel)
         self.state: RollbackState = policy.start(max_new_tokens)
         self.eos = frozenset(int(e) for e in eos_ids)
         self.neuron_step = neuron_step
@@ -126,12 +205,16 @@ class RequestGuard:
     @property
     def tokens(self) -> list[int]:
         """The request's final tokens (while running: the tokens decided so far, not yet final)."""
+        if self.broken:
+            return list(self._out)
         if self.state.final is not None:
             return list(self.state.final)
         return self.state.kept + self._pass
 
     @property
     def report(self) -> SequenceReport:
+        if self._broken_report is not None:
+            return self._broken_report
         if self.state.report is not None and self.done:
             return self.state.report
         return merge_reports(self.state.report, self._seq.report) if self._seq is not None else SequenceReport()
@@ -150,11 +233,41 @@ class RequestGuard:
         """{token: penalty} the guard applies to the next token if the engine picks one of them (a copy; empty
         when none). Under greedy decoding an engine that adds them to its next logits itself picks what the
         re-decode would, and saves it."""
-        return dict(self._pending or {})
+        return {} if self.broken else dict(self._pending or {})
 
     def take_released(self) -> list[int]:
-        """Tokens that became final since the last call (streaming)."""
-        return self.state.releasable(self._pass, finished=False)
+        """Tokens that became final since the last call: while running, those older than the hold-back
+        (streaming); once the request is done, all the rest (a response that is not streamed takes them
+        only then, so that no hold-back limits its rollbacks)."""
+        if not self.broken:
+            try:
+                return self.state.releasable(self._pass, finished=False)
+            except Exception:
+                self._fail()
+        start, self.state.released = self.state.released, len(self._out)
+        return self._out[start:]
+
+    def stop_may_straddle(self, stops: Sequence[str]) -> bool:
+        """Can a stop string begin in the tokens a resubmission continues and end in its new ones? The engine
+        searches only its own new text, so the adapter checks the text of ``tokens`` (and ends the request
+        with ``finish("stop", stop)``) while this is True: the first few tokens of each resubmission."""
+        longest = max((len(s) for s in stops), default=0)
+        return (not self.done and self._last is not None and self._last.index > 0
+                and 0 < len(self._streamed) <= longest)
+
+    def finish(self, finish_reason: str, stop_reason: str | int | None = None) -> None:
+        """The adapter ends the request here, with the tokens decided so far (a stop string it found in
+        their text); the submission running, if any, is over. Nothing once the request is done."""
+        if self.done:
+            return
+        self.stop_reason = stop_reason
+        if self.broken:
+            return self._finish_broken(finish_reason)
+        try:
+            self._finish(finish_reason)
+        except Exception:
+            self._fail()
+            self._finish_broken(finish_reason)
 
     # -- the protocol -----------------------------------------------------------------------------------
     def next_submission(self) -> Submission | None:
@@ -163,6 +276,30 @@ class RequestGuard:
             return None
         if self._current is not None:
             return self._current
+        if not self.broken:
+            try:
+                sub = self._next_submission()
+            except Exception:
+                self._fail()
+            else:
+                self._handed(sub)
+                return sub
+        # Unguarded: the rest of the budget, after the tokens so far (a one-token step in flight when the
+        # guard broke has ended).
+        budget = self.state.max_new_tokens - len(self._out)
+        if budget <= 0:
+            self._finish_broken("length")
+            return None
+        self._current = Submission(index=self.submissions, attempt=self.state.attempt, generated=tuple(self._out),
+                                   max_tokens=budget, bias=None, neurons_off=False)
+        self.submissions += 1
+        self._handed(self._current)
+        return self._current
+
+    def _handed(self, sub: Submission) -> None:
+        self._last, self._streamed = sub, []
+
+    def _next_submission(self) -> Submission:
         cfg = self.state.pass_config()
         generated = tuple(self.state.kept + self._pass)
         budget = self.state.max_new_tokens - len(generated)
@@ -182,14 +319,25 @@ class RequestGuard:
     def feed(self, sub: Submission, tokens: Iterable[int]) -> bool:
         """New tokens of ``sub``. Returns True when the adapter must cancel ``sub`` (the guard has moved on:
         a rollback, a one-token step, or the end of the request); later tokens of it are ignored."""
-        tokens = list(tokens)
+        tokens = [int(t) for t in tokens]
         self.decoded += len(tokens)
         if sub is not self._current:
             return True
+        if self.broken:
+            return self._pass_through(tokens)
+        taken = len(self._streamed)
+        try:
+            return self._feed(sub, tokens)
+        except Exception:
+            rest = tokens[len(self._streamed) - taken:]
+            self._fail(sub)
+            return self._pass_through(rest)
+
+    def _feed(self, sub: Submission, tokens: list[int]) -> bool:
         seq = self._seq
         state = self.state
         for token in tokens:
-            token = int(token)
+            self._streamed.append(token)
             self._bias = self._ban = None
             pending, self._pending = self._pending, None
             if pending is not None and token in pending:
@@ -269,12 +417,66 @@ class RequestGuard:
         ``tail``: the tokens that ended it (an EOS or stop token), kept in the output but not watched."""
         if sub is not self._current or self.done:
             return
-        self._pass.extend(int(t) for t in tail)
+        tail = [int(t) for t in tail]
+        if self.broken:
+            self._out.extend(tail)
+        else:
+            self._streamed.extend(tail)
+            self._pass.extend(tail)
         if sub.max_tokens == 1 and finish_reason == "length":
             self._current = None  # the step's one token was fed: continue
             return
         self.stop_reason = stop_reason
-        self._finish(finish_reason or "stop")
+        if self.broken:
+            return self._finish_broken(finish_reason or "stop")
+        try:
+            self._finish(finish_reason or "stop")
+        except Exception:
+            self._fail(sub)
+            self._finish_broken(finish_reason or "stop")
+
+    # -- failing open -----------------------------------------------------------------------------------
+    def _fail(self, sub: Submission | None = None) -> None:
+        """An exception inside the guard (called in its ``except``): count it, log it, go on unguarded with
+        the tokens the engine produced so far (``sub``: the submission still running, now passed through)."""
+        if self.broken:
+            return
+        self.broken = True
+        try:
+            metrics.ERRORS.labels(self.model_name, "observe").inc()
+        except Exception:  # metrics never take a request down
+            pass
+        log.exception("repguard: the request guard failed; this request continues unguarded")
+        try:
+            report = self.report
+        except Exception:
+            report = SequenceReport()
+        report.errors += 1
+        self._broken_report = report
+        running = sub if sub is not None else self._current
+        last = running if running is not None else self._last
+        self._out = (list(last.generated) + self._streamed) if last is not None else []
+        self._current, self._bias, self._pending = running, None, None
+        if self._out and self._out[-1] in self.eos:
+            self._finish_broken("stop")
+        elif running is not None and len(self._out) >= self.state.max_new_tokens:
+            self._finish_broken("length")
+
+    def _pass_through(self, tokens: list[int]) -> bool:
+        """Broken: the tokens of the submission running, unwatched; it ends only as the engine ends it."""
+        for token in tokens:
+            if self.done:
+                return True
+            self._out.append(token)
+            if token in self.eos:
+                self._finish_broken("stop")
+            elif len(self._out) >= self.state.max_new_tokens:
+                self._finish_broken("length")
+        return self.done
+
+    def _finish_broken(self, reason: str) -> None:
+        self.finish_reason = reason
+        self._current = None
 
     # -- internals ---------------------------------------------------------------------------------------
     def _repair(self) -> dict[int, float]:
@@ -301,4 +503,5 @@ class RequestGuard:
         self._current = None
 
 
-__all__ = ["EngineRepair", "RequestGuard", "Submission", "check_request_config", "derive_seed"]
+__all__ = ["EngineRepair", "RequestGuard", "Submission", "after_context", "check_request_config", "decode_context",
+           "decode_output", "derive_seed", "end_text", "find_stop", "text_ids"]

@@ -48,7 +48,7 @@ from .. import metrics
 from . import metrics as server_metrics
 from ..config import GuardConfig
 from ..errors import ConfigError
-from ..request_guard import RequestGuard, Submission, check_request_config, derive_seed
+from ..request_guard import RequestGuard, Submission, check_request_config, derive_seed, find_stop
 from ..rollback import RollbackConfig, RollbackPolicy
 from ..runtime import token_id_list
 
@@ -83,6 +83,7 @@ class GenerationRequest:
     guard_config: GuardConfig | None = None
     rollback: bool | None = None
     holdback: int | None = None
+    stream: bool = True  # False: the response is not streamed, so rollback rows release their tokens at the end only
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     admitted: float = field(default_factory=time.perf_counter)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -275,12 +276,14 @@ class _BatchTracker(StoppingCriteria, BaseStreamer):
         rg, sub = ch.guard, ch.sub
         ch.fed.append(token)
         over = rg.feed(sub, [token])
-        if not over and req.stop:  # a stop string in the text decided so far ends the request, as an engine does
+        # The token was taken (not rolled back nor re-decoded), though it may have ended a one-token step:
+        accepted = not rg.done and len(rg.tokens) == len(sub.generated) + len(ch.fed)
+        if accepted and req.stop:  # a stop string in the text decided so far ends the request, as an engine does
             text = self.tok.decode(rg.tokens, skip_special_tokens=True)
-            cut = min((p for p in (text.find(s) for s in req.stop) if p >= 0), default=-1)
-            if cut >= 0:
-                rg.end(sub, "stop")
-                ch.stopped_at = cut
+            stop = find_stop(text, req.stop)
+            if stop is not None:
+                rg.finish("stop")
+                ch.stopped_at = text.find(stop)
                 over = True
         if not over and len(ch.fed) >= sub.max_tokens:
             rg.end(sub, "length")
@@ -454,7 +457,8 @@ class Engine:
                 ch = _Choice(req, p_i * req.n + j, list(prompt), mode, cfg)
                 if mode == "rollback":
                     ch.guard = RequestGuard(self.policy(cfg, req.holdback), req.max_tokens, eos_ids=self.eos,
-                                            neuron_step=self.neuron_step, greedy=req.greedy)
+                                            neuron_step=self.neuron_step, greedy=req.greedy,
+                                            model_name=self.model_name)
                     ch.sub = ch.guard.next_submission()
                 choices.append(ch)
         return choices
@@ -531,7 +535,7 @@ class Engine:
 
     def _emit_rollback(self, ch: _Choice) -> None:
         rg = ch.guard
-        new = rg.take_released()
+        new = rg.take_released() if ch.request.stream or ch.done else []  # not streamed: all at the end
         if not new and not ch.done:
             return
         ch.tokens.extend(new)

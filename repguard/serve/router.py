@@ -266,6 +266,7 @@ def build_router(engine: Engine, settings: ServeSettings | None = None) -> APIRo
         req = GenerationRequest(
             prompts=prompts, n=body.n, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
             seed=body.seed, stop=body.stop, guard_config=body.repguard, rollback=body.rollback, holdback=body.holdback,
+            stream=bool(body.stream),
         )
         try:
             engine.submit(req)

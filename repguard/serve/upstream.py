@@ -47,7 +47,8 @@ from . import metrics as server_metrics
 from ..config import GuardConfig
 from ..errors import ConfigError, RepGuardError
 from ..repair import WIRE_KEY
-from ..request_guard import RequestGuard, Submission, derive_seed
+from ..request_guard import (RequestGuard, Submission, after_context, decode_context, derive_seed, end_text,
+                             find_stop, text_ids)
 from ..rollback import RollbackConfig, RollbackPolicy
 from .router import CLIENT_CLOSED, DISCONNECT_POLL_S, APIError, SafeJSONResponse, dumps, openai_route
 from .settings import ServeSettings
@@ -237,17 +238,21 @@ class GuardedCall:
                  model: str, max_tokens: int) -> None:
         self.proxy, self.body, self.chat, self.model = proxy, body, chat, model
         self.rg = RequestGuard(policy, max_tokens, neuron_step=proxy.neuron_step, greedy=_greedy(body),
-                               engine_repair=proxy.engine_repair)
+                               engine_repair=proxy.engine_repair, model_name=model)
+        self.stream = bool(body.get("stream"))  # a response that is not streamed takes its tokens at the end only
         self.prompt_ids: list[int] | None = None
         self.first: dict[str, Any] = {}  # id, created, system_fingerprint of the first upstream chunk
         self.text0 = ""  # submission 0's text as the upstream sent it
         self.pieces: list[tuple[int, str]] = [(0, "")]  # submission 0: (tokens so far, text so far)
+        self.reasoning: list[tuple[int, str]] = [(0, "")]  # chat, submission 0: (tokens so far, reasoning_content)
         self.n0 = 0
         self.last_stop: Any = None
         self.resp: httpx.Response | None = None
         self.sub: Submission | None = None
         self.stops = [body["stop"]] if isinstance(body.get("stop"), str) else list(body.get("stop") or [])
         self.skip_special = body.get("skip_special_tokens", True) is not False
+        self.include_stop = bool(body.get("include_stop_str_in_output"))
+        self._head: str | None = None  # the text of the prompt's decode context (``text_of``)
 
     # -- requests ------------------------------------------------------------------------------------
     def _request(self, sub: Submission) -> tuple[str, dict[str, Any]]:
@@ -287,8 +292,11 @@ class GuardedCall:
         self.resp = await self.proxy.upstream.open_stream(path, body)
 
     async def run(self) -> AsyncIterator[list[int]]:
-        """Yield token ids as they become final (the rest at the end). ``open()`` first."""
+        """Yield token ids as they become final (the rest at the end). ``open()`` first. A response that is
+        not streamed takes them all at the end (no hold-back limits its rollbacks); it gets an empty list when
+        the first tokens arrive (its time to first token)."""
         rg = self.rg
+        first = True
         try:
             while self.sub is not None:
                 sub, resp = self.sub, self.resp
@@ -315,12 +323,24 @@ class GuardedCall:
                             self.n0 += len(ids)
                             self.text0 += self._delta_text(choice)
                             self.pieces.append((self.n0, self.text0))
+                            if self.chat:
+                                more = (choice.get("delta") or {}).get("reasoning_content") or ""
+                                self.reasoning.append((self.n0, self.reasoning[-1][1] + more))
                         self.last_stop = choice.get("stop_reason")
                         cancel = feed_chunk(rg, sub, ids, fin, self.last_stop)
-                        if not rg.done:
+                        if rg.stop_may_straddle(self.stops):  # a stop string across the resubmission's start
+                            stop = find_stop(await self._decode(rg.tokens), self.stops)
+                            if stop is not None:
+                                rg.finish("stop", stop)
+                                self.last_stop, cancel = stop, True
+                        if self.stream and not rg.done:
                             new = rg.take_released()
                             if new:
+                                first = False
                                 yield new
+                        elif first and ids and not self.stream:
+                            first = False
+                            yield []
                         if cancel or fin is not None:
                             ended, by_upstream = True, fin is not None
                             break
@@ -339,7 +359,7 @@ class GuardedCall:
                 if self.sub is not None:
                     path, body = self._request(self.sub)
                     self.resp = await self.proxy.upstream.open_stream(path, body)
-            rest = rg.state.releasable()
+            rest = rg.take_released()
             if rest:
                 yield rest
         finally:
@@ -364,6 +384,16 @@ class GuardedCall:
     def resubmitted(self) -> bool:
         return self.rg.submissions > 1
 
+    def reasoning_of(self, upto: int | None = None) -> str:
+        """The upstream's ``reasoning_content`` (its reasoning parser's) for the first ``upto`` final tokens (None:
+        all): passed through for a request never resubmitted. After a resubmission, the text of every token is
+        the content (as from an upstream without a reasoning parser): no reasoning beyond what was sent."""
+        if self.resubmitted:
+            return ""
+        if upto is None:
+            return self.reasoning[-1][1]
+        return next(text for n, text in reversed(self.reasoning) if n <= upto)
+
     async def text_of(self, ids: list[int], final: bool) -> str:
         """Text of the first ``len(ids)`` final tokens (``final``: the whole output, ended as vLLM ends text)."""
         if not self.resubmitted:
@@ -372,22 +402,24 @@ class GuardedCall:
             upto = len(ids)
             return next(text for n, text in reversed(self.pieces) if n <= upto)
         rg = self.rg
-        decode_ids = list(ids)
-        stop = self.last_stop
-        if final and rg.finish_reason == "stop" and decode_ids and not isinstance(stop, str):
-            if not (self.body.get("include_stop_str_in_output") and stop is not None):
-                decode_ids = decode_ids[:-1]  # the EOS or stop token that ended it is not text
-        text = await self.proxy.decode(self.model, decode_ids, self.skip_special)
-        if final and rg.finish_reason == "stop" and isinstance(stop, str) and stop:
-            at = text.find(stop)
-            if at >= 0:
-                text = text[: at + (len(stop) if self.body.get("include_stop_str_in_output") else 0)]
-        if not final:
-            text = text.rstrip("\ufffd")  # an incomplete character waits for its next token
-            if self.stops:  # a stop string may still complete: hold back its possible start, as vLLM does
-                hold = max(len(s) for s in self.stops) - 1
-                text = text[: max(0, len(text) - hold)] if hold else text
-        return text
+        decode_ids = text_ids(ids, rg.finish_reason, self.last_stop, self.include_stop) if final else list(ids)
+        text = await self._decode(decode_ids)
+        return end_text(text, rg.finish_reason, self.last_stop, self.include_stop, final, self.stops)
+
+    async def _decode(self, ids: list[int]) -> str:
+        """The text of output ``ids`` after the prompt: as the upstream's own incremental text reads (a first
+        token's leading space kept), decoded with the prompt's last tokens as context (``decode_context``)."""
+        if not ids:
+            return ""
+        decode = self.proxy.decode
+        context = decode_context(self.prompt_ids)
+        if context:
+            if self._head is None:
+                self._head = await decode(self.model, context, self.skip_special)
+            text = after_context(await decode(self.model, context + ids, self.skip_special), self._head)
+            if text is not None:
+                return text
+        return await decode(self.model, ids, self.skip_special)
 
     def report(self) -> dict[str, Any]:
         rg = self.rg
@@ -725,6 +757,8 @@ async def _complete(call: GuardedCall, request: Request, chat: bool, endpoint: s
     choice: dict[str, Any] = {"index": 0}
     if chat:
         choice["message"] = {"role": "assistant", "content": text}
+        if call.reasoning_of():
+            choice["message"]["reasoning_content"] = call.reasoning_of()
     else:
         choice["text"] = text
     choice.update(logprobs=None, finish_reason=rg.finish_reason, stop_reason=rg.stop_reason)
@@ -752,13 +786,18 @@ async def _stream(call: GuardedCall, body: dict[str, Any], chat: bool, endpoint:
     code = CLIENT_CLOSED  # until the stream ends: a client that closes it early leaves this
     released: list[int] = []
     sent = ""
+    reasoned = ""  # reasoning_content sent
     started = False
 
     def chunk(text: str, ids: list[int], finish: str | None = None, **more: Any) -> str:
-        nonlocal started
+        nonlocal started, reasoned
         choice: dict[str, Any] = {"index": 0}
         if chat:
             choice["delta"] = {"content": text} if started else {"role": "assistant", "content": text}
+            reasoning = call.reasoning_of(None if finish is not None else len(released))
+            if reasoning.startswith(reasoned) and len(reasoning) > len(reasoned):
+                choice["delta"]["reasoning_content"] = reasoning[len(reasoned):]
+                reasoned = reasoning
         else:
             choice["text"] = text
         choice.update(logprobs=None, finish_reason=finish, **more)

@@ -162,6 +162,9 @@ class EngineGuard:
             raise UnsupportedModelError(
                 f"{type(self.model).__name__}: expected {self.spec.vllm_layers}[i].{self.spec.vllm_act} ({exc})"
             ) from None
+        except BaseException:
+            self.remove()  # no hook or wrapper is left behind by an install that failed
+            raise
         metrics.set_info(self.model_name, self.neuron_map.meta.model_name)
         log.info(
             "repguard: guarding %s with %d neurons in %d layers (rank %d/%d, %s)",
@@ -241,7 +244,8 @@ class EngineGuard:
         pre_onset = plan.pre_onset
         compiled = self.compiled
         count = int(slots.numel())
-        first_slot = int(slots[0]) if count and bool((slots == slots[0] + torch.arange(count)).all()) else None
+        host_slots = slots.tolist()  # once, at install: the slots' device may be an accelerator
+        first_slot = host_slots[0] if count and host_slots == list(range(host_slots[0], host_slots[0] + count)) else None
 
         def hook(module, inputs, output):
             # Eager: skip the work while no request is guarded. Compiled: always the same tensor math

@@ -45,7 +45,8 @@ from typing import Any, AsyncIterator, Sequence
 from .. import metrics
 from ..config import GuardConfig
 from ..errors import ConfigError
-from ..request_guard import RequestGuard, Submission, check_request_config, derive_seed
+from ..request_guard import (RequestGuard, Submission, check_request_config, decode_output, derive_seed, end_text,
+                             find_stop, text_ids)
 from ..rollback import RollbackConfig, RollbackPolicy
 from .logits import REPAIR_KEY
 
@@ -110,7 +111,7 @@ class _Front:
 
     def _guard(self, policy: RollbackPolicy, params) -> RequestGuard:
         return RequestGuard(policy, params.max_tokens, neuron_step=self.neuron_step, greedy=_greedy(params),
-                            engine_repair=self.engine_repair)
+                            engine_repair=self.engine_repair, model_name=self.model_name)
 
     def _policy(self, guard: GuardConfig | dict | bool | None) -> RollbackPolicy | None:
         if guard is None or guard is True:
@@ -264,6 +265,7 @@ class GuardedLLM(_Front):
             self.engine.add_request(rid, self._prompt(r["prompt"], r["ids"], sub),
                                     self._sub_params(r["params"], sub, RequestOutputKind.DELTA, len(r["ids"] or [])))
 
+        tokenizer = None
         for i in range(len(reqs)):
             submit(i)
         while live:
@@ -290,12 +292,14 @@ class GuardedLLM(_Front):
                 if sub.index == 0 and o is not None:
                     r["text"] += o.text
                 cancel = _feed(rg, sub, tokens, out.finished, o)
+                if sub.index and not out.finished and r["params"].stop:
+                    tokenizer = tokenizer or self.llm.get_tokenizer()
+                    cancel = _stop_across(rg, r["params"], r["ids"], tokenizer.decode) or cancel
                 if cancel or out.finished:
                     del live[out.request_id]
                     if not out.finished:
                         self.engine.abort_request([out.request_id])
                     submit(i)
-        tokenizer = None
         results = []
         for r in reqs:
             rg = r["guard"]
@@ -306,13 +310,35 @@ class GuardedLLM(_Front):
             text = r["text"]
             if rg.submissions > 1:
                 tokenizer = tokenizer or self.llm.get_tokenizer()
-                text = tokenizer.decode(rg.tokens, skip_special_tokens=r["params"].skip_special_tokens)
+                text = _final_text(rg, r["params"], r["ids"], tokenizer.decode)
             self._record(rg)
             results.append(GuardedOutput("", r["ids"] or [], rg.tokens, text, True, rg.finish_reason, rg.stop_reason,
                                          report=self._report(rg, r["cached"])))
         for i, res in enumerate(results):
             res.request_id = f"{tag}-{i}"
         return results
+
+
+def _final_text(rg: RequestGuard, params, prompt_ids: list[int] | None, decode) -> str:
+    """A resubmitted request's text, as vLLM ends an output's text (``request_guard.text_ids``/``end_text``: no
+    EOS or stop token, a stop string cut off), read after the prompt (``decode_output``)."""
+    include = bool(getattr(params, "include_stop_str_in_output", False))
+    ids = text_ids(rg.tokens, rg.finish_reason, rg.stop_reason, include)
+    text = decode_output(lambda t: decode(t, skip_special_tokens=params.skip_special_tokens), prompt_ids, ids)
+    return end_text(text, rg.finish_reason, rg.stop_reason, include)
+
+
+def _stop_across(rg: RequestGuard, params, prompt_ids: list[int] | None, decode) -> bool:
+    """A stop string that began in the tokens a resubmission continues and ends in its new ones (the engine
+    searches its own new text only): end the request with it. True when it did."""
+    stops = [params.stop] if isinstance(params.stop, str) else list(params.stop or [])
+    if decode is None or not rg.stop_may_straddle(stops):
+        return False
+    text = decode_output(lambda t: decode(t, skip_special_tokens=params.skip_special_tokens), prompt_ids, rg.tokens)
+    stop = find_stop(text, stops)
+    if stop is not None:
+        rg.finish("stop", stop)
+    return stop is not None
 
 
 def _feed(rg: RequestGuard, sub: Submission, tokens: list[int], finished: bool, o) -> bool:
@@ -359,7 +385,7 @@ class GuardedAsyncLLM(_Front):
                                getattr(self.engine, "vllm_config", None))
             self._checked = True
 
-    async def _decode(self, tokens: list[int], skip_special: bool) -> str:
+    async def _get_tokenizer(self):
         tok = self._tokenizer
         if tok is None:
             get = getattr(self.engine, "get_tokenizer", None)
@@ -367,7 +393,7 @@ class GuardedAsyncLLM(_Front):
             if asyncio.iscoroutine(tok):
                 tok = await tok
             self._tokenizer = tok
-        return tok.decode(tokens, skip_special_tokens=skip_special) if tok is not None else ""
+        return tok
 
     async def generate(self, prompt, sampling_params, request_id: str, *,
                        guard: GuardConfig | dict | bool | None = None, **kwargs) -> AsyncIterator[GuardedOutput]:
@@ -385,6 +411,9 @@ class GuardedAsyncLLM(_Front):
                                     o.stop_reason if o else None)
             return
         rg = self._guard(policy, sampling_params)
+        # vLLM's OpenAI server asks for the final output only when the response is not streamed: then the
+        # tokens are taken at the end (no hold-back limits the rollbacks)
+        stream = getattr(sampling_params, "output_kind", None) != RequestOutputKind.FINAL_ONLY
         prompt_ids: list[int] | None = None
         cached = 0
         text0 = ""
@@ -407,7 +436,11 @@ class GuardedAsyncLLM(_Front):
                         if sub.index == 0 and o is not None:
                             text0 += o.text
                         cancel = _feed(rg, sub, list(o.token_ids) if o else [], out.finished, o)
-                        new = rg.take_released() if not rg.done else []
+                        if sub.index and not out.finished and sampling_params.stop:
+                            tok = await self._get_tokenizer()
+                            decode = tok.decode if tok is not None else None
+                            cancel = _stop_across(rg, sampling_params, prompt_ids, decode) or cancel
+                        new = rg.take_released() if stream and not rg.done else []
                         if new:
                             yield GuardedOutput(request_id, prompt_ids, [], "", False, None, new_token_ids=new)
                         if cancel or out.finished:
@@ -415,8 +448,11 @@ class GuardedAsyncLLM(_Front):
                 finally:
                     await gen.aclose()  # aborts the engine request if it is still running
             tokens = rg.tokens
-            new = rg.state.releasable()
-            text = text0 if rg.submissions == 1 else await self._decode(tokens, sampling_params.skip_special_tokens)
+            new = rg.take_released()
+            text = text0
+            if rg.submissions > 1:
+                tok = await self._get_tokenizer()
+                text = _final_text(rg, sampling_params, prompt_ids, tok.decode) if tok is not None else ""
             self._record(rg)
             recorded = True
             yield GuardedOutput(request_id, prompt_ids or [], tokens, text, True, rg.finish_reason, rg.stop_reason,

@@ -237,11 +237,15 @@ class RepGuardLogitsProcessor(compat.LogitsProcessor):
             rows: list[int] = []
             tokens: list[int] = []
             amounts: list[float] = []
+            vocab = logits.shape[1]
             for row, (spec, prompt, output) in self.repairs.items():
                 if output and output[-1] < 0:  # a placeholder vLLM did not fill in: skip rather than guess
                     self._fail_once("an output token was still a placeholder when the repair ran")
                     continue
                 for token, amount in spec.penalties(prompt, output).items():
+                    if not 0 <= token < vocab:  # a request's ban outside the vocabulary: that request only
+                        self._fail_once(f"a repguard_repair named token {token}, outside the vocabulary of {vocab}")
+                        continue
                     rows.append(row)
                     tokens.append(token)
                     amounts.append(-amount)
@@ -341,6 +345,10 @@ if compat.LogitsProcessorV2 is not None:
                     if spec.penalty is not None and total > spec.skip:
                         logits[row] -= spec.penalty.penalty_row(history[slot, spec.skip : total], vocab)
                     if spec.ban is not None and total <= int(prompt_len[slot]):  # its first new token
+                        if not 0 <= spec.ban < vocab:  # outside the vocabulary: that request only
+                            _fail_once(self, f"a repguard_repair named token {spec.ban}, outside the vocabulary "
+                                             f"of {vocab}")
+                            continue
                         logits[row, spec.ban] = float("-inf")
             except Exception:  # the repair never takes a batch down
                 _fail_once(self, "applying a repair failed", exc_info=True)

@@ -47,14 +47,25 @@ def register() -> None:
     except compat.UnsupportedVllmError as exc:
         _inert_once(str(exc))
         return
-    # Only V1 runner classes are wrapped (V2 has its own class, which the plugin leaves alone).
-    for cls in compat.runner_classes():
-        original = cls.__dict__["load_model"]
-        if getattr(original, _WRAPPED, False):
-            continue
-        cls.load_model = _wrap_load_model(original)
-    _wrap_finish_reason()
+    global _UNHOOKABLE
+    try:
+        # Only V1 runner classes are wrapped (V2 has its own class, which the plugin leaves alone).
+        classes = compat.runner_classes()
+        _wrap_finish_reason()
+        for cls in classes:
+            original = cls.__dict__["load_model"]
+            if getattr(original, _WRAPPED, False):
+                continue
+            cls.load_model = _wrap_load_model(original)
+    except Exception as exc:  # vLLM calls register() unguarded: a failure here would stop every engine
+        _UNHOOKABLE = f"this vLLM build could not be hooked ({type(exc).__name__}: {exc})"
+        log.warning("repguard: registering the plugin failed", exc_info=True)
+        _inert_once(_UNHOOKABLE)
+        return
     logits.PLUGIN_ACTIVE = True
+
+
+_UNHOOKABLE: str | None = None  # why register() could not hook this vLLM build (then nothing installs)
 
 
 _LOGGED: set[str] = set()
@@ -227,6 +238,9 @@ def install(runner):
 
     vllm_config = runner.vllm_config
     worker.set_current(None)
+    if _UNHOOKABLE is not None:  # some runner class may be wrapped already: it installs nothing
+        _inert_once(_UNHOOKABLE)
+        return None
     logits.NEURON_STEP_BLOCKED = None
     if getattr(runner, "is_pooling_model", False):
         return None
