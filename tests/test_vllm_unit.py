@@ -521,6 +521,26 @@ def test_a_guard_failure_at_load_never_stops_the_engine(monkeypatch, caplog):
     assert any("runs without it" in r.getMessage() for r in caplog.records)
 
 
+
+def test_a_vllm_build_the_plugin_cannot_hook_still_starts(monkeypatch, caplog):
+    """vLLM calls the plugin's register() with no guard of its own: a layout the plugin does not expect (a
+    runner class or scheduler moved) must leave every engine starting, without the neuron step, saying why."""
+    from repguard.vllm import plugin
+
+    def moved():
+        raise AttributeError("module 'vllm.v1.worker' has no attribute 'gpu_model_runner'")
+
+    monkeypatch.setattr(compat, "runner_classes", moved)
+    monkeypatch.setattr(logits, "PLUGIN_ACTIVE", False)
+    monkeypatch.setattr(logits, "NEURON_STEP_BLOCKED", None)
+    monkeypatch.setattr(plugin, "_UNHOOKABLE", None)
+    with caplog.at_level("WARNING", logger="repguard"):
+        plugin.register()
+    assert logits.PLUGIN_ACTIVE is False and "could not be hooked" in logits.NEURON_STEP_BLOCKED
+    assert plugin.install(fake_runner()) is None, "a runner wrapped before the failure installs nothing"
+    with pytest.raises(ConfigError, match="neuron step"):
+        RepGuardLogitsProcessor.validate_params(SamplingParams(extra_args={"repguard": True}))
+
 def test_no_v1_interface_processor_is_registered_as_an_entry_point():
     """Model runner V2 refuses every V1-interface processor in the ``vllm.logits_processors`` group at start:
     one registered there would stop every V2 engine in the environment, guarded or not."""
@@ -774,3 +794,48 @@ def test_where_workers_cannot_be_asked_the_front_reads_the_repair_from_the_engin
             front._capabilities([], None, bad, cases[0][0])
         with pytest.raises(ConfigError, match="neuron_step: expected True, False or None"):
             front._capabilities([], bad, None, cases[0][0])
+
+
+def test_a_ban_outside_the_vocabulary_costs_only_its_own_request(monkeypatch, caplog):
+    """A request whose repguard_repair bans a token id past the vocabulary: its repair is dropped (logged once,
+    counted), and the other requests in the batch still get theirs (one write for the batch once failed as a
+    whole, and on CUDA an out-of-range index is a device assert that stops the engine). Both runners."""
+    import numpy as np
+
+    from repguard.vllm import RepGuardLogitsProcessorV2
+
+    logits._REPAIR_OWNERS.clear()
+    bad = SamplingParams(extra_args={logits.REPAIR_KEY: '{"skip": 0, "ban": 1000000}'})
+    _spec, good = repair_params(skip=0, ban=9)
+    proc = RepGuardLogitsProcessor(fake_runner().vllm_config, torch.device("cpu"), False)
+    proc.update_state(BatchUpdate(batch_size=2, removed=[], moved=[],
+                                  added=[(0, bad, [1, 2, 3], []), (1, good, [1, 2, 3], [])]))
+    x = proc.apply(torch.zeros(2, VOCAB))
+    assert x[1, 9] == float("-inf") and x[0].abs().sum() == 0
+    if RepGuardLogitsProcessorV2 is not None:
+        logits._REPAIR_OWNERS.clear()
+        history = torch.zeros(4, 64, dtype=torch.int32)
+        states = SimpleNamespace(all_token_ids=SimpleNamespace(gpu=history),
+                                 prompt_len=SimpleNamespace(np=np.full(4, 3, dtype=np.int32)))
+        v2 = RepGuardLogitsProcessorV2(fake_runner().vllm_config, states)
+        v2.add_request(0, bad)
+        v2.add_request(1, good)
+        x = v2.apply(torch.zeros(2, VOCAB), v2_context([0, 1], [3, 3]))
+        assert x[1, 9] == float("-inf") and x[0].abs().sum() == 0
+    assert "outside the vocabulary" in caplog.text
+
+
+def test_an_install_that_fails_leaves_no_hook_behind(monkeypatch):
+    """Whatever fails while the neuron step installs, the model and runner are left as they were: no forward
+    hook re-mapping rows every step for a guard that is not there."""
+    runner = fake_runner()
+    guard = EngineGuard(runner, tiny_map(), GuardConfig(), "tiny")
+
+    def failing(plan):
+        raise RuntimeError("injected failure while hooking a layer")
+
+    monkeypatch.setattr(guard, "_make_act_hook", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        guard.install()
+    assert len(runner.model._forward_pre_hooks) == 0
+    assert "_model_forward" not in runner.__dict__
