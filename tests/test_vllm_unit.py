@@ -839,3 +839,17 @@ def test_an_install_that_fails_leaves_no_hook_behind(monkeypatch):
         guard.install()
     assert len(runner.model._forward_pre_hooks) == 0
     assert "_model_forward" not in runner.__dict__
+
+
+def test_reports_of_a_request_with_several_completions_are_found_by_its_id(setup):
+    """``n = 2``: vLLM runs the completions as ``0_<id>`` and ``1_<id>``, while the caller only knows ``<id>``
+    (``RequestOutput.request_id``): asking for it gives one report per completion."""
+    runner, guard, proc = setup
+    outs = add(runner, proc, [("0_7-1234abcd", {"repguard": True}), ("1_7-1234abcd", {"repguard": True}),
+                              ("17-1234abcd", {"repguard": True})])
+    for out in outs:
+        out.append(5)
+    proc.update_state(None)
+    proc.update_state(BatchUpdate(batch_size=0, removed=[2, 1, 0], added=[], moved=[]))
+    assert sorted(guard.take_reports(["7"], pop=False)) == ["0_7", "1_7"]
+    assert sorted(guard.take_reports(["17"], pop=False)) == ["17"]

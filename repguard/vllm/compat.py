@@ -221,6 +221,13 @@ def external_request_id(internal: str) -> str:
     return head if sep and len(tail) == 8 else internal
 
 
+def parent_request_id(external: str) -> str | None:
+    """The caller's request id of one of its ``n > 1`` completions: vLLM names them ``<index>_<id>``
+    (``RequestOutput.request_id`` is ``<id>``). None for an id of another form."""
+    index, sep, parent = external.partition("_")
+    return parent if sep and index.isdigit() and parent else None
+
+
 __all__ = [
     "BatchUpdate",
     "LogitsProcessor",

@@ -471,11 +471,15 @@ class EngineGuard:
 
     # -- reports ---------------------------------------------------------------------------------------
     def take_reports(self, request_ids=None, pop: bool = True) -> dict[str, dict]:
-        """Reports of finished guarded requests, keyed by the caller's request id."""
+        """Reports of finished guarded requests, keyed by the caller's request id; with ``n > 1``, one per
+        completion, keyed ``<index>_<id>`` (vLLM's names), and asking for ``<id>`` gives them all."""
         wanted = None if request_ids is None else {str(r) for r in request_ids}
 
         def chosen(internal: str) -> bool:
-            return wanted is None or internal in wanted or compat.external_request_id(internal) in wanted
+            if wanted is None or internal in wanted:
+                return True
+            external = compat.external_request_id(internal)
+            return external in wanted or compat.parent_request_id(external) in wanted
 
         out = {}
         for internal in list(self.reports):
