@@ -49,6 +49,17 @@ def tiny_model(arch: str = "llama", seed: int = 0):
     return model
 
 
+def padded_batch(lengths, seed: int = 3):
+    """(input_ids, attention_mask): random prompts of ``lengths`` tokens, left-padded with 0 to the longest."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, width - n :] = torch.randint(3, 256, (n,), generator=g)
+        mask[i, width - n :] = 1
+    return ids, mask
+
 def random_map(model, num_selected: int = 16, num_stored: int = 48, seed: int = 0, name: str = "tiny"):
     """A map with random scores that fits ``model`` (for plumbing tests; calibration makes real ones)."""
     from repguard.hf.introspect import arch_of, fingerprint, shape_of

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import random_map, tiny_model
+from conftest import padded_batch, random_map, tiny_model
 from repguard.detect import find_repetition
 from repguard.hf.rollback import generate_with_rollback
 
@@ -168,14 +168,7 @@ def test_min_new_tokens_counts_the_whole_text_and_yields_to_the_guards_stop(samp
     forces: a re-decode once ran with ``min_new_tokens`` = its full budget, which masked that end (greedy: the
     row went on with the pad token; sampled: a row with no token left to draw, and the call crashed)."""
     model = tiny_model("llama")
-    g = torch.Generator().manual_seed(3 if sampled else 0)
-    lengths = [4, 6, 5, 6, 3, 6, 2, 6]
-    width = max(lengths)
-    ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, n in enumerate(lengths):
-        ids[i, width - n:] = torch.randint(3, 256, (n,), generator=g)
-        mask[i, width - n:] = 1
+    ids, mask = padded_batch([4, 6, 5, 6, 3, 6, 2, 6], seed=3 if sampled else 0)
     kw = dict(neuron_map=False, max_new_tokens=150, pad_token_id=0, repair={"repair_multiplier": 0})
     kw.update(dict(do_sample=True, temperature=0.05) if sampled else dict(do_sample=False))
     torch.manual_seed(3)

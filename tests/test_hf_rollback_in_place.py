@@ -5,7 +5,7 @@ and leave every row that never triggers byte-identical to an unguarded run, gree
 import pytest
 import torch
 
-from conftest import random_map, tiny_model
+from conftest import padded_batch, random_map, tiny_model
 from repguard.detect import find_repetition
 from repguard.errors import ConfigError
 from repguard.hf.rollback import generate_with_rollback
@@ -15,14 +15,7 @@ LENGTHS = [4, 6, 5, 6, 3, 6, 2, 6]  # prompts of different lengths: a left-padde
 
 
 def _padded_batch(seed: int = 3):
-    g = torch.Generator().manual_seed(seed)
-    width = max(LENGTHS)
-    ids = torch.zeros(len(LENGTHS), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, n in enumerate(LENGTHS):
-        ids[i, width - n :] = torch.randint(3, 256, (n,), generator=g)
-        mask[i, width - n :] = 1
-    return ids, mask
+    return padded_batch(LENGTHS, seed)
 
 
 def _cut(row: list[int], eos: set[int]) -> list[int]:

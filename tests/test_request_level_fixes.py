@@ -94,6 +94,14 @@ def events_of(resp: httpx.Response) -> list[dict]:
             if line.startswith("data: ") and line[6:] != "[DONE]"]
 
 
+def choice_of(resp: httpx.Response, stream: bool) -> tuple[str, list[int], dict]:
+    """(text, token ids, last choice) of a completion, streamed (joined over its chunks) or not."""
+    if stream:
+        chunks = [e["choices"][0] for e in events_of(resp) if e.get("choices")]
+        return "".join(c["text"] for c in chunks), [t for c in chunks for t in c["token_ids"]], chunks[-1]
+    last = resp.json()["choices"][0]
+    return last["text"], last["token_ids"], last
+
 def guard_errors(model: str) -> float:
     return metrics.ERRORS.labels(model, "observe")._value.get()
 
@@ -121,12 +129,7 @@ def test_a_guard_error_lets_the_request_go_on_unguarded_and_is_counted(broken_de
     resp = post(app, "/v1/completions", {"model": "fake", "prompt": "hi", "max_tokens": 20, "stream": stream,
                                          "return_token_ids": True})
     assert resp.status_code == 200
-    if stream:
-        chunks = [e["choices"][0] for e in events_of(resp) if e.get("choices")]
-        text, ids, last = "".join(c["text"] for c in chunks), [t for c in chunks for t in c["token_ids"]], chunks[-1]
-    else:
-        last = resp.json()["choices"][0]
-        text, ids = last["text"], last["token_ids"]
+    text, ids, last = choice_of(resp, stream)
     assert text == "".join(w for _, w in words) and ids == [t for t, _ in words]
     assert last["finish_reason"] == "length" and last["repguard"]["errors"] == 1
     assert len(fake.requests) == 1  # never cancelled nor resubmitted
@@ -356,12 +359,7 @@ def test_a_stop_string_across_a_resubmission_ends_the_request(stream):
     app = proxy_app(FakeUpstream(straddling, detok=stop_detok, finish=own_text_stop))
     resp = post(app, "/v1/completions", {"model": "fake", "prompt": "hi", "max_tokens": 60, "temperature": 0,
                                          "stop": ["<stop>"], "return_token_ids": True, "stream": stream})
-    if stream:
-        chunks = [e["choices"][0] for e in events_of(resp) if e.get("choices")]
-        text, ids, last = "".join(c["text"] for c in chunks), [t for c in chunks for t in c["token_ids"]], chunks[-1]
-    else:
-        last = resp.json()["choices"][0]
-        text, ids = last["text"], last["token_ids"]
+    text, ids, last = choice_of(resp, stream)
     assert last["repguard"]["rollbacks"] == 1
     assert last["finish_reason"] == "stop" and last["stop_reason"] == "<stop>"
     assert ids[-2:] == [777, 778] and text.endswith(" ") and "<st" not in text
