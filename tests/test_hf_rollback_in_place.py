@@ -298,3 +298,34 @@ def test_a_second_rollback_into_re_decoded_text_gives_the_passes_result():
     passes = generate_with_rollback(model, ids, mask, overlap=False, **kw)
     assert 2 in in_place.rollbacks
     assert in_place.sequences == passes.sequences
+
+
+def test_a_learned_position_table_filled_to_its_last_row_gives_the_roomy_models_text():
+    """gpt2's positions index a learned table (``n_positions`` rows). A batch under rollback runs longer than an
+    unguarded one: rows that ended (here row 0, at the call's end token) go on being fed while rewound rows
+    re-decode, and a re-decode pass decodes to its longest row's budget. Those rows' positions once ran past the
+    table: an IndexError where unguarded generate runs fine (on CUDA, a device assert). With the table just
+    large enough for prompt + max_new_tokens, rollback gives the same text as the same weights with room to
+    spare, in place and pass after pass."""
+    import transformers as tf
+
+    roomy = tiny_model("gpt2")
+    limit = max(LENGTHS) + NEW
+    tight = tf.AutoModelForCausalLM.from_config(tf.GPT2Config(**{**roomy.config.to_dict(), "n_positions": limit})).eval()
+    state = roomy.state_dict()
+    state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:limit]
+    tight.load_state_dict(state, strict=False)
+    tight.generation_config.pad_token_id = 0
+    ids, mask = _padded_batch()
+    width = ids.shape[1]
+    end = roomy.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0)[0, width + 5].item()
+    kw = dict(neuron_map=random_map(roomy, 32, 64), max_new_tokens=NEW, do_sample=False, pad_token_id=0,
+              eos_token_id=end)
+    plain = tight.generate(ids, attention_mask=mask, **{k: v for k, v in kw.items() if k != "neuron_map"})
+    for overlap in (True, False):
+        want = generate_with_rollback(roomy, ids, mask, overlap=overlap, **kw)
+        got = generate_with_rollback(tight, ids, mask, overlap=overlap, **kw)
+        assert sum(n > 0 for n in want.rollbacks) >= 2 and len(want.sequences[0]) <= 6
+        assert got.sequences == want.sequences and got.rollbacks == want.rollbacks
+        calm = [i for i, n in enumerate(got.rollbacks) if not n]
+        assert all(got.sequences[i] == _cut(plain[i, width:].tolist(), {end}) for i in calm)

@@ -35,6 +35,7 @@ with finish reason "repetition".
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -436,8 +437,10 @@ def _run_passes(model, g: Guard, input_ids, attention_mask, prompts, states, pad
         streamer = None
         if on_tokens is not None:
             streamer = _Release([states[r] for r in pending], list(pending), eos, release)
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=step_max, pad_token_id=pad,
-                             logits_processor=processors, streamer=streamer, **kwargs)
+        caps = [len(prompts[r]) + states[r].max_new_tokens - 1 for r in pending]
+        with _prepare_wrapped(model, _position_cap(model, caps, device)):
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=step_max, pad_token_id=pad,
+                                 logits_processor=processors, streamer=streamer, **kwargs)
         still = []
         for i, r in enumerate(pending):
             new = _trim(out[i, width:].tolist()[: budgets[i]], eos)
@@ -510,19 +513,79 @@ def _run_in_place(model, g: Guard, input_ids, attention_mask, prompts, states, p
     # Each pass decodes at most its budget plus one step (the re-fed token, or the EOS that ends it).
     limit = (policy.max_rollbacks + 1) * (max_new_tokens + 2)
     processors = LogitsProcessorList([*user_processors, step])
-    original = model.__dict__.get("prepare_inputs_for_generation")
-    model.prepare_inputs_for_generation = step.prepare(model.prepare_inputs_for_generation)
+    caps = [len(p) + max_new_tokens - 1 for p in prompts]
     try:
-        model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=limit, pad_token_id=pad,
-                       logits_processor=processors, **generate_kwargs)
+        with _prepare_wrapped(model, step.prepare, _position_cap(model, caps, input_ids.device)):
+            model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=limit, pad_token_id=pad,
+                           logits_processor=processors, **generate_kwargs)
+    finally:
+        g.reserve([])
+    step.close()
+    return step.deferred
+
+
+@contextmanager
+def _prepare_wrapped(model, *wrappers):
+    """``model.prepare_inputs_for_generation`` wrapped by each of ``wrappers`` (None: skipped) for the block."""
+    wrappers = [w for w in wrappers if w is not None]
+    if not wrappers:
+        yield
+        return
+    original = model.__dict__.get("prepare_inputs_for_generation")
+    prepare = model.prepare_inputs_for_generation
+    for wrap in wrappers:
+        prepare = wrap(prepare)
+    model.prepare_inputs_for_generation = prepare
+    try:
+        yield
     finally:
         if original is None:
             del model.prepare_inputs_for_generation
         else:
             model.prepare_inputs_for_generation = original
-        g.reserve([])
-    step.close()
-    return step.deferred
+
+
+# Learned absolute position tables (gpt2, gpt_neo, gpt_bigcode: ``wpe``; opt, biogpt: ``embed_positions``).
+_POSITION_TABLES = {"wpe", "embed_positions", "position_embeddings"}
+
+
+def _position_limit(model) -> int | None:
+    """How many positions a model with a learned absolute position table can take (None: it has no such
+    table; rotary and ALiBi models take any position)."""
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(text, "n_positions", None) or getattr(text, "max_position_embeddings", None)
+    if not limit:
+        return None
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in _POSITION_TABLES:
+            return int(limit)
+    return None
+
+
+def _position_cap(model, caps: list[int], device):
+    """On a model with a learned position table, a wrapper of ``prepare_inputs_for_generation`` that holds each
+    row's position ids at or below ``caps[row]``: the last position the row's own text can take (prompt +
+    max_new_tokens - 1). A batch under rollback runs longer than an unguarded one (a rewound row decodes on
+    while the other rows have ended; a re-decode pass decodes to its longest row's budget), and the rows that
+    have ended, or passed their budget, would run past the table (an index error on CPU, a device assert on
+    CUDA). Their tokens are discarded; no token a row keeps is decoded at a capped position. None where the
+    model takes any position."""
+    if _position_limit(model) is None:
+        return None
+    cap = torch.tensor(caps, dtype=torch.long, device=device)[:, None]
+
+    def wrap(original):
+        def prepare_inputs(*args, **kwargs):
+            inputs = original(*args, **kwargs)
+            pos = inputs.get("position_ids") if isinstance(inputs, dict) else None
+            if isinstance(pos, torch.Tensor) and pos.dim() == 2 and pos.shape[0] == cap.shape[0]:
+                inputs["position_ids"] = torch.minimum(pos, cap.to(pos.dtype))
+            return inputs
+
+        return prepare_inputs
+
+    return wrap
 
 
 def _column_window(model) -> int | None:
