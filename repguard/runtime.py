@@ -331,18 +331,23 @@ class GuardRuntime:
 
     # -- failure -----------------------------------------------------------------------------------------
     def fail_open(self, model_name: str, where: str, reports: Iterable[SequenceReport | None], first: bool,
-                  consequence: str) -> None:
+                  consequence: str, counted: bool = False) -> None:
         """The one fail-open path: count the error, switch every row's neurons back on, mark the reports,
-        log the traceback once (``first``). The adapter then stops calling its hooks' work."""
+        log the traceback once (``first``). The adapter then stops calling its hooks' work. ``counted``: the
+        error was counted and logged where it happened (another tensor-parallel rank's failure, told here)."""
         self.off.zero_()
         self._off_rows.clear()
         self.any_off = False
         self._masks_version += 1
         self.steering.clear()
-        metrics.ERRORS.labels(model_name, where).inc()
         for report in reports:
             if report is not None:
                 report.errors += 1
+        if counted:
+            if first:
+                log.warning("repguard: %s; %s", where, consequence)
+            return
+        metrics.ERRORS.labels(model_name, where).inc()
         if first:
             log.exception("repguard: guard failed in %s; %s", where, consequence)
 

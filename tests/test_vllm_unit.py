@@ -853,3 +853,155 @@ def test_reports_of_a_request_with_several_completions_are_found_by_its_id(setup
     proc.update_state(BatchUpdate(batch_size=0, removed=[2, 1, 0], added=[], moved=[]))
     assert sorted(guard.take_reports(["7"], pop=False)) == ["0_7", "1_7"]
     assert sorted(guard.take_reports(["17"], pop=False)) == ["17"]
+
+
+# -- tensor parallelism: a failure on one rank -------------------------------------------------------------
+class _Ranks:
+    """Tensor-parallel ranks as threads of one process. ``all_reduce`` meets every rank's call and returns the
+    sum; a rank that never comes leaves the others waiting, as a stalled engine would (here: a time-out)."""
+
+    def __init__(self, world: int = 2, timeout: float = 3.0) -> None:
+        import threading
+
+        self.world, self.local = world, threading.local()
+        self.barrier = threading.Barrier(world, timeout=timeout)
+        self.parts: dict[int, torch.Tensor] = {}
+        self.calls = [0] * world
+        self.stalled = False
+
+    @property
+    def rank(self) -> int:
+        return getattr(self.local, "rank", 0)
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        import threading
+
+        self.calls[self.rank] += 1
+        self.parts[self.rank] = tensor.clone()
+        try:
+            self.barrier.wait()
+            total = sum(self.parts[r] for r in range(self.world))
+            self.barrier.wait()
+        except threading.BrokenBarrierError:
+            self.stalled = True
+            raise
+        return total
+
+    def run(self, fn) -> list:
+        """``fn(rank)`` on every rank at once; returns what each returned."""
+        import threading
+
+        out = [None] * self.world
+
+        def target(rank):
+            self.local.rank = rank
+            out[rank] = fn(rank)
+
+        threads = [threading.Thread(target=target, args=(r,)) for r in range(self.world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return out
+
+
+def _tp_guards(monkeypatch, ranks: _Ranks, name: str):
+    monkeypatch.setattr(logits, "PLUGIN_ACTIVE", True)
+    monkeypatch.setattr(compat, "tp_rank_world", lambda: (ranks.rank, ranks.world))
+    monkeypatch.setattr(compat, "tp_all_reduce", ranks.all_reduce)
+    guards, outs = [], []
+    for rank in range(ranks.world):
+        ranks.local.rank = rank
+        runner = fake_runner()
+        runner.input_batch.req_ids[:] = ["a-0000aaaa", "b-0000bbbb"]
+        runner.input_batch.num_reqs = 2
+        guards.append(EngineGuard(runner, tiny_map(12), GuardConfig(), name).install())
+        outs.append([[], []])
+    ranks.local.rank = 0
+    return guards, outs
+
+
+def _tp_add(guard, out):
+    """Request a (guarded) in row 0 and b (not guarded) in row 1."""
+    added = [(0, SamplingParams(extra_args={"repguard": True}, max_tokens=500), [1, 2, 3], out[0]),
+             (1, SamplingParams(max_tokens=500), [1, 2, 3], out[1])]
+    guard.update(BatchUpdate(batch_size=2, removed=[], added=added, moved=[]), {0: GuardConfig()})
+
+
+@pytest.mark.parametrize("where", ["observe", "batch_update"])
+def test_a_guard_failure_on_one_tensor_parallel_rank_never_stalls_the_others(monkeypatch, where):
+    """Each rank holds a slice of the mapped neurons, and the ranks add up their monitor buffers in an
+    all-reduce every step. A failure on one rank alone (here: its detector, or opening a request's row) once
+    left that rank out of the all-reduce from then on, while the others waited in it: the whole engine
+    stalled. Now every rank joins it, the failure rides along, and every rank goes on unguarded from the same
+    step; the failure is counted once."""
+    from repguard import metrics
+
+    ranks = _Ranks()
+    name = f"tiny-tp-{where}"
+    guards, outs = _tp_guards(monkeypatch, ranks, name)
+    before = metrics.ERRORS.labels(name, "observe")._value.get()
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("injected failure on rank 1 only")
+
+    if where == "batch_update":
+        monkeypatch.setattr(guards[1].runtime, "open", fail)
+    ranks.run(lambda r: _tp_add(guards[r], outs[r]))
+    for step in range(12):
+        if where == "observe" and step == 5:
+            monkeypatch.setattr(guards[1].runtime, "observe", fail)
+        for rank in range(ranks.world):
+            outs[rank][0].append(LOOP[step % len(LOOP)])
+            outs[rank][1].append(LOOP[step % len(LOOP)])
+        ranks.run(lambda r: guards[r].update(None, {}))
+        assert not ranks.stalled, f"a rank was left waiting in the all-reduce at step {step}"
+        if where == "batch_update":
+            assert all(g.broken for g in guards), "a failure in the batch update stops every rank in its own step"
+        logit = torch.randn(2, VOCAB)
+        assert all(torch.equal(g.apply(logit.clone()), logit) for g in guards if g.broken)
+    assert all(g.broken for g in guards), "every rank went on unguarded"
+    assert ranks.calls[0] == ranks.calls[1], "the ranks joined the same all-reduces"
+    # One at the batch update, then one per step up to the one after the failure (steps 0 to 6).
+    assert ranks.calls[0] == (1 if where == "batch_update" else 8), "none after the ranks stopped together"
+    assert metrics.ERRORS.labels(name, "observe")._value.get() == before + 1
+    assert not guards[0].runtime.steering and not guards[0].runtime.any_off
+
+
+def test_the_neuron_step_installs_on_every_tensor_parallel_rank_or_on_none(monkeypatch):
+    """A rank whose install failed (here: out of memory on rank 1) never joins the guard's all-reduce, so the
+    ranks that installed it would stall at the first guarded request. At load the ranks ask each other:
+    unless every rank installed it, none keeps it, and the engine starts without the neuron step."""
+    from repguard.vllm import plugin
+
+    ranks = _Ranks()
+    monkeypatch.setattr(compat, "tp_rank_world", lambda: (ranks.rank, ranks.world))
+    monkeypatch.setattr(compat, "tp_sum_on_host", lambda values: ranks.all_reduce(torch.tensor(values)).tolist())
+    slots: dict[int, EngineGuard | None] = {}
+
+    def set_current(guard):
+        old = slots.get(ranks.rank)
+        if old is not None and old is not guard:
+            old.remove()
+        slots[ranks.rank] = guard
+
+    monkeypatch.setattr(worker, "set_current", set_current)
+    monkeypatch.setattr(worker, "current", lambda: slots.get(ranks.rank))
+    failing = {1}
+
+    def install(runner):
+        if ranks.rank in failing:
+            raise RuntimeError("injected: CUDA out of memory on this rank")
+        guard = EngineGuard(runner, tiny_map(12), GuardConfig(), "tiny").install()
+        set_current(guard)
+        return guard
+
+    monkeypatch.setattr(plugin, "install", install)
+    runners = [fake_runner(), fake_runner()]
+    load = plugin._wrap_load_model(lambda self: "loaded")
+    assert ranks.run(lambda r: load(runners[r])) == ["loaded", "loaded"], "the engine starts"
+    assert slots == {0: None, 1: None} and not ranks.stalled
+    assert len(runners[0].model._forward_pre_hooks) == 0, "rank 0's hooks came off"
+    failing.clear()
+    ranks.run(lambda r: load(runners[r]))
+    assert all(isinstance(slots[r], EngineGuard) for r in range(2)), "where every rank installs, every rank keeps it"

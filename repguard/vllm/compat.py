@@ -179,6 +179,22 @@ def tp_all_reduce(tensor):
     return tensor_model_parallel_all_reduce(tensor)
 
 
+def tp_sum_on_host(values: list[float]) -> list[float]:
+    """``values`` summed over the tensor-parallel ranks, through the group's host (gloo) communicator: for a
+    question asked once at load, with no device buffer or device communicator state involved."""
+    import torch
+    import torch.distributed as dist
+    from vllm.distributed import get_tp_group
+
+    group = get_tp_group()
+    tensor = torch.tensor(values, dtype=torch.float64)
+    cpu_group = getattr(group, "cpu_group", None)
+    if cpu_group is None:  # pragma: no cover - every supported vLLM has one
+        return [float(v) for v in group.all_reduce(tensor.to(group.device)).tolist()]
+    dist.all_reduce(tensor, group=cpu_group)
+    return [float(v) for v in tensor.tolist()]
+
+
 def query_start_loc(num_reqs: int, runner=None) -> list[int] | None:
     """Token offsets of the requests in the current forward (``qsl[i]:qsl[i+1]`` is request ``i``,
     the same index as ``input_batch.req_ids`` and the logits processor's rows), or None during

@@ -144,6 +144,13 @@ class EngineGuard:
         self._owner_batch = None
         self._owner = None
         self.broken = False
+        # Tensor parallelism: a failure on this rank alone, not yet told to the others (``_observe``).
+        self._fault = False
+        # Rows that hold a guarded request, from vLLM's batch updates alone: the same on every rank whatever
+        # failed on one, so every rank joins the same per-step all-reduces (``_observe``).
+        self._tp_rows: set[int] = set()
+        self._tp_buf = (torch.zeros(self.runtime.acts.numel() + 1, dtype=self.runtime.acts.dtype, device=self.device)
+                        if self.world > 1 else None)
         self.errors = 0
         self.steps = 0
         self.overhead_seconds = 0.0
@@ -286,6 +293,11 @@ class EngineGuard:
     def update(self, batch_update, configs: dict[int, GuardConfig]) -> None:
         """Apply vLLM's removed/added/moved lists, then feed every guarded row its newest token."""
         t0 = time.perf_counter()
+        if self.world > 1 and batch_update is not None and not self.broken:
+            try:
+                self._track_tp_rows(batch_update, configs)
+            except Exception as exc:
+                self._fail("observe", exc)
         try:
             if batch_update is not None:
                 for index in batch_update.removed:
@@ -307,11 +319,25 @@ class EngineGuard:
                             self.live[state.req_id] = state
                 if self.parked:
                     self._finish_parked()
-            if self.rows and not self.broken:
-                self._observe()
         except Exception as exc:
             self._fail("observe", exc)
+        if not self.broken and (self.rows or self._tp_rows):
+            try:
+                self._observe()
+            except Exception as exc:
+                self._fail("observe", exc)
         self.overhead_seconds += time.perf_counter() - t0
+
+    def _track_tp_rows(self, batch_update, configs: dict[int, GuardConfig]) -> None:
+        rows = self._tp_rows
+        for index in batch_update.removed:
+            rows.discard(index)
+        for index, *_ in batch_update.added:
+            (rows.add if index in configs else rows.discard)(index)
+        for a, b, direction in batch_update.moved:
+            in_a, in_b = a in rows, b in rows
+            for index, guarded in ((b, in_a), (a, in_b and direction == compat.SWAP)):
+                (rows.add if guarded else rows.discard)(index)
 
     def _open(self, index: int, cfg: GuardConfig, params, prompt_ids, output_ids) -> None:
         prompt = list(prompt_ids or []) if cfg.watch_prompt else None
@@ -420,7 +446,41 @@ class EngineGuard:
         rt._track(b)
 
     def _observe(self) -> None:
+        """Feed every guarded row its newest token, with the neuron scores of the last forward.
+
+        Under tensor parallelism each rank holds a slice of the mapped neurons, and the ranks add up their
+        monitor buffers in one all-reduce. Every rank joins it in every step where the batch holds a guarded
+        request, whatever failed on that rank: a rank that left it out would stall the others' collective, and
+        the engine with it. A failure on any rank rides along in that all-reduce, so every rank goes on
+        unguarded from the same step (a failure before it, in this step's batch update, before any rank has
+        changed this step's logits)."""
         rt = self.runtime
+        tokens: dict[int, int] = {}
+        earlier: list[tuple[int, int]] = []
+        if not self._fault:
+            try:
+                tokens, earlier = self._new_tokens()
+            except Exception as exc:
+                self._fail("observe", exc)
+        if self.world > 1:
+            if not self._tp_rows:
+                return
+            scores = self._tp_scores()
+            if scores is None:
+                return
+        elif not tokens:
+            return
+        else:
+            scores = rt.neuron_scores().tolist()
+        if not tokens:
+            return
+        for index, token in earlier:  # more than one new token in a step (not expected in V1)
+            rt.observe({index: token}, None)
+        rt.observe(tokens, scores)
+        self.steps += 1
+
+    def _new_tokens(self) -> tuple[dict[int, int], list[tuple[int, int]]]:
+        """({row: newest token}, [(row, older new token)]) of the guarded rows, from vLLM's output lists."""
         tokens: dict[int, int] = {}
         earlier: list[tuple[int, int]] = []
         for index, state in self.rows.items():
@@ -435,17 +495,32 @@ class EngineGuard:
             state.seen += len(new)
             earlier.extend((index, t) for t in new[:-1])
             tokens[index] = int(new[-1])
-        if not tokens:
-            return
+        return tokens, earlier
+
+    def _tp_scores(self) -> list[float] | None:
+        """The rows' neuron scores from every rank's monitor buffer (each rank wrote only its own slots; the
+        others are zero), summed in one all-reduce that also carries whether any rank failed: then every rank
+        goes on unguarded (None). Read to the host once, as on one rank."""
+        rt = self.runtime
+        buf = self._tp_buf
+        try:
+            buf[:-1].copy_(rt.acts.reshape(-1))
+            buf[-1] = 1.0 if self._fault else 0.0
+        except Exception as exc:  # this rank still joins, with its failure in the flag
+            self._fail("observe", exc)
+            buf.zero_()
+            buf[-1] = 1.0
+        total = compat.tp_all_reduce(buf)
         acts = rt.acts
-        if self.world > 1:  # every rank wrote only its own slots; the others are zero
-            rt.acts = compat.tp_all_reduce(acts.clone())
-        scores = rt.neuron_scores()
-        rt.acts = acts
-        for index, token in earlier:  # more than one new token in a step (not expected in V1)
-            rt.observe({index: token}, None)
-        rt.observe(tokens, scores)
-        self.steps += 1
+        try:
+            rt.acts = total[:-1].view_as(acts)
+            values = torch.cat([rt.neuron_scores().to(total.dtype), total[-1:]]).tolist()
+        finally:
+            rt.acts = acts
+        if values[-1] > 0:
+            self._fail_with_peers()
+            return None
+        return values[:-1]
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """Escalation penalties and forced EOS for the rows whose policy asks for them."""
@@ -498,6 +573,22 @@ class EngineGuard:
     # -- failure: fail open ----------------------------------------------------------------------------
     def _fail(self, where: str, exc: BaseException) -> None:
         self.errors += 1
+        if self.world > 1 and not self.broken:
+            # This rank alone: count it and say so here, and tell the other ranks in the next all-reduce; every
+            # rank stops together there (``_observe``). Stopping here alone would leave the others waiting in it.
+            first, self._fault = not self._fault, True
+            metrics.ERRORS.labels(self.model_name, where).inc()
+            if first:
+                log.exception("repguard: guard failed in %s on tensor-parallel rank %d of %d; every rank goes on "
+                              "unguarded from its next step", where, self.rank, self.world)
+            return
         first, self.broken = not self.broken, True
         self.runtime.fail_open(self.model_name, where, [seq.report for seq in self.runtime.seqs if seq is not None],
                                first, "requests continue unguarded")
+
+    def _fail_with_peers(self) -> None:
+        """A rank's failure, told in the all-reduce: every rank goes on unguarded from this step."""
+        self.broken = True
+        self.runtime.fail_open(self.model_name, "tensor_parallel", [seq.report for seq in self.runtime.seqs if seq is not None],
+                               True, f"the guard failed on a tensor-parallel rank; rank {self.rank} of {self.world} "
+                               "goes on unguarded with the others", counted=True)

@@ -179,20 +179,48 @@ def _attach(out, ending: list[str]) -> None:
 def _wrap_load_model(original):
     @functools.wraps(original)
     def load_model(self, *args, **kwargs):
+        from . import worker
+
         result = original(self, *args, **kwargs)
+        guard, failed = None, False
         try:
-            install(self)
+            guard = install(self)
         except (MapMismatchError, NeuronMapError):
             raise  # REPGUARD_MAP names a map that cannot serve this model: say so at start
         except Exception:  # anything else: never stop the engine
             log.exception("repguard: could not install the neuron step; this engine runs without it")
-            from . import worker
-
+            worker.set_current(None)
+            failed = True
+        if not _every_rank_agrees(guard is not None, failed):
             worker.set_current(None)
         return result
 
     setattr(load_model, _WRAPPED, True)
     return load_model
+
+
+def _every_rank_agrees(installed: bool, failed: bool) -> bool:
+    """Under tensor parallelism, whether every rank installed the neuron step, or none did and none failed
+    (asked of all ranks at once; True on one rank). The guard's per-step all-reduce needs every rank: an
+    engine where some ranks installed it and others did not would stall at its first guarded request, so
+    then no rank keeps it."""
+    from . import compat
+
+    rank, world = compat.tp_rank_world()
+    if world == 1:
+        return True
+    try:
+        count, failures = compat.tp_sum_on_host([float(installed), float(failed)])
+    except Exception:
+        log.exception("repguard: could not ask the other tensor-parallel ranks whether the neuron step installed; "
+                      "this engine runs without it")
+        return False
+    if failures or 0 < count < world:
+        if installed:
+            log.warning("repguard: the neuron step installed on %d of %d tensor-parallel ranks; this engine runs "
+                        "without it (see the failing rank's log)", int(count), world)
+        return False
+    return True
 
 
 def map_candidates(vllm_config) -> list[str]:
