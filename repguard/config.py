@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .detect import suffix_span
 from .errors import ConfigError
 
 PRESETS = ("default", "monitor", "paper", "off")
@@ -43,7 +44,8 @@ class GuardConfig(BaseModel):
         description="Paper criterion: which three occurrences in the window must be equally spaced. 'first': "
         "the first three (the paper's offline rule; an earlier, unequally spaced occurrence in the window hides "
         "a loop, so a wider window can miss a loop a narrower one catches). 'consecutive': any three in a row "
-        "(the criterion at every window up to r); fires wherever 'first' does, never later.",
+        "(the criterion at every window up to r); with min_count 3, fires wherever 'first' does, never later "
+        "(with more, the newest three must be equally spaced, which 'first' does not ask).",
     )
     suffix_trigger: bool = Field(True, description="Fire early on back-to-back copies (longest repeated suffix).")
     min_repeat: int = Field(12, ge=2, le=4096, description="Suffix trigger: repeated tokens needed.")
@@ -90,8 +92,13 @@ class GuardConfig(BaseModel):
     def _check(self) -> "GuardConfig":
         if self.enabled and not (self.paper_trigger or self.suffix_trigger or self.always_on):
             raise ValueError("at least one of paper_trigger, suffix_trigger or always_on must be on")
-        if self.window < self.ngram:
-            raise ValueError(f"window ({self.window}) must be >= ngram ({self.ngram})")
+        if self.window < self.ngram + 2:
+            raise ValueError(f"window ({self.window}) must be >= ngram + 2 ({self.ngram + 2}): three equally spaced "
+                             "copies of an n-gram span at least that many tokens, so a shorter window never fires")
+        span = suffix_span(self.max_period)
+        if self.suffix_trigger and self.min_repeat > span:
+            raise ValueError(f"min_repeat ({self.min_repeat}) must be <= {span}: the suffix trigger looks back "
+                             f"max(512, 4 * max_period) tokens, so a longer repeat is never seen")
         if self.layers is not None and (not self.layers or min(self.layers) < 0):
             raise ValueError("layers must be a non-empty list of non-negative layer indexes")
         return self

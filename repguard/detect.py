@@ -16,6 +16,12 @@ from typing import Sequence
 from .errors import ConfigError
 
 
+def suffix_span(max_period: int) -> int:
+    """How far back the suffix trigger looks, in tokens (its automaton holds the last ``suffix_span`` to twice
+    that many): the longest repeat it can measure."""
+    return max(512, 4 * max_period)
+
+
 @dataclass(frozen=True)
 class Repetition:
     """A repeated n-gram found by the paper's criterion. Positions index the scanned id list."""
@@ -174,7 +180,7 @@ class LoopDetector:
         # (the shadow) starts on the newest tokens, one extension per token; when the first reaches
         # 2 * ``_span`` tokens the shadow, by then holding exactly the last ``_span``, replaces it. This is
         # the state a rebuild from the last ``_span`` tokens would give, without rebuilding in one step.
-        self._span = max(512, 4 * max_period)
+        self._span = suffix_span(max_period)
         self._shadow: _SuffixAutomaton | None = None
         self._offset = 0  # stream position of the automaton's first token
         self._pos = -1

@@ -63,7 +63,7 @@ def test_monitor_mode_and_never_firing_rows_are_byte_identical(arch):
     with guard(model, random_map(model), GuardConfig.from_preset("monitor")):
         assert torch.equal(gen(model, ids), plain)
     # With an unreachable trigger nothing fires, so the default policy changes nothing either.
-    never = GuardConfig(paper_trigger=False, min_repeat=4096, max_period=1)
+    never = GuardConfig(paper_trigger=False, min_repeat=500, max_period=1)  # 500 repeated tokens: not in 48
     with guard(model, random_map(model), never) as g:
         assert torch.equal(gen(model, ids), plain)
         assert not any(r.fired for r in g.reports)
@@ -251,7 +251,7 @@ def test_only_the_layers_and_logits_the_settings_use_carry_hooks():
     model = tiny_model()
     nmap = random_map(model, num_selected=4, num_stored=48)
     acts = act_modules(model)
-    head = model.get_output_embeddings()
+    head = model  # the logits hook sits on the causal LM's output (after any soft-capping)
     with guard(model, nmap, GuardConfig.from_preset("monitor")) as g:
         monitored = {layer for layer, plan in g.runtime.neurons.plans.items() if plan.monitored}
         assert {i for i, m in enumerate(acts) if m._forward_hooks} == monitored

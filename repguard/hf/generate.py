@@ -37,10 +37,14 @@ def custom_generate(model, input_ids, logits_processor, stopping_criteria, gener
     with Guard(model, nmap, config) as g:
         if rows is not None:
             g.configure_rows(rows)
-        out = GenerationMixin._sample(
-            model, input_ids, logits_processor=logits_processor, stopping_criteria=stopping_criteria,
-            generation_config=generation_config, **model_kwargs,
-        )
+        # The rows are expanded for num_return_sequences already; beam search was refused above.
+        call = {"input_ids": input_ids, "num_return_sequences": 1,
+                "stop_strings": getattr(generation_config, "stop_strings", None)}
+        with g.generation((), call):
+            out = GenerationMixin._sample(
+                model, input_ids, logits_processor=logits_processor, stopping_criteria=stopping_criteria,
+                generation_config=generation_config, **model_kwargs,
+            )
     try:
         out.repguard_reports = g.reports
     except AttributeError:  # pragma: no cover - tensors and ModelOutputs both accept attributes

@@ -1,16 +1,21 @@
 """The runtime guard for transformers: ``with repguard.guard(model, neuron_map, config) as g:``.
 
 Everything happens in forward hooks, so plain ``model.generate`` (greedy or sampling, batched with
-left padding, KV cache on) is guarded without touching transformers:
+left padding) is guarded without touching transformers. The guard watches the ``generate`` calls made while
+it is installed (it wraps ``model.generate``; each call's first forward is its prefill, a reused prompt cache
+included); other forwards of the model in the block (scoring a text, say) are left alone, and settings it
+cannot follow (beam search, speculative decoding, chunked prefill, ``inputs_embeds`` alone) are refused
+with a ``ConfigError`` before anything runs:
 
 * a forward pre-hook on the causal LM sees each row's newest token and advances that row's policy;
 * a hook on the activation module of each layer whose neurons the rows' settings read (the monitor's
   best-ranked neurons) or write (their chosen neurons) records those neurons and writes the
   deactivation value for rows whose policy says so, at the newest position only; other layers carry
   no hook;
-* a hook on the output embedding (``lm_head``), present only when some row may escalate or stop,
-  applies the escalation penalty to exactly the token that would extend the loop, or forces EOS for a
-  row the policy stops; it returns at once while no row asks for either.
+* a hook on the causal LM's output logits (after any final soft-capping, which would squash a forced
+  EOS back into reach of other tokens), present only when some row may escalate or stop, applies the
+  escalation penalty to exactly the token that would extend the loop, or forces EOS for a row the policy
+  stops; it returns at once while no row asks for either.
 
 Per decoding step the guard allocates nothing (buffers and indexes are made at the prefill), each
 hooked layer does one gather (plus one write while a row is switched off), and the host reads the
@@ -24,8 +29,10 @@ rest of that generation: generation itself continues, unguarded.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from contextlib import contextmanager
 from typing import Sequence
 
 import torch
@@ -82,19 +89,24 @@ class Guard:
                 f"the model ({num_layers}x{width})"
             )
         self.neuron_map = neuron_map
-        self.config = config if isinstance(config, GuardConfig) else GuardConfig.from_dict(config)
-        if neuron_map is not None and self.config.k is not None and self.config.k > len(neuron_map):
-            raise ConfigError(f"k: {self.config.k} exceeds the {len(neuron_map)} neurons stored in the map")
-        if self.config.layers is not None and max(self.config.layers) >= num_layers:
-            raise ConfigError(f"layers: the model has {num_layers} layers (0..{num_layers - 1})")
+        self._num_layers = num_layers
+        self.config = self._checked(config if isinstance(config, GuardConfig) else GuardConfig.from_dict(config))
         param = next(model.parameters())
         self.runtime = GuardRuntime(neuron_map, self.config, max_rows=1, device=param.device, dtype=param.dtype)
         # device_map: each hooked layer gathers and writes on its own device
         self.runtime.place_layers(layer_devices(model, param.device))
-        # The end tokens the caller's generate call ends rows on (its own eos_token_id), else the model's.
+        # The end tokens rows end on: those given here, else the model's; a generate call that names its own
+        # (eos_token_id, or a generation_config that has one) uses those for that call.
         self.eos = token_id_list(eos_token_id) or model_token_ids(model, "eos_token_id")
-        # generate() feeds finished rows with padding: a row's first EOS or pad token ends its watch.
-        self._terminal = frozenset(self.eos + model_token_ids(model, "pad_token_id"))
+        self._call_eos = self.eos
+        # A row's first EOS ends its watch (generate feeds finished rows padding). A call with stop strings or
+        # stopping criteria ends rows without an EOS, padding them from then on: there a pad token ends it too
+        # (elsewhere a pad id the model generates is an ordinary token, and the row goes on).
+        self._pad = model_token_ids(model, "pad_token_id")
+        self._terminal = frozenset(self.eos)
+        self._depth = 0  # ``generate`` calls in progress (``generation``)
+        self._pending_begin = False  # the next forward is a generation's prefill
+        self._generate_wrapper = None
         self._row_configs: list[GuardConfig] | None = None
         self._row_histories: list | None = None
         self._reserved: list[GuardConfig] = []  # settings rows may be switched to mid-generation (rewind_row)
@@ -140,6 +152,18 @@ class Guard:
         self._drain()
         return self._reports
 
+    def _checked(self, cfg: GuardConfig) -> GuardConfig:
+        """``cfg`` if this model and map can run it, else ``ConfigError`` naming the setting."""
+        nmap = self.neuron_map
+        if nmap is not None and cfg.k is not None and cfg.k > len(nmap):
+            raise ConfigError(f"k: {cfg.k} exceeds the {len(nmap)} neurons stored in the map")
+        if cfg.layers is not None and max(cfg.layers) >= self._num_layers:
+            raise ConfigError(f"layers: the model has {self._num_layers} layers (0..{self._num_layers - 1})")
+        if nmap is None and cfg.enabled and cfg.monitor_gate is not None:
+            raise ConfigError("monitor_gate: needs the neuron monitor, and this guard has no neuron map (every "
+                              "trigger would be vetoed); drop monitor_gate or give a map")
+        return cfg
+
     def configure_rows(
         self,
         configs: Sequence[GuardConfig | dict | None] | None,
@@ -155,13 +179,14 @@ class Guard:
             self._row_configs = None
             return
         self._row_configs = [
-            self.config if c is None else (c if isinstance(c, GuardConfig) else GuardConfig.from_dict(c)) for c in configs
+            self.config if c is None else self._checked(c if isinstance(c, GuardConfig) else GuardConfig.from_dict(c))
+            for c in configs
         ]
 
     def reserve(self, configs: Sequence[GuardConfig]) -> None:
         """Settings that ``rewind_row`` may switch a row to during a generation: their layers are hooked
         from the prefill on (a hooked layer that no row writes only gathers, or does nothing)."""
-        self._reserved = list(configs)
+        self._reserved = [self._checked(c) for c in configs]
 
     def rewind_row(self, row: int, config: GuardConfig, history: Sequence[int], prompt: Sequence[int] | None = None) -> None:
         """Restart one row's watch in the middle of a generation (an in-place rollback): the row continues
@@ -189,6 +214,7 @@ class Guard:
                 raise RepGuardError(f"{type(self.model).__name__} has no output embedding to apply penalties on")
             configs = self._row_configs or [self.config]
             self._place_hooks(configs)
+            self._wrap_generate()
         except Exception:
             self.remove()
             raise
@@ -202,7 +228,84 @@ class Guard:
         self._handles.clear()
         self._layer_hooks.clear()
         self._head_hook = None
+        self._unwrap_generate()
         self._finish()
+
+    def _wrap_generate(self) -> None:
+        """``model.generate`` marks each call as one generation (``generation``), checked before it runs."""
+        model = self.model
+        inner = model.generate
+        guard = self
+
+        @functools.wraps(inner)
+        def generate(*args, **kwargs):
+            with guard.generation(args, kwargs):
+                return inner(*args, **kwargs)
+
+        self._generate_wrapper = (generate, model.__dict__.get("generate"))
+        model.generate = generate
+
+    def _unwrap_generate(self) -> None:
+        if self._generate_wrapper is None:
+            return
+        wrapper, own = self._generate_wrapper
+        self._generate_wrapper = None
+        if self.model.__dict__.get("generate") is wrapper:
+            if own is None:
+                del self.model.generate
+            else:
+                self.model.generate = own
+
+    @contextmanager
+    def generation(self, args: tuple = (), kwargs: dict | None = None):
+        """One generation: the first forward inside is its prefill (rows open, reports start), the others its
+        decoding steps. ``model.generate`` runs in one while the guard is installed; a decoding loop of one's
+        own (``custom_generate``) opens one around it. ``args`` / ``kwargs``: the ``generate`` call's, checked
+        first (``ConfigError`` for settings the guard cannot follow)."""
+        if kwargs is not None:
+            self._check_call(args, kwargs)
+        self._depth += 1
+        self._pending_begin = True
+        try:
+            yield self
+        finally:
+            self._depth -= 1
+            self._pending_begin = False
+
+    def _check_call(self, args: tuple, kwargs: dict) -> None:
+        """Refuse what the hooks cannot follow, before anything runs; note how this call ends rows."""
+        gen = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
+
+        def setting(key, default=None):
+            value = kwargs[key] if key in kwargs else getattr(gen, key, default)
+            return default if value is None else value
+
+        if (setting("num_beams", 1) or 1) > 1:
+            raise ConfigError("repguard: beam search is not supported (beams are reordered between steps, under "
+                              "each row's guard state); use num_beams=1")
+        for key in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit"):
+            if setting(key) is not None:
+                raise ConfigError(f"repguard: {key}: speculative decoding is not supported (the guard sees one new "
+                                  "token per row and step)")
+        if setting("prefill_chunk_size") is not None:
+            raise ConfigError("repguard: prefill_chunk_size: a chunked prefill is not supported (the guard takes "
+                              "a generation's first forward for its whole prefill)")
+        ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+        if ids is None and kwargs.get("inputs_embeds") is not None:
+            raise ConfigError("repguard: generate with inputs_embeds alone cannot be guarded (the guard reads each "
+                              "row's tokens); pass input_ids")
+        if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+            rows = ids.shape[0] * int(setting("num_return_sequences", 1) or 1)
+            if self._row_configs is not None and len(self._row_configs) != rows:
+                raise ConfigError(f"configure_rows got {len(self._row_configs)} configs for a batch of {rows} rows")
+            if self._row_histories is not None and len(self._row_histories) != rows:
+                raise ConfigError(f"configure_rows got {len(self._row_histories)} histories for a batch of {rows} rows")
+        own = kwargs.get("eos_token_id")
+        if own is None and kwargs.get("generation_config") is not None:
+            own = getattr(kwargs["generation_config"], "eos_token_id", None)
+        self._call_eos = token_id_list(own) or self.eos
+        stops = kwargs.get("stopping_criteria") or setting("stop_strings")
+        self._terminal = frozenset(self._call_eos + (self._pad if stops else []))
 
     def _place_hooks(self, configs: Sequence[GuardConfig]) -> None:
         """Hook exactly the layers these settings read or write, and the logits only where a row may
@@ -218,7 +321,7 @@ class Guard:
         self._scored = any(rt.neurons.plans[layer].monitored for layer in self._layer_hooks)
         steers = any(c.enabled and (c.escalate or c.stop) for c in configs)
         if steers and self._head_hook is None:
-            self._head_hook = self.model.get_output_embeddings().register_forward_hook(self._logits_hook)
+            self._head_hook = self.model.register_forward_hook(self._logits_hook)
         elif not steers and self._head_hook is not None:
             self._head_hook.remove()
             self._head_hook = None
@@ -238,7 +341,10 @@ class Guard:
 
     def _pre_hook(self, module, args, kwargs):
         self.newest = None
-        if self._broken and not self._is_prefill(args, kwargs):
+        if not self._depth:  # a forward outside generate: not a generation's, left alone
+            return None
+        prefill, self._pending_begin = self._pending_begin, False
+        if self._broken and not prefill:
             return None
         t0 = time.perf_counter()
         try:
@@ -247,7 +353,7 @@ class Guard:
                 self._active = False  # inputs_embeds only: nothing to watch
                 return None
             batch, length = ids.shape
-            if self._is_prefill(args, kwargs):
+            if prefill:
                 self._begin(ids, kwargs.get("attention_mask"))
             elif self._active:
                 self._observe(ids)
@@ -260,14 +366,6 @@ class Guard:
             self._fail("observe", exc)
         self.overhead_seconds += time.perf_counter() - t0
         return None
-
-    @staticmethod
-    def _is_prefill(args, kwargs) -> bool:
-        past = kwargs.get("past_key_values")
-        if past is None:
-            return True
-        get_len = getattr(past, "get_seq_length", None)
-        return get_len is not None and int(get_len()) == 0
 
     def _begin(self, ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         self._finish()  # count the previous generation's reports
@@ -349,7 +447,7 @@ class Guard:
         rt = self.runtime
 
         def hook(module, inputs, output):
-            if not self._active or self._broken:
+            if not self._active or self._broken or not self._depth:
                 return None
             try:
                 rt.apply_layer(plan, output)
@@ -361,13 +459,16 @@ class Guard:
 
     def _logits_hook(self, module, inputs, output):
         rt = self.runtime
-        if not rt.steering or not self._active or self._broken:  # no row escalates or stops: nothing to do
+        if not rt.steering or not self._active or self._broken or not self._depth:  # nothing to do
             return None
         t0 = time.perf_counter()
         try:
-            logits = output[:, -1, :] if output.dim() == 3 else output
+            logits = getattr(output, "logits", None)
+            if logits is None:
+                logits = output[0] if isinstance(output, (tuple, list)) else output
+            logits = logits[:, -1, :] if logits.dim() == 3 else logits
             done = self._done
-            eos = self.eos[0] if self.eos else None
+            eos = self._call_eos[0] if self._call_eos else None
             for row in rt.steer_logits(logits, [r for r in sorted(rt.steering) if not done[r]], lambda row: eos):
                 done[row] = True
         except Exception as exc:

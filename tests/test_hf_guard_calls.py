@@ -1,0 +1,202 @@
+"""What the transformers guard watches: every ``generate`` call made while it is installed (a reused prompt
+cache, ``use_cache=False``, a call's own EOS), nothing else (a scoring forward in the block), and what it
+cannot follow is refused before anything runs."""
+
+import copy
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from conftest import random_map, tiny_model
+from repguard.config import GuardConfig
+from repguard.errors import ConfigError
+from repguard.hf import guard
+from test_hf_guard_tiny import NEW, gen, looping_prompt, prompts
+
+
+def _summary(reports):
+    return [(r.fired, r.first_detection, r.tokens_observed) for r in reports]
+
+
+def test_a_generation_on_a_reused_prompt_cache_is_watched_as_one_without_it():
+    model = tiny_model()
+    ids, _ = looping_prompt(model)
+    prefix = ids[:, :4]
+    plain = gen(model, ids)
+    with guard(model, random_map(model), GuardConfig.from_preset("monitor")) as g:
+        gen(model, ids)
+        expected = _summary(g.reports)
+        cache = DynamicCache()
+        with torch.no_grad():
+            model(prefix, past_key_values=cache)  # the shared system prompt, computed once
+        out = gen(model, ids, past_key_values=copy.deepcopy(cache))
+        assert torch.equal(out, plain)
+        assert _summary(g.reports) == expected and expected[0][0]  # the loop is seen, from the same step
+
+
+def test_a_forward_of_ones_own_inside_the_block_leaves_the_reports_alone():
+    model = tiny_model()
+    ids, _ = looping_prompt(model)
+    with torch.no_grad():
+        plain_logits = model(ids).logits
+    with guard(model, random_map(model), GuardConfig()) as g:
+        out = gen(model, ids)
+        reports = _summary(g.reports)
+        assert reports[0][0]
+        with torch.no_grad():
+            scored = model(out).logits  # scoring the generated text
+            model(ids)
+        assert _summary(g.reports) == reports  # not replaced by a "generation" of the scoring forward
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, plain_logits)  # nothing switched off or penalised there
+    with torch.no_grad():
+        assert torch.equal(scored, model(out).logits)
+
+
+def test_generate_without_a_kv_cache_is_watched_step_by_step():
+    model = tiny_model()
+    ids, _ = looping_prompt(model)
+    with guard(model, random_map(model), GuardConfig.from_preset("monitor")) as g:
+        gen(model, ids)
+        expected = _summary(g.reports)
+        gen(model, ids, use_cache=False)
+    assert _summary(g.reports) == expected and expected[0][0] and expected[0][2] == NEW - 1
+
+
+def test_a_pad_id_the_model_generates_is_an_ordinary_token():
+    """A model whose pad id is a token it writes (a reserved token, a common word) keeps its rows watched
+    past it: only a call with stop strings or stopping criteria pads rows it ended."""
+    model = tiny_model()
+    ids, _ = looping_prompt(model)
+    plain = gen(model, ids)
+    with guard(model, random_map(model), GuardConfig.from_preset("monitor")) as g:
+        gen(model, ids)
+    expected = _summary(g.reports)
+    pad = int(plain[0, ids.shape[1] + 1])  # the second generated token; the loop repeats it
+    model.generation_config.pad_token_id = pad
+    with guard(model, random_map(model), GuardConfig.from_preset("monitor")) as g:
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False,
+                             pad_token_id=pad)
+    assert torch.equal(out, plain)
+    assert _summary(g.reports) == expected and expected[0][0]
+
+
+def test_a_forced_eos_survives_final_logit_soft_capping():
+    """Gemma 2 squashes its logits with tanh after the output embedding: a stop written before that would
+    leave every other token at -cap, level with an EOS the model rates far below the rest."""
+    model = tiny_model("gemma2")
+    assert model.config.final_logit_softcapping
+    ids, fired_at = looping_prompt(model)
+    eos = 2
+
+    def rarely_ends(module, inputs, output):  # a model whose EOS logit sits far below every other token's
+        output[..., eos] = -1e4
+        return output
+
+    model.get_output_embeddings().register_forward_hook(rarely_ends)
+    stop = GuardConfig(deactivate=False, escalate=False, stop_after=1)
+    with guard(model, random_map(model), stop) as g:
+        out = gen(model, ids, eos_token_id=eos)
+    generated = out[0, ids.shape[1]:].tolist()
+    assert g.reports[0].finish_reason == "repetition"
+    assert eos in generated and generated.index(eos) <= fired_at + 3
+    assert all(t == 0 for t in generated[generated.index(eos) + 1:])  # ended: padding after the EOS
+
+
+def test_a_generate_call_with_its_own_eos_ends_rows_on_it():
+    model = tiny_model()
+    ids, _ = looping_prompt(model)
+    plain = gen(model, ids)
+    own = int(plain[0, ids.shape[1] + 2])
+    stop = GuardConfig(deactivate=False, escalate=False, stop_after=1)
+    with guard(model, random_map(model), stop) as g:
+        out = gen(model, ids[:, :], eos_token_id=own, max_new_tokens=NEW)
+    generated = out[0, ids.shape[1]:].tolist()
+    assert generated.index(own) == 2 and g.reports[0].tokens_observed <= 3  # the row ended on the call's EOS
+
+
+@pytest.mark.parametrize("kwargs, named", [
+    ({"num_beams": 2}, "beam search"),
+    ({"prompt_lookup_num_tokens": 3}, "prompt_lookup_num_tokens"),
+    ({"prefill_chunk_size": 4}, "prefill_chunk_size"),
+])
+def test_settings_the_guard_cannot_follow_are_refused_before_anything_runs(kwargs, named):
+    model = tiny_model()
+    ids = prompts(2)
+    calls = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    with guard(model, random_map(model)) as g:
+        with pytest.raises(ConfigError, match=named):
+            gen(model, ids, **kwargs)
+        assert not calls and not g.reports
+        gen(model, ids)  # the guard still works afterwards
+        assert len(g.reports) == 2
+
+
+def test_inputs_embeds_alone_is_refused():
+    model = tiny_model()
+    ids = prompts(2)
+    embeds = model.get_input_embeddings()(ids).detach()
+    with guard(model, random_map(model)):
+        with pytest.raises(ConfigError, match="inputs_embeds"):
+            model.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                           do_sample=False, pad_token_id=0)
+
+
+def test_per_row_settings_for_another_batch_size_are_refused():
+    model = tiny_model()
+    ids = prompts(2)
+    with guard(model, random_map(model)) as g:
+        g.configure_rows([None, None, None])
+        with pytest.raises(ConfigError, match="3 configs for a batch of 2 rows"):
+            gen(model, ids)
+        with pytest.raises(ConfigError, match="3 configs for a batch of 4 rows"):
+            gen(model, ids, do_sample=True, num_return_sequences=2)
+        g.configure_rows([None] * 4)
+        torch.manual_seed(0)
+        gen(model, ids, do_sample=True, num_return_sequences=2)
+        assert len(g.reports) == 4
+
+
+def test_per_row_settings_are_checked_against_the_model_and_map():
+    model = tiny_model()
+    nmap = random_map(model, num_stored=48)
+    with guard(model, nmap) as g:
+        with pytest.raises(ConfigError, match="k: 49 exceeds the 48 neurons"):
+            g.configure_rows([None, {"k": 49}])
+        with pytest.raises(ConfigError, match="layers: the model has 2 layers"):
+            g.configure_rows([{"layers": [0, 5]}])
+        with pytest.raises(ConfigError, match="k: 100"):
+            g.reserve([GuardConfig(k=100)])
+    with guard(model, False, GuardConfig(deactivate=False)) as g:  # no map: the token-level guard
+        with pytest.raises(ConfigError, match="monitor_gate"):
+            g.configure_rows([{"monitor_gate": 2.0}])
+
+
+def test_the_guard_gives_generate_back_on_exit():
+    model = tiny_model()
+    with guard(model, random_map(model)):
+        assert "generate" in vars(model)
+    assert "generate" not in vars(model)
+    with pytest.raises(RuntimeError):
+        with guard(model, random_map(model)):
+            raise RuntimeError("boom")
+    assert "generate" not in vars(model)
+
+
+@pytest.mark.parametrize("settings, named", [
+    ({"ngram": 10, "window": 11}, "window"),
+    ({"min_repeat": 600}, "min_repeat"),
+    ({"min_repeat": 1200, "max_period": 200}, "min_repeat"),
+])
+def test_settings_that_could_never_fire_are_refused(settings, named):
+    with pytest.raises(ConfigError, match=named):
+        GuardConfig.from_dict(settings)
+
+
+def test_settings_at_the_bounds_are_accepted():
+    GuardConfig.from_dict({"ngram": 10, "window": 12})
+    GuardConfig.from_dict({"min_repeat": 512})
+    GuardConfig.from_dict({"min_repeat": 800, "max_period": 200})
+    GuardConfig.from_dict({"min_repeat": 600, "suffix_trigger": False})
