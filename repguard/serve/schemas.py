@@ -1,5 +1,10 @@
 """OpenAI-compatible request bodies, strict: unknown fields and wrong types are rejected (400).
 
+As in the OpenAI API, ``null`` is the default of every supported field. An OpenAI parameter this server does
+not implement (``logprobs``, ``frequency_penalty``, ``tools``, ...) is accepted only with a value that changes
+nothing (what clients that send every option, set or not, put there) and is then dropped; any other value is
+refused with a 400 naming it, never ignored.
+
 The ``repguard`` body field takes the fields of ``GuardConfig`` (plus ``preset``), validated by the
 same code as everywhere else in repguard, and two of the request's rollback: ``rollback`` (false: the
 single pass) and ``holdback`` (streaming: tokens held back before they are sent). Responses are plain dicts built in ``router.py``: every
@@ -8,7 +13,8 @@ choice carries a ``repguard`` object with the guard's report.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+from typing import Any, ClassVar, Literal
 
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator,
                       model_validator)
@@ -22,12 +28,54 @@ MAX_SEED = 2**63 - 1
 MAX_HOLDBACK = 100_000
 ROLLBACK_FIELDS = ("rollback", "holdback")  # the request's rollback settings, beside GuardConfig's fields
 
+# OpenAI parameters not implemented here, each with its values that change nothing. A value matches with its
+# JSON type (``false`` is not ``0``, ``true`` is not ``1``), except that ``0`` and ``0.0`` are one number.
+_NO_OP_SAMPLING: dict[str, tuple[Any, ...]] = {
+    "frequency_penalty": (None, 0), "presence_penalty": (None, 0), "logit_bias": (None, {}),
+}
+COMPLETION_NO_OPS: dict[str, tuple[Any, ...]] = {
+    **_NO_OP_SAMPLING, "logprobs": (None,), "echo": (None, False), "best_of": (None, 1), "suffix": (None,),
+}
+CHAT_NO_OPS: dict[str, tuple[Any, ...]] = {
+    **_NO_OP_SAMPLING, "logprobs": (None, False), "top_logprobs": (None,),
+    # no tools can be given (OpenAI refuses an empty list), so no tool is ever called whatever these say
+    "tools": (None,), "functions": (None,), "tool_choice": (None, "none"), "function_call": (None, "none"),
+    "parallel_tool_calls": (None, True, False),
+    "response_format": (None, {"type": "text"}), "modalities": (None, ["text"]), "audio": (None,),
+    "prediction": (None,), "reasoning_effort": (None,), "store": (None, False), "metadata": (None,),
+}
+MESSAGE_NO_OPS: dict[str, tuple[Any, ...]] = {  # what an SDK's response message carries when sent back as history
+    "refusal": (None,), "tool_calls": (None,), "function_call": (None,), "audio": (None,),
+}
 
-def _refuse(cls, name: str, message: str, data: Any):
-    """A validation error at ``repguard.<name>`` (the router answers it as a 400 naming the field)."""
+
+def _refuse(cls, name: str, message: str, data: Any, loc: tuple[str, ...] = ("repguard",)):
+    """A validation error at ``<loc>.<name>`` (the router answers it as a 400 naming the field)."""
     error = PydanticCustomError("value_error", "{message}", {"message": message})
-    raise ValidationError.from_exception_data(cls.__name__, [InitErrorDetails(type=error, loc=("repguard", name),
+    raise ValidationError.from_exception_data(cls.__name__, [InitErrorDetails(type=error, loc=(*loc, name),
                                                                               input=data)])
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _same(value: Any, no_op: Any) -> bool:
+    if _is_number(value) and _is_number(no_op):
+        return value == no_op
+    return type(value) is type(no_op) and value == no_op
+
+
+def _drop_no_ops(cls, data: Any, no_ops: dict[str, tuple[Any, ...]]) -> Any:
+    """``data`` without the unsupported parameters that carry a no-op value; 400 for one that carries another."""
+    if not isinstance(data, dict):
+        return data
+    for name, values in no_ops.items():
+        if name in data and not any(_same(data[name], v) for v in values):
+            accepted = " or ".join(json.dumps(v) for v in values)
+            _refuse(cls, name, f"not supported by this server; only {accepted} (no effect) is accepted, or leave it "
+                    "out", data[name], loc=())
+    return {k: v for k, v in data.items() if k not in no_ops}
 
 
 class _Strict(BaseModel):
@@ -39,14 +87,16 @@ class StreamOptions(_Strict):
 
 
 class _GenerationParams(_Strict):
+    NO_OPS: ClassVar[dict[str, tuple[Any, ...]]] = {}  # the endpoint's unsupported parameters and their no-op values
+
     model: str | None = Field(None, max_length=512, description="Must name the served model when given.")
     max_tokens: int | None = Field(None, ge=1, le=1_000_000, description="Capped by the server's max_tokens_limit.")
-    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 decodes greedily.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=128, description="Choices per prompt (capped by the server's max_n).")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 decodes greedily (null: 1).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="null: 1.")
+    n: int = Field(1, ge=1, le=128, description="Choices per prompt (capped by the server's max_n; null: 1).")
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stop: str | list[str] | None = Field(None, description=f"Up to {MAX_STOP} non-empty stop strings.")
-    stream: bool = False
+    stream: bool = Field(False, description="null: false.")
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
     repguard: GuardConfig | None = Field(
@@ -76,6 +126,11 @@ class _GenerationParams(_Strict):
         model._rollback, model._holdback = rollback, holdback
         return model
 
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported_no_ops(cls, data: Any) -> Any:
+        return _drop_no_ops(cls, data, cls.NO_OPS)
+
     @property
     def rollback(self) -> bool | None:
         """The request's ``repguard.rollback`` (None: the server's setting)."""
@@ -85,6 +140,12 @@ class _GenerationParams(_Strict):
     def holdback(self) -> int | None:
         """The request's ``repguard.holdback`` (None: the server's setting)."""
         return self._holdback
+
+    @field_validator("temperature", "top_p", "n", "stream", mode="before")
+    @classmethod
+    def _null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
+        # OpenAI marks these nullable: clients that send every option send null for the ones not set.
+        return cls.model_fields[info.field_name].default if value is None else value
 
     @field_validator("temperature", "top_p", mode="before")
     @classmethod
@@ -120,6 +181,8 @@ class _GenerationParams(_Strict):
 
 
 class CompletionRequest(_GenerationParams):
+    NO_OPS = COMPLETION_NO_OPS
+
     prompt: str | list[str] = Field(..., description="A prompt or a list of prompts (non-empty strings).")
 
     @field_validator("prompt")
@@ -143,6 +206,11 @@ class ChatMessage(_Strict):
     content: str | list[TextPart]
     name: str | None = Field(None, description="Not supported: a request that sets it is refused.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported_no_ops(cls, data: Any) -> Any:
+        return _drop_no_ops(cls, data, MESSAGE_NO_OPS)
+
     @field_validator("name")
     @classmethod
     def _no_name(cls, value: str | None) -> None:
@@ -156,8 +224,19 @@ class ChatMessage(_Strict):
 
 
 class ChatCompletionRequest(_GenerationParams):
+    NO_OPS = CHAT_NO_OPS
+
     messages: list[ChatMessage] = Field(..., min_length=1, max_length=256)
-    max_completion_tokens: int | None = Field(None, ge=1, le=1_000_000, description="Alias of max_tokens.")
+    max_completion_tokens: int | None = Field(None, ge=1, le=1_000_000, description="The newer name of max_tokens.")
+
+    @field_validator("max_completion_tokens")
+    @classmethod
+    def _one_max_tokens(cls, value: int | None, info: ValidationInfo) -> int | None:
+        other = info.data.get("max_tokens")  # ``max_tokens`` is declared (validated) first
+        if value is not None and other is not None and value != other:
+            raise ValueError(f"{value} conflicts with max_tokens ({other}): they are two names of one setting; "
+                             "send one of them")
+        return value
 
     @field_validator("messages")
     @classmethod

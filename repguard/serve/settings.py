@@ -12,13 +12,15 @@ import tomllib
 from pathlib import Path
 from typing import Any, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from ..config import GuardConfig, format_validation_error
 from ..errors import ConfigError
 
 ENV_PREFIX = "REPGUARD_"
 SECRETS = frozenset({"api_key", "upstream_api_key"})  # never printed, not even in an error message
+CHECKED_AGAINST = {"default_max_tokens": ("max_tokens_limit",)}  # an error names where both settings came from
 
 
 class ServeSettings(BaseModel):
@@ -43,7 +45,8 @@ class ServeSettings(BaseModel):
     max_queue: int = Field(64, ge=0, le=100000, description="Requests waiting beyond the running batch before 429.")
     batch_wait_ms: float = Field(5.0, ge=0.0, le=1000.0, description="How long the batcher waits to fill a batch.")
     max_tokens_limit: int = Field(1024, ge=1, le=1_000_000, description="Largest max_tokens a request may ask for.")
-    default_max_tokens: int = Field(16, ge=1, le=1_000_000, description="max_tokens when a request omits it.")
+    default_max_tokens: int = Field(16, ge=1, le=1_000_000, description="max_tokens when a request omits it (at most "
+                                    "max_tokens_limit; left unset: 16, or max_tokens_limit when lower).")
     max_n: int = Field(8, ge=1, le=128)
     max_prompts: int = Field(16, ge=1, le=1024, description="Prompts in one /v1/completions list.")
     max_prompt_tokens: int = Field(4096, ge=1, le=1_000_000)
@@ -70,6 +73,28 @@ class ServeSettings(BaseModel):
     upstream_engine_repair: bool | None = Field(
         None, description="Re-decodes send the repair with the request and the upstream applies it at every step, "
         "through repguard's vLLM logits processor (None: if the upstream runs it; else by one-token resubmissions).")
+
+    @field_validator("served_model_name")
+    @classmethod
+    def _served_model_name_ok(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():  # clients could not name it, nor /v1/models/{id} find it
+            raise ValueError("must not be empty or blank; leave it out to report the model's own name")
+        return value
+
+    @model_validator(mode="after")
+    def _default_max_tokens_within_limit(self) -> "ServeSettings":
+        """A request that omits max_tokens gets default_max_tokens: over max_tokens_limit, each one would be refused."""
+        if self.default_max_tokens <= self.max_tokens_limit:
+            return self
+        if "default_max_tokens" not in self.model_fields_set:  # the built-in default follows a lower limit
+            object.__setattr__(self, "default_max_tokens", self.max_tokens_limit)  # frozen: set during validation
+            return self
+        message = (f"{self.default_max_tokens} exceeds max_tokens_limit ({self.max_tokens_limit}), so every request "
+                   "that omits max_tokens would be refused; lower default_max_tokens or raise max_tokens_limit")
+        # located at the field (a model-level error would print every setting as its input, the API key included)
+        error = PydanticCustomError("value_error", "{message}", {"message": message})
+        raise ValidationError.from_exception_data(type(self).__name__, [InitErrorDetails(
+            type=error, loc=("default_max_tokens",), input=self.default_max_tokens)])
 
     @field_validator("upstream")
     @classmethod
@@ -162,6 +187,7 @@ def load_settings(
     except ValidationError as exc:
         origin = {k: where for where, data in sources for k in data}
         msg = format_validation_error(exc, "server settings", secret=SECRETS)
-        named = sorted({str(e["loc"][0]) for e in exc.errors() if e.get("loc")})
+        named = {str(e["loc"][0]) for e in exc.errors() if e.get("loc")}
+        named = sorted(named | {k for n in named for k in CHECKED_AGAINST.get(n, ())})
         hint = "; ".join(f"{k} from {origin.get(k, 'defaults')}" for k in named)
         raise ConfigError(msg + (f" [{hint}]" if hint else "")) from None
