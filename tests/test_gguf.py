@@ -140,9 +140,7 @@ def test_processes_starting_together_convert_once_and_all_get_the_folder(tmp_pat
         time.sleep(0.3)  # long enough for the other callers to arrive while this one converts
         target.mkdir(parents=True)
         (target / "weights.bin").write_bytes(b"w" * 10)
-        manifest = {"cache_format": models._CACHE_FORMAT, "name": name, "source": gguf.name,
-                    "files": {"weights.bin": models._digest(target / "weights.bin")}}
-        (target / "repguard-model.json").write_text(json.dumps(manifest))
+        models._write_manifest(target, name, gguf)
         running[0] -= 1
 
     monkeypatch.setattr(models, "_convert", fake_convert)

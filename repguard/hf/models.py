@@ -3,7 +3,13 @@
 ``load_model("smollm2-135m")`` finds the GGUF file in its package, de-quantises it with transformers
 into fp32 safetensors under the cache directory (once), checks the cached copy's integrity, and
 loads it. Any local Hugging Face model folder works wherever a model name is accepted, and so does a
-``.gguf`` file: it is converted the same way, once, into ``<cache>/models/gguf-<stem>-<digest>``. No hub access.
+``.gguf`` file: it is converted the same way, once, into ``<cache>/models/gguf-<stem>-<sha256>``. No hub access.
+
+Integrity: the manifest (``repguard-model.json``) records each converted file's sha256, size and ``mtime_ns``.
+Before each use a file whose size differs fails; one whose ``mtime_ns`` differs is hashed in full and must match;
+an unchanged one (same size and ``mtime_ns``) gets only a quick check of its first and last 4 MiB, so a load
+does not read the weights twice. A GGUF's sha256 is remembered in ``<cache>/gguf-index.json`` by resolved path,
+size and ``mtime_ns``, so a multi-GB file is not hashed on every load either.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,7 +34,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 DEFAULT_MODEL = "smollm2-135m"
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 2: full sha256 + size + mtime_ns per file, source_sha256
+_MANIFEST = "repguard-model.json"
+_QUICK_BYTES = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -88,28 +97,110 @@ def is_local_model(name_or_path: str) -> bool:
     return (Path(name_or_path) / "config.json").is_file()
 
 
-def _digest(path: Path, chunk: int = 1 << 22) -> str:
-    """sha256 over the size, the first and the last 4 MiB: catches truncation and overwrites cheaply."""
-    h = hashlib.sha256(str(path.stat().st_size).encode())
+def _quick_digest(path: Path, chunk: int = _QUICK_BYTES) -> str:
+    """sha256 over the size, the first and the last 4 MiB: catches truncation and overwrites at either end
+    cheaply, for a file whose size and mtime are as recorded."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
     with path.open("rb") as f:
         h.update(f.read(chunk))
-        if path.stat().st_size > chunk:
+        if size > chunk:
             f.seek(-chunk, os.SEEK_END)
             h.update(f.read(chunk))
     return h.hexdigest()
 
 
-def _manifest_ok(folder: Path) -> bool:
-    manifest = folder / "repguard-model.json"
-    if not manifest.is_file():
-        return False
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _file_record(path: Path) -> dict:
+    """What the manifest keeps of one converted file."""
+    st = path.stat()
+    return {"sha256": _sha256(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "quick": _quick_digest(path)}
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    """Readers see the old file or the new one, never a half-written one (a temporary name of its own per writer,
+    so processes and threads writing at once do not clobber each other's temporary file)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_manifest(folder: Path, name: str, gguf: Path) -> None:
+    """The integrity manifest of a freshly converted ``folder``: written after every other file in it."""
+    files = {p.name: _file_record(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != _MANIFEST}
+    _write_json_atomic(folder / _MANIFEST, {"cache_format": _CACHE_FORMAT, "name": name, "source": gguf.name,
+                                            "source_sha256": gguf_sha256(gguf), "files": files})
+
+
+def _file_problem(path: Path, record: dict) -> tuple[str | None, int | None]:
+    """(why ``path`` does not match its manifest record or None; the new ``mtime_ns`` to record when it was hashed
+    in full, matched and did not change meanwhile, else None)."""
+    st = path.stat()
+    if st.st_size != record["size"]:
+        return f"{path.name}: size {st.st_size}, recorded {record['size']}", None
+    if st.st_mtime_ns != record["mtime_ns"]:  # rewritten in place, or a copy with new times: read it whole
+        if _sha256(path) != record["sha256"]:
+            return f"{path.name}: modified (new mtime), its sha256 differs from the recorded one", None
+        now = path.stat()
+        return None, (st.st_mtime_ns if (now.st_size, now.st_mtime_ns) == (st.st_size, st.st_mtime_ns) else None)
+    if _quick_digest(path) != record["quick"]:
+        return f"{path.name}: its first or last 4 MiB differ from the recorded ones", None
+    return None, None
+
+
+def _cache_problem(folder: Path, source_sha256: str | None = None) -> str | None:
+    """Why the converted ``folder`` cannot be used (None: it can), checked against its manifest. ``source_sha256``:
+    the GGUF it must have been converted from."""
+    manifest = folder / _MANIFEST
+    try:
+        before = manifest.stat()
         data = json.loads(manifest.read_text())
         if data.get("cache_format") != _CACHE_FORMAT:
-            return False
-        return all(_digest(folder / name) == digest for name, digest in data["files"].items())
-    except (OSError, ValueError, KeyError):
-        return False
+            return f"cache format {data.get('cache_format')}, now {_CACHE_FORMAT}"
+        if source_sha256 is not None and data.get("source_sha256") != source_sha256:
+            return "converted from another GGUF file (its recorded sha256 differs)"
+        new_times = {}
+        for name, record in data["files"].items():
+            problem, mtime_ns = _file_problem(folder / name, record)
+            if problem:
+                return problem
+            if mtime_ns is not None:
+                new_times[name] = mtime_ns
+    except FileNotFoundError as exc:
+        return f"{Path(exc.filename or manifest).name} is missing"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return f"unreadable manifest or file ({exc!r})"
+    if new_times:  # matched in full: record the new times, so that the next load is quick again
+        for name, mtime_ns in new_times.items():
+            data["files"][name]["mtime_ns"] = mtime_ns
+        try:
+            now = manifest.stat()
+            if (now.st_ino, now.st_mtime_ns) == (before.st_ino, before.st_mtime_ns):  # not rewritten meanwhile
+                _write_json_atomic(manifest, data)
+        except OSError:  # a read-only cache: hashed in full again next time
+            pass
+    return None
+
+
+def _manifest_ok(folder: Path, source_sha256: str | None = None) -> bool:
+    return _cache_problem(folder, source_sha256) is None
+
+
+def _log_reconversion(target: Path, name: str, problem: str) -> None:
+    if target.exists():
+        log.warning("cached conversion of %s failed its integrity check (%s); converting again", name, problem)
 
 
 def ensure_converted(name: str, progress: bool = True) -> Path:
@@ -124,8 +215,10 @@ def ensure_converted(name: str, progress: bool = True) -> Path:
     if _manifest_ok(target):
         return target
     with _conversion_lock(target):
-        if _manifest_ok(target):  # another process converted it while this one waited
+        problem = _cache_problem(target)
+        if problem is None:  # another process converted it while this one waited
             return target
+        _log_reconversion(target, name, problem)
         work = cache_dir() / "work" / name
         work.mkdir(parents=True, exist_ok=True)
         try:
@@ -163,11 +256,41 @@ def is_gguf(name_or_path: str) -> bool:
     return str(name_or_path).lower().endswith(".gguf")
 
 
-def gguf_cache_folder(path: str | os.PathLike) -> Path:
-    """Where a GGUF file's conversion lives: named by the file's stem and a digest of its content."""
+def _gguf_index() -> Path:
+    return cache_dir() / "gguf-index.json"
+
+
+def gguf_sha256(path: str | os.PathLike) -> str:
+    """The GGUF file's full sha256, remembered in the cache's index by resolved path, size and ``mtime_ns``: an
+    entry that does not match the file's current size and ``mtime_ns`` is computed again."""
+    path = Path(path).resolve()
+    st = path.stat()
+    index_path = _gguf_index()
+    try:
+        index = json.loads(index_path.read_text())
+        if not isinstance(index, dict):
+            index = {}
+    except (OSError, ValueError):
+        index = {}
+    entry = index.get(str(path))
+    if isinstance(entry, dict) and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
+        return entry["sha256"]
+    digest = _sha256(path)
+    index = {k: v for k, v in index.items() if os.path.exists(k)}  # forget files that are gone
+    index[str(path)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+    try:
+        index_path.parent.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(index_path, index)
+    except OSError as exc:  # a read-only cache: hashed again next time
+        log.debug("cannot update %s: %s", index_path, exc)
+    return digest
+
+
+def gguf_cache_folder(path: str | os.PathLike, sha256: str | None = None) -> Path:
+    """Where a GGUF file's conversion lives: named by the file's stem and the sha256 of its whole content."""
     path = Path(path)
     slug = "".join(c if c.isalnum() or c in "._-" else "_" for c in path.stem)[:64]
-    return cache_dir() / "models" / f"gguf-{slug}-{_digest(path)[:12]}"
+    return cache_dir() / "models" / f"gguf-{slug}-{(sha256 or gguf_sha256(path))[:16]}"
 
 
 def gguf_name(path: str | os.PathLike) -> str:
@@ -183,11 +306,14 @@ def ensure_converted_gguf(path: str | os.PathLike, progress: bool = True) -> Pat
     with path.open("rb") as f:
         if f.read(4) != b"GGUF":
             raise ModelNotAvailableError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes)")
-    target = gguf_cache_folder(path)
-    if _manifest_ok(target):
+    sha256 = gguf_sha256(path)
+    target = gguf_cache_folder(path, sha256)
+    if _manifest_ok(target, sha256):
         return target
     with _conversion_lock(target):
-        if not _manifest_ok(target):
+        problem = _cache_problem(target, sha256)
+        if problem is not None:
+            _log_reconversion(target, gguf_name(path), problem)
             _convert(path, target, gguf_name(path), None, progress)
     return target
 
@@ -197,8 +323,7 @@ def _convert(gguf: Path, target: Path, name: str, add_bos_token: bool | None, pr
 
     ``add_bos_token`` None: follow the GGUF's own ``tokenizer.ggml.add_bos_token`` flag, which transformers'
     GGUF tokenizer does not always carry over (Gemma 3 needs BOS and loses it)."""
-    if target.exists():
-        log.warning("cached conversion of %s failed its integrity check; converting again", name)
+    if target.exists():  # failed its integrity check (logged by the caller)
         shutil.rmtree(target)
     transformers = require("transformers", "hf")
     require("gguf", "hf")
@@ -225,11 +350,7 @@ def _convert(gguf: Path, target: Path, name: str, add_bos_token: bool | None, pr
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
     tok.save_pretrained(str(tmp))
-    files = {p.name: _digest(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-    (tmp / "repguard-model.json").write_text(
-        json.dumps({"cache_format": _CACHE_FORMAT, "name": name, "source": gguf.name, "source_digest": _digest(gguf),
-                    "files": files}, indent=1)
-    )
+    _write_manifest(tmp, name, gguf)
     os.replace(tmp, target)
     log.info("converted %s in %.1f s", name, time.time() - t0)
 
