@@ -145,8 +145,10 @@ class TextJournal:
     resumes where it stopped: a resumed run reads the decisions back and generates only the texts it lacks.
 
     The first line records what decides the texts (model identity and dtype, seed, lengths, detector); a
-    journal written with anything else is refused rather than mixed in. A last line cut short by a kill
-    is ignored (that text is generated again)."""
+    journal written with anything else is refused, naming what differs, rather than mixed in. A last line
+    cut short by a kill is cut off the file (that text is generated again); a last line that is a whole
+    record but lost its newline is kept, and the newline written before anything is appended. A file that
+    is not a calibration journal is never overwritten, not even to start over."""
 
     FORMAT = "repguard-calibration-texts/1"
 
@@ -157,39 +159,69 @@ class TextJournal:
         if resume and self.path.is_file() and self.path.stat().st_size:
             self._read()
         else:
+            self.check_replaceable(self.path)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text(json.dumps(self.header) + "\n")
         self._file = self.path.open("a")
 
+    @classmethod
+    def is_journal(cls, path: str | os.PathLike) -> bool:
+        """Whether ``path`` is a calibration journal (its first line starts as a journal header does; the
+        header may be torn by a kill)."""
+        prefix = json.dumps({"format": cls.FORMAT.partition("/")[0]})[:-2]  # '{"format": "repguard-calibration-texts'
+        try:
+            with Path(path).open("rb") as f:
+                head = f.read(len(prefix))
+        except OSError:
+            return False
+        return head == prefix.encode()
+
+    @classmethod
+    def check_replaceable(cls, path: str | os.PathLike) -> None:
+        """Refuse to start a journal over a file that exists and is not one (a neuron map, the user's notes)."""
+        path = Path(path)
+        if path.is_file() and path.stat().st_size and not cls.is_journal(path):
+            raise CalibrationError(
+                f"{path} exists and is not a journal of calibration texts (its first line is not a journal "
+                "header); refusing to overwrite it: pass another --journal PATH, or move the file away"
+            )
+
     def _read(self) -> None:
-        lines = self.path.read_text().splitlines()
+        if not self.is_journal(self.path):
+            self.check_replaceable(self.path)
+        data = self.path.read_bytes()
+        lines = data.split(b"\n")
+        complete = data.endswith(b"\n")
+        if complete:
+            lines.pop()  # the empty piece after the last newline
         try:
             header = json.loads(lines[0])
         except ValueError:
             header = None
         if header != self.header:
-            differ = sorted(k for k in set(self.header) | set(header or {})
-                            if (header or {}).get(k) != self.header.get(k)) if isinstance(header, dict) else ["format"]
             raise CalibrationError(
-                f"{self.path}: this journal of calibration texts was written for another run (differs in: "
-                f"{', '.join(differ)}); delete it, write another journal (--journal PATH), or start over (--no-resume)"
+                f"{self.path}: this journal of calibration texts was written for another run; it differs in "
+                f"{_header_difference(header, self.header)}. Start it over with --no-resume, or write another "
+                "journal with --journal PATH"
             )
-        good = len(lines) - 1
-        for number, line in enumerate(lines[1:], start=2):
+        records = lines[1:]
+        for number, line in enumerate(records, start=2):
             try:
-                d = json.loads(line)
-                rep = d.get("repetition")
-                text = RepetitiveText(d["index"], d["ids"], Repetition(tuple(rep["ngram"]), rep["p1"], rep["p2"],
-                                                                       rep["p3"])) if rep else None
-                decision = TextDecision(int(d["index"]), bool(d["with_repeat"]), int(d["tokens"]), text)
-            except (ValueError, KeyError, TypeError):
-                if number == len(lines):  # a line cut short when the run was stopped
-                    good -= 1
-                    break
-                raise CalibrationError(f"{self.path}: line {number} is not a calibration text record") from None
-            self.decisions.setdefault(d["stream"], {})[decision.index] = decision
-        if good < len(lines) - 1:  # drop the torn line, so new lines start on a line of their own
-            self.path.write_text("\n".join(lines[:-1]) + "\n")
+                stream, decision = _parse_record(line)
+            except ValueError:
+                if number == len(lines):  # the last line, cut short when the run was stopped: cut it off the file
+                    os.truncate(self.path, len(data) - len(line) - complete)
+                    log.warning("%s: line %d was cut short when the run stopped; that text is generated again",
+                                self.path, number)
+                    return
+                raise CalibrationError(
+                    f"{self.path}: line {number} is not a calibration text record; start the journal over with "
+                    "--no-resume, or write another journal with --journal PATH"
+                ) from None
+            self.decisions.setdefault(stream, {})[decision.index] = decision
+        if not complete:  # a whole last record whose newline was lost: new records start on a line of their own
+            with self.path.open("ab") as f:
+                f.write(b"\n")
 
     def done(self, stream: str) -> dict[int, TextDecision]:
         return self.decisions.setdefault(stream, {})
@@ -207,6 +239,34 @@ class TextJournal:
 
     def close(self) -> None:
         self._file.close()
+
+
+def _parse_record(line: bytes) -> tuple[str, TextDecision]:
+    """(stream, decision) of one journal line; ``ValueError`` for anything that is not a whole record."""
+    try:
+        d = json.loads(line)
+        stream = d["stream"]
+        if not isinstance(stream, str):
+            raise ValueError("stream")
+        rep = d.get("repetition")
+        text = RepetitiveText(d["index"], d["ids"], Repetition(tuple(rep["ngram"]), rep["p1"], rep["p2"],
+                                                               rep["p3"])) if rep else None
+        return stream, TextDecision(int(d["index"]), bool(d["with_repeat"]), int(d["tokens"]), text)
+    except (KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _header_difference(found, wanted: dict) -> str:
+    """What a journal's header has that this run's lacks, key by key, both values shown (shortened)."""
+    if not isinstance(found, dict):
+        return "its header line (unreadable)"
+
+    def short(value) -> str:  # a path or a digest in full (they differ anywhere), a long list cut short
+        text = json.dumps(value)
+        return text if isinstance(value, str) or len(text) <= 60 else text[:57] + "..."
+
+    keys = [k for k in dict.fromkeys([*wanted, *found]) if found.get(k) != wanted.get(k)]
+    return "; ".join(f"{k} (journal: {short(found.get(k))}, this run: {short(wanted.get(k))})" for k in keys)
 
 
 class ProgressLog:
@@ -332,6 +392,27 @@ class OnsetWindowStats:
         return (sums / counts).T.contiguous()
 
 
+def check_scores(pooled: dict[str, torch.Tensor], texts: int, dtype: str | None = None) -> None:
+    """Refuse, saying what to do, the statistics no loadable map can come from: a NaN or infinite score or
+    statistic (activations that overflowed, as float16 does), or no neuron whose activation rises."""
+    bad = {name: int((~torch.isfinite(t)).sum()) for name, t in pooled.items()}
+    bad = {name: n for name, n in bad.items() if n}
+    if bad:
+        raise CalibrationError(
+            "the activation statistics are not finite (NaN or infinite values: "
+            + ", ".join(f"{n} in {name}" for name, n in bad.items())
+            + f"){f' in {dtype}' if dtype else ''}: the activations overflowed; calibrate in float32 "
+            "(--dtype float32), or bfloat16, whose range is float32's; no map was written"
+        )
+    score = pooled["score"]
+    if not bool((score > 0).any()):
+        raise CalibrationError(
+            f"no neuron's activation is higher after the repetition onset than before it (no positive score among "
+            f"{score.numel()} neurons over {texts} texts): calibrate with more texts (--num-texts), or check that "
+            "the model's MLP activations are not constant; no map was written"
+        )
+
+
 def top_set(score: torch.Tensor, k: int) -> set[tuple[int, int]]:
     flat = score.flatten()
     order = torch.argsort(flat, descending=True, stable=True)[:k]
@@ -362,6 +443,6 @@ def random_control(seed: int, total: int, count: int, width: int) -> tuple[torch
 
 __all__ = [
     "HELDOUT_OFFSET", "CalibrationError", "CalibrationSettings", "GenerationStats", "OnsetWindowStats",
-    "ProgressLog", "RepetitiveText", "TextDecision", "TextJournal", "parse_select", "random_control",
+    "ProgressLog", "RepetitiveText", "TextDecision", "TextJournal", "check_scores", "parse_select", "random_control",
     "selection_counts", "split_half_jaccard", "top_set",
 ]

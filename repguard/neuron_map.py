@@ -280,11 +280,11 @@ class NeuronMap:
         if "random_layer" not in self.extra:
             return None
         n = min(self.meta.num_selected, int(self.extra["random_layer"].numel()))
-        zeros = torch.zeros(n)
+        # one tensor per field: safetensors refuses to save tensors that share memory
         return NeuronMap(
             self.meta.model_copy(update={"num_selected": n, "num_stored": n, "score_kind": "random"}),
             self.extra["random_layer"][:n].clone(), self.extra["random_neuron"][:n].clone(),
-            zeros, zeros, zeros.clone() + 1, zeros, zeros.clone() + 1,
+            torch.zeros(n), torch.zeros(n), torch.ones(n), torch.zeros(n), torch.ones(n),
         )
 
     @property
@@ -310,31 +310,30 @@ class NeuronMap:
 
     # -- persistence -------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
+        """Write the map to ``path`` only if it loads back: it goes to a temporary file beside ``path``, is read
+        back with the checks of ``load`` (a ``CorruptMapError`` naming ``path`` if it fails, ``path`` untouched),
+        and then atomically replaces ``path``."""
         from safetensors.torch import save_file
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {name: getattr(self, name).contiguous() for name in _VECTORS}
         tensors.update({k: v.contiguous() for k, v in self.extra.items()})
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        save_file(tensors, str(tmp), metadata={META_KEY: self.meta.model_dump_json()})
-        os.replace(tmp, path)  # never leave a half-written map behind
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            save_file(tensors, str(tmp), metadata={META_KEY: self.meta.model_dump_json()})
+            _read(tmp, where=f"{path} (not written)")
+            os.replace(tmp, path)  # never leave a half-written or unloadable map behind
+        finally:
+            tmp.unlink(missing_ok=True)
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "NeuronMap":
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.is_file():
             raise CorruptMapError(f"{path}: no such neuron map file")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                raw_meta = f.metadata() or {}
-                tensors = {key: f.get_tensor(key) for key in f.keys()}
-        except Exception as exc:  # safetensors raises several types for bad headers/truncation
-            raise CorruptMapError(f"{path}: not a readable safetensors file ({exc})") from None
-        return cls.from_tensors(tensors, raw_meta, where=str(path))
+        return _read(path, where=str(path))
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], raw_meta: dict[str, str], where: str = "map") -> "NeuronMap":
@@ -388,6 +387,29 @@ class NeuronMap:
         return "\n".join(lines)
 
 
+def _read(path: Path, where: str) -> NeuronMap:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw_meta = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as exc:  # safetensors raises several types for bad headers/truncation
+        raise CorruptMapError(f"{where}: not a readable safetensors file ({exc})") from None
+    return NeuronMap.from_tensors(tensors, raw_meta, where=where)
+
+
+def map_sibling(map_path: str | os.PathLike, tail: str) -> Path:
+    """A file that belongs to the map at ``map_path`` (its report, figures, journal): the map's name without
+    its ``.safetensors`` suffix, plus ``tail``. Only that suffix is taken off, so ``tiny.seed1`` gets
+    ``tiny.seed1.md``, never ``tiny.md`` (another map's)."""
+    path = Path(map_path)
+    name = path.name
+    if name.lower().endswith(".safetensors") and len(name) > len(".safetensors"):
+        name = name[: -len(".safetensors")]
+    return path.with_name(name + tail)
+
+
 def jaccard(a: NeuronMap | set, b: NeuronMap | set) -> float:
     sa = a if isinstance(a, set) else set(zip(a.layer.tolist(), a.neuron.tolist()))
     sb = b if isinstance(b, set) else set(zip(b.layer.tolist(), b.neuron.tolist()))
@@ -405,12 +427,20 @@ def map_from_scores(
     """Rank every neuron globally by score and keep the best (never a negative score).
 
     ``stats`` holds [num_layers, intermediate_size] matrices ``mean_before``, ``std_before``,
-    ``mean_after``, ``std_after``.
+    ``mean_after``, ``std_after``. A map ``load`` would refuse is never built: a ``ConfigError`` names the
+    argument when a score or statistic is NaN or infinite, or when no score is positive.
     """
     num_layers, width = score_matrix.shape
     flat = score_matrix.flatten().float()
+    for name, t in (("score_matrix", flat), *((f"stats['{k}']", stats[k]) for k in _STATS)):
+        bad = int((~torch.isfinite(t.float())).sum())
+        if bad:
+            raise ConfigError(f"{name}: {bad} value(s) are NaN or infinite; a neuron map holds finite values only")
     order = torch.argsort(flat, descending=True, stable=True)
     positive = int((flat > 0).sum())
+    if positive == 0:
+        raise ConfigError(f"score_matrix: no score is positive ({flat.numel()} neurons); a map needs at least one "
+                          "neuron whose activation rises")
     stored = min(positive, num_stored if num_stored is not None else num_selected)
     selected = min(num_selected, stored)
     order = order[:stored]

@@ -142,5 +142,10 @@ def test_serve_check_checks_what_the_start_checks(capsys, tiny, files, monkeypat
     assert "secret" not in line
 
 
+def test_inspect_negative_top_is_refused(capsys):
+    shipped = Path(__file__).parents[1] / "neuron_maps" / "smollm2-135m.safetensors"
+    _fails(capsys, ["inspect", str(shipped), "--top", "-3"], "--top must be >= 0, got -3")
+
+
 def test_inspect_missing_map(capsys, files):
     _fails(capsys, ["inspect", str(files["dir"] / "absent.safetensors")], "absent.safetensors")

@@ -36,16 +36,17 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1 is fastest when other processes share the CPU)")
     p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
-                   help="write <out stem>.md and PNG figures next to the map")
+                   help="write <out stem>.md and PNG figures next to the map (the stem: --out without .safetensors)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="show progress bars (progress is logged at --log-level INFO either way, every 30 s)")
     p.add_argument("--journal", default=None, metavar="PATH",
                    help="JSON-lines file that receives every generated text's decision (and each kept text) as soon "
-                   "as it is final (default: <out stem>.texts.jsonl next to --out)")
+                   "as it is final (default: <out stem>.texts.jsonl next to --out; never --out itself)")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="continue from the journal a stopped run left behind, generating only the texts it lacks "
-                   "(the map is the one an uninterrupted run makes); --no-resume starts the journal over. A journal "
-                   "written with other settings or for another model is refused")
+                   "(the map is the one an uninterrupted run makes); --no-resume starts the journal over (never over "
+                   "a file that is not a journal). A journal written with other settings or for another model (its "
+                   "path or name, or a digest of its weights) is refused, naming what differs")
     p.add_argument("--keep-journal", action="store_true",
                    help="keep the journal after the map is written (it is removed by default); a later run with a "
                    "larger --num-texts then reuses its texts")
@@ -56,10 +57,10 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import torch
 
-    from ..hf.calibrate import CalibrationSettings, calibrate, parse_select
-    from ..hf.models import load_model
-
     from ..errors import ConfigError
+    from ..hf.calibrate import CalibrationSettings, TextJournal, calibrate, parse_select
+    from ..hf.models import EMBEDDED, load_model
+    from ..neuron_map import map_sibling
 
     device = checks.device("--device", args.device)
     checks.at_least("--num-texts", args.num_texts, 1)
@@ -78,8 +79,17 @@ def run(args) -> int:
         raise ConfigError(f"--store must be a fraction of all neurons (2% or 0.02), got the count {args.store!r}")
     checks.in_range("--store", store, 0.0, 1.0, low_open=True)
     checks.writable_file("--out", args.out)  # fail now, not after a run of many minutes
-    journal = Path(args.journal) if args.journal else Path(args.out).with_suffix(".texts.jsonl")
+    journal = Path(args.journal) if args.journal else map_sibling(args.out, ".texts.jsonl")
     checks.writable_file("--journal", str(journal))
+    written = [("--out", Path(args.out))]
+    if args.report:
+        written += [("the report", map_sibling(args.out, suffix))
+                    for suffix in (".md", "-layers.png", "-onset.png", "-deactivation.png")]
+    for what, path in written:
+        if journal.resolve() == path.resolve():
+            raise ConfigError(f"--journal {journal} is the same file as {what} ({path}); the map, its report and "
+                              "the journal need a file each: pass another --journal PATH")
+    TextJournal.check_replaceable(journal)  # never start a journal over a map or another file of the user's
     checks.model_info("--model", args.model)
     torch.set_num_threads(args.threads)
     settings = CalibrationSettings(
@@ -87,12 +97,13 @@ def run(args) -> int:
         select=select, store=store, heldout_texts=args.heldout,
     )
     model, tok, name = load_model(args.model, dtype=args.dtype, device=device)
+    source = args.model if args.model in EMBEDDED else str(Path(args.model).resolve())  # what the journal names
     if args.resume and journal.is_file():
         print(f"resuming from {journal} (pass --no-resume to start over)", file=sys.stderr)
     result = calibrate(model, tok, name, settings, progress=args.progress, dtype=args.dtype, journal=journal,
-                       resume=args.resume)
-    path = result.map.save(args.out)
-    if not args.keep_journal:
+                       resume=args.resume, source=source)
+    path = result.map.save(args.out)  # replaces --out only with a map that loads back
+    if not args.keep_journal:  # the texts are safe to drop only once the map is
         journal.unlink(missing_ok=True)
     print(result.map.summary(top=5))
     print(f"wrote {path}")

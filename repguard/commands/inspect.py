@@ -16,7 +16,9 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ..maps import find_map
+    from .checks import at_least
 
+    at_least("--top", args.top, 0)  # a negative count would slice the list from its end
     target = args.map
     if target.lower().endswith(".gguf") or (not target.endswith(".safetensors") and _is_model_folder(target)):
         from .checks import model_info

@@ -29,6 +29,7 @@ the settings, the records, the journal and the score's arithmetic are framework-
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -40,8 +41,8 @@ import torch
 
 from ..calibration import (
     HELDOUT_OFFSET, CalibrationError, CalibrationSettings, GenerationStats, OnsetWindowStats, ProgressLog,
-    RepetitiveText, TextDecision, TextJournal, parse_select, random_control, selection_counts, split_half_jaccard,
-    top_set,
+    RepetitiveText, TextDecision, TextJournal, check_scores, parse_select, random_control, selection_counts,
+    split_half_jaccard, top_set,
 )
 from ..detect import LoopDetector, Repetition
 from ..neuron_map import CalibrationInfo, NeuronMap, map_from_scores
@@ -163,12 +164,46 @@ def _generate_batch(model, bos: int, eos: set[int], indexes: Sequence[int], s: C
         decide(r)
 
 
-def journal_header(model, tok, name: str, settings: CalibrationSettings) -> dict:
-    """What decides the texts: a journal is resumed only by a run that would generate the same ones."""
+@torch.inference_mode()
+def weight_digest(model, samples: int = 32) -> str:
+    """A digest of the model's weights that tells two checkpoints of one shape apart (a LoRA merge, another
+    fine-tune, another random init), read cheaply on any device: for every parameter its name, its shape
+    and ``samples`` values at an even stride over it (first and last included), gathered where the
+    parameter lives and read to the host once per device. Gathers are exact, so a model gives the same
+    digest on every device in one dtype. Offloaded (meta) parameters count by name and shape only."""
+    sampled: list[tuple[str, tuple[int, ...], torch.Tensor | None]] = []
+    for name, param in model.named_parameters():
+        flat = param.detach().reshape(-1)
+        n = flat.numel()
+        if n == 0 or flat.device.type == "meta":
+            sampled.append((name, tuple(param.shape), None))
+            continue
+        k = min(samples, n)
+        idx = torch.arange(k, device=flat.device) * (n - 1) // max(k - 1, 1)
+        sampled.append((name, tuple(param.shape), flat[idx].float()))
+    on_host: dict[torch.device, Iterator[torch.Tensor]] = {}
+    for device in {t.device for _, _, t in sampled if t is not None}:
+        parts = [t for _, _, t in sampled if t is not None and t.device == device]
+        on_host[device] = iter(torch.cat(parts).cpu().split([t.numel() for t in parts]))
+    digest = hashlib.sha256()
+    for name, shape, t in sampled:
+        digest.update(f"{name}{list(shape)}".encode())
+        if t is not None:
+            digest.update(next(on_host[t.device]).numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def journal_header(model, tok, name: str, settings: CalibrationSettings, source: str | None = None) -> dict:
+    """What decides the texts: a journal is resumed only by a run that would generate the same ones.
+
+    The model is identified by ``source`` (the resolved folder or file it was loaded from, or its embedded
+    name; default ``name``), its shape and ``weight_digest``: two checkpoints in folders of one name, or of
+    one shape that differ only outside the final norm, never share a journal."""
     s = settings
     fp = fingerprint(model)
     return {
-        "model": name, "shape": fp.config, "weights": [round(float(w), 6) for w in fp.weights[:8]],
+        "model": name, "source": source if source is not None else name, "shape": fp.config,
+        "weight_digest": weight_digest(model),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "bos": tok.bos_token_id, "eos": sorted(_eos_ids(model, tok)), "sampling": list(_sampling_params(model)),
         **{k: getattr(s, k) for k in ("seed", "prompt_tokens", "greedy_tokens", "min_second_occurrence", "context",
@@ -440,15 +475,19 @@ class CalibrationResult:
 
 def calibrate(model, tok, name: str, settings: CalibrationSettings | None = None, progress: bool = True,
               dtype: str | None = None, journal: str | os.PathLike | None = None, resume: bool = True,
-              log_every: float = 30.0) -> CalibrationResult:
+              log_every: float = 30.0, source: str | None = None) -> CalibrationResult:
     """Run the paper's calibration on ``model`` and return the neuron map with what the report needs.
 
     ``journal``: a JSON-lines file that receives every generated text's decision as soon as it is final;
     with ``resume`` (the default) the decisions already in it are read back, so a stopped run continues
-    where it stopped and ends with the map an uninterrupted run makes. Progress is logged at INFO every
-    ``log_every`` seconds while texts are generated."""
+    where it stopped and ends with the map an uninterrupted run makes; a journal of another model (by
+    ``source``, the resolved path or embedded name the model came from, and a digest of its weights) or of
+    other settings is refused. Progress is logged at INFO every ``log_every`` seconds while texts are
+    generated. A ``CalibrationError`` says what to change when the statistics cannot make a loadable map
+    (no positive score; NaN or infinite activations)."""
     s = settings or CalibrationSettings()
-    texts_journal = TextJournal(journal, journal_header(model, tok, name, s), resume) if journal is not None else None
+    texts_journal = (TextJournal(journal, journal_header(model, tok, name, s, source), resume)
+                     if journal is not None else None)
     try:
         return _calibrate(model, tok, name, s, progress, dtype, texts_journal, log_every)
     finally:
@@ -483,6 +522,8 @@ def _calibrate(model, tok, name: str, s: CalibrationSettings, progress: bool, dt
 
     t0 = time.perf_counter()
     pooled = stats.pooled()
+    model_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    check_scores(pooled, len(texts), model_dtype)
     num_selected, num_stored = selection_counts(s, total)
     split_half = split_half_jaccard(stats, num_selected)
     random_layer, random_neuron = random_control(s.seed, total, num_stored, width)
@@ -490,7 +531,7 @@ def _calibrate(model, tok, name: str, s: CalibrationSettings, progress: bool, dt
     info = CalibrationInfo(
         ngram=s.ngram, window=s.window, min_count=s.min_count, context=s.context, prompt_tokens=s.prompt_tokens,
         greedy_tokens=s.greedy_tokens, min_second_occurrence=s.min_second_occurrence, seed=s.seed,
-        dtype=dtype or str(next(model.parameters()).dtype).removeprefix("torch."),
+        dtype=dtype or model_dtype,
         texts_generated=gen.generated, texts_kept=gen.kept,
         texts_with_repeat=gen.with_repeat, batch_size=s.batch_size, sampling_top_k=_sampling_params(model)[0],
         sampling_top_p=_sampling_params(model)[1], select=s.select, positions="BOS is position 0",
@@ -547,5 +588,5 @@ __all__ = [  # the framework-free names are re-exported from repguard.calibratio
     "HELDOUT_OFFSET", "CalibrationError", "CalibrationResult", "CalibrationSettings", "GenerationStats",
     "OnsetWindowStats", "RepetitiveText", "TextDecision", "TextJournal", "calibrate", "collect_onset_stats",
     "deactivation_test", "generate_repetitive_texts", "journal_header", "loop_rate", "parse_select", "top_set",
-    "zeroed",
+    "weight_digest", "zeroed",
 ]

@@ -10,6 +10,7 @@ import shlex
 from pathlib import Path
 
 from ..calibration import CalibrationSettings
+from ..neuron_map import map_sibling
 from .calibrate import CalibrationResult
 
 
@@ -86,15 +87,15 @@ def plot_deactivation(result: CalibrationResult, path: Path) -> Path:
 
 def write_report(result: CalibrationResult, map_path: str | Path, settings: CalibrationSettings,
                  command: list[str] | None = None) -> Path:
-    """Write ``<map stem>.md`` and ``<map stem>-*.png`` next to the map; returns the Markdown path."""
+    """Write ``<map stem>.md`` and ``<map stem>-*.png`` next to the map (the stem: the map's name without
+    ``.safetensors``); returns the Markdown path."""
     map_path = Path(map_path)
-    stem = map_path.with_suffix("")
     nmap, meta = result.map, result.map.meta
     cal = meta.calibration
-    figs = {"layers": plot_layers(result, Path(f"{stem}-layers.png")),
-            "onset": plot_onset(result, Path(f"{stem}-onset.png"))}
+    figs = {"layers": plot_layers(result, map_sibling(map_path, "-layers.png")),
+            "onset": plot_onset(result, map_sibling(map_path, "-onset.png"))}
     if result.deactivation:
-        figs["deactivation"] = plot_deactivation(result, Path(f"{stem}-deactivation.png"))
+        figs["deactivation"] = plot_deactivation(result, map_sibling(map_path, "-deactivation.png"))
     total = meta.num_layers * meta.intermediate_size
     gen = result.generation
     t = result.timings
@@ -158,6 +159,6 @@ def write_report(result: CalibrationResult, map_path: str | Path, settings: Cali
     ]
     if command:
         lines += ["", "## Command", "```", " ".join(shlex.quote(c) for c in command), "```"]
-    out = Path(f"{stem}.md")
+    out = map_sibling(map_path, ".md")
     out.write_text("\n".join(lines) + "\n")
     return out

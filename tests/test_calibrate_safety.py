@@ -1,0 +1,291 @@
+"""``repguard calibrate`` never loses a user's files or mixes runs: a journal of another model is refused, a map
+that would not load is never written (nor the journal dropped), the journal never lands on the map or on a
+file of the user's, the report and journal of ``tiny.seed1`` are not ``tiny``'s, and a journal whose last
+record lost its newline resumes cleanly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from repguard.calibration import CalibrationError, CalibrationSettings, OnsetWindowStats, TextDecision, TextJournal
+from repguard.errors import RepGuardError
+from repguard.neuron_map import NeuronMap, map_from_scores
+
+SMALL = ["--num-texts", "4", "--heldout", "0", "--batch-size", "8", "--select", "4", "--no-progress"]
+
+
+class TinyTok:
+    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+
+
+def _folder(path: Path, seed: int = 0, edit=None) -> Path:
+    """A tiny llama (random init ``seed``; its norms are all 1 whatever the seed) saved as a local folder."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    model = tiny_model("llama", seed=seed)
+    if edit is not None:
+        with torch.no_grad():
+            edit(model)
+    model.save_pretrained(path)
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, 256)}}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="t3")),
+                                  bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="t3")
+    tok.save_pretrained(path)
+    return path
+
+
+def _calibrate(capsys, *argv) -> tuple[int, str, str]:
+    from repguard.cli import main
+
+    capsys.readouterr()
+    rc = main(["calibrate", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _good_map(path: Path) -> bytes:
+    """A loadable map at ``path`` (a previous run's), returned as bytes to compare with later."""
+    score = torch.linspace(-1, 1, 2 * 128).reshape(2, 128)
+    stats = {k: torch.rand(2, 128) for k in ("mean_before", "std_before", "mean_after", "std_after")}
+    meta = dict(model_name="previous", architecture="llama", num_layers=2, intermediate_size=128,
+                hook_point="model.layers.{L}.mlp.act_fn:output", quantity="act", fingerprint="abc",
+                num_selected=0, num_stored=0)
+    map_from_scores(meta, score, stats, 4, 16).save(path)
+    return path.read_bytes()
+
+
+# -- 1. a journal of another model ------------------------------------------------------------------
+
+
+def test_a_journal_of_another_checkpoint_in_a_folder_of_the_same_name_is_refused(tmp_path, capsys):
+    run1 = _folder(tmp_path / "run1" / "final", seed=0)
+    run2 = _folder(tmp_path / "run2" / "final", seed=1)  # same shape, same norms, other weights
+    journal = tmp_path / "texts.jsonl"
+    args = [*SMALL, "--no-report", "--journal", journal, "--keep-journal"]
+    rc, _, err = _calibrate(capsys, "--model", run1, "--out", tmp_path / "a.safetensors", *args)
+    assert rc == 0, err
+    before = journal.read_text()
+
+    rc, out, err = _calibrate(capsys, "--model", run2, "--out", tmp_path / "b.safetensors", *args)
+    assert rc == 2, "model b's map was built from model a's texts"
+    assert str(journal) in err and "--no-resume" in err and "--journal" in err
+    assert "weight_digest" in err and str(run1.resolve()) in err and str(run2.resolve()) in err
+    assert not (tmp_path / "b.safetensors").exists() and journal.read_text() == before
+
+    rc, _, err = _calibrate(capsys, "--model", run2, "--out", tmp_path / "b.safetensors", *args, "--no-resume")
+    assert rc == 0, err
+    assert json.loads(journal.read_text().splitlines()[0])["source"] == str(run2.resolve())
+
+
+def test_two_checkpoints_that_differ_only_outside_the_final_norm_never_share_a_journal(tmp_path):
+    from repguard.hf.calibrate import journal_header
+
+    s = CalibrationSettings(num_texts=4, heldout_texts=0)
+    a = tiny_model("llama", seed=0)
+    fresh = tiny_model("llama", seed=1)  # another random init: its norms are 1 too
+    merged = tiny_model("llama", seed=0)
+    with torch.no_grad():  # a LoRA merge into one MLP projection: W + B @ A
+        merged.model.layers[1].mlp.down_proj.weight += 1e-3 * torch.ones(64, 2) @ torch.ones(2, 128)
+    header = journal_header(a, TinyTok(), "final", s)
+    assert journal_header(tiny_model("llama", seed=0), TinyTok(), "final", s) == header  # the same weights resume
+    for other in (fresh, merged):
+        assert journal_header(other, TinyTok(), "final", s) != header
+
+    path = tmp_path / "texts.jsonl"
+    TextJournal(path, header).close()
+    with pytest.raises(CalibrationError) as info:
+        TextJournal(path, journal_header(merged, TinyTok(), "final", s))
+    message = str(info.value)
+    assert "weight_digest (journal: " in message and "this run: " in message
+    assert "--no-resume" in message and "--journal" in message
+
+
+# -- 2. a map that would not load ------------------------------------------------------------------
+
+
+def _zero_gate(model) -> None:
+    for layer in model.model.layers:
+        layer.mlp.gate_proj.weight.zero_()  # act(gate(x)) is 0 everywhere: no neuron's activation rises
+
+
+def test_a_run_where_no_neuron_scores_positive_fails_and_keeps_the_old_map_and_the_journal(tmp_path, capsys):
+    folder = _folder(tmp_path / "flat", edit=_zero_gate)
+    out = tmp_path / "maps" / "flat.safetensors"
+    out.parent.mkdir()
+    old = _good_map(out)
+    rc, out_text, err = _calibrate(capsys, "--model", folder, "--out", out, *SMALL)
+    assert rc == 2 and "wrote" not in out_text
+    assert "no positive score" in err and "--num-texts" in err and "no map was written" in err
+    assert out.read_bytes() == old  # the previous map is still there, and still loads
+    NeuronMap.load(out)
+    journal = tmp_path / "maps" / "flat.texts.jsonl"
+    assert len(journal.read_text().splitlines()) > 4  # the generated texts are kept for the next run
+    assert sorted(p.name for p in out.parent.iterdir()) == ["flat.safetensors", "flat.texts.jsonl"]  # no temp file
+
+
+def test_an_activation_overflow_fails_with_advice_and_keeps_the_old_map(tmp_path, capsys, monkeypatch):
+    folder = _folder(tmp_path / "model")
+    out = tmp_path / "m.safetensors"
+    old = _good_map(out)
+    add = OnsetWindowStats.add
+
+    def overflowing(self, layer, acts, onsets, *args):  # one neuron overflows at the onset, as float16 does
+        acts = acts.clone()
+        for row, onset in enumerate(onsets):
+            acts[row, onset, 7] = float("inf")
+        return add(self, layer, acts, onsets, *args)
+
+    monkeypatch.setattr(OnsetWindowStats, "add", overflowing)
+    rc, _, err = _calibrate(capsys, "--model", folder, "--out", out, *SMALL)
+    assert rc == 2
+    assert "not finite" in err and "--dtype float32" in err
+    assert out.read_bytes() == old
+    assert (tmp_path / "m.texts.jsonl").is_file()
+
+
+def test_save_never_replaces_a_file_with_a_map_that_would_not_load(tmp_path):
+    path = tmp_path / "m.safetensors"
+    old = _good_map(path)
+    good = NeuronMap.load(path)
+    empty = good._take(0)  # no neurons: load refuses it
+    with pytest.raises(RepGuardError, match="not written.*empty"):
+        empty.save(path)
+    assert path.read_bytes() == old and [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+    stats = {k: torch.rand(2, 8) for k in ("mean_before", "std_before", "mean_after", "std_after")}
+    meta = good.meta.model_dump()
+    with pytest.raises(RepGuardError, match="score_matrix.*no score is positive"):
+        map_from_scores(meta, -torch.rand(2, 8), stats, 4, 8)
+    score = torch.rand(2, 8)
+    score[1, 5] = float("inf")
+    with pytest.raises(RepGuardError, match="score_matrix.*NaN or infinite"):
+        map_from_scores(meta, score, stats, 4, 8)
+
+
+def test_the_random_control_of_a_map_saves_and_loads(tmp_path):
+    score = torch.rand(2, 8)
+    stats = {k: torch.rand(2, 8) for k in ("mean_before", "std_before", "mean_after", "std_after")}
+    meta = dict(model_name="m", architecture="llama", num_layers=2, intermediate_size=8,
+                hook_point="model.layers.{L}.mlp.act_fn:output", quantity="act", fingerprint="abc",
+                num_selected=0, num_stored=0)
+    extra = {"random_layer": torch.tensor([0, 1, 1, 0], dtype=torch.int32),
+             "random_neuron": torch.tensor([3, 4, 5, 6], dtype=torch.int32)}
+    rnd = map_from_scores(meta, score, stats, 3, 8, extra).random_control()
+    back = NeuronMap.load(rnd.save(tmp_path / "random.safetensors"))
+    assert back.meta.score_kind == "random" and back.neuron.tolist() == [3, 4, 5]
+    assert back.std_after.tolist() == [1.0, 1.0, 1.0] and back.mean_after.tolist() == [0.0, 0.0, 0.0]
+
+
+# -- 3. the journal on the map, or on a file of the user's ---------------------------------------------
+
+
+def test_a_journal_at_the_out_path_is_refused_before_any_work(tmp_path, capsys):
+    folder = _folder(tmp_path / "model")
+    out = tmp_path / "m.safetensors"
+    rc, out_text, err = _calibrate(capsys, "--model", folder, "--out", out, *SMALL, "--no-report",
+                                   "--journal", out)
+    assert rc == 2 and "wrote" not in out_text
+    assert "--journal" in err and "--out" in err and "another --journal" in err
+    assert not out.exists()
+
+
+def test_no_resume_never_overwrites_a_file_that_is_not_a_journal(tmp_path, capsys):
+    folder = _folder(tmp_path / "model")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    other_map = tmp_path / "other.safetensors"
+    old = _good_map(other_map)
+    for path, content in ((notes, b"my notes\n"), (other_map, old)):
+        rc, _, err = _calibrate(capsys, "--model", folder, "--out", tmp_path / "m.safetensors", *SMALL,
+                                "--no-report", "--journal", path, "--no-resume")
+        assert rc == 2 and "not a journal" in err and "--journal" in err
+        assert path.read_bytes() == content
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+# -- 4. report and journal paths of a dotted map name -----------------------------------------------------
+
+
+def test_a_dotted_out_name_gets_its_own_report_and_journal(tmp_path, capsys):
+    folder = _folder(tmp_path / "model")
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    theirs = {name: f"another map's {name}".encode() for name in
+              ("tiny.md", "tiny-layers.png", "tiny-onset.png", "tiny.texts.jsonl")}
+    for name, content in theirs.items():
+        (maps / name).write_bytes(content)
+    out = maps / "tiny.seed1"
+    rc, out_text, err = _calibrate(capsys, "--model", folder, "--out", out, *SMALL, "--keep-journal")
+    assert rc == 0, err
+    for name, content in theirs.items():
+        assert (maps / name).read_bytes() == content, f"{name} of another map was overwritten"
+    report = (maps / "tiny.seed1.md").read_text()
+    assert f"wrote {maps / 'tiny.seed1.md'}" in out_text
+    for fig in ("layers", "onset"):
+        png = maps / f"tiny.seed1-{fig}.png"
+        assert png.read_bytes()[:4] == b"\x89PNG" and f"({png.name})" in report
+    assert json.loads((maps / "tiny.seed1.texts.jsonl").read_text().splitlines()[0])["seed"] == 0
+    NeuronMap.load(out)
+
+
+# -- 5. a journal whose last record lost its newline ----------------------------------------------------
+
+
+HEADER = {"model": "m", "seed": 0}
+
+
+def _decided(path: Path) -> list[int]:
+    j = TextJournal(path, HEADER)
+    j.close()
+    return sorted(j.done("calibration"))
+
+
+def test_a_last_record_without_its_newline_is_kept_and_new_records_start_their_own_line(tmp_path):
+    path = tmp_path / "texts.jsonl"
+    j = TextJournal(path, HEADER)
+    j.record("calibration", TextDecision(0, False, 5, None))
+    j.record("calibration", TextDecision(1, False, 7, None))
+    j.close()
+    path.write_bytes(path.read_bytes().rstrip(b"\n"))  # killed between the record and its newline
+
+    j = TextJournal(path, HEADER)
+    assert sorted(j.done("calibration")) == [0, 1]  # the whole record is kept
+    j.record("calibration", TextDecision(2, False, 9, None))
+    j.record("calibration", TextDecision(3, False, 9, None))
+    j.close()
+    assert _decided(path) == [0, 1, 2, 3]
+    assert [json.loads(line)["index"] for line in path.read_text().splitlines()[1:]] == [0, 1, 2, 3]
+
+
+def test_a_torn_last_line_is_cut_off_and_its_text_generated_again(tmp_path):
+    path = tmp_path / "texts.jsonl"
+    j = TextJournal(path, HEADER)
+    j.record("calibration", TextDecision(0, False, 5, None))
+    j.close()
+    whole = path.read_bytes()
+    path.write_bytes(whole + b'{"stream": "calibration", "index": 1, "with_')  # torn by a kill
+    j = TextJournal(path, HEADER)
+    assert sorted(j.done("calibration")) == [0] and path.read_bytes() == whole
+    j.record("calibration", TextDecision(1, True, 8, None))
+    j.close()
+    assert _decided(path) == [0, 1]
+
+
+def test_a_record_without_a_stream_is_a_clear_error(tmp_path):
+    path = tmp_path / "texts.jsonl"
+    j = TextJournal(path, HEADER)
+    j.record("calibration", TextDecision(0, False, 5, None))
+    j.close()
+    lines = path.read_text().splitlines()
+    record = json.loads(lines[1])
+    del record["stream"]
+    path.write_text("\n".join([lines[0], json.dumps(record), lines[1]]) + "\n")
+    with pytest.raises(CalibrationError, match="line 2 is not a calibration text record.*--no-resume"):
+        TextJournal(path, HEADER)
