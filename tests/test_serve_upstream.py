@@ -502,6 +502,20 @@ def test_upstream_failures_are_clean_openai_errors(fake_upstream):
         assert health.status_code == 503 and health.json()["status"] == "upstream_unavailable"
 
 
+def test_a_null_stream_means_not_streamed(fake_upstream):
+    url, _ = fake_upstream
+    with inprocess_proxy(upstream=url) as proxy:
+        for extra in ({}, {"repguard": {"enabled": False}}):
+            resp = httpx.post(proxy + "/v1/completions", timeout=30,
+                              json={"model": "fake", "prompt": "hello", "max_tokens": 3, "stream": None, **extra})
+            assert resp.status_code == 200, resp.text
+            assert resp.headers["content-type"].startswith("application/json")
+            assert resp.json()["choices"][0]["text"].startswith(" w0")
+        bad = httpx.post(proxy + "/v1/completions", timeout=30,
+                         json={"model": "fake", "prompt": "hello", "max_tokens": 3, "stream": "yes"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "stream"
+
+
 def test_start_fails_on_an_unusable_upstream(tmp_path, capsys):
     """``repguard serve --upstream URL --check``: a one-line error naming the URL, exit code 2, when nothing
     listens there or its completions return no token ids."""

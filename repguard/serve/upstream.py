@@ -636,6 +636,8 @@ def build_upstream_router(proxy: UpstreamProxy, settings: ServeSettings) -> APIR
             raise APIError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object", code="invalid_value")
+        if "stream" in body and body["stream"] is None:
+            del body["stream"]  # null means the default (not streamed), as in OpenAI
         if "stream" in body and not isinstance(body["stream"], bool):
             raise APIError(400, "stream: expected true or false", param="stream", code="invalid_value")
         return body
