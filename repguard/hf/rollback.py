@@ -125,11 +125,15 @@ class _MinNewTokens:
 class _Release:
     """Streamer for one pass: hands out each row's tokens once the core policy says they are final."""
 
-    def __init__(self, states, rows: list[int], eos: set[int], release) -> None:
+    def __init__(self, states, rows: list[int], eos: set[int], release, stop_pad: int | None = None) -> None:
         self.states, self.rows, self.eos, self.release = states, rows, eos, release
         self.texts: list[list[int]] = [[] for _ in rows]  # this pass's new tokens per row
         self.done = [False] * len(rows)
         self.prompt_seen = False
+        # A call with stop criteria pads the rows they end: pad tokens wait until a token that is not one
+        # follows (then they were the row's own), and a run of them at the end of the pass is dropped (_trim).
+        self.stop_pad = stop_pad
+        self.pads = [0] * len(rows)
 
     def put(self, value) -> None:
         if not self.prompt_seen:  # the first call carries the prompts
@@ -138,8 +142,15 @@ class _Release:
         for i, token in enumerate(value.reshape(-1).tolist()):
             if self.done[i]:
                 continue
-            self.texts[i].append(int(token))
-            self.done[i] = int(token) in self.eos
+            token = int(token)
+            if token == self.stop_pad:
+                self.pads[i] += 1
+                continue
+            if self.pads[i]:
+                self.texts[i].extend([self.stop_pad] * self.pads[i])
+                self.pads[i] = 0
+            self.texts[i].append(token)
+            self.done[i] = token in self.eos
             self.release(self.rows[i], self.states[i].releasable(self.texts[i]))
 
     def end(self) -> None:
@@ -308,11 +319,60 @@ class _InPlace:
                 self._finish(row)
 
 
-def _trim(ids: list[int], eos: set[int]) -> list[int]:
+def _trim(ids: list[int], eos: set[int], stop_pad: int | None = None) -> list[int]:
+    """A row's tokens up to its first EOS (included); ``stop_pad``: the pad id of a call with stop criteria,
+    which pad the rows they end: a run of it at the end is that padding, not text."""
     for i, t in enumerate(ids):
         if t in eos:
             return ids[: i + 1]
+    if stop_pad is not None:
+        end = len(ids)
+        while end and ids[end - 1] == stop_pad:
+            end -= 1
+        return ids[:end]
     return ids
+
+
+# Settings whose outputs rollback does not return (it returns RollbackOutput: each row's final tokens).
+_OUTPUTS = ("return_dict_in_generate", "output_scores", "output_logits", "output_attentions", "output_hidden_states")
+
+
+def _check_inputs(model, input_ids, attention_mask, max_new_tokens, generate_kwargs) -> None:
+    """ConfigError naming the argument for inputs ``generate_with_rollback`` cannot run."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ConfigError(f"input_ids must be a 2-D tensor of token ids [rows, length], got {shape}")
+    if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
+                                       or tuple(attention_mask.shape) != tuple(input_ids.shape)):
+        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        raise ConfigError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got {shape}")
+    if attention_mask is not None and input_ids.shape[1] and bool((attention_mask.sum(dim=1) == 0).any()):
+        raise ConfigError("attention_mask: a row has no prompt token (every position masked)")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+        raise ConfigError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    gen = generate_kwargs.get("generation_config") or model.generation_config
+
+    def setting(key):
+        return generate_kwargs[key] if key in generate_kwargs else getattr(gen, key, None)
+
+    if (setting("num_return_sequences") or 1) > 1:
+        raise ConfigError("num_return_sequences: rollback decodes one sequence per row of input_ids; repeat the "
+                          "rows (input_ids.repeat_interleave(n, 0)) and sample for several")
+    for key in _OUTPUTS:
+        if setting(key):
+            raise ConfigError(f"{key}: rollback returns each row's final tokens and report (RollbackOutput), not "
+                              "generate's scores or hidden states; drop the setting")
+
+
+def _inferred_mask(input_ids: torch.Tensor, pad: int | None, eos) -> torch.Tensor:
+    """The attention mask ``generate`` infers when none is given: pad tokens masked where the pad id is in the
+    batch and is not an EOS, else every token attended."""
+    eos_ids = eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos]
+    if pad is not None and pad not in eos_ids and bool((input_ids == pad).any()):
+        return input_ids.ne(pad).long()
+    return torch.ones_like(input_ids)
 
 
 def generate_with_rollback(
@@ -342,8 +402,7 @@ def generate_with_rollback(
     where it is not possible); False always runs pass after pass."""
     if overlap not in (None, True, False):
         raise ConfigError(f"overlap must be None, True or False, got {overlap!r}")
-    if max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    _check_inputs(model, input_ids, attention_mask, max_new_tokens, generate_kwargs)
     cfg = config if isinstance(config, GuardConfig) else GuardConfig.from_dict(config)
     if not isinstance(max_rollbacks, int) or max_rollbacks < 0:
         raise ConfigError(f"max_rollbacks must be >= 0, got {max_rollbacks}")
@@ -361,8 +420,6 @@ def generate_with_rollback(
         raise ConfigError(f"on_tokens must be a callable (row, tokens), got {type(on_tokens).__name__}")
     if on_tokens is not None and generate_kwargs.get("streamer") is not None:
         raise ConfigError("pass on_tokens or streamer, not both: rollback streams through on_tokens")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
     # A generation config the caller passes wins over the model's, as in ``generate``; the call's own
     # arguments win over both.
     gen = generate_kwargs.get("generation_config") or model.generation_config
@@ -371,6 +428,9 @@ def generate_with_rollback(
         pad = getattr(gen, "pad_token_id", None)
     if pad is None:
         pad = model.generation_config.pad_token_id
+    if attention_mask is None:
+        attention_mask = _inferred_mask(input_ids, pad, generate_kwargs.get("eos_token_id",
+                                                                            getattr(gen, "eos_token_id", None)))
     if pad is None:
         pad = 0
     user_processors = generate_kwargs.pop("logits_processor", None) or []
@@ -414,6 +474,9 @@ def _run_passes(model, g: Guard, input_ids, attention_mask, prompts, states, pad
     pending = list(range(len(prompts))) if only is None else list(only)
     first = only is None
     eos = set(g.eos)
+    stops = generate_kwargs.get("stopping_criteria") or generate_kwargs.get("stop_strings") or getattr(
+        generate_kwargs.get("generation_config") or model.generation_config, "stop_strings", None)
+    stop_pad = pad if stops and pad not in eos else None  # rows the criteria end are padded from there on
     while pending:
         rows = [prompts[r] + states[r].kept for r in pending]
         width = max(len(r) for r in rows)
@@ -436,14 +499,14 @@ def _run_passes(model, g: Guard, input_ids, attention_mask, prompts, states, pad
         g.configure_rows([states[r].pass_config() for r in pending], histories=[states[r].kept for r in pending])
         streamer = None
         if on_tokens is not None:
-            streamer = _Release([states[r] for r in pending], list(pending), eos, release)
+            streamer = _Release([states[r] for r in pending], list(pending), eos, release, stop_pad)
         caps = [len(prompts[r]) + states[r].max_new_tokens - 1 for r in pending]
         with _prepare_wrapped(model, _position_cap(model, caps, device)):
             out = model.generate(ids, attention_mask=mask, max_new_tokens=step_max, pad_token_id=pad,
                                  logits_processor=processors, streamer=streamer, **kwargs)
         still = []
         for i, r in enumerate(pending):
-            new = _trim(out[i, width:].tolist()[: budgets[i]], eos)
+            new = _trim(out[i, width:].tolist()[: budgets[i]], eos, stop_pad)
             seq = g.runtime.seqs[i] if g.watching else None
             if seq is not None and new and new[-1] not in eos and len(seq.history) == len(states[r].kept) + len(new) - 1:
                 # generate() ends without a forward that would show the guard the row's last token.

@@ -1,0 +1,85 @@
+"""``generate_with_rollback`` takes what ``generate`` takes: a padded batch without a mask is read as
+``generate`` reads it, rows ended by stopping criteria come back without padding, and inputs it cannot run
+are refused by name before anything is decoded."""
+
+import pytest
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from conftest import padded_batch, random_map, tiny_model
+from repguard.errors import ConfigError
+from repguard.hf.rollback import generate_with_rollback
+
+NEW = 30
+EOS = 2
+
+
+def _cut(row: list[int]) -> list[int]:
+    return row[: row.index(EOS) + 1] if EOS in row else row
+
+
+def test_a_padded_batch_without_a_mask_is_read_as_generate_reads_it():
+    model = tiny_model()
+    ids, mask = padded_batch([4, 6, 5, 6, 3, 6, 2, 6])
+    width = ids.shape[1]
+    plain = [_cut(r) for r in model.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0)[:, width:].tolist()]
+    as_text = [_cut(r) for r in model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW,
+                                               do_sample=False, pad_token_id=0)[:, width:].tolist()]
+    for overlap in (None, False):
+        out = generate_with_rollback(model, ids, neuron_map=random_map(model, 32, 64), max_new_tokens=NEW,
+                                     do_sample=False, pad_token_id=0, overlap=overlap)
+        calm = [i for i in range(len(plain)) if out.rollbacks[i] == 0 and not out.reports[i].fired]
+        assert calm and [out.sequences[i] for i in calm] == [plain[i] for i in calm]
+        # the padding read as prompt text would have given other text on some of these rows
+        assert any(plain[i] != as_text[i] for i in calm)
+
+
+class _StopAfter(StoppingCriteria):
+    """Ends row 0 after its third new token (a stop string would, in text)."""
+
+    def __init__(self, start: int) -> None:
+        self.start = start
+
+    def __call__(self, input_ids, scores, **kwargs):
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        done[0] = input_ids.shape[1] - self.start >= 3
+        return done
+
+
+def test_rows_ended_by_stopping_criteria_come_back_without_padding():
+    model = tiny_model()
+    ids, mask = padded_batch([4, 6, 5, 6])
+    width = ids.shape[1]
+    plain = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0,
+                           stopping_criteria=StoppingCriteriaList([_StopAfter(width)]))[:, width:].tolist()
+    assert plain[0][3:] and set(plain[0][3:]) == {0}  # generate pads the row it ended
+    streamed: dict[int, list[int]] = {}
+    out = generate_with_rollback(model, ids, mask, neuron_map=random_map(model, 32, 64), max_new_tokens=NEW,
+                                 do_sample=False, pad_token_id=0,
+                                 stopping_criteria=StoppingCriteriaList([_StopAfter(width)]),
+                                 on_tokens=lambda row, tokens: streamed.setdefault(row, []).extend(tokens), holdback=0)
+    assert out.sequences[0] == plain[0][:3]
+    for i, row in enumerate(out.sequences):
+        assert streamed.get(i, []) == row  # what was handed out is the returned text, no padding in either
+        if out.rollbacks[i] == 0 and not out.reports[i].fired:
+            assert row == _cut(plain[i]) or row == plain[i][:3]
+
+
+@pytest.mark.parametrize("args, kwargs, named", [
+    ((torch.tensor([5, 6, 7]),), {}, "input_ids must be a 2-D tensor"),
+    ((torch.ones(2, 4).long(), torch.ones(2, 5).long()), {}, r"attention_mask must have input_ids' shape \(2, 4\)"),
+    ((torch.ones(2, 4).long(), torch.ones(3, 4).long()), {}, r"attention_mask must have input_ids' shape"),
+    ((torch.ones(2, 4).long(), torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]])), {}, "no prompt token"),
+    ((torch.ones(2, 4).long(),), {"max_new_tokens": "5"}, "max_new_tokens must be an integer"),
+    ((torch.ones(2, 4).long(),), {"max_new_tokens": 5.5}, "max_new_tokens must be an integer"),
+    ((torch.ones(2, 4).long(),), {"num_return_sequences": 3, "do_sample": True}, "num_return_sequences"),
+    ((torch.ones(2, 4).long(),), {"return_dict_in_generate": True}, "return_dict_in_generate"),
+    ((torch.ones(2, 4).long(),), {"output_scores": True, "overlap": False}, "output_scores"),
+])
+def test_inputs_it_cannot_run_are_refused_by_name(args, kwargs, named):
+    model = tiny_model()
+    calls = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(ConfigError, match=named):
+        generate_with_rollback(model, *args, neuron_map=random_map(model), **kwargs)
+    assert not calls
