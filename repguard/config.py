@@ -88,6 +88,21 @@ class GuardConfig(BaseModel):
     stop: bool = Field(True, description="Finish the sequence with reason 'repetition' if the loop survives.")
     stop_after: int = Field(48, ge=1, le=100000, description="Loop tokens under escalation before stopping.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bools_for_numbers(cls, data: Any) -> Any:
+        """True and False are not numbers here (Python and lax validation would take them as 1 and 0)."""
+        if isinstance(data, dict):
+            for key, value in data.items():
+                field = cls.model_fields.get(key) if isinstance(key, str) else None
+                if field is None or field.annotation in (bool, "bool"):
+                    continue
+                items = value if key == "layers" and isinstance(value, (list, tuple)) else [value]
+                if any(isinstance(v, bool) for v in items):
+                    raise ValueError(f"{key}: expected {'layer indexes' if key == 'layers' else 'a number'}, "
+                                     f"got {value!r}")
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> "GuardConfig":
         if self.enabled and not (self.paper_trigger or self.suffix_trigger or self.always_on):

@@ -180,6 +180,7 @@ class RequestGuard:
         self._broken_report: SequenceReport | None = None
         self._last: Submission | None = None  # the last submission handed out
         self._streamed: list[int] = []  # the tokens of ``_last`` taken (up to a cancel)
+        self._chunk_start = 0  # how many of them came before the newest chunk fed (an engine may send several)
         self.state: RollbackState = policy.start(max_new_tokens)
         self.eos = frozenset(int(e) for e in eos_ids)
         self.neuron_step = neuron_step
@@ -253,12 +254,16 @@ class RequestGuard:
         with ``finish("stop", stop)``) while this is True: the first few tokens of each resubmission."""
         longest = max((len(s) for s in stops), default=0)
         return (not self.done and self._last is not None and self._last.index > 0
-                and 0 < len(self._streamed) <= longest)
+                and 0 < len(self._streamed) and self._chunk_start < longest)
 
     def finish(self, finish_reason: str, stop_reason: str | int | None = None) -> None:
         """The adapter ends the request here, with the tokens decided so far (a stop string it found in
-        their text); the submission running, if any, is over. Nothing once the request is done."""
+        their text); the submission running, if any, is over. Once the request is done, only a stop found on
+        the token that ended it at its length changes it: that request ends with "stop", as an engine, which
+        checks stop strings before the length, ends it."""
         if self.done:
+            if self.finish_reason == "length" and finish_reason == "stop":
+                self.finish_reason, self.stop_reason = "stop", stop_reason
             return
         self.stop_reason = stop_reason
         if self.broken:
@@ -297,7 +302,7 @@ class RequestGuard:
         return self._current
 
     def _handed(self, sub: Submission) -> None:
-        self._last, self._streamed = sub, []
+        self._last, self._streamed, self._chunk_start = sub, [], 0
 
     def _next_submission(self) -> Submission:
         cfg = self.state.pass_config()
@@ -323,6 +328,7 @@ class RequestGuard:
         self.decoded += len(tokens)
         if sub is not self._current:
             return True
+        self._chunk_start = len(self._streamed)
         if self.broken:
             return self._pass_through(tokens)
         taken = len(self._streamed)
@@ -405,6 +411,8 @@ class RequestGuard:
             return self.feed(sub, tokens)
         if finish_reason == "stop" and tokens:
             if not self.feed(sub, tokens[:-1]):
+                if isinstance(stop_reason, str) and tokens[-1] in self.pending_penalties and self.feed(sub, tokens[-1:]):
+                    return True  # a pick the policy penalises completed a stop string: that position is decoded again
                 self.end(sub, "stop", stop_reason, tail=tokens[-1:])
             return True
         if not self.feed(sub, tokens):
@@ -423,7 +431,7 @@ class RequestGuard:
         else:
             self._streamed.extend(tail)
             self._pass.extend(tail)
-        if sub.max_tokens == 1 and finish_reason == "length":
+        if sub.max_tokens == 1 and finish_reason == "length" and self._streamed:
             self._current = None  # the step's one token was fed: continue
             return
         self.stop_reason = stop_reason

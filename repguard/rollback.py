@@ -101,9 +101,8 @@ class RollbackPolicy:
                  **overrides: Any) -> None:
         self.config = config if isinstance(config, GuardConfig) else GuardConfig.from_dict(config)
         base = settings if isinstance(settings, RollbackConfig) else RollbackConfig.from_dict(settings)
-        self.settings = base.model_copy(update=overrides) if overrides else base
-        if overrides:
-            self.settings = RollbackConfig.from_dict(self.settings.model_dump())
+        # Overrides are validated with the rest (an unknown or misspelled key is refused, not dropped).
+        self.settings = RollbackConfig.from_dict({**base.model_dump(), **overrides}) if overrides else base
         self._token_level: RollbackPolicy | None = None
         st = self.settings
         self.repair: RepeatPenalty | None = None
@@ -112,12 +111,20 @@ class RollbackPolicy:
                                         st.repair_window)
         cfg = self.config
         if st.watch_window is not None and st.watch_window != cfg.window:
-            cfg = cfg.replace(window=st.watch_window)  # ConfigError when shorter than the n-gram
+            try:
+                cfg = cfg.replace(window=st.watch_window)
+            except ConfigError as exc:
+                raise ConfigError(f"watch_window ({st.watch_window}) does not fit the guard config (ngram "
+                                  f"{cfg.ngram}): {exc}") from None
         # The first pass decides which sequences are touched at all.
         self.first = cfg.replace(suffix_trigger=False, paper_trigger=True) if st.precise_trigger else cfg
         redecode = cfg
         if st.redecode_max_period is not None and redecode.suffix_trigger:
-            redecode = redecode.replace(max_period=st.redecode_max_period)
+            try:
+                redecode = redecode.replace(max_period=st.redecode_max_period)
+            except ConfigError as exc:
+                raise ConfigError(f"redecode_max_period ({st.redecode_max_period}) does not fit the guard config "
+                                  f"(min_repeat {cfg.min_repeat}): {exc}") from None
         self._configs = (
             # Watch only; end the pass the moment a loop is confirmed.
             self.first.replace(deactivate=False, escalate=False, stop=True, always_on=False),

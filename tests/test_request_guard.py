@@ -436,3 +436,73 @@ def test_the_device_form_of_the_repair_penalty_is_the_same_rule():
             expected[token] = amount
         assert torch.equal(rule.penalty_row(torch.tensor(ids, dtype=torch.long), vocab), expected), (ids, rule)
     assert RepeatPenalty(1.0, 2.0, 2).penalty_row(torch.tensor([5, 6, 7, 8, 5, 6, 7]), 10)[8] == 2.0
+
+
+# -- stop strings and one-token steps at a resubmission's edges ---------------------------------------------
+
+LOOP = list(range(5, 17))
+
+
+def _rolled_back(**policy) -> RequestGuard:
+    """A greedy request whose loop was confirmed and rolled back to 14 kept tokens (1 2 5..16); its one-token
+    ban step is the submission to send."""
+    g = RequestGuard(RollbackPolicy(max_rollbacks=1, **policy), max_new_tokens=100, greedy=True)
+    assert g.feed(g.next_submission(), [1, 2] + LOOP * 3)
+    return g
+
+
+def _chars(ids) -> str:  # one character per id: 500 is 'a', 501 'b', the rest other letters
+    return "".join({500: "a", 501: "b"}.get(t, chr(0x100 + t % 200)) for t in ids)
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_a_stop_string_across_a_resubmissions_start_is_looked_for_whatever_the_chunk_size(chunk):
+    """An engine may send several tokens in one output (vLLM merges the outputs a slow reader has not taken):
+    a stop string begun before the resubmission and ended in its first chunk is still looked for."""
+    g = _rolled_back()
+    step = g.next_submission()
+    assert step.max_tokens == 1
+    g.feed(step, [500])  # 'a'
+    g.feed(g.next_submission(), [501, 900, 901][:chunk])  # 'b' first
+    assert "ab" in _chars(g.tokens)
+    assert g.stop_may_straddle(["ab"])
+
+
+def test_a_penalised_pick_that_completes_a_stop_string_is_decoded_again():
+    g = _rolled_back()
+    g.feed(g.next_submission(), [300])  # the ban step
+    full = g.next_submission()
+    g.feed(full, [5, 6])  # repeats "5 6" of the kept text: a next 7 is penalised
+    assert 7 in g.pending_penalties
+    assert g.feed_output(full, [7], "stop", "</end>")  # the engine stopped on a stop string 7 completed
+    assert not g.done
+    step = g.next_submission()  # the same position again, with 7 penalised
+    assert step.max_tokens == 1 and list(step.generated[-2:]) == [5, 6] and step.bias.get(7, 0) < 0
+
+
+def test_a_one_token_step_the_engine_ends_with_no_token_ends_the_request():
+    """A step that returns no token (its context is full) is not sent again, unchanged, forever."""
+    g = _rolled_back()
+    step = g.next_submission()
+    assert step.max_tokens == 1
+    g.feed_output(step, [], "length")
+    assert g.done and g.finish_reason == "length" and g.next_submission() is None
+
+
+def test_rollback_settings_are_checked_by_name():
+    with pytest.raises(ConfigError, match="max_rollback: Extra inputs"):
+        RollbackPolicy(max_rollback=0)  # misspelled: refused, not dropped
+    with pytest.raises(ConfigError, match=r"watch_window \(11\)"):
+        RollbackPolicy(watch_window=11)
+    with pytest.raises(ConfigError, match=r"redecode_max_period \(256\)"):
+        RollbackPolicy(GuardConfig(max_period=300, min_repeat=1100))
+    assert RollbackPolicy(max_rollbacks=0).max_rollbacks == 0
+
+
+@pytest.mark.parametrize("field, value", [("stop_after", True), ("k", True), ("deactivate_window", False),
+                                          ("penalty_multiplier", True), ("layers", (True, False))])
+def test_true_and_false_are_not_numbers_in_guard_settings(field, value):
+    with pytest.raises(ConfigError, match=field):
+        GuardConfig(**{field: value})
+    with pytest.raises(ConfigError, match=field):
+        GuardConfig.from_dict({field: value})

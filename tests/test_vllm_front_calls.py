@@ -49,9 +49,11 @@ class _Engine:
             p = r["params"]
             token = _next(r["prompt"] + r["gen"], p.logit_bias)
             r["gen"].append(token)
-            done = len(r["gen"]) >= p.max_tokens
-            o = SimpleNamespace(token_ids=[token], text=f"<{token}>", finish_reason="length" if done else None,
-                                stop_reason=None)
+            own = "".join(f"<{t}>" for t in r["gen"])  # an engine searches its own new text for stop strings
+            stop = next((x for x in (p.stop or []) if x in own), None)
+            done = stop is not None or len(r["gen"]) >= p.max_tokens
+            o = SimpleNamespace(token_ids=[token], text=f"<{token}>", stop_reason=stop,
+                                finish_reason="stop" if stop is not None else "length" if done else None)
             outs.append(SimpleNamespace(request_id=rid, prompt_token_ids=r["prompt"], num_cached_tokens=0,
                                         outputs=[o], finished=done))
             if done:
@@ -126,3 +128,14 @@ def test_no_sampling_params_means_the_models_defaults_as_in_vllm():
     front = GuardedLLM(_LLM(defaults=SamplingParams(temperature=0, max_tokens=24)))
     (out,) = front.generate("a", None)
     assert len(out.token_ids) == 24 and out.report["rollbacks"] >= 1
+
+
+def test_a_stop_string_completed_by_a_one_token_step_ends_the_request_there():
+    """The kept text ends "...<14>", the ban step's token is "<2..>": the stop string "><2" spans the two, which
+    the engine, searching its own new text, cannot see. The request ends on the step's token, as vLLM ends a
+    request on the token that completes a stop string."""
+    front = GuardedLLM(_LLM())
+    (out,) = front.generate(["a"], SamplingParams(temperature=0, max_tokens=60, stop=["><2"]))
+    assert (out.finish_reason, out.stop_reason) == ("stop", "><2")
+    assert out.token_ids[:5] == [10, 11, 12, 13, 14] and len(out.token_ids) == 6 and out.token_ids[5] >= 200
+    assert out.text == "<10><11><12><13><14"

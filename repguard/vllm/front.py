@@ -333,7 +333,7 @@ class GuardedLLM(_Front):
                 if sub.index == 0 and o is not None:
                     r["text"] += o.text
                 cancel = _feed(rg, sub, tokens, out.finished, o)
-                if sub.index and not out.finished and r["params"].stop:
+                if sub.index and r["params"].stop:  # finished outputs too: a one-token step always is
                     tokenizer = tokenizer or _tokenizer_of(self.llm)
                     if tokenizer is not None:
                         cancel = _stop_across(rg, r["params"], r["ids"], tokenizer.decode) or cancel
@@ -473,7 +473,7 @@ class GuardedAsyncLLM(_Front):
                         if sub.index == 0 and o is not None:
                             text0 += o.text
                         cancel = _feed(rg, sub, list(o.token_ids) if o else [], out.finished, o)
-                        if sub.index and not out.finished and sampling_params.stop:
+                        if sub.index and sampling_params.stop:  # finished outputs too: a one-token step always is
                             tok = await self._get_tokenizer()
                             decode = tok.decode if tok is not None else None
                             cancel = _stop_across(rg, sampling_params, prompt_ids, decode) or cancel
