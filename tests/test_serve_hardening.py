@@ -336,3 +336,95 @@ def test_non_finite_server_settings_are_refused(field, value):
 def test_a_body_that_is_not_utf8_is_a_400(client):
     for body in (b"\x80", b'{"prompt": "\xff\xfe"}'):
         assert _err(client.post("/v1/completions", content=body, headers=JSON), 400)["code"] == "invalid_json"
+
+
+def _completion(client, body: dict) -> tuple[str, str, int]:
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    return choice["text"], choice["finish_reason"], r.json()["usage"]["completion_tokens"]
+
+
+def test_a_stop_string_the_last_allowed_token_completes_ends_the_request_as_with_the_guard_off(client):
+    """The budget's last token completes a stop string: the guard off cuts it and says "stop"; so must the
+    guard, rollback included (it kept the string and said "length")."""
+    off = {"preset": "off"}
+    cases = 0
+    for prompt in ("hello", "Once upon a time", "the dog ran", "tell me"):
+        for n in (3, 8):
+            base = {"prompt": prompt, "max_tokens": n, "temperature": 0}
+            full = _completion(client, {**base, "repguard": off})[0]
+            before = _completion(client, {**base, "max_tokens": n - 1, "repguard": off})[0]
+            stop = next((full[-k:] for k in (1, 2, 3) if len(full) >= k and full[-k:] not in full[:-1]
+                         and "\ufffd" not in full[-k:] and full.startswith(before)), None)
+            if stop is None:
+                continue
+            cases += 1
+            body = {**base, "stop": [stop]}
+            expected = _completion(client, {**body, "repguard": off})
+            assert expected[1] == "stop" and stop not in expected[0]
+            for guard in ({}, {"rollback": False}, {"holdback": 0}):
+                assert _completion(client, {**body, "repguard": guard}) == expected, (body, guard)
+    assert cases >= 3, "precondition: prompts whose last token completes a stop string"
+
+
+def test_guard_settings_that_make_no_rollback_policy_are_a_400_not_a_500(client):
+    bad = {"max_period": 300, "min_repeat": 1100}  # valid alone; re-decodes watch periods up to 256
+    for stream in (False, True):
+        r = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "stream": stream, "repguard": bad})
+        assert "redecode_max_period" in _err(r, 400, "repguard")["message"]
+    r = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "repguard": {**bad, "rollback": False}})
+    assert r.status_code == 200, r.text
+
+
+def test_server_settings_that_make_no_rollback_policy_stop_the_start(tiny):
+    folder, nmap = tiny
+    for extra, named in (({"guard": {"max_period": 300, "min_repeat": 1100}}, "redecode_max_period"),
+                         ({"rollback": {"watch_window": 11}}, "watch_window")):
+        settings = load_settings({"model": str(folder), "neuron_map": str(nmap), "threads": 1, **extra}, env={})
+        with pytest.raises(ConfigError, match=named):
+            build_engine(settings)
+
+
+@pytest.mark.parametrize("raw", [
+    "[" * 5000 + "]" * 5000,
+    '{"prompt": "hi", "stop": ' + "[" * 2000 + "]" * 2000 + "}",
+    '{"prompt": "hi", "max_tokens": ' + "9" * 5000 + "}",  # past Python's 4300-digit limit on int()
+    '{"prompt": "hi", "seed": ' + "1" * 5000 + "}",
+])
+def test_bodies_python_cannot_parse_are_a_400(engine, settings, raw):
+    roomy = settings.model_copy(update={"max_body_bytes": 1 << 20})
+    with TestClient(create_app(engine, roomy, close_engine=False)) as client:
+        before = _requests("completions", 500)
+        r = client.post("/v1/completions", content=raw.encode(), headers=JSON)
+        _err(r, 400)
+        assert _requests("completions", 500) == before
+
+
+def test_a_client_gone_while_sending_its_body_counts_as_499_without_a_traceback(engine, settings, caplog):
+    import asyncio
+
+    app = create_app(engine, settings, close_engine=False)
+    body = json.dumps({"prompt": "hello", "max_tokens": 4}).encode()
+    parts = [{"type": "http.request", "body": body[:10], "more_body": True}]
+    sent = []
+
+    async def receive():
+        return parts.pop(0) if parts else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+             "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8000),
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+    before = (_requests("completions", 499), _requests("completions", 500))
+    asyncio.run(app(scope, receive, send))
+    assert (_requests("completions", 499), _requests("completions", 500)) == (before[0] + 1, before[1])
+    assert not [r for r in caplog.records if "unhandled" in r.getMessage()]
+
+
+def test_more_prompts_than_a_batch_holds_names_the_prompt(client):
+    r = client.post("/v1/completions", json={"prompt": ["a"] * 9, "max_tokens": 2})
+    assert "9 prompts exceed the batch size 8" in _err(r, 400, "prompt")["message"]

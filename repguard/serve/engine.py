@@ -90,6 +90,7 @@ class GenerationRequest:
     loop: asyncio.AbstractEventLoop | None = None
     queue: asyncio.Queue | None = None
     started: bool = False  # some choice ran in a batch
+    first_token_at: float | None = None  # when the request's first token was decoded (its time to first token)
     open: int = 0  # choices not finished yet
     batches: int = 0  # batches it ran in (seeded requests derive each batch's seed from it)
 
@@ -237,6 +238,9 @@ class _BatchTracker(StoppingCriteria, BaseStreamer):
                 slot.stopped = True
                 self.engine._drop(ch)
                 continue
+            if ch.request.first_token_at is None:  # decoded now, whenever it is sent (a response not streamed)
+                ch.request.first_token_at = time.perf_counter()
+                self.engine._observe_ttft(ch.request)
             if ch.mode == "rollback":
                 self._feed_rollback(slot, newest[i])
                 if not slot.stopped and ch.request.greedy:
@@ -276,8 +280,10 @@ class _BatchTracker(StoppingCriteria, BaseStreamer):
         rg, sub = ch.guard, ch.sub
         ch.fed.append(token)
         over = rg.feed(sub, [token])
-        # The token was taken (not rolled back nor re-decoded), though it may have ended a one-token step:
-        accepted = not rg.done and len(rg.tokens) == len(sub.generated) + len(ch.fed)
+        # The token was taken (not rolled back nor re-decoded), though it may have ended a one-token step, or
+        # the request at its length (a stop string it completes then ends it with "stop"):
+        accepted = ((not rg.done or rg.finish_reason == "length")
+                    and len(rg.tokens) == len(sub.generated) + len(ch.fed))
         if accepted and req.stop:  # a stop string in the text decided so far ends the request, as an engine does
             text = self.tok.decode(rg.tokens, skip_special_tokens=True)
             stop = find_stop(text, req.stop)
@@ -370,6 +376,11 @@ class Engine:
             except ConfigError as exc:
                 raise ConfigError(f"guard.{exc} (or turn rollback off: rollback {{\"enabled\": false}})") from None
         self._policies: dict[tuple, RollbackPolicy] = {}
+        if self.rollback.enabled and self.default_guard.enabled:
+            try:  # and so do the guard and rollback settings that make no policy together
+                self.policy(self.default_guard, None)
+            except ConfigError as exc:
+                raise ConfigError(f"guard and rollback settings: {exc}") from None
         self.eos = set(guard.eos) | set(token_id_list(tokenizer.eos_token_id))
         # Finished rows are padded with EOS, so the guard stops watching them (it ignores rows after EOS).
         self.pad_id = min(self.eos) if self.eos else tokenizer.pad_token_id
@@ -558,6 +569,12 @@ class Engine:
         except Exception:  # metrics never take a request down
             log.exception("repguard: could not record metrics")
         self._announce(ch, report, len(out))
+
+    def _observe_ttft(self, req: GenerationRequest) -> None:
+        try:
+            server_metrics.SERVER_TTFT.labels(self.model_name).observe(req.first_token_at - req.admitted)
+        except Exception:  # metrics never take a request down
+            log.exception("repguard: could not record metrics")
 
     def _record(self, report) -> None:
         try:

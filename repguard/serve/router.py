@@ -23,8 +23,10 @@ from typing import Any, AsyncIterator, Callable
 
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from . import metrics as server_metrics
 from ..config import GuardConfig
@@ -123,13 +125,19 @@ async def check_strings(request: Request) -> None:
     """400 for a JSON body holding a lone UTF-16 surrogate ("\\ud800"): it is not text, and no tokenizer takes it."""
     if request.method not in ("POST", "PUT", "PATCH"):
         return
+    too_deep = APIError(400, "the request body is not valid JSON here: it is nested too deeply", code="invalid_json")
     try:
         data = await request.json()  # cached: the route's own parsing reuses it
     except UnicodeDecodeError:  # FastAPI would let this one through as a 500
         raise APIError(400, "the request body is not valid JSON: it is not UTF-8 text", code="invalid_json") from None
+    except RecursionError:  # so would this one (about a thousand levels)
+        raise too_deep from None
     except ValueError:
         return  # the route answers invalid JSON itself
-    where = _surrogate_at(data)
+    try:
+        where = _surrogate_at(data)
+    except RecursionError:
+        raise too_deep from None
     if where:
         raise APIError(400, f"{where}: contains a lone UTF-16 surrogate, which is not valid Unicode text",
                        param=where.split(".")[0], code="invalid_value")
@@ -159,6 +167,13 @@ class OpenAIRoute(APIRoute):
                 response = validation_error(exc).response()
             except APIError as exc:
                 response = exc.response()
+            except ClientDisconnect:  # the client went away while sending its body: nothing to answer
+                request.state.repguard_status = CLIENT_CLOSED
+                response = Response(status_code=CLIENT_CLOSED)
+            except HTTPException as exc:  # raised by the framework itself (an integer too long to parse, ...)
+                response = APIError(exc.status_code, str(exc.detail),
+                                    type="invalid_request_error" if exc.status_code < 500 else "server_error",
+                                    code="invalid_value" if exc.status_code < 500 else None).response()
             except Exception:
                 log.exception("repguard: unhandled error")
                 response = APIError(500, "internal server error", type="server_error").response()
@@ -219,12 +234,13 @@ def build_router(engine: Engine, settings: ServeSettings | None = None) -> APIRo
             raise APIError(404, f"the model '{model_id}' does not exist", param="model", code="model_not_found")
         return model_card()
 
-    def check_guard(cfg: GuardConfig | None, rollback: bool | None) -> None:
+    def check_guard(cfg: GuardConfig | None, rollback: bool | None, holdback: int | None = None) -> None:
         """Settings that validate alone but cannot work on this model (they would guard nothing), or that
-        rollback cannot run (it watches generated tokens only)."""
+        rollback cannot run (it watches generated tokens only, and makes its re-decode settings from them)."""
         if engine.uses_rollback(cfg, rollback):
             try:
                 check_request_config(cfg or engine.default_guard)
+                engine.policy(cfg or engine.default_guard, holdback)
             except ConfigError as exc:
                 raise APIError(400, f"repguard.{exc} (or send \"rollback\": false for the single pass)",
                                param="repguard", code="invalid_value") from None
@@ -241,7 +257,7 @@ def build_router(engine: Engine, settings: ServeSettings | None = None) -> APIRo
         if body.model is not None and body.model != name:
             raise APIError(404, f"the model '{body.model}' does not exist; this server serves '{name}'",
                            param="model", code="model_not_found")
-        check_guard(body.repguard, body.rollback)
+        check_guard(body.repguard, body.rollback, body.holdback)
         max_tokens = max_tokens if max_tokens is not None else settings.default_max_tokens
         if max_tokens > settings.max_tokens_limit:
             raise APIError(400, f"max_tokens: {max_tokens} exceeds this server's limit of {settings.max_tokens_limit}",
@@ -249,6 +265,9 @@ def build_router(engine: Engine, settings: ServeSettings | None = None) -> APIRo
         if body.n > settings.max_n:
             raise APIError(400, f"n: at most {settings.max_n}", param="n", code="invalid_value")
         if body.n * len(prompts) > engine.max_batch_size:
+            if body.n == 1:
+                raise APIError(400, f"prompt: {len(prompts)} prompts exceed the batch size {engine.max_batch_size} "
+                               "(rows per batch); send them in several requests", param="prompt", code="invalid_value")
             raise APIError(400, f"n x prompts = {body.n * len(prompts)} exceeds the batch size "
                            f"{engine.max_batch_size}", param="n", code="invalid_value")
         for ids in prompts:
@@ -278,7 +297,6 @@ def build_router(engine: Engine, settings: ServeSettings | None = None) -> APIRo
 
     async def events(req: GenerationRequest, request: Request | None) -> AsyncIterator[dict[str, Any]]:
         """The request's events until done; with ``request``, cancel it if the client goes away."""
-        first = True
         checked = time.monotonic()
         while True:
             if request is None:
@@ -297,9 +315,6 @@ def build_router(engine: Engine, settings: ServeSettings | None = None) -> APIRo
                     continue
             if ev["type"] == "done":
                 return
-            if first and ev["type"] in ("delta", "finish"):
-                first = False
-                server_metrics.SERVER_TTFT.labels(name).observe(time.perf_counter() - req.admitted)
             yield ev
 
     def guard_enabled(body) -> bool:
