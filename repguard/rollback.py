@@ -33,6 +33,7 @@ Framework adapters only run the passes. Nothing here imports a framework.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -168,8 +169,9 @@ class RollbackPolicy:
         return None
 
     def start(self, max_new_tokens: int) -> "RollbackState":
-        if max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        max_new_tokens = int(max_new_tokens)
         return RollbackState(self, max_new_tokens)
 
 

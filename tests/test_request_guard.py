@@ -506,3 +506,15 @@ def test_true_and_false_are_not_numbers_in_guard_settings(field, value):
         GuardConfig(**{field: value})
     with pytest.raises(ConfigError, match=field):
         GuardConfig.from_dict({field: value})
+
+
+@pytest.mark.parametrize("budget", [True, 2.5, float("nan"), None, "5", 0])
+def test_a_budget_that_is_not_a_positive_integer_is_refused_by_name(budget):
+    with pytest.raises(ConfigError, match="max_new_tokens must be an integer >= 1"):
+        RequestGuard(RollbackPolicy(), max_new_tokens=budget)
+
+
+def test_a_numpy_integer_budget_is_an_integer():
+    np = pytest.importorskip("numpy")
+    g = RequestGuard(RollbackPolicy(), max_new_tokens=np.int64(5))
+    assert g.next_submission().max_tokens == 5 and type(g.next_submission().max_tokens) is int

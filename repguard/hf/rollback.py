@@ -35,6 +35,7 @@ with finish reason "repetition".
 
 from __future__ import annotations
 
+import numbers
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -348,7 +349,7 @@ def _check_inputs(model, input_ids, attention_mask, max_new_tokens, generate_kwa
         raise ConfigError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got {shape}")
     if attention_mask is not None and input_ids.shape[1] and bool((attention_mask.sum(dim=1) == 0).any()):
         raise ConfigError("attention_mask: a row has no prompt token (every position masked)")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral):
         raise ConfigError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -403,6 +404,7 @@ def generate_with_rollback(
     if overlap not in (None, True, False):
         raise ConfigError(f"overlap must be None, True or False, got {overlap!r}")
     _check_inputs(model, input_ids, attention_mask, max_new_tokens, generate_kwargs)
+    max_new_tokens = int(max_new_tokens)  # a numpy integer, say
     cfg = config if isinstance(config, GuardConfig) else GuardConfig.from_dict(config)
     if not isinstance(max_rollbacks, int) or max_rollbacks < 0:
         raise ConfigError(f"max_rollbacks must be >= 0, got {max_rollbacks}")
