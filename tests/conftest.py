@@ -49,6 +49,25 @@ def tiny_model(arch: str = "llama", seed: int = 0):
     return model
 
 
+def tiny_folder(path, seed: int = 0, edit=None):
+    """A tiny llama (random init ``seed``; ``edit(model)`` may change its weights first) saved as a local
+    Hugging Face folder at ``path``, with a word-level tokenizer of its 256 ids."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    model = tiny_model("llama", seed=seed)
+    if edit is not None:
+        with torch.no_grad():
+            edit(model)
+    model.save_pretrained(path)
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, 256)}}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="t3")),
+                                  bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="t3")
+    tok.save_pretrained(path)
+    return path
+
+
 def padded_batch(lengths, seed: int = 3):
     """(input_ids, attention_mask): random prompts of ``lengths`` tokens, left-padded with 0 to the longest."""
     g = torch.Generator().manual_seed(seed)

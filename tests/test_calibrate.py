@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import tiny_folder, tiny_model
 from repguard.detect import find_repetition
 from repguard.hf.calibrate import (
     CalibrationSettings, TextJournal, calibrate, generate_repetitive_texts, journal_header, loop_rate, zeroed,
@@ -139,23 +139,8 @@ def test_loop_rate_counts_prompts_whose_continuation_repeats(one_thread):
     assert alone == [1.0] * len(prompts)
 
 
-def _tiny_folder(path: Path) -> Path:
-    """A tiny llama saved as a local Hugging Face folder, with a word-level tokenizer."""
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast
-
-    model = tiny_model("llama")
-    model.save_pretrained(path)
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, 256)}}
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="t3")),
-                                  bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="t3")
-    tok.save_pretrained(path)
-    return path
-
-
 def test_cli_writes_map_and_report_for_a_local_model_folder(tmp_path):
-    folder = _tiny_folder(tmp_path / "tiny-model")
+    folder = tiny_folder(tmp_path / "tiny-model")
     out = tmp_path / "maps" / "tiny.safetensors"
     proc = subprocess.run(
         [sys.executable, "-m", "repguard.cli", "calibrate", "--model", str(folder), "--out", str(out),
@@ -245,7 +230,7 @@ def test_a_calibration_killed_mid_run_resumes_from_its_journal_to_the_same_map(t
     from repguard.cli import main
     from repguard.hf import calibrate as cal
 
-    folder = _tiny_folder(tmp_path / "tiny-model")
+    folder = tiny_folder(tmp_path / "tiny-model")
     args = ["--model", str(folder), "--num-texts", "8", "--heldout", "4", "--batch-size", "8", "--select", "4",
             "--no-report", "--no-progress"]
     assert main(["calibrate", "--out", str(tmp_path / "whole.safetensors"), *args]) == 0
@@ -282,7 +267,7 @@ def test_a_calibration_killed_mid_run_resumes_from_its_journal_to_the_same_map(t
 def test_a_journal_written_for_other_settings_is_refused_by_name(tmp_path, capsys):
     from repguard.cli import main
 
-    folder = _tiny_folder(tmp_path / "tiny-model")
+    folder = tiny_folder(tmp_path / "tiny-model")
     out = tmp_path / "m.safetensors"
     args = ["--model", str(folder), "--out", str(out), "--num-texts", "4", "--heldout", "0", "--batch-size", "8",
             "--select", "4", "--no-report", "--no-progress"]

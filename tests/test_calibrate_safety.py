@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import tiny_folder, tiny_model
 from repguard.calibration import CalibrationError, CalibrationSettings, OnsetWindowStats, TextDecision, TextJournal
 from repguard.errors import RepGuardError
 from repguard.neuron_map import NeuronMap, map_from_scores
@@ -21,24 +21,6 @@ SMALL = ["--num-texts", "4", "--heldout", "0", "--batch-size", "8", "--select", 
 
 class TinyTok:
     bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
-
-
-def _folder(path: Path, seed: int = 0, edit=None) -> Path:
-    """A tiny llama (random init ``seed``; its norms are all 1 whatever the seed) saved as a local folder."""
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast
-
-    model = tiny_model("llama", seed=seed)
-    if edit is not None:
-        with torch.no_grad():
-            edit(model)
-    model.save_pretrained(path)
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, 256)}}
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="t3")),
-                                  bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="t3")
-    tok.save_pretrained(path)
-    return path
 
 
 def _calibrate(capsys, *argv) -> tuple[int, str, str]:
@@ -65,8 +47,8 @@ def _good_map(path: Path) -> bytes:
 
 
 def test_a_journal_of_another_checkpoint_in_a_folder_of_the_same_name_is_refused(tmp_path, capsys):
-    run1 = _folder(tmp_path / "run1" / "final", seed=0)
-    run2 = _folder(tmp_path / "run2" / "final", seed=1)  # same shape, same norms, other weights
+    run1 = tiny_folder(tmp_path / "run1" / "final", seed=0)
+    run2 = tiny_folder(tmp_path / "run2" / "final", seed=1)  # same shape, same norms, other weights
     journal = tmp_path / "texts.jsonl"
     args = [*SMALL, "--no-report", "--journal", journal, "--keep-journal"]
     rc, _, err = _calibrate(capsys, "--model", run1, "--out", tmp_path / "a.safetensors", *args)
@@ -116,7 +98,7 @@ def _zero_gate(model) -> None:
 
 
 def test_a_run_where_no_neuron_scores_positive_fails_and_keeps_the_old_map_and_the_journal(tmp_path, capsys):
-    folder = _folder(tmp_path / "flat", edit=_zero_gate)
+    folder = tiny_folder(tmp_path / "flat", edit=_zero_gate)
     out = tmp_path / "maps" / "flat.safetensors"
     out.parent.mkdir()
     old = _good_map(out)
@@ -131,7 +113,7 @@ def test_a_run_where_no_neuron_scores_positive_fails_and_keeps_the_old_map_and_t
 
 
 def test_an_activation_overflow_fails_with_advice_and_keeps_the_old_map(tmp_path, capsys, monkeypatch):
-    folder = _folder(tmp_path / "model")
+    folder = tiny_folder(tmp_path / "model")
     out = tmp_path / "m.safetensors"
     old = _good_map(out)
     add = OnsetWindowStats.add
@@ -187,7 +169,7 @@ def test_the_random_control_of_a_map_saves_and_loads(tmp_path):
 
 
 def test_a_journal_at_the_out_path_is_refused_before_any_work(tmp_path, capsys):
-    folder = _folder(tmp_path / "model")
+    folder = tiny_folder(tmp_path / "model")
     out = tmp_path / "m.safetensors"
     rc, out_text, err = _calibrate(capsys, "--model", folder, "--out", out, *SMALL, "--no-report",
                                    "--journal", out)
@@ -197,7 +179,7 @@ def test_a_journal_at_the_out_path_is_refused_before_any_work(tmp_path, capsys):
 
 
 def test_no_resume_never_overwrites_a_file_that_is_not_a_journal(tmp_path, capsys):
-    folder = _folder(tmp_path / "model")
+    folder = tiny_folder(tmp_path / "model")
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes\n")
     other_map = tmp_path / "other.safetensors"
@@ -214,7 +196,7 @@ def test_no_resume_never_overwrites_a_file_that_is_not_a_journal(tmp_path, capsy
 
 
 def test_a_dotted_out_name_gets_its_own_report_and_journal(tmp_path, capsys):
-    folder = _folder(tmp_path / "model")
+    folder = tiny_folder(tmp_path / "model")
     maps = tmp_path / "maps"
     maps.mkdir()
     theirs = {name: f"another map's {name}".encode() for name in
