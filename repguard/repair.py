@@ -214,8 +214,15 @@ class EngineRepair:
             for name in ("allowed_length", "last_n", "max_match"):
                 if name in kw:
                     kw[name] = count(f"penalty.{name}", kw[name])
+                    if kw[name] > _WIRE_LIMITS[name]:  # the cost of every engine step grows with these
+                        raise ConfigError(f"repguard_repair: penalty.{name} must be <= {_WIRE_LIMITS[name]}, "
+                                          f"got {kw[name]}")
             penalty = RepeatPenalty(**kw, breakers=frozenset(count("penalty.breakers", b) for b in breakers))
         return cls(skip, penalty, ban)
 
+
+# Upper bounds on a repair sent over the wire: one request's repair is computed in the engine's step, which every
+# request in the batch waits for (RollbackConfig's repair_window has the same bound; repguard sends max_match 50).
+_WIRE_LIMITS = {"allowed_length": 100, "last_n": 100_000, "max_match": 256}
 
 __all__ = ["BAN", "EngineRepair", "RepeatPenalty", "WIRE_KEY"]

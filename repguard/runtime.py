@@ -291,6 +291,13 @@ class GuardRuntime:
         self.any_off = bool(self._off_rows)
         self._masks_version += 1
 
+    def switch_all_on(self) -> None:
+        """Every row's neurons on (the adapter stops guarding, or comes off)."""
+        self.off.zero_()
+        self._off_rows.clear()
+        self.any_off = False
+        self._masks_version += 1
+
     def recount_off(self) -> None:
         """Recompute which rows are switched off from their sequences (after an adapter moved rows)."""
         self._off_rows = {row for row, seq in enumerate(self.seqs) if seq is not None and seq.deactivated}
@@ -335,10 +342,7 @@ class GuardRuntime:
         """The one fail-open path: count the error, switch every row's neurons back on, mark the reports,
         log the traceback once (``first``). The adapter then stops calling its hooks' work. ``counted``: the
         error was counted and logged where it happened (another tensor-parallel rank's failure, told here)."""
-        self.off.zero_()
-        self._off_rows.clear()
-        self.any_off = False
-        self._masks_version += 1
+        self.switch_all_on()
         self.steering.clear()
         for report in reports:
             if report is not None:

@@ -1005,3 +1005,39 @@ def test_the_neuron_step_installs_on_every_tensor_parallel_rank_or_on_none(monke
     failing.clear()
     ranks.run(lambda r: load(runners[r]))
     assert all(isinstance(slots[r], EngineGuard) for r in range(2)), "where every rank installs, every rank keeps it"
+
+
+def test_a_request_whose_slot_a_condense_fills_is_closed(setup):
+    """vLLM's condense fills the slot of a request that ended with a one-way move and takes that slot off the
+    removed list (``removed=[]``, ``moved=[(1, 0, UNIDIRECTIONAL)]``): the ended request is still closed, its
+    report recorded and its state freed, and one that is only out of this step is parked."""
+    runner, guard, proc = setup
+    outs = add(runner, proc, [("a-0000aaaa", {"repguard": True}), ("b-0000bbbb", {"repguard": True}),
+                              ("c-0000cccc", {"repguard": True})])
+    for step in range(20):
+        outs[0].append(LOOP[step % len(LOOP)])
+        outs[1].append(100 + step)
+        outs[2].append(200 + step)
+        proc.update_state(None)
+    seq_b = guard.runtime.seqs[1]
+    assert guard.runtime.seqs[0].report.fired and set(guard.live) == {"a-0000aaaa", "b-0000bbbb", "c-0000cccc"}
+    # a finished: vLLM fills slot 0 with c (index 2) and lists no removal
+    runner.input_batch.req_ids[:] = ["c-0000cccc", "b-0000bbbb"]
+    proc.update_state(BatchUpdate(batch_size=2, removed=[], added=[], moved=[(2, 0, MoveDirectionality.UNIDIRECTIONAL)]))
+    assert "a-0000aaaa" not in guard.live and guard.runtime.seqs[1] is seq_b
+    assert guard.take_reports(["a"])["a"]["fired"] is True  # a's report, recorded at its end
+    # b is only out of this step (still among vLLM's requests): its slot filled by c, its state parked
+    runner.requests["b-0000bbbb"] = object()
+    runner.input_batch.req_ids[:] = ["c-0000cccc"]
+    proc.update_state(BatchUpdate(batch_size=1, removed=[], added=[], moved=[(0, 1, MoveDirectionality.UNIDIRECTIONAL)]))
+    assert "b-0000bbbb" in guard.parked and guard.parked["b-0000bbbb"][1] is seq_b
+
+
+def test_a_removed_guard_leaves_no_row_switched_off(setup):
+    """A compiled graph may keep calling the layer hook after ``remove``: it must switch nothing off then."""
+    runner, guard, proc = setup
+    add(runner, proc, [("a-0000aaaa", {"repguard": True})])
+    guard.runtime.off[0, :3] = True  # row 0's neurons switched off
+    guard.runtime.any_off = True
+    guard.remove()
+    assert not guard.runtime.off.any() and not guard.runtime.any_off

@@ -184,6 +184,8 @@ class EngineGuard:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        # A compiled graph may still hold the layer hook (it reads these buffers): switch every row's neurons on.
+        self.runtime.switch_all_on()
         if "_model_forward" in getattr(self.runner, "__dict__", {}):
             del self.runner.__dict__["_model_forward"]
 
@@ -410,6 +412,10 @@ class EngineGuard:
 
     def _move(self, a: int, b: int, swap: bool) -> None:
         rt = self.runtime
+        if not swap and b in self.rows:
+            # vLLM's condense fills a slot its request left with a one-way move and takes that slot off the
+            # removed list: the request that was in b ends (or is parked) here, before a overwrites it.
+            self._close(b)
         for name in ("off", "use_mean", "fill", "acts"):
             buf = getattr(rt, name)
             if swap:
