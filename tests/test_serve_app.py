@@ -256,7 +256,7 @@ def test_every_dashboard_metric_exists_in_the_metrics_module():
     # the panels the issue asks for
     for needed in ("repguard_loops_detected_total", "repguard_interventions_total",
                    "repguard_detection_position_tokens_bucket", "repguard_guard_overhead_seconds_bucket",
-                   "repguard_guard_errors_total"):
+                   "repguard_guard_errors_total", "repguard_rollbacks_total", "repguard_rollback_tokens_total"):
         assert needed in used
 
 
