@@ -75,7 +75,7 @@ def proxy_app(fake: FakeUpstream, **settings):
 
     s = load_settings({"upstream": "http://fake", **settings}, env={})
     up = Upstream("http://fake")
-    up.client = httpx.AsyncClient(base_url="http://fake", transport=httpx.MockTransport(fake.handler))
+    up.client = up.aux = httpx.AsyncClient(base_url="http://fake", transport=httpx.MockTransport(fake.handler))
     proxy = UpstreamProxy(s, upstream=up)
     proxy.models, proxy.max_model_len = ["fake"], {"fake": 4096}
     return create_upstream_app(proxy, s)
@@ -366,11 +366,12 @@ def test_a_stop_string_across_a_resubmission_ends_the_request(stream):
 
 
 # -- chat reasoning ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("key", ["reasoning", "reasoning_content"])  # vLLM 0.32's name, and the earlier one
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_chat_request_that_never_loops_keeps_the_upstreams_reasoning_content(stream):
+def test_a_chat_request_that_never_loops_keeps_the_upstreams_reasoning_content(stream, key):
     def reasoning(piece):  # an upstream with a reasoning parser: the first tokens' text is reasoning
         text = "".join(f" r{t}" for t, _ in piece if t < 1005)
-        return {"reasoning_content": text} if text else {}
+        return {key: text} if text else {}
 
     words = [(1000 + i, "" if i < 5 else f" w{i}") for i in range(12)]
     app = proxy_app(FakeUpstream(lambda prompt, body: words, extra=reasoning))
@@ -379,9 +380,39 @@ def test_a_chat_request_that_never_loops_keeps_the_upstreams_reasoning_content(s
     if stream:
         deltas = [e["choices"][0]["delta"] for e in events_of(resp) if e.get("choices")]
         content = "".join(d.get("content") or "" for d in deltas)
-        thought = "".join(d.get("reasoning_content") or "" for d in deltas)
+        thought = "".join(d.get(key) or "" for d in deltas)
     else:
         message = resp.json()["choices"][0]["message"]
-        content, thought = message["content"], message.get("reasoning_content")
+        content, thought = message["content"], message.get(key)
     assert thought == " r1000 r1001 r1002 r1003 r1004"
     assert content == "".join(w for _, w in words)
+
+
+# -- the proxy's answers, as the upstream gives them ------------------------------------------------------------
+def test_a_guarded_stream_carries_the_upstreams_id_and_created():
+    words = [(1000 + i, f" w{i}") for i in range(8)]
+    app = proxy_app(FakeUpstream(lambda prompt, body: words))
+    for path, body in (("/v1/completions", {"prompt": "hi"}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+        resp = post(app, path, {"model": "fake", "max_tokens": 8, "stream": True,
+                                "stream_options": {"include_usage": True}, **body})
+        events = events_of(resp)
+        assert len(events) >= 2 and {(e["id"], e["created"]) for e in events} == {("x", 1)}
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", {"prompt": "hi", "stream": True, "stream_options": "x"}, "stream_options"),
+    ("/v1/completions", {"prompt": "hi", "stream_options": [1]}, "stream_options"),
+    ("/v1/completions", {"prompt": "hi", "stop": 5}, "stop"),
+    ("/v1/completions", {"prompt": "hi", "stream": True, "stop": [1]}, "stop"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0},
+     "max_completion_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "include_reasoning": False},
+     "include_reasoning"),
+])
+def test_guarded_requests_the_proxy_cannot_run_are_a_400_naming_the_field(path, body, param):
+    fake = FakeUpstream(lambda prompt, body: [(1000, " w")])
+    resp = post(proxy_app(fake), path, {"model": "fake", **body})
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["param"] == param and param in resp.json()["error"]["message"]
+    assert not fake.requests  # refused before anything reached the upstream

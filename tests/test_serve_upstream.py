@@ -538,3 +538,19 @@ def test_start_fails_on_an_unusable_upstream(tmp_path, capsys):
 
     with pytest.raises(ConfigError, match="upstream: .*expected an http:// or https:// URL"):
         load_settings({"upstream": "localhost:8000"}, env={})
+
+
+def test_a_rolled_back_stream_needs_no_second_connection_from_the_streams_pool(fake_upstream):
+    """After a rollback the proxy asks the upstream's /detokenize for the text while the resubmission's stream
+    holds its connection: with as many streams as pooled connections, each waited for the others."""
+    url, _ = fake_upstream
+    with inprocess_proxy(upstream=url, upstream_max_connections=1, upstream_timeout_s=3.0,
+                         rollback={"holdback": 20}) as proxy:
+        resp = httpx.post(proxy + "/v1/completions", timeout=30, json={
+            "model": "fake", "prompt": "loop", "max_tokens": 60, "temperature": 0, "stream": True})
+    events = [json.loads(line[6:]) for line in resp.text.splitlines()
+              if line.startswith("data: ") and line[6:] != "[DONE]"]
+    assert not [e for e in events if "error" in e], events[-1]
+    last = events[-1]["choices"][0]
+    assert last["repguard"]["rollbacks"] == 1 and last["finish_reason"] == "length"
+    assert " t2001 t2002" in "".join(e["choices"][0]["text"] for e in events if e.get("choices"))

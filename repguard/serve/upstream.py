@@ -55,6 +55,7 @@ from .settings import ServeSettings
 
 log = logging.getLogger("repguard.serve")
 
+REASONING_KEYS = ("reasoning", "reasoning_content")  # a chat delta's reasoning text: vLLM 0.32's name, then the older
 BIAS_LIMIT = 100.0  # vLLM clamps logit_bias to [-100, 100]; a ban is -100
 # Sampling settings carried from the client's request into resubmissions (vLLM's completions and chat
 # requests share them). Chat-only settings cannot apply to a token prompt; those that would change the
@@ -122,6 +123,12 @@ class Upstream:
             base_url=url, headers=headers, timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=min(64, max_connections)),
         )
+        # Short calls made while a submission's stream holds its connection (``/detokenize``) have a pool of
+        # their own: in the streams' pool, streams that all wait for one would wait for each other.
+        self.aux = httpx.AsyncClient(
+            base_url=url, headers=headers, timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
+            limits=httpx.Limits(max_connections=16, max_keepalive_connections=16),
+        )
 
     async def get(self, path: str, timeout: float | None = None) -> httpx.Response:
         try:
@@ -131,8 +138,9 @@ class Upstream:
             raise error_from_exception(exc) from None
 
     async def post_json(self, path: str, body: dict[str, Any]) -> Any:
+        """A short JSON call (``/detokenize``), on the pool of its own."""
         try:
-            resp = await self.client.post(path, json=body)
+            resp = await self.aux.post(path, json=body)
         except httpx.HTTPError as exc:
             raise error_from_exception(exc) from None
         if resp.status_code != 200:
@@ -161,6 +169,7 @@ class Upstream:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+        await self.aux.aclose()
 
 
 async def close(resp: httpx.Response) -> None:
@@ -244,7 +253,8 @@ class GuardedCall:
         self.first: dict[str, Any] = {}  # id, created, system_fingerprint of the first upstream chunk
         self.text0 = ""  # submission 0's text as the upstream sent it
         self.pieces: list[tuple[int, str]] = [(0, "")]  # submission 0: (tokens so far, text so far)
-        self.reasoning: list[tuple[int, str]] = [(0, "")]  # chat, submission 0: (tokens so far, reasoning_content)
+        self.reasoning: list[tuple[int, str]] = [(0, "")]  # chat, submission 0: (tokens so far, reasoning so far)
+        self.reasoning_key = REASONING_KEYS[0]  # the name the upstream gives its reasoning parser's text
         self.n0 = 0
         self.last_stop: Any = None
         self.resp: httpx.Response | None = None
@@ -324,7 +334,11 @@ class GuardedCall:
                             self.text0 += self._delta_text(choice)
                             self.pieces.append((self.n0, self.text0))
                             if self.chat:
-                                more = (choice.get("delta") or {}).get("reasoning_content") or ""
+                                delta = choice.get("delta") or {}
+                                for key in REASONING_KEYS:  # vLLM 0.32 says "reasoning"; earlier builds the other
+                                    if delta.get(key):
+                                        self.reasoning_key = key
+                                more = delta.get(self.reasoning_key) or ""
                                 self.reasoning.append((self.n0, self.reasoning[-1][1] + more))
                         self.last_stop = choice.get("stop_reason")
                         cancel = feed_chunk(rg, sub, ids, fin, self.last_stop)
@@ -590,6 +604,17 @@ class UpstreamProxy:
             value = body.get(key)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
                 raise APIError(400, f"{key}: expected an integer", param=key, code="invalid_value")
+        options = body.get("stream_options")
+        if options is not None and not isinstance(options, dict):
+            raise APIError(400, "stream_options: expected an object", param="stream_options", code="invalid_value")
+        stop = body.get("stop")
+        if stop is not None and not isinstance(stop, str) and not (
+                isinstance(stop, list) and all(isinstance(x, str) for x in stop)):
+            raise APIError(400, "stop: expected a string or a list of strings", param="stop", code="invalid_value")
+        if chat and body.get("include_reasoning") is False:
+            raise APIError(400, "include_reasoning: false is not supported on guarded requests (vLLM then sends no "
+                           "token ids, which the guard reads); send it with \"repguard\": {\"preset\": \"off\"}",
+                           param="include_reasoning", code="unsupported_with_guard")
         bias = body.get("logit_bias")
         if bias is not None and (not isinstance(bias, dict) or not all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in bias.values())):
@@ -597,12 +622,12 @@ class UpstreamProxy:
                            code="invalid_value")
 
     def max_tokens_of(self, body: dict[str, Any], chat: bool, model: str) -> int:
-        value = body.get("max_completion_tokens") if chat and body.get("max_completion_tokens") is not None \
-            else body.get("max_tokens")
+        key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+        value = body.get(key)
         if value is None:  # the upstream decides (up to its context); this bounds the guard's budget
             return self.max_model_len.get(model) or self.settings.max_tokens_limit
         if value < 1:
-            raise APIError(400, "max_tokens: must be >= 1", param="max_tokens", code="invalid_value")
+            raise APIError(400, f"{key}: must be >= 1", param=key, code="invalid_value")
         return value
 
 
@@ -760,7 +785,7 @@ async def _complete(call: GuardedCall, request: Request, chat: bool, endpoint: s
     if chat:
         choice["message"] = {"role": "assistant", "content": text}
         if call.reasoning_of():
-            choice["message"]["reasoning_content"] = call.reasoning_of()
+            choice["message"][call.reasoning_key] = call.reasoning_of()
     else:
         choice["text"] = text
     choice.update(logprobs=None, finish_reason=rg.finish_reason, stop_reason=rg.stop_reason)
@@ -780,9 +805,17 @@ async def _complete(call: GuardedCall, request: Request, chat: bool, endpoint: s
 async def _stream(call: GuardedCall, body: dict[str, Any], chat: bool, endpoint: str,
                   admitted: float) -> AsyncIterator[str]:
     """The client's SSE stream: final tokens as they are released, then the finish with the report."""
-    rid, created = _new_id(call)
-    head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
-            "model": body.get("model") or call.model}
+    head: dict[str, Any] = {}  # made at the first chunk sent, once the upstream's id and created are known
+
+    def header() -> dict[str, Any]:
+        if not head:
+            rid, created = _new_id(call)
+            head.update(id=rid, object="chat.completion.chunk" if chat else "text_completion", created=created,
+                        model=body.get("model") or call.model)
+            if call.first.get("system_fingerprint") is not None:
+                head["system_fingerprint"] = call.first["system_fingerprint"]
+        return head
+
     want_ids = bool(body.get("return_token_ids"))
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     code = CLIENT_CLOSED  # until the stream ends: a client that closes it early leaves this
@@ -798,7 +831,7 @@ async def _stream(call: GuardedCall, body: dict[str, Any], chat: bool, endpoint:
             choice["delta"] = {"content": text} if started else {"role": "assistant", "content": text}
             reasoning = call.reasoning_of(None if finish is not None else len(released))
             if reasoning.startswith(reasoned) and len(reasoning) > len(reasoned):
-                choice["delta"]["reasoning_content"] = reasoning[len(reasoned):]
+                choice["delta"][call.reasoning_key] = reasoning[len(reasoned):]
                 reasoned = reasoning
         else:
             choice["text"] = text
@@ -809,7 +842,7 @@ async def _stream(call: GuardedCall, body: dict[str, Any], chat: bool, endpoint:
             if not started:  # where vLLM puts them: in the choice (completions), in the chunk (chat)
                 (extra if chat else choice)["prompt_token_ids"] = call.prompt_ids
         started = True
-        return f"data: {dumps({**head, 'choices': [choice], **extra})}\n\n"
+        return f"data: {dumps({**header(), 'choices': [choice], **extra})}\n\n"
 
     try:
         try:
@@ -825,14 +858,15 @@ async def _stream(call: GuardedCall, body: dict[str, Any], chat: bool, endpoint:
                 yield chunk(new, ids)
             rg = call.rg
             text = await call.text_of(rg.tokens, final=True)
-        except APIError as exc:  # headers are out: the error is the stream's last event
+        except APIError as exc:  # headers are out: the error is the stream's last event, then [DONE] as in vLLM
             code = exc.status
             yield f"data: {dumps(exc.body())}\n\n"
+            yield "data: [DONE]\n\n"
             return
         yield chunk(text[len(sent):], rg.tokens[len(released):], rg.finish_reason, stop_reason=rg.stop_reason,
                     repguard=call.report())
         if include_usage:
-            yield f"data: {dumps({**head, 'choices': [], 'usage': _usage(call)})}\n\n"
+            yield f"data: {dumps({**header(), 'choices': [], 'usage': _usage(call)})}\n\n"
         yield "data: [DONE]\n\n"
         code = 200
     finally:  # normal end, error, or the client went away (the task is cancelled: the upstream stream closes)
