@@ -10,6 +10,7 @@ activations; everything here works on plain token lists and tensors (torch, no f
 from __future__ import annotations
 
 import json
+import math
 import logging
 import os
 import time
@@ -91,17 +92,21 @@ class CalibrationSettings:
         return min(int(self.select), total)
 
 
-def parse_select(text: str) -> float | int:
-    """``"0.5%"`` or ``"0.005"`` -> fraction 0.005; ``"230"`` -> count 230."""
+def parse_select(text: str, flag: str = "--select") -> float | int:
+    """``"0.5%"`` or ``"0.005"`` -> fraction 0.005; ``"230"`` -> count 230. ``flag`` names the option in errors."""
     text = text.strip()
     try:
         if text.endswith("%"):
-            return float(text[:-1]) / 100.0
-        if any(c in text for c in ".eE"):
-            return float(text)
-        return int(text)
+            value: float | int = float(text[:-1]) / 100.0
+        elif any(c in text for c in ".eE"):
+            value = float(text)
+        else:
+            value = int(text)
     except ValueError:
-        raise ConfigError(f"--select must be a count (230) or a fraction (0.5% or 0.005), got {text!r}") from None
+        raise ConfigError(f"{flag} must be a count (230) or a fraction (0.5% or 0.005), got {text!r}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{flag} must be a count (230) or a fraction (0.5% or 0.005), got {text!r}")
+    return value
 
 
 # -- generated texts and the journal of a long run -------------------------------------------------

@@ -399,6 +399,20 @@ def _read(path: Path, where: str) -> NeuronMap:
     return NeuronMap.from_tensors(tensors, raw_meta, where=where)
 
 
+def is_map_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a safetensors file with repguard's metadata (an earlier map, loadable or not): only
+    such a file is replaced by ``repguard calibrate --out``. Reads the header alone."""
+    try:
+        with Path(path).open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 2 <= size <= 100_000_000:
+                return False
+            header = json.loads(f.read(size))
+    except (OSError, ValueError):
+        return False
+    return isinstance(header, dict) and META_KEY in (header.get("__metadata__") or {})
+
+
 def map_sibling(map_path: str | os.PathLike, tail: str) -> Path:
     """A file that belongs to the map at ``map_path`` (its report, figures, journal): the map's name without
     its ``.safetensors`` suffix, plus ``tail``. Only that suffix is taken off, so ``tiny.seed1`` gets

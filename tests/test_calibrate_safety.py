@@ -271,3 +271,95 @@ def test_a_record_without_a_stream_is_a_clear_error(tmp_path):
     path.write_text("\n".join([lines[0], json.dumps(record), lines[1]]) + "\n")
     with pytest.raises(CalibrationError, match="line 2 is not a calibration text record.*--no-resume"):
         TextJournal(path, HEADER)
+
+
+# -- 6. a kept journal and a smaller cap; files of the user's; flags; a map of another checkpoint ------------
+
+
+def test_a_kept_journal_and_a_smaller_cap_give_the_map_a_fresh_run_gives(tmp_path, capsys):
+    folder = tiny_folder(tmp_path / "model")
+    args = ["--model", folder, "--num-texts", "40", "--heldout", "8", "--batch-size", "8", "--select", "4",
+            "--no-progress", "--no-report"]
+    journal = tmp_path / "texts.jsonl"
+    rc, _, err = _calibrate(capsys, *args, "--out", tmp_path / "big.safetensors", "--journal", journal, "--keep-journal")
+    assert rc == 0, err
+    rc, _, err = _calibrate(capsys, *args, "--max-generated", "60", "--out", tmp_path / "resumed.safetensors",
+                            "--journal", journal, "--keep-journal")
+    assert rc == 0, err
+    rc, _, err = _calibrate(capsys, *args, "--max-generated", "60", "--out", tmp_path / "fresh.safetensors")
+    assert rc == 0, err
+    resumed, fresh = NeuronMap.load(tmp_path / "resumed.safetensors"), NeuronMap.load(tmp_path / "fresh.safetensors")
+    assert resumed.meta.calibration.texts_generated == fresh.meta.calibration.texts_generated <= 60
+    for name in ("layer", "neuron", "score"):
+        assert torch.equal(getattr(resumed, name), getattr(fresh, name))
+
+
+def test_out_never_overwrites_a_file_that_is_not_a_map(tmp_path, capsys):
+    folder = tiny_folder(tmp_path / "model")
+    weights = folder / "model.safetensors"
+    before = weights.read_bytes()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    for out, named in ((weights, "not a neuron map"), (notes, "not a neuron map"),
+                       (folder / "map.safetensors", "inside the model folder")):
+        rc, _, err = _calibrate(capsys, "--model", folder, "--out", out, *SMALL, "--no-report")
+        assert rc == 2 and named in err, err
+    assert weights.read_bytes() == before and notes.read_text() == "mine\n"
+    assert not (folder / "map.safetensors").exists()
+    map_path = tmp_path / "m.safetensors"  # an earlier map is replaced
+    _good_map(map_path)
+    rc, _, err = _calibrate(capsys, "--model", folder, "--out", map_path, *SMALL, "--no-report")
+    assert rc == 0, err
+
+
+def test_report_files_are_checked_before_the_run_and_a_users_file_is_never_replaced(tmp_path, capsys):
+    folder = tiny_folder(tmp_path / "model")
+    (tmp_path / "notes.md").write_text("my own notes\n")
+    rc, out, err = _calibrate(capsys, "--model", folder, "--out", tmp_path / "notes.safetensors", *SMALL)
+    assert rc == 2 and "not a calibration report" in err and "wrote" not in out
+    assert (tmp_path / "notes.md").read_text() == "my own notes\n"
+    (tmp_path / "d.md").mkdir()
+    rc, out, err = _calibrate(capsys, "--model", folder, "--out", tmp_path / "d.safetensors", *SMALL)
+    assert rc == 2 and "d.md" in err and "is a directory" in err
+    assert not (tmp_path / "d.safetensors").exists() and not (tmp_path / "notes.safetensors").exists()
+    rc, out, err = _calibrate(capsys, "--model", folder, "--out", tmp_path / "r.safetensors", *SMALL)
+    assert rc == 0, err
+    rc, out, err = _calibrate(capsys, "--model", folder, "--out", tmp_path / "r.safetensors", *SMALL)
+    assert rc == 0, err  # an earlier report of the map is replaced with it
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--store", "abc"], "--store must be a count"), (["--store", "nan"], "--store must be a count"),
+    (["--num-texts", "1"], "--num-texts must be >= 2"),
+])
+def test_bad_flags_are_named(tmp_path, capsys, flags, message):
+    rc, _, err = _calibrate(capsys, "--model", tmp_path / "absent", "--out", tmp_path / "m.safetensors", *flags)
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_no_progress_draws_no_bar_at_all(tmp_path, capsys):
+    folder = tiny_folder(tmp_path / "model")
+    rc, _, err = _calibrate(capsys, "--model", folder, "--out", tmp_path / "m.safetensors", *SMALL, "--no-report")
+    assert rc == 0, err
+    assert "\r" not in err and "it/s" not in err and "Loading weights" not in err
+
+
+def test_a_map_calibrated_on_another_checkpoint_of_the_same_shape_is_refused(tmp_path, capsys):
+    from repguard.errors import MapMismatchError
+    from repguard.hf import guard
+
+    folder = tiny_folder(tmp_path / "model", seed=0)
+    rc, _, err = _calibrate(capsys, "--model", folder, "--out", tmp_path / "m.safetensors", *SMALL, "--no-report")
+    assert rc == 0, err
+    nmap = NeuronMap.load(tmp_path / "m.safetensors")
+    assert nmap.meta.calibration.weight_digest
+    with guard(tiny_model("llama", seed=0), nmap):  # the checkpoint it was calibrated on
+        pass
+    merged = tiny_model("llama", seed=0)
+    with torch.no_grad():  # a LoRA merge into one MLP projection: the final norm is untouched
+        merged.model.layers[1].mlp.down_proj.weight += 1e-3
+    for other in (tiny_model("llama", seed=1), merged):
+        with pytest.raises(MapMismatchError, match="another checkpoint of this shape"):
+            guard(other, nmap)
+    with guard(merged, nmap, check_model=False):  # on purpose
+        pass

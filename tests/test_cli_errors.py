@@ -104,7 +104,7 @@ def test_generate_still_runs_with_good_arguments(capsys, tiny):
 
 def test_calibrate_checks_out_and_store_before_any_work(capsys, tiny, files):
     folder, _ = tiny
-    base = ["calibrate", "--model", str(folder), "--num-texts", "1"]
+    base = ["calibrate", "--model", str(folder), "--num-texts", "2"]
     _fails(capsys, [*base, "--out", str(files["a_file"] / "map.safetensors")], "--out")  # parent is a file
     _fails(capsys, [*base, "--out", str(files["dir"])], "--out", "directory")
     _fails(capsys, [*base, "--out", "/proc/repguard/map.safetensors"], "--out")

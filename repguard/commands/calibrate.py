@@ -60,10 +60,11 @@ def run(args) -> int:
     from ..errors import ConfigError
     from ..hf.calibrate import CalibrationSettings, TextJournal, calibrate, parse_select
     from ..hf.models import EMBEDDED, load_model
-    from ..neuron_map import map_sibling
+    from ..hf.calibration_report import is_report_file
+    from ..neuron_map import is_map_file, map_sibling
 
     device = checks.device("--device", args.device)
-    checks.at_least("--num-texts", args.num_texts, 1)
+    checks.at_least("--num-texts", args.num_texts, 2)  # split-half stability needs two halves
     checks.at_least("--max-generated", args.max_generated, 1)
     checks.at_least("--batch-size", args.batch_size, 1)
     checks.at_least("--heldout", args.heldout, 0)
@@ -74,17 +75,30 @@ def run(args) -> int:
         checks.in_range("--select", select, 0.0, 1.0, low_open=True)
     else:
         checks.at_least("--select", select, 1)
-    store = parse_select(args.store)
+    store = parse_select(args.store, "--store")
     if not isinstance(store, float):  # a count would silently become the default fraction
         raise ConfigError(f"--store must be a fraction of all neurons (2% or 0.02), got the count {args.store!r}")
     checks.in_range("--store", store, 0.0, 1.0, low_open=True)
-    checks.writable_file("--out", args.out)  # fail now, not after a run of many minutes
+    # Every file the run writes is checked now, not after a run of many minutes, and none of the user's files
+    # that is not an earlier run's map, report or journal is ever replaced.
+    checks.writable_file("--out", args.out)
+    if Path(args.out).is_file() and not is_map_file(args.out):
+        raise ConfigError(f"--out {args.out}: the file exists and is not a neuron map; refusing to overwrite it: "
+                          "pass another --out PATH, or move the file away")
+    model_dir = Path(args.model)
+    if model_dir.is_dir() and Path(args.out).resolve().is_relative_to(model_dir.resolve()):
+        raise ConfigError(f"--out {args.out}: is inside the model folder {args.model}; write the map elsewhere")
     journal = Path(args.journal) if args.journal else map_sibling(args.out, ".texts.jsonl")
     checks.writable_file("--journal", str(journal))
     written = [("--out", Path(args.out))]
     if args.report:
-        written += [("the report", map_sibling(args.out, suffix))
-                    for suffix in (".md", "-layers.png", "-onset.png", "-deactivation.png")]
+        report = [map_sibling(args.out, suffix) for suffix in (".md", "-layers.png", "-onset.png", "-deactivation.png")]
+        for path in report:
+            checks.writable_file("--report", str(path))
+        if report[0].is_file() and not is_report_file(report[0]):
+            raise ConfigError(f"--report: {report[0]} exists and is not a calibration report; refusing to overwrite "
+                              "it: pass another --out, --no-report, or move the file away")
+        written += [("the report", path) for path in report]
     for what, path in written:
         if journal.resolve() == path.resolve():
             raise ConfigError(f"--journal {journal} is the same file as {what} ({path}); the map, its report and "
@@ -96,6 +110,10 @@ def run(args) -> int:
         num_texts=args.num_texts, max_generated=args.max_generated, seed=args.seed, batch_size=args.batch_size,
         select=select, store=store, heldout_texts=args.heldout,
     )
+    if not args.progress:  # no bar at all, the model load's included (progress is logged at INFO)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     model, tok, name = load_model(args.model, dtype=args.dtype, device=device)
     source = args.model if args.model in EMBEDDED else str(Path(args.model).resolve())  # what the journal names
     if args.resume and journal.is_file():

@@ -29,7 +29,6 @@ the settings, the records, the journal and the score's arithmetic are framework-
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -47,7 +46,7 @@ from ..calibration import (
 from ..detect import LoopDetector, Repetition
 from ..neuron_map import CalibrationInfo, NeuronMap, map_from_scores
 from ..runtime import flat_index, switch_off, token_id_list
-from .introspect import act_modules, arch_of, fingerprint, shape_of
+from .introspect import act_modules, arch_of, fingerprint, shape_of, weight_digest
 from .models import input_device
 
 log = logging.getLogger("repguard")
@@ -164,35 +163,6 @@ def _generate_batch(model, bos: int, eos: set[int], indexes: Sequence[int], s: C
         decide(r)
 
 
-@torch.inference_mode()
-def weight_digest(model, samples: int = 32) -> str:
-    """A digest of the model's weights that tells two checkpoints of one shape apart (a LoRA merge, another
-    fine-tune, another random init), read cheaply on any device: for every parameter its name, its shape
-    and ``samples`` values at an even stride over it (first and last included), gathered where the
-    parameter lives and read to the host once per device. Gathers are exact, so a model gives the same
-    digest on every device in one dtype. Offloaded (meta) parameters count by name and shape only."""
-    sampled: list[tuple[str, tuple[int, ...], torch.Tensor | None]] = []
-    for name, param in model.named_parameters():
-        flat = param.detach().reshape(-1)
-        n = flat.numel()
-        if n == 0 or flat.device.type == "meta":
-            sampled.append((name, tuple(param.shape), None))
-            continue
-        k = min(samples, n)
-        idx = torch.arange(k, device=flat.device) * (n - 1) // max(k - 1, 1)
-        sampled.append((name, tuple(param.shape), flat[idx].float()))
-    on_host: dict[torch.device, Iterator[torch.Tensor]] = {}
-    for device in {t.device for _, _, t in sampled if t is not None}:
-        parts = [t for _, _, t in sampled if t is not None and t.device == device]
-        on_host[device] = iter(torch.cat(parts).cpu().split([t.numel() for t in parts]))
-    digest = hashlib.sha256()
-    for name, shape, t in sampled:
-        digest.update(f"{name}{list(shape)}".encode())
-        if t is not None:
-            digest.update(next(on_host[t.device]).numpy().tobytes())
-    return digest.hexdigest()[:32]
-
-
 def journal_header(model, tok, name: str, settings: CalibrationSettings, source: str | None = None) -> dict:
     """What decides the texts: a journal is resumed only by a run that would generate the same ones.
 
@@ -229,9 +199,11 @@ def generate_repetitive_texts(model, tok, settings: CalibrationSettings, count: 
     done: dict[int, TextDecision] = journal.done(stream) if journal is not None else {}
     t0 = time.perf_counter()
 
-    def frontier() -> int:  # the lowest index not decided yet: every text below it is decided
+    limit = first_index + cap  # texts first_index .. limit - 1 may be generated (a kept journal may hold more)
+
+    def frontier() -> int:  # the lowest index not decided yet (at most ``limit``): every text below it is decided
         i = first_index
-        while i in done:
+        while i in done and i < limit:
             i += 1
         return i
 
@@ -251,7 +223,7 @@ def generate_repetitive_texts(model, tok, settings: CalibrationSettings, count: 
         return kept, st
 
     first_stats = summary(frontier())[1]
-    first_stats.resumed = len(done)
+    first_stats.resumed = sum(first_index <= i < limit for i in done)
     if done:
         log.info("%s: resuming from %s: %d texts already decided (%d kept)", desc, journal.path, len(done),
                  sum(d.text is not None for d in done.values()))
@@ -270,11 +242,10 @@ def generate_repetitive_texts(model, tok, settings: CalibrationSettings, count: 
         while True:
             kept, st = summary(frontier())
             bar.update(max(0, min(st.kept, count) - bar.n))
-            if st.kept >= count or len(done) >= cap:
+            if st.kept >= count or frontier() >= limit:
                 break
-            n = min(settings.batch_size, cap - len(done))
             indexes, i = [], frontier()
-            while len(indexes) < n:
+            while len(indexes) < settings.batch_size and i < limit:
                 if i not in done:
                     indexes.append(i)
                 i += 1
@@ -512,7 +483,7 @@ def _calibrate(model, tok, name: str, s: CalibrationSettings, progress: bool, dt
     if len(texts) < 2:
         raise CalibrationError(
             f"only {len(texts)} of {gen.generated} generated texts repeat with a second occurrence after position "
-            f"{s.min_second_occurrence}; raise max_generated or check that the model loops under greedy decoding"
+            f"{s.min_second_occurrence}; raise max_generated (--max-generated) or check that the model loops under greedy decoding"
         )
 
     t0 = time.perf_counter()
@@ -535,6 +506,7 @@ def _calibrate(model, tok, name: str, s: CalibrationSettings, progress: bool, dt
         texts_generated=gen.generated, texts_kept=gen.kept,
         texts_with_repeat=gen.with_repeat, batch_size=s.batch_size, sampling_top_k=_sampling_params(model)[0],
         sampling_top_p=_sampling_params(model)[1], select=s.select, positions="BOS is position 0",
+        weight_digest=weight_digest(model),  # the guard checks it against a model in the map's dtype
     )
     meta = {
         "model_name": name, "architecture": spec.family, "hook_point": spec.hook_point, "quantity": spec.computes,

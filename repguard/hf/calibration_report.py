@@ -85,6 +85,19 @@ def plot_deactivation(result: CalibrationResult, path: Path) -> Path:
     return path
 
 
+REPORT_TITLE = "# Repetition neurons of "  # a report's first line begins so
+
+
+def is_report_file(path: str | Path) -> bool:
+    """Whether ``path`` is a calibration report (its first line is a report's title): only such a file is
+    replaced by a new report."""
+    try:
+        with Path(path).open("rb") as f:
+            return f.read(len(REPORT_TITLE)) == REPORT_TITLE.encode()
+    except OSError:
+        return False
+
+
 def write_report(result: CalibrationResult, map_path: str | Path, settings: CalibrationSettings,
                  command: list[str] | None = None) -> Path:
     """Write ``<map stem>.md`` and ``<map stem>-*.png`` next to the map (the stem: the map's name without
@@ -100,7 +113,7 @@ def write_report(result: CalibrationResult, map_path: str | Path, settings: Cali
     gen = result.generation
     t = result.timings
     lines = [
-        f"# Repetition neurons of {meta.model_name}",
+        f"{REPORT_TITLE}{meta.model_name}",
         "",
         f"Neuron map `{map_path.name}`, made by `repguard calibrate` with the procedure of Hiraoka & Inui (2024), "
         f"\"Repetition Neurons: How Do Language Models Produce Repetitions?\".",

@@ -39,14 +39,31 @@ import torch
 
 from .. import metrics
 from ..config import GuardConfig
-from ..errors import ConfigError, RepGuardError
+from ..errors import ConfigError, MapMismatchError, RepGuardError
 from ..maps import find_map
 from ..neuron_map import NeuronMap
 from ..policy import SequenceReport
 from ..runtime import GuardRuntime, LateRead, host_read, token_id_list
-from .introspect import act_modules, arch_of, fingerprint, layer_devices, shape_of
+from .introspect import act_modules, arch_of, fingerprint, layer_devices, shape_of, weight_digest
 
 log = logging.getLogger("repguard")
+
+
+def _check_weights(neuron_map: NeuronMap, model, model_name: str) -> None:
+    """A map that records the digest of its model's weights (``weight_digest``; maps calibrated before it do
+    not) fits only that checkpoint: another of the same shape and final norm (a LoRA merge, another fine-tune)
+    is refused. Compared in the map's own dtype only, since the digest reads the weights as they are."""
+    cal = neuron_map.meta.calibration
+    recorded = getattr(cal, "weight_digest", None)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    if not recorded or cal.dtype != dtype:
+        return
+    if weight_digest(model) != recorded:
+        raise MapMismatchError(
+            f"neuron map for '{neuron_map.meta.model_name}' does not fit model '{model_name}': it was calibrated on "
+            "another checkpoint of this shape (the digest of its weights differs); calibrate a map for this model "
+            "(repguard calibrate), or pass check_model=False to use it anyway"
+        )
 
 
 def model_token_ids(model, attr: str) -> list[int]:
@@ -83,6 +100,7 @@ class Guard:
             pass
         elif check_model:
             neuron_map.check_model(fingerprint(model), where=f"model '{self.model_name}'")
+            _check_weights(neuron_map, model, self.model_name)
         elif (neuron_map.meta.num_layers, neuron_map.meta.intermediate_size) != (num_layers, width):
             raise RepGuardError(
                 f"neuron map shape {neuron_map.meta.num_layers}x{neuron_map.meta.intermediate_size} does not fit "

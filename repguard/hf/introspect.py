@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from typing import Iterator
+
 import torch
 
 from ..archs import ArchSpec, arch_for, resolve
@@ -65,3 +68,32 @@ def shape_of(model) -> tuple[int, int]:
 def fingerprint(model) -> Fingerprint:
     """The model's identity for ``NeuronMap.check_model`` (``repguard.runtime.model_fingerprint``)."""
     return model_fingerprint(arch_of(model), text_config(model), model)
+
+
+@torch.inference_mode()
+def weight_digest(model, samples: int = 32) -> str:
+    """A digest of the model's weights that tells two checkpoints of one shape apart (a LoRA merge, another
+    fine-tune, another random init), read cheaply on any device: for every parameter its name, its shape
+    and ``samples`` values at an even stride over it (first and last included), gathered where the
+    parameter lives and read to the host once per device. Gathers are exact, so a model gives the same
+    digest on every device in one dtype. Offloaded (meta) parameters count by name and shape only."""
+    sampled: list[tuple[str, tuple[int, ...], torch.Tensor | None]] = []
+    for name, param in model.named_parameters():
+        flat = param.detach().reshape(-1)
+        n = flat.numel()
+        if n == 0 or flat.device.type == "meta":
+            sampled.append((name, tuple(param.shape), None))
+            continue
+        k = min(samples, n)
+        idx = torch.arange(k, device=flat.device) * (n - 1) // max(k - 1, 1)
+        sampled.append((name, tuple(param.shape), flat[idx].float()))
+    on_host: dict[torch.device, Iterator[torch.Tensor]] = {}
+    for device in {t.device for _, _, t in sampled if t is not None}:
+        parts = [t for _, _, t in sampled if t is not None and t.device == device]
+        on_host[device] = iter(torch.cat(parts).cpu().split([t.numel() for t in parts]))
+    digest = hashlib.sha256()
+    for name, shape, t in sampled:
+        digest.update(f"{name}{list(shape)}".encode())
+        if t is not None:
+            digest.update(next(on_host[t.device]).numpy().tobytes())
+    return digest.hexdigest()[:32]
