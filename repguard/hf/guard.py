@@ -56,8 +56,8 @@ def _check_weights(neuron_map: NeuronMap, model, model_name: str) -> None:
     cal = neuron_map.meta.calibration
     recorded = getattr(cal, "weight_digest", None)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    if not recorded or cal.dtype != dtype:
-        return
+    if not recorded or cal.dtype != dtype or any(p.device.type == "meta" for p in model.parameters()):
+        return  # no digest; another dtype; or offloaded weights, which the digest cannot read
     if weight_digest(model) != recorded:
         raise MapMismatchError(
             f"neuron map for '{neuron_map.meta.model_name}' does not fit model '{model_name}': it was calibrated on "

@@ -73,10 +73,11 @@ def fingerprint(model) -> Fingerprint:
 @torch.inference_mode()
 def weight_digest(model, samples: int = 32) -> str:
     """A digest of the model's weights that tells two checkpoints of one shape apart (a LoRA merge, another
-    fine-tune, another random init), read cheaply on any device: for every parameter its name, its shape
-    and ``samples`` values at an even stride over it (first and last included), gathered where the
+    fine-tune, another random init), read cheaply on any device: for every parameter, in the model's order,
+    its shape and ``samples`` values at an even stride over it (first and last included), gathered where the
     parameter lives and read to the host once per device. Gathers are exact, so a model gives the same
-    digest on every device in one dtype. Offloaded (meta) parameters count by name and shape only."""
+    digest on every device in one dtype. Names are left out (a wrapper's prefix changes them, not the
+    weights). Offloaded (meta) parameters count by shape only."""
     sampled: list[tuple[str, tuple[int, ...], torch.Tensor | None]] = []
     for name, param in model.named_parameters():
         flat = param.detach().reshape(-1)
@@ -93,7 +94,7 @@ def weight_digest(model, samples: int = 32) -> str:
         on_host[device] = iter(torch.cat(parts).cpu().split([t.numel() for t in parts]))
     digest = hashlib.sha256()
     for name, shape, t in sampled:
-        digest.update(f"{name}{list(shape)}".encode())
+        digest.update(f"{list(shape)}".encode())
         if t is not None:
             digest.update(next(on_host[t.device]).numpy().tobytes())
     return digest.hexdigest()[:32]
