@@ -49,6 +49,14 @@ from .introspect import act_modules, arch_of, fingerprint, layer_devices, shape_
 log = logging.getLogger("repguard")
 
 
+def call_setting(model, kwargs: dict, key: str, default=None):
+    """A ``generate`` setting as the call runs with it: its own argument, else its ``generation_config``'s,
+    else the model's generation config's; ``default`` where none is set (None)."""
+    gen = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    value = kwargs[key] if key in kwargs else getattr(gen, key, default)
+    return default if value is None else value
+
+
 def _check_weights(neuron_map: NeuronMap, model, model_name: str) -> None:
     """A map that records the digest of its model's weights (``weight_digest``; maps calibrated before it do
     not) fits only that checkpoint: another of the same shape and final norm (a LoRA merge, another fine-tune)
@@ -292,11 +300,8 @@ class Guard:
 
     def _check_call(self, args: tuple, kwargs: dict) -> None:
         """Refuse what the hooks cannot follow, before anything runs; note how this call ends rows."""
-        gen = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
-
         def setting(key, default=None):
-            value = kwargs[key] if key in kwargs else getattr(gen, key, default)
-            return default if value is None else value
+            return call_setting(self.model, kwargs, key, default)
 
         if (setting("num_beams", 1) or 1) > 1:
             raise ConfigError("repguard: beam search is not supported (beams are reordered between steps, under "

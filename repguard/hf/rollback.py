@@ -47,7 +47,7 @@ from ..policy import SequenceReport
 from ..repair import BAN
 from ..rollback import RollbackConfig, RollbackPolicy
 from ..runtime import force_token, host_to_device
-from .guard import Guard
+from .guard import Guard, call_setting
 
 
 @dataclass
@@ -353,10 +353,8 @@ def _check_inputs(model, input_ids, attention_mask, max_new_tokens, generate_kwa
         raise ConfigError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    gen = generate_kwargs.get("generation_config") or model.generation_config
-
     def setting(key):
-        return generate_kwargs[key] if key in generate_kwargs else getattr(gen, key, None)
+        return call_setting(model, generate_kwargs, key)
 
     if (setting("num_return_sequences") or 1) > 1:
         raise ConfigError("num_return_sequences: rollback decodes one sequence per row of input_ids; repeat the "
@@ -476,8 +474,7 @@ def _run_passes(model, g: Guard, input_ids, attention_mask, prompts, states, pad
     pending = list(range(len(prompts))) if only is None else list(only)
     first = only is None
     eos = set(g.eos)
-    stops = generate_kwargs.get("stopping_criteria") or generate_kwargs.get("stop_strings") or getattr(
-        generate_kwargs.get("generation_config") or model.generation_config, "stop_strings", None)
+    stops = generate_kwargs.get("stopping_criteria") or call_setting(model, generate_kwargs, "stop_strings")
     stop_pad = pad if stops and pad not in eos else None  # rows the criteria end are padded from there on
     while pending:
         rows = [prompts[r] + states[r].kept for r in pending]
@@ -537,8 +534,7 @@ def _in_place_blocker(model, gen, input_ids, attention_mask, generate_kwargs, mi
         return "encoder-decoder model"
 
     def setting(key, default=None):
-        value = generate_kwargs[key] if key in generate_kwargs else getattr(gen, key, default)
-        return default if value is None else value
+        return call_setting(model, generate_kwargs, key, default)
 
     for key in ("num_beams", "num_return_sequences"):
         if (setting(key, 1) or 1) > 1:
