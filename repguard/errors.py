@@ -29,6 +29,10 @@ class UnsupportedModelError(RepGuardError):
     """The model's architecture has no entry in the architecture table."""
 
 
+class UnsupportedVllmError(RepGuardError):
+    """The installed vLLM, or the way the engine runs, is outside what repguard supports."""
+
+
 class ModelNotAvailableError(RepGuardError):
     """An embedded model's package is missing or its weights failed an integrity check."""
 

@@ -541,6 +541,34 @@ def test_a_vllm_build_the_plugin_cannot_hook_still_starts(monkeypatch, caplog):
     with pytest.raises(ConfigError, match="neuron step"):
         RepGuardLogitsProcessor.validate_params(SamplingParams(extra_args={"repguard": True}))
 
+def test_a_vllm_outside_the_supported_range_loads_the_plugin_with_one_warning_and_no_traceback():
+    """vLLM loads every general plugin of the environment in each engine process: on a vLLM outside the
+    supported range, importing the plugin must not fail (vLLM would log "Failed to load plugin" and a
+    traceback); it says once that it does nothing, and the guards themselves refuse by name."""
+    import subprocess
+    import sys
+
+    script = (
+        "import logging, vllm\n"
+        "logging.basicConfig(level=logging.WARNING)\n"
+        "vllm.__version__ = '0.40.1'\n"
+        "from vllm.plugins import load_plugins_by_group\n"
+        "for name, func in load_plugins_by_group('vllm.general_plugins').items():\n"
+        "    func(); func()\n"
+        "import repguard.vllm as rv\n"
+        "try:\n"
+        "    rv.GuardedLLM\n"
+        "except rv.UnsupportedVllmError as exc:\n"
+        "    print('REFUSED', exc)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "VLLM_PLUGINS": "repguard_neurons"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr and "Failed to load plugin" not in run.stderr, run.stderr[-2000:]
+    assert run.stderr.count("repguard supports vllm>=0.32,<0.34; found vllm 0.40.1") == 1, run.stderr[-2000:]
+    assert "REFUSED repguard supports vllm>=0.32,<0.34; found vllm 0.40.1" in run.stdout
+
+
 def test_no_v1_interface_processor_is_registered_as_an_entry_point():
     """Model runner V2 refuses every V1-interface processor in the ``vllm.logits_processors`` group at start:
     one registered there would stop every V2 engine in the environment, guarded or not."""

@@ -17,13 +17,34 @@ the request finished for repetition in the scheduler); its report says ``"stoppe
 
 from __future__ import annotations
 
-from ..errors import require
+import importlib
+
+from ..errors import UnsupportedVllmError, require
 
 require("vllm", "vllm")
 
-from .compat import SUPPORTED_TEXT, UnsupportedVllmError  # noqa: E402
-from .front import GuardedAsyncLLM, GuardedLLM, GuardedOutput  # noqa: E402
-from .logits import RepGuardLogitsProcessor, RepGuardLogitsProcessorV2, request_config, server_config  # noqa: E402
+# Imported on first use, not with the package: vLLM imports ``repguard.vllm.plugin`` in every process of
+# every engine in the environment, and a vLLM outside the supported range must not fail that import
+# (the plugin then says once that it is inert). Using the guards there raises ``UnsupportedVllmError``.
+_LAZY = {
+    "SUPPORTED_TEXT": ".compat",
+    "GuardedAsyncLLM": ".front",
+    "GuardedLLM": ".front",
+    "GuardedOutput": ".front",
+    "RepGuardLogitsProcessor": ".logits",
+    "RepGuardLogitsProcessorV2": ".logits",
+    "request_config": ".logits",
+    "server_config": ".logits",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
 
 
 def _take_reports(worker, request_ids=None, pop=True):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ..errors import RepGuardError, require
+from ..errors import UnsupportedVllmError, require
 from ..runtime import token_id_list
 
 SUPPORTED = ((0, 32), (0, 34))  # [low, high)
@@ -22,10 +22,6 @@ V2_MESSAGE = (
     "guard (repguard.vllm.GuardedLLM / GuardedAsyncLLM) works on either runner."
 )
 LOGITS_PROCESSOR = "repguard.vllm:RepGuardLogitsProcessor"
-
-
-class UnsupportedVllmError(RepGuardError):
-    """The installed vLLM, or the way the engine runs, is outside what repguard supports."""
 
 
 def parse_version(text: str) -> tuple[int, int]:

@@ -30,7 +30,7 @@ import logging
 import os
 from pathlib import Path
 
-from ..errors import MapMismatchError, NeuronMapError, UnsupportedModelError
+from ..errors import MapMismatchError, NeuronMapError, UnsupportedModelError, UnsupportedVllmError
 from ..maps import find_map
 
 log = logging.getLogger("repguard")
@@ -40,12 +40,11 @@ _WRAPPED = "__repguard_wrapped__"
 
 def register() -> None:
     """Entry point of ``vllm.general_plugins`` (name ``repguard_neurons``). Safe to call repeatedly."""
-    from . import compat, logits
-
     try:
-        compat.check_version()
-    except compat.UnsupportedVllmError as exc:
-        _inert_once(str(exc))
+        from . import compat, logits  # compat checks the vLLM version as it loads
+    except UnsupportedVllmError as exc:
+        _inert_once(f"{exc}, so the plugin does nothing and the engine runs as without it; repguard's vLLM "
+                    "guards need a supported vLLM", unsupported=True)
         return
     global _UNHOOKABLE
     try:
@@ -71,15 +70,20 @@ _UNHOOKABLE: str | None = None  # why register() could not hook this vLLM build 
 _LOGGED: set[str] = set()
 
 
-def _inert_once(reason: str) -> None:
+def _inert_once(reason: str, unsupported: bool = False) -> None:
     """Say once per process why the neuron step does not run on this engine."""
-    from . import logits
+    if not unsupported:  # on an unsupported vLLM, repguard.vllm.logits cannot load
+        from . import logits
 
-    logits.NEURON_STEP_BLOCKED = reason
-    if reason not in _LOGGED:
-        _LOGGED.add(reason)
-        log.warning("repguard: neuron step inactive on this engine: %s. Requests run unchanged; the "
-                    "request-level guard (repguard.vllm.GuardedLLM / GuardedAsyncLLM) still works.", reason)
+        logits.NEURON_STEP_BLOCKED = reason
+    if reason in _LOGGED:
+        return
+    _LOGGED.add(reason)
+    if unsupported:
+        log.warning("repguard: %s.", reason)
+        return
+    log.warning("repguard: neuron step inactive on this engine: %s. Requests run unchanged; the "
+                "request-level guard (repguard.vllm.GuardedLLM / GuardedAsyncLLM) still works.", reason)
 
 
 STOP_REASON = "repguard"
