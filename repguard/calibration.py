@@ -203,6 +203,10 @@ class TextJournal:
             header = json.loads(lines[0])
         except ValueError:
             header = None
+            if len(lines) == 1 and not complete:  # only the header, cut short by a kill: nothing to resume
+                log.warning("%s: its header was cut short when the run stopped; starting the journal over", self.path)
+                self.path.write_text(json.dumps(self.header) + "\n")
+                return
         if header != self.header:
             raise CalibrationError(
                 f"{self.path}: this journal of calibration texts was written for another run; it differs in "

@@ -226,7 +226,8 @@ def test_progress_is_logged_and_a_kept_rate_too_low_for_the_count_is_said_early(
     assert at < len(caplog.records) - 1
 
 
-def test_a_calibration_killed_mid_run_resumes_from_its_journal_to_the_same_map(tmp_path, capsys, monkeypatch):
+def test_a_calibration_killed_mid_run_resumes_from_its_journal_to_the_same_map(tmp_path, capsys, monkeypatch,
+                                                                               caplog):
     from repguard.cli import main
     from repguard.hf import calibrate as cal
 
@@ -254,8 +255,9 @@ def test_a_calibration_killed_mid_run_resumes_from_its_journal_to_the_same_map(t
     with journal.open("a") as f:
         f.write('{"stream": "calibration", "index": 9, "ids": [1, 2')  # a line torn by the kill
     capsys.readouterr()
-    assert main(["calibrate", "--out", str(out), *args]) == 0
-    assert f"resuming from {journal}" in capsys.readouterr().err
+    with caplog.at_level("WARNING", logger="repguard"):
+        assert main(["calibrate", "--out", str(out), *args]) == 0
+    assert any(f"resuming from {journal}: 5 texts already decided" in r.getMessage() for r in caplog.records)
     resumed = NeuronMap.load(out)
     assert torch.equal(resumed.extra["score_matrix"], whole.extra["score_matrix"])
     assert torch.equal(resumed.layer, whole.layer) and torch.equal(resumed.neuron, whole.neuron)
@@ -277,6 +279,7 @@ def test_a_journal_written_for_other_settings_is_refused_by_name(tmp_path, capsy
     assert main(["calibrate", *args, "--seed", "5"]) == 2
     err = capsys.readouterr().err
     assert "m.texts.jsonl" in err and "seed" in err and "--no-resume" in err
+    assert "resuming" not in err  # a refused journal is not resumed, and nothing says it is
     assert main(["calibrate", *args, "--seed", "5", "--no-resume"]) == 0
     assert NeuronMap.load(out).meta.calibration.seed == 5
 

@@ -260,6 +260,20 @@ def test_a_torn_last_line_is_cut_off_and_its_text_generated_again(tmp_path):
     assert _decided(path) == [0, 1]
 
 
+def test_a_journal_whose_header_was_torn_by_a_kill_starts_over(tmp_path):
+    """A kill while the header was being written leaves a journal of one partial line: nothing was decided,
+    so the next run starts it over rather than refusing it as another run's."""
+    path = tmp_path / "texts.jsonl"
+    TextJournal(path, HEADER).close()
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-6])  # the format name whole, the rest cut short
+    j = TextJournal(path, HEADER)
+    assert j.done("calibration") == {}
+    j.record("calibration", TextDecision(0, False, 5, None))
+    j.close()
+    assert path.read_bytes().startswith(whole) and _decided(path) == [0]
+
+
 def test_a_record_without_a_stream_is_a_clear_error(tmp_path):
     path = tmp_path / "texts.jsonl"
     j = TextJournal(path, HEADER)

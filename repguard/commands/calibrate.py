@@ -116,8 +116,6 @@ def run(args) -> int:
         hf_logging.disable_progress_bar()
     model, tok, name = load_model(args.model, dtype=args.dtype, device=device)
     source = args.model if args.model in EMBEDDED else str(Path(args.model).resolve())  # what the journal names
-    if args.resume and journal.is_file():
-        print(f"resuming from {journal} (pass --no-resume to start over)", file=sys.stderr)
     result = calibrate(model, tok, name, settings, progress=args.progress, dtype=args.dtype, journal=journal,
                        resume=args.resume, source=source)
     path = result.map.save(args.out)  # replaces --out only with a map that loads back

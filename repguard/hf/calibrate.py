@@ -225,8 +225,8 @@ def generate_repetitive_texts(model, tok, settings: CalibrationSettings, count: 
     first_stats = summary(frontier())[1]
     first_stats.resumed = sum(first_index <= i < limit for i in done)
     if done:
-        log.info("%s: resuming from %s: %d texts already decided (%d kept)", desc, journal.path, len(done),
-                 sum(d.text is not None for d in done.values()))
+        log.warning("%s: resuming from %s: %d texts already decided (%d kept); start over with --no-resume",
+                    desc, journal.path, len(done), sum(d.text is not None for d in done.values()))
     plog = ProgressLog(desc, count, cap, log_every, done)
     bar = _progress(count, desc, progress)
     bar.update(min(first_stats.kept, count))
