@@ -554,3 +554,29 @@ def test_a_rolled_back_stream_needs_no_second_connection_from_the_streams_pool(f
     last = events[-1]["choices"][0]
     assert last["repguard"]["rollbacks"] == 1 and last["finish_reason"] == "length"
     assert " t2001 t2002" in "".join(e["choices"][0]["text"] for e in events if e.get("choices"))
+
+
+def test_continuous_usage_stats_put_the_running_counts_in_every_chunk(fake_upstream):
+    """vLLM's ``stream_options.continuous_usage_stats``: each chunk carries the usage so far, as the upstream
+    would send it; without it, only the last chunk has usage (``include_usage``)."""
+    url, _ = fake_upstream
+    with inprocess_proxy(upstream=url) as proxy:
+        for continuous in (True, False):
+            options = {"include_usage": True, "continuous_usage_stats": continuous}
+            with httpx.stream("POST", proxy + "/v1/completions", timeout=30,
+                              json={"model": "fake", "prompt": "hello", "max_tokens": 5, "stream": True,
+                                    "return_token_ids": True, "stream_options": options}) as resp:
+                assert resp.status_code == 200
+                events = [json.loads(line[6:]) for line in resp.iter_lines()
+                          if line.startswith("data: ") and line != "data: [DONE]"]
+            with_choices = [e for e in events if e["choices"]]
+            assert events[-1]["choices"] == [] and events[-1]["usage"] == {
+                "prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
+            if not continuous:
+                assert not any("usage" in e for e in with_choices)
+                continue
+            seen = 0
+            for e in with_choices:
+                seen += len(e["choices"][0]["token_ids"])
+                assert e["usage"] == {"prompt_tokens": 3, "completion_tokens": seen, "total_tokens": 3 + seen}
+            assert seen == 5

@@ -753,9 +753,10 @@ async def _until_done(task: asyncio.Future, request: Request):
         raise
 
 
-def _usage(call: GuardedCall) -> dict[str, int]:
+def _usage(call: GuardedCall, completion: int | None = None) -> dict[str, int]:
+    """Token counts of the request: the prompt, and the completion's tokens (all of them, or ``completion``)."""
     prompt = len(call.prompt_ids or [])
-    completion = len(call.rg.tokens)
+    completion = len(call.rg.tokens) if completion is None else completion
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -817,7 +818,9 @@ async def _stream(call: GuardedCall, body: dict[str, Any], chat: bool, endpoint:
         return head
 
     want_ids = bool(body.get("return_token_ids"))
-    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    options = body.get("stream_options") or {}
+    include_usage = bool(options.get("include_usage"))
+    continuous_usage = include_usage and bool(options.get("continuous_usage_stats"))  # vLLM's: usage in every chunk
     code = CLIENT_CLOSED  # until the stream ends: a client that closes it early leaves this
     released: list[int] = []
     sent = ""
@@ -842,6 +845,8 @@ async def _stream(call: GuardedCall, body: dict[str, Any], chat: bool, endpoint:
             if not started:  # where vLLM puts them: in the choice (completions), in the chunk (chat)
                 (extra if chat else choice)["prompt_token_ids"] = call.prompt_ids
         started = True
+        if continuous_usage:
+            extra["usage"] = _usage(call, len(released) if finish is None else None)
         return f"data: {dumps({**header(), 'choices': [choice], **extra})}\n\n"
 
     try:
