@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from ._version import __version__
@@ -51,7 +52,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a reader that went away (`repguard inspect MAP | head`) shows here, not at exit
+        return code
+    except BrokenPipeError:  # as a shell tool does: stop quietly, with SIGPIPE's status
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left for the exit's own flush
+        return 141
     except RepGuardError as exc:
         print(f"repguard: error: {exc}", file=sys.stderr)
         return 2

@@ -149,3 +149,19 @@ def test_inspect_negative_top_is_refused(capsys):
 
 def test_inspect_missing_map(capsys, files):
     _fails(capsys, ["inspect", str(files["dir"] / "absent.safetensors")], "absent.safetensors")
+
+
+def test_a_reader_that_stops_early_gets_no_traceback():
+    """``repguard inspect MAP --top 5000 | head -1``: the reader closes the pipe after one line; repguard stops
+    quietly with SIGPIPE's status, as shell tools do, instead of a BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    shipped = Path(__file__).parents[1] / "neuron_maps" / "smollm2-135m.safetensors"
+    proc = subprocess.Popen([sys.executable, "-m", "repguard.cli", "inspect", str(shipped), "--top", "5000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline().startswith(b"neuron map: smollm2-135m")
+    proc.stdout.close()  # the rest (about 56 kB) no longer fits the pipe once nobody reads it
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
