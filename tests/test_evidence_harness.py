@@ -225,3 +225,61 @@ def test_the_report_lists_each_paired_timing_with_its_ratio_and_load(tmp_path, m
     assert len(rows) == 2, "one row per guarded method"
     assert rows[0].startswith("| m, 200 tokens, greedy | loop (3) | 2 | `rollback` | 4 | 6 | 1.50 | 1.50 | 3 | 1.5-1.5 |")
     assert rows[1].startswith("| m, 200 tokens, greedy | loop (3) | 2 | `rollback[overlap=false]` | 4 | 8 | 2.00 | 2.00 | 3 |")
+
+
+def _chat_row(strict=False, paper=False, wider=False, holtzman=False, sentence=False, stopped=False):
+    return {"strict": strict, "paper": paper, "wider": wider, "holtzman": holtzman, "sentence": sentence,
+            "stopped": stopped, "seq_rep_4": 0.0, "gzip": 0.5, "len": 4}
+
+
+def test_the_chat_table_shows_the_independent_label_from_the_per_row_labels():
+    """Holtzman or repeated sentence or stopped, per row, and its cut against none, read from the stored labels
+    (not from any stored summary); the summaries are recomputed, so a method stored without a time ratio gets one."""
+    from benchmarks.evidence import report
+
+    outs = [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16]]
+    none_labels = [_chat_row(True, True, True, holtzman=True), _chat_row(True, sentence=True),
+                   _chat_row(True, paper=True, wider=True), _chat_row()]
+    # rollback: the paper/wider loop of row 2 and the Holtzman loop of row 0 gone; row 1 still repeats a sentence
+    rb_labels = [_chat_row(), _chat_row(True, sentence=True), _chat_row(), _chat_row()]
+    data = {"methods": {
+        "none": {"outputs": outs, "labels": none_labels, "reports": [{"rollbacks": 0, "finish_reason": None}] * 4,
+                 "seconds": 10.0, "load": 1.0, "summary": {}},
+        "rollback": {"outputs": [[1, 2, 0, 0], [5, 6, 7, 8], [9, 0, 0, 0], [13, 14, 15, 16]], "labels": rb_labels,
+                     "reports": [{"rollbacks": 1}, {"rollbacks": 0}, {"rollbacks": 1}, {"rollbacks": 0}],
+                     "seconds": 15.0, "load": 1.0, "summary": {"time_ratio": None}}}}
+    assert report.independent_label(data, "none") == (0.5, 0.0)
+    assert report.independent_label(data, "rollback") == (0.25, 0.5)
+    lines = report.chat_table(data).splitlines()
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    cells = [c.strip() for c in next(r for r in lines if r.startswith("| rollback |")).strip("|").split("|")]
+    row = dict(zip(head, cells))
+    at = head.index("independent label (Holtzman or sentence or stopped)")
+    assert cells[at] == "25%" and head[at + 1] == "cut vs none" and cells[at + 1] == "50%"
+    assert row["strict label"] == "25%" and row["paper's label"] == "0%"
+    assert row["time vs none"] == "1.50", "recomputed, not the stored None"
+    assert {"rep-2", "rep-3", "rep-4"} <= set(head)
+
+
+def test_the_method_table_shows_copied_rows_as_not_measured():
+    """A rollback.py row decodes only the rows the paper's label calls a loop and copies the rest from none:
+    its distortion and identity are not measured, and it is not placed on the Pareto front."""
+    from benchmarks.evidence import report
+
+    loop = list(range(12)) * 4
+    calm = list(range(100, 148))
+    base = [loop, calm, calm[::-1]]
+    none_s = measures.summary(base, base, [True, False, False], [False] * 3)
+    none_s.update(tokens_per_s=10.0)
+    rb_outs = [calm[:10], calm, calm[::-1]]
+    rb_reps = [{"rollbacks": 1, "max_level": "rollback", "finish_reason": None}, None, None]
+    rb_s = measures.summary(base, rb_outs, [True, False, False], [False] * 3, [True, False, False])
+    rb_s.update(decoded_rows=1)
+    data = {"methods": {"none": {"outputs": base, "reports": [None] * 3, "summary": none_s},
+                        "rg_rollback_2": {"outputs": rb_outs, "reports": rb_reps, "summary": rb_s}}}
+    assert rb_s["distortion"] == 0.0 and rb_s["identity"] == 1.0  # what the file stores: true by construction
+    text = report.method_table(data)
+    row = next(r for r in text.splitlines() if r.startswith("| rg_rollback_2 |"))
+    assert "| 1/3 (rest copied from none) |" in row
+    assert row.count("n/a (copied rows)") == 4  # distortion, loop-free distortion, identity, Pareto front
+    assert "0%" not in row.split("|")[8] and "100%" not in row.split("|")[11]

@@ -1,4 +1,4 @@
-"""Instruct prompts end to end: every method decodes every row, timed, judged by labels no trigger uses.
+"""Instruct prompts end to end: every method decodes every row, timed, judged by labels with and without a trigger's criterion.
 
     .venv/bin/python -m benchmarks.evidence.chat --model smollm2-135m --half tuning --n 24 \
         --max-new-tokens 200 --sampling greedy --methods all \
@@ -9,7 +9,11 @@ tables, long answers, letters), built from the templates below, rendered with th
 (Gemma's turn format where the converted tokenizer has none), and split once with a fixed seed into a
 tuning half and a held-out half. Nothing here copies a row from another method: each method runs
 ``generate`` (or rollback) on all rows, in the same batches, so identity and distortion are measured,
-not assumed. Sampling is seeded per batch (``torch.manual_seed(seed + batch)``), so the unguarded run
+not assumed. Labels (``labels``, ``benchmarks/evidence/measures.py``): two share a criterion with a repguard
+trigger, the paper's label (``measures.loops``: ``repguard.detect.find_repetition``, the criterion rollback's first
+pass fires on) and the wider label (``measures.any_loop``: that, or ``repguard.detect.LoopDetector``'s suffix
+trigger at 12 tokens x 2 copies); Holtzman's end-of-text criterion, the repeated sentence (>= 20 characters),
+seq-rep-4, rep-n and gzip share none. The strict label is any of the loop labels. Sampling is seeded per batch (``torch.manual_seed(seed + batch)``), so the unguarded run
 and rollback's first pass draw the same numbers.
 
 Methods: ``none``; the baselines ``rep_penalty_1.1``, ``rep_penalty_1.2``, ``no_repeat_4``, ``dry_0.8``,
@@ -251,7 +255,8 @@ def summarise(data: dict, name: str) -> dict:
         "sentence": sum(r["sentence"] for r in lab) / n, "wider": sum(r["wider"] for r in lab) / n,
         "stopped": sum(r["stopped"] for r in lab) / n,
         "seq_rep_4": sum(r["seq_rep_4"] for r in lab) / n, "gzip": sum(r["gzip"] for r in lab) / n,
-        "rep_2": measures.rep_n(m["outputs"], 2), "rep_4": measures.rep_n(m["outputs"], 4),
+        "rep_2": measures.rep_n(m["outputs"], 2), "rep_3": measures.rep_n(m["outputs"], 3),
+        "rep_4": measures.rep_n(m["outputs"], 4),
         "distortion": (sum(not same[i] for i in calm) / len(calm)) if calm else None,
         "identity": (sum(same[i] for i in untouched) / len(untouched)) if untouched and name.startswith("rollback") else None,
         "rolled_back": sum(1 for r in m["reports"] if r.get("rollbacks")) / n,

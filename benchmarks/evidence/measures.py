@@ -11,14 +11,18 @@ from repguard.detect import find_repetition
 
 
 def loops(cont: Sequence[int], stopped: bool = False) -> bool:
-    """The paper's detector (n=10, r=100, k=3) on the continuation; a stopped output is an unrepaired loop."""
+    """The paper's detector (n=10, r=100, k=3) on the continuation; a stopped output is an unrepaired loop.
+    It is ``repguard.detect.find_repetition``: the criterion rollback's first pass fires on (there over 200 tokens,
+    any three copies in a row), so it shares its criterion with a repguard trigger."""
     return stopped or find_repetition(list(cont)) is not None
 
 
 def any_loop(cont: Sequence[int]) -> bool:
     """Wider loop label: the paper's detector, or two back-to-back copies of a span of >= 12 tokens
     (period <= 64). It also catches loops the paper's detector misses: copies with unequal spacing,
-    periods over 45 tokens, and loops cut by the 200-token limit before a third copy."""
+    periods over 45 tokens, and loops cut by the 200-token limit before a third copy. It is built from
+    repguard's own detectors (``find_repetition`` and ``LoopDetector``'s suffix trigger at min_repeat=12,
+    min_copies=2.0), so it shares its criterion with repguard's triggers (the suffix trigger's default is 1.5 copies)."""
     from repguard.detect import LoopDetector
 
     if find_repetition(list(cont)) is not None:
@@ -45,7 +49,9 @@ _NORM = re.compile(r"[\W_]+", re.UNICODE)
 
 def repeated_sentence(text: str, copies: int = 3, min_chars: int = 20) -> bool:
     """The same sentence or line (lower-cased, punctuation and spacing removed, >= ``min_chars`` characters)
-    occurs >= 3 times anywhere in the text. No repguard trigger uses this criterion (it reads text, not ids)."""
+    occurs >= 3 times anywhere in the text. No repguard trigger uses this criterion (it reads text, not ids).
+    The split is after . ! ? and at line breaks, so a list item's number ("48.") is its own part; a line shorter
+    than ``min_chars`` (e.g. a 19-character item name) is never counted, however often it repeats."""
     counts: dict[str, int] = {}
     for part in _SPLIT.split(text):
         key = _NORM.sub(" ", part.lower()).strip()

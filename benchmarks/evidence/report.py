@@ -56,26 +56,81 @@ def pareto(points: dict[str, tuple[float, float]]) -> set[str]:
     return front
 
 
+def copied_rows(m: dict, n: int) -> set[int]:
+    """Rows a method did not decode but copied from ``none``: ``benchmarks.evidence.rollback`` (report None on
+    every row whose unguarded output the paper's label calls clean) and ``run.py --subset`` (report marked
+    ``copied``). A copied row equals ``none`` by construction, so it measures neither distortion nor identity."""
+    dec = m.get("summary", {}).get("decoded_rows")
+    if dec is None or dec >= n:
+        return set()
+    return {i for i, r in enumerate(m.get("reports") or []) if r is None or (isinstance(r, dict) and r.get("copied"))}
+
+
+def _triggered(r) -> bool:
+    if r is None:
+        return False
+    if "fired" in r:
+        return bool(r["fired"] or r["max_level"] != "monitor")
+    return bool(r.get("rollbacks") or r.get("max_level", "monitor") != "monitor")
+
+
+def share_cell(value, rows: list[int], copied: set[int], decoded_value=None) -> str:
+    """A distortion or identity over ``rows``: the stored share when no row of them was copied; ``n/a (copied
+    rows)`` when all were; otherwise the share over the decoded rows only, with the count copied."""
+    if not copied or not rows or not (set(rows) & copied):
+        return pct(value)
+    left = [i for i in rows if i not in copied]
+    if not left:
+        return "n/a (copied rows)"
+    return f"{pct(decoded_value(left))} of {len(left)} decoded ({len(rows) - len(left)} copied)"
+
+
 def method_table(data: dict, names: list[str] | None = None) -> str:
     ms = data["methods"]
     names = names or [n for n in ORDER if n in ms] + sorted(n for n in ms if n not in ORDER)
     none_speed = ms["none"]["summary"]["tokens_per_s"]
     speed = lambda s: "n/a" if not s.get("tokens_per_s") else f"{s['tokens_per_s'] / none_speed:.2f}"
-    pts = {n: (ms[n]["summary"]["loop_rate"], ms[n]["summary"]["distortion"] or 0.0) for n in names if n != "monitor"}
-    front = pareto(pts)
-    from .measures import any_loop, distortion
+    from .measures import any_loop, distortion, loops
 
     base = ms["none"]["outputs"]
+    n_rows = len(base)
     wide = [any_loop(o) for o in base]
-    lines = ["| method | loop rate | cut vs none | stopped | seq-rep-4 | distinct-2 | distortion | distortion, loop-free only | changed | identity (never triggered) | triggered | on the baselines' Pareto front | speed vs none |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    calm = [i for i, o in enumerate(base) if not loops(o)]
+    calm_wide = [i for i, w in enumerate(wide) if not w]
+    copied = {n: copied_rows(ms[n], n_rows) for n in names}
+    # a method whose every loop-free row was copied has no measured distortion: it is left off the front
+    pts = {n: (ms[n]["summary"]["loop_rate"], ms[n]["summary"]["distortion"] or 0.0) for n in names
+           if n != "monitor" and not (copied[n] and set(calm) <= copied[n])}
+    front = pareto(pts)
+    lines = ["| method | rows decoded | loop rate | cut vs none | stopped | seq-rep-4 | distinct-2 | distortion | distortion, loop-free only | changed | identity (never triggered) | triggered | on the baselines' Pareto front | speed vs none |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for n in names:
-        s = ms[n]["summary"]
+        s, m, cp = ms[n]["summary"], ms[n], copied[n]
+        outs = m["outputs"]
+        changed = lambda rows: sum(list(outs[i]) != list(base[i]) for i in rows) / len(rows)  # noqa: E731
+        untriggered = [i for i, r in enumerate(m.get("reports") or []) if not _triggered(r)] if s.get("identity") is not None else []
+        same = lambda rows: sum(list(outs[i]) == list(base[i]) for i in rows) / len(rows)  # noqa: E731
+        dist = share_cell(s["distortion"], calm, cp, changed)
+        dist_wide = share_cell(distortion(base, outs, wide), calm_wide, cp, changed)
+        ident = share_cell(s["identity"], untriggered, cp, same)
+        if n in pts:
+            on_front = "yes" if n in front else ""
+        else:
+            on_front = "n/a (copied rows)" if n != "monitor" else ""
+        decoded = f"{n_rows - len(cp)}/{n_rows}" + (" (rest copied from none)" if cp else "")
         lines.append(
-            f"| {n} | {pct(s['loop_rate'])} | {pct(s['loop_cut'])} | {pct(s['stopped'])} | {s['seq_rep_4']:.3f} | "
-            f"{s['distinct_2']:.3f} | {pct(s['distortion'])} | {pct(distortion(base, ms[n]['outputs'], wide))} | {pct(s['changed'])} | {pct(s['identity'])} | "
-            f"{pct(s['triggered'])} | {'yes' if n in front else ''} | {speed(s)} |"
+            f"| {n} | {decoded} | {pct(s['loop_rate'])} | {pct(s['loop_cut'])} | {pct(s['stopped'])} | {s['seq_rep_4']:.3f} | "
+            f"{s['distinct_2']:.3f} | {dist} | {dist_wide} | {pct(s['changed'])} | {ident} | "
+            f"{pct(s['triggered'])} | {on_front} | {speed(s)} |"
         )
+    if any(copied.values()):
+        lines.append(
+            "\nRows copied, not decoded: `benchmarks.evidence.rollback` (the `rg_rollback*` rows) decodes only the rows whose "
+            "unguarded output the paper's label (`measures.loops`) calls a loop and copies every other row from `none`, "
+            "so on those rows its distortion and identity are true by construction, not measured; `run.py --subset` "
+            "(tuning variants) copies the rows its trigger does not fire on when replayed over `none`. Distortion and "
+            "identity above are shown over the decoded rows only, or n/a where every row they count was copied. The "
+            "end-to-end figures, every row decoded, are the instruct-prompt tables (`benchmarks.evidence.chat`).")
     return "\n".join(lines)
 
 
@@ -126,18 +181,25 @@ def plot(path: Path) -> None:
     datas = [(m, load(m, "heldout")) for m in MODELS]
     datas = [(m, d) for m, d in datas if d]
     fig, axes = plt.subplots(1, max(1, len(datas)), figsize=(6.5 * max(1, len(datas)), 5), squeeze=False)
+    from .measures import loops
+
     for ax, (model, d) in zip(axes[0], datas):
-        groups: dict[tuple[float, float], list[str]] = {}
+        groups: dict[tuple[float, float, bool], list[str]] = {}
+        base = d["methods"]["none"]["outputs"]
+        calm = {i for i, o in enumerate(base) if not loops(o)}
         for n, m in d["methods"].items():
             if n == "monitor":
                 continue
             s = m["summary"]
-            key = (round(100 * (s["distortion"] or 0), 1), round(100 * s["loop_rate"], 1))
+            cp = copied_rows(m, len(base))
+            unmeasured = bool(cp) and calm <= cp  # every loop-free row copied: distortion 0 by construction
+            key = (round(100 * (s["distortion"] or 0), 1), round(100 * s["loop_rate"], 1), unmeasured)
             groups.setdefault(key, []).append(n)
-        for (x, y), names in groups.items():
+        for (x, y, unmeasured), names in groups.items():
             ours = any(not is_baseline(n) for n in names)
-            ax.scatter(x, y, c="tab:red" if ours else "tab:blue", s=45, zorder=3)
-            label = "\n".join(short(n) for n in names)
+            color = "tab:red" if ours else "tab:blue"
+            ax.scatter(x, y, s=45, zorder=3, facecolors="none" if unmeasured else color, edgecolors=color)
+            label = "\n".join(short(n) for n in names) + (" (distortion n/a: copied rows)" if unmeasured else "")
             low = y < 2 and x > 60
             ax.annotate(label, (x, y), fontsize=7, xytext=(-6 if x > 60 else 4, -6 if low else 6),
                         textcoords="offset points", ha="right" if x > 60 else "left", va="top" if low else "bottom")
@@ -160,24 +222,59 @@ def chat_files() -> list[Path]:
     return sorted(p for p in (RES / "chat").glob("*.json") if not p.name.endswith("-judge.json"))
 
 
+def independent_label(data: dict, name: str) -> tuple[float, float | None]:
+    """The share of a method's outputs that loop on a label sharing no criterion with any repguard trigger:
+    Holtzman's end-of-text criterion, or the same sentence three times, or stopped for repetition; and its cut
+    against ``none`` (None when ``none`` has no such loop). Read from the stored per-row labels."""
+    def rate(m):
+        lab = m["labels"]
+        return sum(bool(r["holtzman"] or r["sentence"] or r["stopped"]) for r in lab) / len(lab)
+
+    r, r0 = rate(data["methods"][name]), rate(data["methods"]["none"])
+    return r, ((1 - r / r0) if r0 else None)
+
+
+def chat_summaries(data: dict) -> dict[str, dict]:
+    """Each method's summary recomputed from its stored outputs and labels (``chat.summarise``), not the one stored
+    when it ran: a method run before ``none`` was stored without a time ratio, and rep-3 came later."""
+    from .chat import summarise
+
+    return {n: summarise(data, n) for n in data["methods"]}
+
+
 def chat_table(data: dict) -> str:
-    """One setting of ``benchmarks.evidence.chat``: every method end to end, on labels no trigger uses."""
+    """One setting of ``benchmarks.evidence.chat``: every method end to end. Two of the labels share a criterion
+    with a repguard trigger (the paper's label: ``find_repetition``, the criterion of rollback's first pass; the
+    wider label: the suffix trigger, ``LoopDetector`` at 12 tokens x 2 copies); Holtzman's, the repeated sentence,
+    seq-rep-4, rep-n and gzip share none. The independent label (Holtzman or repeated sentence or stopped) is
+    computed here from the stored per-row labels."""
     ms = data["methods"]
+    summ = chat_summaries(data)
     names = [n for n in CHAT_ORDER if n in ms] + sorted(n for n in ms if n not in CHAT_ORDER)
-    lines = ["| method | strict label | cut vs none | paper's label | Holtzman | repeated sentence | seq-rep-4 | "
+    lines = ["| method | strict label | cut vs none | independent label (Holtzman or sentence or stopped) | cut vs none | "
+             "paper's label | wider label | Holtzman | repeated sentence | seq-rep-4 | rep-2 | rep-3 | rep-4 | "
              "gzip ratio | distortion | identity (not rolled back) | rolled back | time vs none | judge ppl |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|" + "---|" * 19]
     judge = data.get("judge", {})
     for n in names:
-        s = ms[n]["summary"]
+        s = summ[n]
+        ind, ind_cut = independent_label(data, n)
         ratio = "n/a" if s.get("time_ratio") is None else f"{s['time_ratio']:.2f}"
         j = judge.get(n)
         if n == "none" and judge.get("calm"):
             j = judge["calm"]  # shown beside none: the bar (its looping rows score low, being repetitive)
         lines.append(
-            f"| {n} | {pct(s['strict'])} | {pct(s['strict_cut'])} | {pct(s['paper'])} | {pct(s['holtzman'])} | "
-            f"{pct(s['sentence'])} | {s['seq_rep_4']:.3f} | {s['gzip']:.3f} | {pct(s['distortion'])} | "
+            f"| {n} | {pct(s['strict'])} | {pct(s['strict_cut'])} | {pct(ind)} | {pct(ind_cut)} | {pct(s['paper'])} | "
+            f"{pct(s['wider'])} | {pct(s['holtzman'])} | {pct(s['sentence'])} | {s['seq_rep_4']:.3f} | "
+            f"{s['rep_2']:.1f} | {s['rep_3']:.1f} | {s['rep_4']:.1f} | {s['gzip']:.3f} | {pct(s['distortion'])} | "
             f"{pct(s['identity'])} | {pct(s['rolled_back'])} | {ratio} | {'n/a' if j is None else f'{j:.1f}'} |")
+    lines.append("\nLabels: the paper's label (`find_repetition`, n = 10, r = 100, the first three copies) is the criterion "
+                 "rollback's first pass fires on (there over 200 tokens, any three in a row), and the wider label adds "
+                 "repguard's suffix trigger (`LoopDetector`, 12 tokens x 2 copies); a re-decode watches for both, so on "
+                 "those two a rollback's low rate is partly by construction. Holtzman's criterion, the repeated sentence "
+                 "(a line or sentence of >= 20 characters, normalised, three times), seq-rep-4, rep-n and gzip share no "
+                 "criterion with any trigger; the independent label is Holtzman or repeated sentence or stopped for "
+                 "repetition, per row. The strict label is any of them. rep-n: Su et al., pooled over the outputs.")
     if judge:
         lines.append(f"\nJudge ppl: perplexity under {judge['judge_model']} of each method's continuations on the "
                      f"{judge['rows']} rows whose unguarded output loops on the strict label; for none, of the "
@@ -209,8 +306,9 @@ def chat_plot(path: Path, files: list[Path]) -> bool:
     for ax in axes.flat[len(datas):]:
         ax.axis("off")
     for ax, d in zip(axes.flat, datas):
-        for n, m in d["methods"].items():
-            s = m["summary"]
+        summ = chat_summaries(d)
+        for n in d["methods"]:
+            s = summ[n]
             unknown = s["distortion"] is None  # no output is loop-free unguarded: drawn hollow at 0
             x, y = 100 * (s["distortion"] or 0), 100 * s["strict"]
             color = "tab:red" if n.startswith("rollback") else "tab:blue"

@@ -3,9 +3,14 @@
     .venv/bin/python -m benchmarks.evidence.rollback --model smollm2-135m --half heldout --n 48 \
         --base benchmarks/results/smollm2-135m-heldout.json --out benchmarks/results/smollm2-135m-heldout-rollback.json
 
-Only rows whose unguarded output ('none' in --base) the precise trigger fires on are decoded: every
-other row is untouched by construction (the first pass never writes to a row that does not trigger),
-so it is copied from 'none'. The measures are the same as benchmarks/evidence/run.py's.
+A shortcut: only the rows whose unguarded output ('none' in --base) the paper's label calls a loop
+(``measures.loops``: ``find_repetition`` at n = 10, r = 100, the first three copies; the judge label, not a
+replay of the guard's trigger) are decoded, and every other row is COPIED from 'none' (its report is None).
+So the distortion and identity it stores are true by construction, not measured: every row they count was
+copied. It also assumes the first pass never fires on a row the label calls clean, which the current trigger
+(r = 200, any three in a row) does not guarantee. For measured distortion and identity, decode every row:
+``benchmarks.evidence.chat`` (or ``benchmarks.evidence.run`` without ``--subset``). Loop rate, cut and seq-rep
+are as in benchmarks/evidence/run.py, over all rows, copied ones included.
 """
 
 from __future__ import annotations
@@ -85,7 +90,8 @@ def main(argv=None) -> None:
         out_path.write_text(json.dumps(data))
         s = summ
         print(f"{mname:24s} loop {s['loop_rate']:.3f} cut {s['loop_cut']} dist {s['distortion']} ident {s['identity']} "
-              f"srep4 {s['seq_rep_4']:.3f} d2 {s['distinct_2']:.3f} {secs:.0f}s ({len(rows)} rows decoded)", flush=True)
+              f"srep4 {s['seq_rep_4']:.3f} d2 {s['distinct_2']:.3f} {secs:.0f}s ({len(rows)} rows decoded, "
+              f"{len(ids) - len(rows)} copied from none: dist/ident not measured)", flush=True)
 
 
 if __name__ == "__main__":
