@@ -64,7 +64,7 @@ ALL = (
     DETECTION_POSITION, OVERHEAD, ERRORS, ROLLBACKS, ROLLBACK_TOKENS, INFO,
 )
 
-ERROR_SITES = ("observe", "deactivate", "penalty")
+ERROR_SITES = ("observe", "deactivate", "penalty", "rollback")
 
 
 def metric_names(metrics=ALL) -> set[str]:
@@ -97,7 +97,11 @@ def init_model(model: str) -> None:
 
 
 def record_report(model: str, report) -> None:
-    """Count one finished sequence's report (a ``SequenceReport``)."""
+    """Count one finished sequence's report (a ``SequenceReport``). A sequence the guard failed open on (its
+    report has errors) ran unguarded from there: it is counted in ``guard_errors_total`` where the fault was,
+    not as guarded, so a broken guard never shows as guarded requests that did not loop."""
+    if report.errors:
+        return
     REQUESTS_GUARDED.labels(model).inc()
     GENERATED_TOKENS.labels(model).inc(report.tokens_observed)
     if report.detections:

@@ -329,3 +329,84 @@ def test_a_learned_position_table_filled_to_its_last_row_gives_the_roomy_models_
         assert got.sequences == want.sequences and got.rollbacks == want.rollbacks
         calm = [i for i, n in enumerate(got.rollbacks) if not n]
         assert all(got.sequences[i] == _cut(plain[i, width:].tolist(), {end}) for i in calm)
+
+
+def _plain(model, ids, mask):
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    return [_cut(r, _eos(model)) for r in out[:, ids.shape[1]:].tolist()]
+
+
+@pytest.mark.parametrize("overlap", [None, False])
+@pytest.mark.parametrize("where", ["repair", "cut_back", "streaming"])
+def test_a_fault_of_rollback_itself_gives_the_unguarded_batch_logged_and_counted_once(monkeypatch, caplog, overlap,
+                                                                                   where):
+    """The re-decode's repair, the cut-back search or the streaming release raises: the caller still gets every
+    row (the unguarded run's tokens; streamed rows continue from what they handed out), one log line, one count;
+    no exception reaches ``generate_with_rollback``'s caller."""
+    from repguard import metrics, repair, rollback
+
+    model = tiny_model("llama")
+    ids, mask = _padded_batch()
+    plain = _plain(model, ids, mask)
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("injected rollback failure")
+
+    streamed: dict[int, list[int]] = {}
+    kw = {}
+    if where == "repair":
+        monkeypatch.setattr(repair.RepeatPenalty, "penalties", failing)
+    elif where == "cut_back":
+        monkeypatch.setattr(rollback.RollbackPolicy, "earliest_loop", failing)
+    else:
+        monkeypatch.setattr(rollback.RollbackState, "releasable", failing)
+        kw["on_tokens"] = lambda row, tokens: streamed.setdefault(row, []).extend(tokens)
+    name = f"tiny-rb-fault-{where}-{overlap}"
+    before = metrics.ERRORS.labels(name, "rollback")._value.get()
+    with caplog.at_level("WARNING", logger="repguard"):
+        out = generate_with_rollback(model, ids, mask, neuron_map=random_map(model, 32, 64), max_new_tokens=NEW,
+                                     do_sample=False, pad_token_id=0, overlap=overlap, model_name=name, **kw)
+    assert out.sequences == plain and not any(out.rollbacks)
+    assert all(r.errors == 1 and not r.fired for r in out.reports)
+    assert metrics.ERRORS.labels(name, "rollback")._value.get() == before + 1
+    assert sum("guard failed in rollback" in r.getMessage() for r in caplog.records) == 1
+    if where == "streaming":
+        assert [streamed.get(i, []) for i in range(len(plain))] == plain, "every row streamed once, in full"
+
+
+def test_an_error_of_the_callers_on_tokens_reaches_the_caller_unchanged():
+    model = tiny_model("llama")
+    ids, mask = _padded_batch()
+
+    class Full(Exception):
+        pass
+
+    def on_tokens(row, tokens):
+        raise Full("the caller's queue is full")
+
+    with pytest.raises(Full, match="queue is full"):
+        generate_with_rollback(model, ids, mask, neuron_map=False, max_new_tokens=NEW, do_sample=False,
+                               pad_token_id=0, on_tokens=on_tokens, holdback=0)
+
+
+@pytest.mark.parametrize("overlap", [None, False])
+def test_metrics_count_each_row_once_with_its_rollbacks(overlap):
+    """A row decoded in several passes is one guarded sequence: counted once, with its loops, its rollbacks and
+    the tokens they discarded (pass after pass ran one ``generate`` per pass, each counted before)."""
+    from repguard import metrics
+
+    model = tiny_model("llama")
+    ids, mask = _padded_batch()
+    name = f"tiny-rb-metrics-{overlap}"
+    read = {m: (lambda m=m: m.labels(name)._value.get()) for m in
+            (metrics.REQUESTS_GUARDED, metrics.LOOPS_DETECTED, metrics.ROLLBACKS, metrics.ROLLBACK_TOKENS)}
+    before = {m: f() for m, f in read.items()}
+    out = generate_with_rollback(model, ids, mask, neuron_map=random_map(model, 32, 64), max_new_tokens=NEW,
+                                 do_sample=False, pad_token_id=0, overlap=overlap, model_name=name)
+    got = {m: f() - before[m] for m, f in read.items()}
+    assert sum(out.rollbacks) > 0
+    assert got[metrics.REQUESTS_GUARDED] == len(out.sequences)
+    assert got[metrics.LOOPS_DETECTED] == sum(1 for r in out.reports if r.detections)
+    assert got[metrics.ROLLBACKS] == sum(out.rollbacks)
+    assert got[metrics.ROLLBACK_TOKENS] == sum(max(0, r.tokens_observed - len(s))
+                                               for r, s in zip(out.reports, out.sequences)) > 0

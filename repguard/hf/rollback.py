@@ -35,12 +35,15 @@ with finish reason "repetition".
 
 from __future__ import annotations
 
+import functools
+import logging
 import numbers
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
+from .. import metrics
 from ..config import GuardConfig
 from ..errors import ConfigError
 from ..policy import SequenceReport
@@ -48,6 +51,39 @@ from ..repair import BAN
 from ..rollback import RollbackConfig, RollbackPolicy
 from ..runtime import force_token, host_to_device
 from .guard import Guard, call_setting
+
+log = logging.getLogger("repguard")
+
+
+class _GuardFailed(Exception):
+    """A fault of the rollback machinery (its processors, streamer, or policy calls) inside ``generate``: the
+    batch is then generated unguarded (``_unguarded``), logged once and counted."""
+
+
+class _CallerError(Exception):
+    """An exception of the caller's own ``on_tokens``: passed through unchanged, never taken for a fault."""
+
+
+@contextmanager
+def _step():
+    """A block of rollback work: any exception in it becomes ``_GuardFailed`` (the caller's own pass through)."""
+    try:
+        yield
+    except (_GuardFailed, _CallerError):
+        raise
+    except Exception as exc:
+        raise _GuardFailed(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _fails_open(method):
+    """``_step`` around a method of the rollback machinery."""
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        with _step():
+            return method(*args, **kwargs)
+
+    return wrapper
 
 
 @dataclass
@@ -64,6 +100,7 @@ class _BanFirstToken:
     def __init__(self, bans: dict[int, int], start_length: int) -> None:
         self.bans, self.start_length = bans, start_length
 
+    @_fails_open
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if input_ids.shape[1] != self.start_length or not self.bans:
             return scores
@@ -81,6 +118,7 @@ class _Repair:
         self.states, self.start_length, self.eos = states, start_length, eos
         self.rows = [i for i, s in enumerate(states) if s.attempt > 0 and s.policy.repair is not None]
 
+    @_fails_open
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if not self.rows:
             return scores
@@ -111,6 +149,7 @@ class _MinNewTokens:
     def __init__(self, guard: Guard, states, start_length: int, min_new: int, eos: list[int]) -> None:
         self.g, self.states, self.start_length, self.min_new, self.eos = guard, states, start_length, min_new, eos
 
+    @_fails_open
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         done = input_ids.shape[1] - self.start_length
         seqs = self.g.runtime.seqs if self.g.watching else []
@@ -136,6 +175,7 @@ class _Release:
         self.stop_pad = stop_pad
         self.pads = [0] * len(rows)
 
+    @_fails_open
     def put(self, value) -> None:
         if not self.prompt_seen:  # the first call carries the prompts
             self.prompt_seen = True
@@ -199,12 +239,13 @@ class _InPlace:
     def prepare(self, original):
         def prepare_inputs(input_ids, *args, **kwargs):
             if self.fixes:
-                mask, pos = kwargs.get("attention_mask"), kwargs.get("position_ids")
-                for row, masked, col, src in self.fixes:
-                    if isinstance(pos, torch.Tensor) and pos.dim() == 2 and pos.shape[-1] > col:
-                        pos[row, col] = pos[row, src]  # the re-fed token takes its first copy's position
-                    mask[row, torch.tensor(masked, device=mask.device)] = 0
-                self.fixes.clear()
+                with _step():
+                    mask, pos = kwargs.get("attention_mask"), kwargs.get("position_ids")
+                    for row, masked, col, src in self.fixes:
+                        if isinstance(pos, torch.Tensor) and pos.dim() == 2 and pos.shape[-1] > col:
+                            pos[row, col] = pos[row, src]  # the re-fed token takes its first copy's position
+                        mask[row, torch.tensor(masked, device=mask.device)] = 0
+                    self.fixes.clear()
             return original(input_ids, *args, **kwargs)
 
         return prepare_inputs
@@ -216,6 +257,7 @@ class _InPlace:
         self.done[row] = True
         self.release(row, self.states[row].releasable())
 
+    @_fails_open
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         length = input_ids.shape[1]
         newest = None
@@ -309,6 +351,7 @@ class _InPlace:
         self.refed[row] = True
         self.g.rewind_row(row, st.pass_config(), st.kept, self.prompts[row])
 
+    @_fails_open
     def close(self) -> None:
         """Rows still open when ``generate`` returned (it reached its length limit): end them as they are."""
         for row, st in enumerate(self.states):
@@ -442,25 +485,91 @@ def generate_with_rollback(
     prompts = [row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask)]
     states = [policy.start(max_new_tokens) for _ in prompts]
 
+    given: list[list[int]] = [[] for _ in prompts]  # what ``on_tokens`` has had of each row
+
     def release(r: int, tokens: list[int]) -> None:
         if on_tokens is not None and tokens:
-            on_tokens(r, tokens)
+            given[r] += tokens
+            try:
+                on_tokens(r, tokens)
+            except Exception as exc:
+                raise _CallerError() from exc
 
     in_place = _in_place_blocker(model, gen, input_ids, attention_mask, generate_kwargs, min_new, policy) if overlap is not False else "off"
     if overlap is True and in_place is not None:
         raise ConfigError(f"overlap=True: passes cannot overlap here ({in_place}); use overlap=None or False")
-    with Guard(model, neuron_map, policy.first, model_name=model_name, eos_token_id=eos) as g:
-        if in_place is None and g.eos:
-            deferred = _run_in_place(model, g, input_ids, attention_mask, prompts, states, policy, pad,
-                                     user_processors, release, on_tokens is not None, max_new_tokens, generate_kwargs)
-            if deferred:
-                _run_passes(model, g, input_ids, attention_mask, prompts, states, pad, user_processors, min_new,
-                            release, on_tokens, generate_kwargs, only=deferred)
-        else:
-            _run_passes(model, g, input_ids, attention_mask, prompts, states, pad, user_processors, min_new,
-                        release, on_tokens, generate_kwargs)
-    return RollbackOutput([s.final or [] for s in states], [s.report or SequenceReport() for s in states],
-                          [s.rollbacks for s in states], g.form)
+    failed = False
+    try:
+        with Guard(model, neuron_map, policy.first, model_name=model_name, eos_token_id=eos) as g:
+            g.record_metrics = False  # a row spans several passes: its merged report is recorded below, once
+            try:
+                if in_place is None and g.eos:
+                    deferred = _run_in_place(model, g, input_ids, attention_mask, prompts, states, policy, pad,
+                                             user_processors, release, on_tokens is not None, max_new_tokens,
+                                             generate_kwargs)
+                    if deferred:
+                        _run_passes(model, g, input_ids, attention_mask, prompts, states, pad, user_processors,
+                                    min_new, release, on_tokens, generate_kwargs, only=deferred)
+                else:
+                    _run_passes(model, g, input_ids, attention_mask, prompts, states, pad, user_processors, min_new,
+                                release, on_tokens, generate_kwargs)
+            except _GuardFailed:
+                failed = True
+                for s in states:  # the rows' outputs will be unguarded ones: nothing of the guard's is theirs
+                    s.report, s.rollbacks = SequenceReport(), 0
+                g.runtime.fail_open(g.model_name, "rollback", [s.report for s in states], True,
+                                    "this batch is generated unguarded")  # logs the traceback once, counts it
+        if failed:
+            finals = _unguarded(model, input_ids, attention_mask, prompts, given, pad, user_processors, min_new,
+                                max_new_tokens, g.eos, release, generate_kwargs)
+            for s, tokens in zip(states, finals):
+                s.final = tokens
+    except _CallerError as exc:
+        raise exc.__cause__ from None
+    out = RollbackOutput([s.final or [] for s in states], [s.report or SequenceReport() for s in states],
+                         [s.rollbacks for s in states], g.form)
+    for tokens, report, rollbacks in zip(out.sequences, out.reports, out.rollbacks):
+        try:
+            metrics.record_report(g.model_name, report)
+            metrics.record_rollback(g.model_name, rollbacks, max(0, report.tokens_observed - len(tokens)))
+        except Exception:  # metrics never take a generation down
+            log.exception("repguard: could not record metrics")
+    return out
+
+
+def _unguarded(model, input_ids, attention_mask, prompts, given, pad, user_processors, min_new, max_new_tokens, eos,
+               release, generate_kwargs) -> list[list[int]]:
+    """Each row's tokens generated with no guard, after a fault of the rollback machinery: what ``generate``
+    gives for the call when no token was handed out yet (``given``), else the rows continued from what they
+    handed out (streamed tokens are final)."""
+    from transformers import LogitsProcessorList
+
+    eos = set(eos)
+    kwargs = dict(generate_kwargs)
+    stops = kwargs.get("stopping_criteria") or call_setting(model, kwargs, "stop_strings")
+    stop_pad = pad if stops and pad not in eos else None  # rows the criteria end are padded from there on
+    if min_new:
+        kwargs["min_new_tokens"] = min_new
+    if not any(given):
+        ids, mask, width, budget = input_ids, attention_mask, input_ids.shape[1], max_new_tokens
+    else:
+        rows = [p + g for p, g in zip(prompts, given)]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=input_ids.dtype, device=input_ids.device)
+        mask = torch.zeros((len(rows), width), dtype=attention_mask.dtype, device=input_ids.device)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):] = torch.tensor(r, dtype=input_ids.dtype, device=input_ids.device)
+            mask[i, width - len(r):] = 1
+        budget = max_new_tokens - min(len(g) for g in given)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=max(1, budget), pad_token_id=pad,
+                         logits_processor=LogitsProcessorList(list(user_processors)), **kwargs)
+    finals = []
+    for i, g in enumerate(given):
+        ended = bool(g) and g[-1] in eos
+        new = [] if ended else _trim(out[i, width:].tolist()[: max_new_tokens - len(g)], eos, stop_pad)
+        finals.append(g + new)
+        release(i, new)
+    return finals
 
 
 def _run_passes(model, g: Guard, input_ids, attention_mask, prompts, states, pad, user_processors, min_new,
@@ -495,7 +604,8 @@ def _run_passes(model, g: Guard, input_ids, attention_mask, prompts, states, pad
             processors.append(_BanFirstToken(row_bans, width))
         if not first:
             processors.append(_Repair([states[r] for r in pending], width, eos))
-        g.configure_rows([states[r].pass_config() for r in pending], histories=[states[r].kept for r in pending])
+        with _step():
+            g.configure_rows([states[r].pass_config() for r in pending], histories=[states[r].kept for r in pending])
         streamer = None
         if on_tokens is not None:
             streamer = _Release([states[r] for r in pending], list(pending), eos, release, stop_pad)
@@ -504,16 +614,17 @@ def _run_passes(model, g: Guard, input_ids, attention_mask, prompts, states, pad
             out = model.generate(ids, attention_mask=mask, max_new_tokens=step_max, pad_token_id=pad,
                                  logits_processor=processors, streamer=streamer, **kwargs)
         still = []
-        for i, r in enumerate(pending):
-            new = _trim(out[i, width:].tolist()[: budgets[i]], eos, stop_pad)
-            seq = g.runtime.seqs[i] if g.watching else None
-            if seq is not None and new and new[-1] not in eos and len(seq.history) == len(states[r].kept) + len(new) - 1:
-                # generate() ends without a forward that would show the guard the row's last token.
-                seq.observe(new[-1])
-            if states[r].end_pass(new, g.reports[i]):
-                still.append(r)
-            else:
-                release(r, states[r].releasable())
+        with _step():
+            for i, r in enumerate(pending):
+                new = _trim(out[i, width:].tolist()[: budgets[i]], eos, stop_pad)
+                seq = g.runtime.seqs[i] if g.watching else None
+                if seq is not None and new and new[-1] not in eos and len(seq.history) == len(states[r].kept) + len(new) - 1:
+                    # generate() ends without a forward that would show the guard the row's last token.
+                    seq.observe(new[-1])
+                if states[r].end_pass(new, g.reports[i]):
+                    still.append(r)
+                else:
+                    release(r, states[r].releasable())
         pending = still
         first = False
 
@@ -569,8 +680,9 @@ def _run_in_place(model, g: Guard, input_ids, attention_mask, prompts, states, p
     from transformers import LogitsProcessorList
 
     step = _InPlace(g, states, prompts, input_ids.shape[1], g.eos, release, streaming, _column_window(model))
-    g.reserve([policy.pass_config(a) for a in range(1, policy.max_rollbacks + 1)])
-    g.configure_rows([s.pass_config() for s in states], histories=None)
+    with _step():
+        g.reserve([policy.pass_config(a) for a in range(1, policy.max_rollbacks + 1)])
+        g.configure_rows([s.pass_config() for s in states], histories=None)
     # Each pass decodes at most its budget plus one step (the re-fed token, or the EOS that ends it).
     limit = (policy.max_rollbacks + 1) * (max_new_tokens + 2)
     processors = LogitsProcessorList([*user_processors, step])
