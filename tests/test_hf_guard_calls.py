@@ -200,3 +200,26 @@ def test_settings_at_the_bounds_are_accepted():
     GuardConfig.from_dict({"min_repeat": 512})
     GuardConfig.from_dict({"min_repeat": 800, "max_period": 200})
     GuardConfig.from_dict({"min_repeat": 600, "suffix_trigger": False})
+
+
+def test_the_overhead_histogram_observes_each_generation_on_its_own(monkeypatch):
+    """``repguard_guard_overhead_seconds`` takes one observation per generation: that generation's guard time
+    per step, not a running average over every generation the block ran."""
+    from repguard import metrics
+
+    seen: list[tuple[float, int]] = []
+    model = tiny_model()
+    ids = prompts()
+    with guard(model, random_map(model), GuardConfig.from_preset("monitor")) as g:
+        histogram = metrics.OVERHEAD.labels(g.model_name)
+        original = type(histogram).observe
+
+        def observe(self, value):
+            if self is histogram:
+                seen.append((value, g.steps))
+            return original(self, value)
+
+        monkeypatch.setattr(type(histogram), "observe", observe)
+        gen(model, ids, max_new_tokens=30)
+        gen(model, ids, max_new_tokens=5)
+    assert [steps for _, steps in seen] == [29, 4], "each generation's own steps (its prefill is not a step)"

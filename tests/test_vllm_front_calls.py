@@ -139,3 +139,24 @@ def test_a_stop_string_completed_by_a_one_token_step_ends_the_request_there():
     assert (out.finish_reason, out.stop_reason) == ("stop", "><2")
     assert out.token_ids[:5] == [10, 11, 12, 13, 14] and len(out.token_ids) == 6 and out.token_ids[5] >= 200
     assert out.text == "<10><11><12><13><14"
+
+
+def test_re_decode_submissions_are_marked_so_the_neuron_step_does_not_count_them_again():
+    """The front counts each request once in repguard's metrics; its re-decodes carry ``repguard_resubmission``
+    (an engine running the neuron step would otherwise count every re-decode as one more guarded request), and
+    its first submission is the user's own request, unmarked."""
+    from repguard.request_guard import RESUBMISSION_KEY
+
+    llm = _LLM()
+    sent: list[SamplingParams] = []
+    add = llm.llm_engine.add_request
+
+    def recording(rid, prompt, params):
+        sent.append(params)
+        add(rid, prompt, params)
+
+    llm.llm_engine.add_request = recording
+    (out,) = GuardedLLM(llm).generate(["a"], GREEDY)
+    assert out.report["rollbacks"] >= 1 and len(sent) > 1  # re-decodes, and their one-token steps
+    assert not (sent[0].extra_args or {}).get(RESUBMISSION_KEY)
+    assert all(p.extra_args[RESUBMISSION_KEY] is True for p in sent[1:])

@@ -1069,3 +1069,121 @@ def test_a_removed_guard_leaves_no_row_switched_off(setup):
     guard.runtime.any_off = True
     guard.remove()
     assert not guard.runtime.off.any() and not guard.runtime.any_off
+
+
+# -- failing open: once, never the forward, and never counted as guarded ------------------------------------
+def _counter(metric, *labels):
+    return metric.labels(*labels)._value.get()
+
+
+def test_a_fault_in_the_layer_hook_fails_open_without_touching_the_forward(setup, monkeypatch, caplog):
+    """The neuron step's layer hook raises while a row is switched off: the engine's forward gets the layer's
+    own output (every neuron on), the fault is logged and counted once, and the guard goes on unguarded."""
+    from repguard import metrics
+
+    runner, guard, proc = setup
+    add(runner, proc, [("a-0000aaaa", {"repguard": True}), ("b-0000bbbb", {"repguard": True})])
+    guard.runtime.off[1] = True
+    guard.runtime.any_off = True
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected fault in switch_off")
+
+    monkeypatch.setattr(engine, "switch_off", broken)
+    before = _counter(metrics.ERRORS, "tiny", "deactivate")
+    layer = next(iter(guard.plans))
+    x = torch.randn(5, 2 * D_FF, generator=torch.Generator().manual_seed(3))
+    with caplog.at_level("WARNING", logger="repguard"):
+        for _ in range(3):  # the next forwards too: nothing more to count
+            assert torch.equal(run_layer(guard, runner, layer, x, [0, 3, 4]), SiluAndMul()(x))
+    assert guard.broken and not guard.runtime.any_off
+    assert _counter(metrics.ERRORS, "tiny", "deactivate") == before + 1
+    assert sum("guard failed in deactivate" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_fault_that_repeats_every_step_is_counted_once(setup, monkeypatch):
+    from repguard import metrics
+
+    runner, guard, proc = setup
+    outs = add(runner, proc, [("a-0000aaaa", {"repguard": True})])
+
+    def moved(*args, **kwargs):
+        raise AttributeError("input_batch.query_start_loc moved")
+
+    monkeypatch.setattr(compat, "query_start_loc", moved)
+    before = _counter(metrics.ERRORS, "tiny", "observe")
+    for step in range(20):
+        guard._pre_forward(runner.model, ())
+        outs[0].append(LOOP[step % len(LOOP)])
+        proc.update_state(None)
+    assert guard.broken and _counter(metrics.ERRORS, "tiny", "observe") == before + 1
+
+
+def test_requests_after_a_fault_are_reported_unguarded_not_counted_as_guarded_and_clean(setup, monkeypatch):
+    """After the guard failed open, a looping request admitted later runs unguarded: its report says so
+    (errors), and the dashboard's guarded requests and loop rate do not count it as a guarded request that
+    did not loop."""
+    from repguard import metrics
+
+    runner, guard, proc = setup
+    guard._fail("observe", RuntimeError("a transient fault"))
+    before = _counter(metrics.REQUESTS_GUARDED, "tiny")
+    outs = add(runner, proc, [("r-0000aaaa", {"repguard": True})])
+    for step in range(60):
+        outs[0].append(LOOP[step % len(LOOP)])
+        proc.update_state(None)
+    report = guard.take_reports(["r"], pop=False)["r"]  # keyed by the id the user gave (vLLM adds a suffix)
+    assert report["errors"] == 1 and not report["fired"]
+    runner.input_batch.req_ids.clear()
+    runner.input_batch.num_reqs = 0
+    proc.update_state(BatchUpdate(batch_size=0, removed=[0], moved=[], added=[]))
+    assert _counter(metrics.REQUESTS_GUARDED, "tiny") == before
+
+
+def test_a_request_level_re_decode_is_not_counted_again_by_the_neuron_step(setup):
+    """The request-level guard (GuardedLLM, serve --upstream) counts a request once, however many submissions
+    it took; its re-decodes carry ``repguard_resubmission``, so the neuron step watching them does not count
+    them as more guarded requests. The key is not a GuardConfig setting."""
+    from repguard import metrics
+    from repguard.request_guard import RESUBMISSION_KEY
+
+    runner, guard, proc = setup
+    assert request_config({"repguard": True, RESUBMISSION_KEY: True}) is not None
+    before = _counter(metrics.REQUESTS_GUARDED, "tiny")
+    outs = add(runner, proc, [("a-0000aaaa", {"repguard": True, RESUBMISSION_KEY: True}),
+                              ("b-0000bbbb", {"repguard": True})])
+    for step in range(5):
+        outs[0].append(LOOP[step])
+        outs[1].append(LOOP[step])
+        proc.update_state(None)
+    runner.input_batch.req_ids.clear()
+    runner.input_batch.num_reqs = 0
+    proc.update_state(BatchUpdate(batch_size=0, removed=[0, 1], moved=[], added=[]))
+    assert _counter(metrics.REQUESTS_GUARDED, "tiny") == before + 1, "b only"
+
+
+def test_error_counters_carry_the_served_model_name_the_dashboard_selects():
+    runner = fake_runner()
+    runner.vllm_config.model_config.model = "/srv/models/smollm2-135m-fp32"
+    runner.vllm_config.model_config.served_model_name = ["smollm2-135m", "alias"]
+    assert compat.model_label(runner.vllm_config) == "smollm2-135m"
+    runner.vllm_config.model_config.served_model_name = None
+    assert compat.model_label(runner.vllm_config) == "/srv/models/smollm2-135m-fp32"
+
+
+def test_only_requests_that_ask_for_the_neuron_step_count_it_unavailable(monkeypatch):
+    """On an engine where the neuron step is not installed, a request-level re-decode (marked, maybe with its
+    repair) asks nothing of it: it is not counted as a request the neuron step failed to serve."""
+    from repguard import metrics
+    from repguard.request_guard import RESUBMISSION_KEY
+
+    monkeypatch.setattr(logits, "PLUGIN_ACTIVE", True)
+    worker.set_current(None)
+    proc = RepGuardLogitsProcessor(fake_runner().vllm_config, torch.device("cpu"), False)
+    before = _counter(metrics.ERRORS, "tiny", "unavailable")
+    proc.update_state(BatchUpdate(batch_size=1, removed=[], moved=[],
+                                  added=[(0, SamplingParams(extra_args={RESUBMISSION_KEY: True}), [1, 2], [])]))
+    assert _counter(metrics.ERRORS, "tiny", "unavailable") == before
+    proc.update_state(BatchUpdate(batch_size=2, removed=[], moved=[],
+                                  added=[(1, SamplingParams(extra_args={"repguard": True}), [1, 2], [])]))
+    assert _counter(metrics.ERRORS, "tiny", "unavailable") == before + 1

@@ -392,6 +392,7 @@ class Guard:
 
     def _begin(self, ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         self._finish()  # count the previous generation's reports
+        self.steps, self.overhead_seconds = 0, 0.0  # the overhead histogram observes each generation's own
         batch = ids.shape[0]
         # One report per row before anything here can fail: a guard that fails open at the prefill still
         # answers for every row of this generation (its rows go on unguarded).

@@ -47,8 +47,8 @@ from . import metrics as server_metrics
 from ..config import GuardConfig
 from ..errors import ConfigError, RepGuardError
 from ..repair import WIRE_KEY
-from ..request_guard import (RequestGuard, Submission, after_context, decode_context, derive_seed, end_text,
-                             find_stop, text_ids)
+from ..request_guard import (RESUBMISSION_KEY, RequestGuard, Submission, after_context, decode_context, derive_seed,
+                             end_text, find_stop, text_ids)
 from ..rollback import RollbackConfig, RollbackPolicy
 from .router import CLIENT_CLOSED, DISCONNECT_POLL_S, APIError, SafeJSONResponse, dumps, openai_route
 from .settings import ServeSettings
@@ -291,6 +291,7 @@ class GuardedCall:
             xargs.update(repguard="true", repguard_config=json.dumps(fields))
         if sub.repair is not None:
             xargs[WIRE_KEY] = sub.engine_repair(len(self.prompt_ids)).to_json()
+        xargs[RESUBMISSION_KEY] = True  # this proxy counts the request; an upstream's neuron step must not again
         if xargs:
             out["vllm_xargs"] = xargs
         return "/v1/completions", out

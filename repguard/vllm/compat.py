@@ -58,6 +58,15 @@ except Exception:  # pragma: no cover - a build without it
     LogitsProcessorV2 = None
 
 
+def model_label(vllm_config) -> str:
+    """The engine's model name in repguard's metrics: the first served model name (what clients and
+    ``repguard_info`` use), else the model path."""
+    model_config = vllm_config.model_config
+    served = getattr(model_config, "served_model_name", None)
+    names = [served] if isinstance(served, str) else list(served or [])
+    return str(next((n for n in names if n), model_config.model))
+
+
 def uses_v2_runner(vllm_config) -> bool:
     """True where the worker will run model runner V2 (vLLM's GPU default; on CPU only with
     ``VLLM_USE_V2_MODEL_RUNNER=1``, which needs Triton)."""

@@ -32,6 +32,7 @@ from ..archs import ArchSpec, arch_for, resolve
 from ..config import GuardConfig
 from ..errors import UnsupportedModelError
 from ..neuron_map import Fingerprint, NeuronMap
+from ..request_guard import RESUBMISSION_KEY
 from ..runtime import GuardRuntime, LayerPlan, model_fingerprint as _fingerprint, switch_off
 from . import compat
 
@@ -82,6 +83,7 @@ class RowState:
     done: bool = False
     report: object = None
     extra: dict = field(default_factory=dict)
+    counted_elsewhere: bool = False  # a request-level guard's re-decode: that guard counts the request
 
 
 def _gate_fn(name: str):
@@ -218,6 +220,8 @@ class EngineGuard:
 
     def _map_step(self) -> None:
         """Runs eagerly before every forward (outside any compiled region or CUDA graph)."""
+        if self.broken:  # failed open: every row's neurons are on, nothing to map
+            return
         try:
             num_reqs = int(self.runner.input_batch.num_reqs)
             self.map_tokens(compat.query_start_loc(num_reqs, self.runner))
@@ -256,7 +260,7 @@ class EngineGuard:
         host_slots = slots.tolist()  # once, at install: the slots' device may be an accelerator
         first_slot = host_slots[0] if count and host_slots == list(range(host_slots[0], host_slots[0] + count)) else None
 
-        def hook(module, inputs, output):
+        def work(module, inputs, output):
             # Eager: skip the work while no request is guarded. Compiled: always the same tensor math
             # (Python conditions would be frozen at trace time).
             if not compiled and (not self.rows or self.broken):
@@ -278,6 +282,16 @@ class EngineGuard:
             index = self.token_base[:tokens].unsqueeze(1) + local.unsqueeze(0)  # [T, n] flat positions
             switch_off(output, index, fill.to(output.dtype), off, current=output.index_select(1, local))
             return None
+
+        if compiled:  # traced once into the graph: a fault shows at capture, where the install fails open
+            return work
+
+        def hook(module, inputs, output):
+            try:
+                return work(module, inputs, output)
+            except Exception as exc:  # never the engine's forward: this step's rows go on with their neurons on
+                self._fail("deactivate", exc)
+                return None
 
         return hook
 
@@ -344,7 +358,10 @@ class EngineGuard:
     def _open(self, index: int, cfg: GuardConfig, params, prompt_ids, output_ids) -> None:
         prompt = list(prompt_ids or []) if cfg.watch_prompt else None
         seq = self.runtime.open(index, cfg, prompt)
-        self.rows[index] = RowState(cfg, output_ids, compat.eos_token_id(params, self.runner.vllm_config), report=seq.report)
+        if self.broken:  # the guard failed open earlier: this request runs unguarded, and its report says so
+            seq.report.errors += 1
+        self.rows[index] = RowState(cfg, output_ids, compat.eos_token_id(params, self.runner.vllm_config), report=seq.report,
+                                    counted_elsewhere=bool(compat.extra_args(params).get(RESUBMISSION_KEY)))
 
     def _finish_parked(self) -> None:
         """Parked requests that vLLM finished (e.g. aborted) while out of the batch."""
@@ -399,7 +416,8 @@ class EngineGuard:
         return out
 
     def _finish(self, state: RowState, report) -> None:
-        metrics.record_report(self.model_name, report)
+        if not state.counted_elsewhere:
+            metrics.record_report(self.model_name, report)
         if state.req_id is None:
             return
         self.live.pop(state.req_id, None)
@@ -578,19 +596,22 @@ class EngineGuard:
 
     # -- failure: fail open ----------------------------------------------------------------------------
     def _fail(self, where: str, exc: BaseException) -> None:
+        """Fail open: logged and counted once (a fault that repeats every step is one fault)."""
+        if self.broken:
+            return
         self.errors += 1
-        if self.world > 1 and not self.broken:
+        if self.world > 1:
             # This rank alone: count it and say so here, and tell the other ranks in the next all-reduce; every
             # rank stops together there (``_observe``). Stopping here alone would leave the others waiting in it.
             first, self._fault = not self._fault, True
-            metrics.ERRORS.labels(self.model_name, where).inc()
             if first:
+                metrics.ERRORS.labels(self.model_name, where).inc()
                 log.exception("repguard: guard failed in %s on tensor-parallel rank %d of %d; every rank goes on "
                               "unguarded from its next step", where, self.rank, self.world)
             return
-        first, self.broken = not self.broken, True
+        self.broken = True
         self.runtime.fail_open(self.model_name, where, [seq.report for seq in self.runtime.seqs if seq is not None],
-                               first, "requests continue unguarded")
+                               True, "requests continue unguarded")
 
     def _fail_with_peers(self) -> None:
         """A rank's failure, told in the all-reduce: every rank goes on unguarded from this step."""

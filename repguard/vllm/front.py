@@ -45,8 +45,8 @@ from typing import Any, AsyncIterator, Sequence
 from .. import metrics
 from ..config import GuardConfig
 from ..errors import ConfigError
-from ..request_guard import (RequestGuard, Submission, check_request_config, decode_output, derive_seed, end_text,
-                             find_stop, text_ids)
+from ..request_guard import (RESUBMISSION_KEY, RequestGuard, Submission, check_request_config, decode_output,
+                             derive_seed, end_text, find_stop, text_ids)
 from ..rollback import RollbackConfig, RollbackPolicy
 from .logits import REPAIR_KEY
 
@@ -153,6 +153,8 @@ class _Front:
             extra.update(repguard=True, repguard_config=json.dumps(fields))
         if sub.repair is not None:
             extra[REPAIR_KEY] = sub.engine_repair(prompt_len).to_json()
+        if sub.index > 0:
+            extra[RESUBMISSION_KEY] = True  # this front counts the request; the neuron step must not again
         if extra:
             p.extra_args = {**(params.extra_args or {}), **extra}
         return p

@@ -48,6 +48,7 @@ import torch
 from ..config import GuardConfig
 from ..errors import ConfigError
 from ..repair import WIRE_KEY, EngineRepair
+from ..request_guard import RESUBMISSION_KEY
 from ..runtime import host_to_device
 from . import compat, worker
 
@@ -86,11 +87,17 @@ def server_config() -> GuardConfig:
     return GuardConfig.from_dict(data)
 
 
+def _guard_keys(extra: dict) -> list[str]:
+    """The request's neuron-step settings: ``repguard`` and ``repguard_*``, but not the request-level guard's
+    fields (its repair, and the mark of its re-decodes), which ask nothing of the neuron step."""
+    return [k for k in extra if (k == "repguard" or k.startswith(PREFIX)) and k not in (REPAIR_KEY, RESUBMISSION_KEY)]
+
+
 def request_config(extra: dict | None, default: GuardConfig | None = None) -> GuardConfig | None:
     """The request's ``GuardConfig``, or None when it does not opt in. Raises ``ConfigError``
     naming the offending key."""
     extra = extra or {}
-    keys = [k for k in extra if (k == "repguard" or k.startswith(PREFIX)) and k != REPAIR_KEY]
+    keys = _guard_keys(extra)
     if not keys:
         return None
     if "repguard" in extra and not _as_bool("repguard", extra["repguard"]):
@@ -188,7 +195,7 @@ class RepGuardLogitsProcessor(compat.LogitsProcessor):
             if batch_update is not None and self._wants_guard(batch_update):
                 from .. import metrics
 
-                metrics.ERRORS.labels(str(self.vllm_config.model_config.model), "unavailable").inc()
+                metrics.ERRORS.labels(compat.model_label(self.vllm_config), "unavailable").inc()
             return
         configs: dict[int, GuardConfig] = {}
         if batch_update is not None:
@@ -269,10 +276,7 @@ class RepGuardLogitsProcessor(compat.LogitsProcessor):
 
     @staticmethod
     def _wants_guard(batch_update) -> bool:
-        return any(
-            "repguard" in compat.extra_args(p) or any(k.startswith(PREFIX) for k in compat.extra_args(p))
-            for _i, p, _a, _b in batch_update.added
-        )
+        return any(_guard_keys(compat.extra_args(p)) for _i, p, _a, _b in batch_update.added)
 
 
 def _owner(vllm_config, processor) -> bool:
@@ -288,7 +292,7 @@ def _owner(vllm_config, processor) -> bool:
 def _fail_once(processor, what: str, exc_info: bool = False) -> None:
     from .. import metrics
 
-    metrics.ERRORS.labels(str(processor.vllm_config.model_config.model), "repair").inc()
+    metrics.ERRORS.labels(compat.model_label(processor.vllm_config), "repair").inc()
     if not processor._repair_failed:
         processor._repair_failed = True
         log.warning("repguard: %s; such requests continue without the repair (logged once)", what, exc_info=exc_info)

@@ -285,7 +285,7 @@ def install(runner):
     if neuron_map is None:
         _inert_once(source)
         return None
-    model_name = map_candidates(vllm_config)[0]
+    model_name = compat.model_label(vllm_config)
     try:
         spec_error = None
         engine.vllm_arch(vllm_config)
