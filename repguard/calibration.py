@@ -335,6 +335,30 @@ class ProgressLog:
                  self.tokens / elapsed, left)
 
 
+class PassLog:
+    """INFO lines while a pass over ``total`` items runs (the activation pass, the deactivation test): done of
+    total, rate, time left, at most one per ``every`` seconds, so a run without progress bars still shows it
+    advancing; and one line at its end."""
+
+    def __init__(self, desc: str, total: int, every: float, unit: str = "texts") -> None:
+        self.desc, self.total, self.every, self.unit = desc, total, every, unit
+        self.t0 = self.last = time.perf_counter()
+        self.done = 0
+
+    def add(self, n: int) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if self.done < self.total and now - self.last >= self.every:
+            self.last = now
+            elapsed = now - self.t0
+            log.info("%s: %d/%d %s, %.2f/s, about %s left", self.desc, self.done, self.total, self.unit,
+                     self.done / max(elapsed, 1e-9), _duration((self.total - self.done) * elapsed / self.done))
+
+    def end(self) -> None:
+        log.info("%s: %d/%d %s in %s", self.desc, self.done, self.total, self.unit,
+                 _duration(time.perf_counter() - self.t0))
+
+
 def _duration(seconds: float) -> str:
     if seconds < 90:
         return f"{seconds:.0f} s"
@@ -452,6 +476,6 @@ def random_control(seed: int, total: int, count: int, width: int) -> tuple[torch
 
 __all__ = [
     "HELDOUT_OFFSET", "CalibrationError", "CalibrationSettings", "GenerationStats", "OnsetWindowStats",
-    "ProgressLog", "RepetitiveText", "TextDecision", "TextJournal", "check_scores", "parse_select", "random_control",
+    "PassLog", "ProgressLog", "RepetitiveText", "TextDecision", "TextJournal", "check_scores", "parse_select", "random_control",
     "selection_counts", "split_half_jaccard", "top_set",
 ]

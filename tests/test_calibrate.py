@@ -202,6 +202,21 @@ def test_generation_resumed_from_its_journal_returns_what_an_uninterrupted_run_r
     assert rs.resumed == 12 and len(calls) < whole_forwards  # the 12 decided texts were not generated again
 
 
+def test_the_activation_pass_and_the_deactivation_test_log_progress_without_bars(one_thread, caplog):
+    """``--no-progress`` runs: the two passes after generation say how far they are at INFO, as generation does,
+    instead of going quiet for the hours they take on a large model."""
+    model = tiny_model("llama")
+    with caplog.at_level(logging.INFO, logger="repguard"):
+        calibrate(model, TinyTok(), "tiny", CalibrationSettings(**{**TINY, "activation_batch_size": 2}),
+                  progress=False, log_every=0)
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    activation = [line for line in lines if line.startswith("activation pass: ")]
+    assert re.match(r"activation pass: 2/12 texts, [\d.]+/s, about \d+ (s|min|h) left$", activation[0]), activation
+    assert activation[-1].startswith("activation pass: 12/12 texts in ")
+    assert any(re.match(r"deactivation: none: \d+/6 prompts in ", line) for line in lines), lines
+    assert any(re.match(r"deactivation: top-\d+: \d+/6 prompts in ", line) for line in lines), lines
+
+
 def test_progress_is_logged_and_a_kept_rate_too_low_for_the_count_is_said_early(one_thread, caplog):
     model = tiny_model("llama")
     with caplog.at_level(logging.INFO, logger="repguard"):

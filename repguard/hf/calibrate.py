@@ -39,7 +39,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from ..calibration import (
-    HELDOUT_OFFSET, CalibrationError, CalibrationSettings, GenerationStats, OnsetWindowStats, ProgressLog,
+    HELDOUT_OFFSET, CalibrationError, CalibrationSettings, GenerationStats, OnsetWindowStats, PassLog, ProgressLog,
     RepetitiveText, TextDecision, TextJournal, check_scores, parse_select, random_control, selection_counts,
     split_half_jaccard, top_set,
 )
@@ -280,12 +280,14 @@ def recording(model, stats: OnsetWindowStats, batch: dict) -> Iterator[None]:
 
 @torch.inference_mode()
 def collect_onset_stats(model, tok, texts: Sequence[RepetitiveText], settings: CalibrationSettings,
-                        progress: bool = True) -> OnsetWindowStats:
-    """One teacher-forced pass per batch of texts (right-padded: causal attention never sees the pads)."""
+                        progress: bool = True, log_every: float = 30.0) -> OnsetWindowStats:
+    """One teacher-forced pass per batch of texts (right-padded: causal attention never sees the pads); progress
+    logged at INFO every ``log_every`` seconds."""
     num_layers, width = shape_of(model)
     stats = OnsetWindowStats(num_layers, width, settings.context)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     bar = _progress(len(texts), "activations", progress)
+    plog = PassLog("activation pass", len(texts), log_every)
     try:
         for start in range(0, len(texts), settings.activation_batch_size):
             chunk = list(range(start, min(start + settings.activation_batch_size, len(texts))))
@@ -302,8 +304,10 @@ def collect_onset_stats(model, tok, texts: Sequence[RepetitiveText], settings: C
             with recording(model, stats, batch):  # no full-vocab logits:
                 model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False, logits_to_keep=1)
             bar.update(len(chunk))
+            plog.add(len(chunk))
     finally:
         bar.close()
+    plog.end()
     return stats
 
 
@@ -341,9 +345,10 @@ def zeroed(model, layers: torch.Tensor, neurons: torch.Tensor) -> Iterator[None]
 @torch.inference_mode()
 def loop_rate(model, tok, prompts: Sequence[Sequence[int]], settings: CalibrationSettings,
               layers: torch.Tensor | None = None, neurons: torch.Tensor | None = None,
-              progress: bool = False, desc: str = "deactivation") -> float:
+              progress: bool = False, desc: str = "deactivation", log_every: float = 30.0) -> float:
     """Share of prompts whose greedy continuation (``deactivation_tokens`` new tokens) makes the paper's
-    detector fire on prompt + continuation, with the given neurons zeroed (or none)."""
+    detector fire on prompt + continuation, with the given neurons zeroed (or none); progress logged at INFO
+    every ``log_every`` seconds."""
     from transformers import DynamicCache
 
     if not prompts:
@@ -352,6 +357,7 @@ def loop_rate(model, tok, prompts: Sequence[Sequence[int]], settings: Calibratio
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     looped = 0
     bar = _progress(len(prompts), desc, progress)
+    plog = PassLog(desc, len(prompts), log_every, unit="prompts")
     ctx = zeroed(model, layers, neurons) if layers is not None and len(layers) else _nothing()
     with ctx:
         for start in range(0, len(prompts), settings.batch_size):
@@ -401,7 +407,9 @@ def loop_rate(model, tok, prompts: Sequence[Sequence[int]], settings: Calibratio
                 positions = positions[sel, -1:] + 1
                 inp = nxt[sel].unsqueeze(-1)
             bar.update(b)
+            plog.add(b)
     bar.close()
+    plog.end()
     return looped / len(prompts)
 
 
@@ -411,19 +419,20 @@ def _nothing() -> Iterator[None]:
 
 
 def deactivation_test(model, tok, nmap: NeuronMap, texts: Sequence[RepetitiveText], settings: CalibrationSettings,
-                      progress: bool = True) -> list[dict]:
+                      progress: bool = True, log_every: float = 30.0) -> list[dict]:
     """Loop rate with none, top-K and random-K neurons zeroed, for each K in ``deactivation_fractions``."""
     prompts = [t.ids[: t.repetition.p2] for t in texts]  # holds the first copy; the model must not write the second
     total = nmap.meta.num_layers * nmap.meta.intermediate_size
     rand_l, rand_n = nmap.extra["random_layer"], nmap.extra["random_neuron"]
     rows = [{"setting": "none", "k": 0, "fraction": 0.0,
-             "loop_rate": loop_rate(model, tok, prompts, settings, progress=progress, desc="deactivation: none")}]
+             "loop_rate": loop_rate(model, tok, prompts, settings, progress=progress, desc="deactivation: none",
+                                    log_every=log_every)}]
     for frac in settings.deactivation_fractions:
         k = min(max(1, round(frac * total)), len(nmap), int(rand_l.numel()))
         top = nmap.top(k)
         for name, layers, neurons in (("top", top.layer, top.neuron), ("random", rand_l[:k], rand_n[:k])):
             rate = loop_rate(model, tok, prompts, settings, layers, neurons, progress=progress,
-                             desc=f"deactivation: {name}-{k}")
+                             desc=f"deactivation: {name}-{k}", log_every=log_every)
             rows.append({"setting": name, "k": k, "fraction": frac, "loop_rate": rate})
     return rows
 
@@ -488,7 +497,7 @@ def _calibrate(model, tok, name: str, s: CalibrationSettings, progress: bool, dt
 
     t0 = time.perf_counter()
     log.info("activation pass over %d kept texts", len(texts))
-    stats = collect_onset_stats(model, tok, texts, s, progress=progress)
+    stats = collect_onset_stats(model, tok, texts, s, progress=progress, log_every=log_every)
     timings["activations"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -535,7 +544,7 @@ def _calibrate(model, tok, name: str, s: CalibrationSettings, progress: bool, dt
         result.heldout = hstats
         t0 = time.perf_counter()
         log.info("deactivation test on %d held-out texts", len(heldout))
-        result.deactivation = deactivation_test(model, tok, nmap, heldout, s, progress=progress)
+        result.deactivation = deactivation_test(model, tok, nmap, heldout, s, progress=progress, log_every=log_every)
         timings["deactivation"] = time.perf_counter() - t0
 
     timings["total"] = time.perf_counter() - t_all
