@@ -178,6 +178,17 @@ class GuardConfig(BaseModel):
         """
         return self.enabled and (self.escalate or self.stop or (self.deactivate and not self.always_on))
 
+    @property
+    def repairs(self) -> bool:
+        """Whether the guard changes decoding at all (switches neurons off, escalates, stops). False for the
+        monitor, which only watches and reports: rollback, a repair, never runs for it, so its outputs are
+        always the unguarded ones.
+
+        >>> GuardConfig.from_preset("monitor").repairs, GuardConfig.from_preset("paper").repairs, GuardConfig().repairs
+        (False, True, True)
+        """
+        return self.enabled and (self.deactivate or self.escalate or self.stop)
+
 
 def _validate(cls, data: dict[str, Any], strict: bool = False) -> GuardConfig:
     # through __init__, which raises ConfigError (model_validate would call it too, but drop ``strict``

@@ -99,8 +99,11 @@ class RollbackPolicy:
     """The rollback decisions for one guard configuration (shared by every sequence that uses it)."""
 
     def __init__(self, config: GuardConfig | dict | None = None, settings: RollbackConfig | dict | None = None,
-                 **overrides: Any) -> None:
+                 *, repairs: bool | None = None, **overrides: Any) -> None:
         self.config = config if isinstance(config, GuardConfig) else GuardConfig.from_dict(config)
+        # Whether loops are repaired at all: not for a config that only watches (the monitor). ``repairs``: the
+        # decision of the config this policy was derived from (``token_level`` drops the neuron step, not it).
+        self.repairs = self.config.repairs if repairs is None else bool(repairs)
         base = settings if isinstance(settings, RollbackConfig) else RollbackConfig.from_dict(settings)
         # Overrides are validated with the rest (an unknown or misspelled key is refused, not dropped).
         self.settings = RollbackConfig.from_dict({**base.model_dump(), **overrides}) if overrides else base
@@ -117,8 +120,10 @@ class RollbackPolicy:
             except ConfigError as exc:
                 raise ConfigError(f"watch_window ({st.watch_window}) does not fit the guard config (ngram "
                                   f"{cfg.ngram}): {exc}") from None
-        # The first pass decides which sequences are touched at all.
-        self.first = cfg.replace(suffix_trigger=False, paper_trigger=True) if st.precise_trigger else cfg
+        # The first pass decides which sequences are touched at all. A config that repairs nothing (the monitor)
+        # never rolls back: its one pass watches with its own triggers.
+        self.first = (cfg.replace(suffix_trigger=False, paper_trigger=True) if st.precise_trigger and self.repairs
+                      else cfg)
         redecode = cfg
         if st.redecode_max_period is not None and redecode.suffix_trigger:
             try:
@@ -141,15 +146,18 @@ class RollbackPolicy:
         if not (cfg.deactivate or cfg.always_on):
             return self
         if self._token_level is None:
-            self._token_level = RollbackPolicy(cfg.replace(deactivate=False, always_on=False), self.settings)
+            self._token_level = RollbackPolicy(cfg.replace(deactivate=False, always_on=False), self.settings,
+                                               repairs=self.repairs)
         return self._token_level
 
     @property
     def max_rollbacks(self) -> int:
-        return self.settings.max_rollbacks if self.settings.enabled else 0
+        return self.settings.max_rollbacks if self.settings.enabled and self.repairs else 0
 
     @property
     def holdback(self) -> int:
+        if self.max_rollbacks == 0:  # nothing is ever taken back: every token is final as it comes
+            return 0
         hb = self.settings.holdback
         return self.first.window + self.first.ngram if hb is None else hb
 

@@ -157,11 +157,28 @@ def test_a_reader_that_stops_early_gets_no_traceback():
     import subprocess
     import sys
 
+    import fcntl
+    import os
+
     shipped = Path(__file__).parents[1] / "neuron_maps" / "smollm2-135m.safetensors"
+    read, write = os.pipe()
+    fcntl.fcntl(write, 1031, 4096)  # F_SETPIPE_SZ: a small pipe, so the output (about 56 kB) cannot all fit in it
     proc = subprocess.Popen([sys.executable, "-m", "repguard.cli", "inspect", str(shipped), "--top", "5000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout.readline().startswith(b"neuron map: smollm2-135m")
-    proc.stdout.close()  # the rest (about 56 kB) no longer fits the pipe once nobody reads it
-    err = proc.stderr.read().decode()
+                            stdout=write, stderr=subprocess.PIPE)
+    os.close(write)
+    with os.fdopen(read, "rb") as reader:
+        assert reader.readline().startswith(b"neuron map: smollm2-135m")
+    err = proc.stderr.read().decode()  # the reader is gone: the rest of the output meets a closed pipe
     assert proc.wait(timeout=120) == 141, err
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_generate_with_the_monitor_preset_changes_no_output(capsys, tiny):
+    """``--preset monitor`` detects and reports only: ``--compare`` shows the guarded text identical to the
+    unguarded one even where the tiny model loops (rollback, the default, would re-decode it)."""
+    folder, nmap = tiny
+    rc = main(["generate", "--model", str(folder), "--map", str(nmap), "--prompt", "Once upon a time",
+               "--max-new-tokens", "120", "--preset", "monitor", "--compare", "--json", "--threads", "1"])
+    row = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert rc == 0 and row["identical"] is True
+    assert row["report"]["detections"], "the text loops, and the monitor reports it"

@@ -410,3 +410,24 @@ def test_metrics_count_each_row_once_with_its_rollbacks(overlap):
     assert got[metrics.ROLLBACKS] == sum(out.rollbacks)
     assert got[metrics.ROLLBACK_TOKENS] == sum(max(0, r.tokens_observed - len(s))
                                                for r, s in zip(out.reports, out.sequences)) > 0
+
+
+@pytest.mark.parametrize("overlap", [None, False])
+def test_the_monitor_never_rolls_back_and_changes_no_output(overlap):
+    """The monitor only watches and reports: under rollback it still returns ``generate``'s own tokens, its
+    report sees the loops, and nothing is held back from a stream (no token is ever taken back)."""
+    from repguard.config import GuardConfig
+    from repguard.rollback import RollbackPolicy
+
+    policy = RollbackPolicy(GuardConfig.from_preset("monitor"))
+    assert policy.max_rollbacks == 0 and policy.holdback == 0
+    model = tiny_model("llama")
+    ids, mask = _padded_batch()
+    plain = _plain(model, ids, mask)
+    streamed: dict[int, list[int]] = {}
+    out = generate_with_rollback(model, ids, mask, neuron_map=random_map(model, 32, 64), config=GuardConfig.from_preset("monitor"),
+                                 max_new_tokens=NEW, do_sample=False, pad_token_id=0, overlap=overlap,
+                                 on_tokens=lambda row, tokens: streamed.setdefault(row, []).extend(tokens))
+    assert out.sequences == plain and not any(out.rollbacks)
+    assert any(r.fired for r in out.reports), "the batch loops, and the monitor says so"
+    assert [streamed.get(i, []) for i in range(len(plain))] == plain

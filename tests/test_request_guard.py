@@ -521,3 +521,13 @@ def test_a_numpy_integer_budget_is_an_integer():
     np = pytest.importorskip("numpy")
     g = RequestGuard(RollbackPolicy(), max_new_tokens=np.int64(5))
     assert g.next_submission().max_tokens == 5 and type(g.next_submission().max_tokens) is int
+
+
+def test_the_monitor_is_one_submission_that_reports_the_loop_and_holds_nothing_back():
+    """vLLM's front and the upstream proxy run the monitor as they run a guard off: one submission, the engine's
+    own tokens, released as they come; the report says where the loop is."""
+    subs = []
+    g = RequestGuard(RollbackPolicy(GuardConfig.from_preset("monitor")), max_new_tokens=90)
+    out = run(g, fake_model(12), log=subs)
+    assert len(subs) == 1 and g.rollbacks == 0 and out == g.tokens and len(g.tokens) == 90
+    assert g.report.detections and g.finish_reason != "repetition"

@@ -148,7 +148,7 @@ def run(args) -> int:
             out = model.generate(**enc, **gen_kwargs)[:, enc.input_ids.shape[1]:]
             plain += [_strip(row.tolist(), tok) for row in out]
     results = []
-    if args.rollback is not None:
+    if args.rollback is not None and config.repairs:  # a config that repairs nothing (monitor): the single pass
         from ..hf.rollback import generate_with_rollback
 
         for (start, batch), enc in zip(batches, encoded):

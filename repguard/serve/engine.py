@@ -456,8 +456,7 @@ class Engine:
         """Does a request with these settings run with rollback? Rollback is a repair: a config that only
         watches (no deactivation, escalation or stop; the "monitor" preset) asks for none: the single pass."""
         cfg = cfg or self.default_guard
-        acts = cfg.deactivate or cfg.escalate or cfg.stop
-        return cfg.enabled and acts and (self.rollback.enabled if rollback is None else rollback)
+        return cfg.repairs and (self.rollback.enabled if rollback is None else rollback)
 
     def _choices(self, req: GenerationRequest) -> list[_Choice]:
         cfg = req.guard_config or self.default_guard
