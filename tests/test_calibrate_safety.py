@@ -327,11 +327,16 @@ def test_out_never_overwrites_a_file_that_is_not_a_map(tmp_path, capsys):
 
 
 def test_report_files_are_checked_before_the_run_and_a_users_file_is_never_replaced(tmp_path, capsys):
+    from repguard.hf.calibration_report import is_report_file
+
     folder = tiny_folder(tmp_path / "model")
     (tmp_path / "notes.md").write_text("my own notes\n")
     rc, out, err = _calibrate(capsys, "--model", folder, "--out", tmp_path / "notes.safetensors", *SMALL)
-    assert rc == 2 and "not a calibration report" in err and "wrote" not in out
+    assert rc == 2 and "not part of a calibration report" in err and "wrote" not in out
     assert (tmp_path / "notes.md").read_text() == "my own notes\n"
+    (tmp_path / "fig-onset.png").write_bytes(b"my figure")  # a figure's name, the user's file
+    rc, out, err = _calibrate(capsys, "--model", folder, "--out", tmp_path / "fig.safetensors", *SMALL)
+    assert rc == 2 and "fig-onset.png" in err and (tmp_path / "fig-onset.png").read_bytes() == b"my figure"
     (tmp_path / "d.md").mkdir()
     rc, out, err = _calibrate(capsys, "--model", folder, "--out", tmp_path / "d.safetensors", *SMALL)
     assert rc == 2 and "d.md" in err and "is a directory" in err
@@ -339,7 +344,8 @@ def test_report_files_are_checked_before_the_run_and_a_users_file_is_never_repla
     rc, out, err = _calibrate(capsys, "--model", folder, "--out", tmp_path / "r.safetensors", *SMALL)
     assert rc == 0, err
     rc, out, err = _calibrate(capsys, "--model", folder, "--out", tmp_path / "r.safetensors", *SMALL)
-    assert rc == 0, err  # an earlier report of the map is replaced with it
+    assert rc == 0, err  # an earlier report of the map is replaced with it, figures included
+    assert all(is_report_file(tmp_path / f"r{tail}") for tail in (".md", "-layers.png", "-onset.png"))
 
 
 @pytest.mark.parametrize("flags, message", [

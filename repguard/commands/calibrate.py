@@ -95,9 +95,10 @@ def run(args) -> int:
         report = [map_sibling(args.out, suffix) for suffix in (".md", "-layers.png", "-onset.png", "-deactivation.png")]
         for path in report:
             checks.writable_file("--report", str(path))
-        if report[0].is_file() and not is_report_file(report[0]):
-            raise ConfigError(f"--report: {report[0]} exists and is not a calibration report; refusing to overwrite "
-                              "it: pass another --out, --no-report, or move the file away")
+        for path in report:
+            if path.is_file() and not is_report_file(path):
+                raise ConfigError(f"--report: {path} exists and is not part of a calibration report; refusing to "
+                                  "overwrite it: pass another --out, --no-report, or move the file away")
         written += [("the report", path) for path in report]
     for what, path in written:
         if journal.resolve() == path.resolve():

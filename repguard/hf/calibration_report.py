@@ -34,7 +34,7 @@ def plot_layers(result: CalibrationResult, path: Path) -> Path:
     ax.set_title(f"{result.map.meta.model_name}: top {len(sel)} repetition neurons by layer")
     ax.set_xticks(range(0, len(counts), max(1, len(counts) // 15)))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, metadata=FIGURE_MARK)
     plt.close(fig)
     return path
 
@@ -57,7 +57,7 @@ def plot_onset(result: CalibrationResult, path: Path) -> Path:
     ax.set_title("activation around the start of the repetition")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, metadata=FIGURE_MARK)
     plt.close(fig)
     return path
 
@@ -80,22 +80,27 @@ def plot_deactivation(result: CalibrationResult, path: Path) -> Path:
     ax.set_title("deactivation test: held-out texts cut at p2, greedy continuation")
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, metadata=FIGURE_MARK)
     plt.close(fig)
     return path
 
 
 REPORT_TITLE = "# Repetition neurons of "  # a report's first line begins so
+FIGURE_MARK = {"Title": "repguard calibration report"}  # a PNG text chunk: a report's figures carry it
 
 
 def is_report_file(path: str | Path) -> bool:
-    """Whether ``path`` is a calibration report (its first line is a report's title): only such a file is
-    replaced by a new report."""
+    """Whether ``path`` is a calibration report (its first line is a report's title) or one of its figures (a PNG
+    whose text chunks carry ``FIGURE_MARK``): only such a file is replaced by a new report."""
+    path = Path(path)
     try:
-        with Path(path).open("rb") as f:
-            return f.read(len(REPORT_TITLE)) == REPORT_TITLE.encode()
+        with path.open("rb") as f:
+            head = f.read(4096)  # a PNG's text chunks come before its image data
     except OSError:
         return False
+    if path.suffix.lower() == ".png":
+        return head.startswith(b"\x89PNG") and FIGURE_MARK["Title"].encode() in head
+    return head.startswith(REPORT_TITLE.encode())
 
 
 def write_report(result: CalibrationResult, map_path: str | Path, settings: CalibrationSettings,
