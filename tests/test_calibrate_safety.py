@@ -346,6 +346,9 @@ def test_report_files_are_checked_before_the_run_and_a_users_file_is_never_repla
     rc, out, err = _calibrate(capsys, "--model", folder, "--out", tmp_path / "r.safetensors", *SMALL)
     assert rc == 0, err  # an earlier report of the map is replaced with it, figures included
     assert all(is_report_file(tmp_path / f"r{tail}") for tail in (".md", "-layers.png", "-onset.png"))
+    (tmp_path / "r-onset.png").write_bytes(b"\x89PNG an earlier report's figure, made before figures had a mark")
+    rc, out, err = _calibrate(capsys, "--model", folder, "--out", tmp_path / "r.safetensors", *SMALL)
+    assert rc == 0 and is_report_file(tmp_path / "r-onset.png"), err
 
 
 @pytest.mark.parametrize("flags, message", [

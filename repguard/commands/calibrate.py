@@ -95,8 +95,9 @@ def run(args) -> int:
         report = [map_sibling(args.out, suffix) for suffix in (".md", "-layers.png", "-onset.png", "-deactivation.png")]
         for path in report:
             checks.writable_file("--report", str(path))
+        earlier = is_report_file(report[0])  # its figures are an earlier report's too (made before they had a mark)
         for path in report:
-            if path.is_file() and not is_report_file(path):
+            if path.is_file() and not is_report_file(path) and not (earlier and path.suffix == ".png"):
                 raise ConfigError(f"--report: {path} exists and is not part of a calibration report; refusing to "
                                   "overwrite it: pass another --out, --no-report, or move the file away")
         written += [("the report", path) for path in report]
