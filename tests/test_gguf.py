@@ -106,6 +106,21 @@ def test_a_file_that_is_not_gguf_or_is_missing_is_a_clear_error(tmp_path, capsys
         assert "--model" in err and ("not a GGUF file" in err or "no such GGUF file" in err)
 
 
+@pytest.mark.parametrize("size", [24, 1000, 200_000])
+def test_a_gguf_cut_short_is_a_clear_error_and_leaves_the_cache_usable(size, tmp_path, capsys, monkeypatch):
+    """A download cut off inside the GGUF's metadata: one error line, exit 2, for inspect and generate alike;
+    nothing of it stays in the cache."""
+    monkeypatch.setenv("REPGUARD_CACHE", str(tmp_path / "cache"))
+    cut = tmp_path / "SmolLM2.gguf"
+    with _smollm2_gguf().open("rb") as f:
+        cut.write_bytes(f.read(size))
+    for argv in (["inspect", str(cut)], ["generate", "--model", str(cut), "--prompt", "hi"]):
+        code, _, err = _cli(capsys, *argv)
+        assert code == 2 and err.startswith("repguard: error: ") and len(err.strip().splitlines()) == 1, err
+        assert "cannot load this GGUF file" in err
+    assert not list((tmp_path / "cache" / "models").glob("gguf-SmolLM2-*"))
+
+
 def test_serve_takes_the_gguf_and_finds_the_shipped_map_by_its_shape(gguf_cache):
     from repguard.serve.app import build_engine
     from repguard.serve.settings import ServeSettings

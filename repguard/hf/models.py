@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
 import time
 from contextlib import contextmanager
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..errors import ModelNotAvailableError, require
+from ..errors import ModelNotAvailableError, RepGuardError, require
 
 log = logging.getLogger("repguard")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -243,8 +244,13 @@ def _conversion_lock(target: Path):
         yield
         return
     locks = target.parent / ".locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    with open(locks / f"{target.name}.lock", "a") as handle:
+    try:
+        locks.mkdir(parents=True, exist_ok=True)
+        handle = open(locks / f"{target.name}.lock", "a")
+    except OSError as exc:
+        raise ModelNotAvailableError(f"the model cache {cache_dir()} is not usable ({exc.strerror or exc}); set "
+                                     "REPGUARD_CACHE to a folder you can write to") from None
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -337,7 +343,7 @@ def _convert(gguf: Path, target: Path, name: str, add_bos_token: bool | None, pr
             str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
         )
         tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    except (ValueError, KeyError, OSError, RuntimeError) as exc:  # unknown GGUF architecture, bad tensors...
+    except (ValueError, KeyError, OSError, RuntimeError, struct.error) as exc:  # unknown architecture, a cut file...
         raise ModelNotAvailableError(f"{gguf}: transformers cannot load this GGUF file ({exc})") from None
     if add_bos_token is None:
         add_bos_token = _gguf_add_bos(gguf)
@@ -394,18 +400,34 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32", device
     kwargs = {"device_map": "auto"} if device == "auto" else {}
     if kwargs:
         require("accelerate", "hf")
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(folder), dtype=torch_dtype, local_files_only=True, **kwargs
-    )
+    with _loading(name_or_path, folder, "tokenizer"):  # first: it is quick, the weights are not
+        tok = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    with _loading(name_or_path, folder, "weights"):
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=torch_dtype, local_files_only=True, **kwargs
+        )
     if not kwargs:
         model.to(device)
     model.eval()
-    tok = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     tok.padding_side = "left"
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     model.config.name_or_path = name  # maps record the embedded name, not a cache path
     return model, tok, name
+
+
+@contextmanager
+def _loading(name_or_path: str, folder: Path, what: str):
+    """A model folder transformers cannot load (a truncated or foreign ``model.safetensors``, a missing
+    tokenizer) is a ``ModelNotAvailableError`` naming the folder and the reason, not a traceback."""
+    try:
+        yield
+    except RepGuardError:
+        raise
+    except Exception as exc:  # safetensors, tokenizers and transformers each raise their own types
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ModelNotAvailableError(f"{name_or_path}: cannot load the model's {what} from {folder} "
+                                     f"({type(exc).__name__}{': ' + reason if reason else ''})") from None
 
 
 def input_device(model):
