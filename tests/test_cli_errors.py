@@ -182,3 +182,34 @@ def test_generate_with_the_monitor_preset_changes_no_output(capsys, tiny):
     row = json.loads(capsys.readouterr().out.splitlines()[0])
     assert rc == 0 and row["identical"] is True
     assert row["report"]["detections"], "the text loops, and the monitor reports it"
+
+
+@pytest.mark.parametrize("cache", ["inside-a-file", "/proc/repguard-cache"])
+def test_a_cache_location_that_cannot_be_written_is_a_clear_error(capsys, tmp_path, monkeypatch, cache):
+    if cache == "inside-a-file":
+        (tmp_path / "a-file").write_text("x")
+        cache = str(tmp_path / "a-file" / "cache")
+    monkeypatch.setenv("REPGUARD_CACHE", cache)
+    line = _fails(capsys, ["generate", "--prompt", "hi", "--max-new-tokens", "2"], "REPGUARD_CACHE")
+    assert "not usable" in line
+
+
+@pytest.mark.parametrize("broken", ["weights", "tokenizer"])
+def test_a_model_folder_transformers_cannot_load_is_a_clear_error(capsys, tmp_path, tiny, broken):
+    """A truncated model.safetensors, or a folder without its tokenizer: one line naming the folder and what
+    failed, exit 2, for generate and calibrate alike (the tokenizer is read before the weights)."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny[0], folder)
+    if broken == "weights":
+        data = (folder / "model.safetensors").read_bytes()
+        (folder / "model.safetensors").write_bytes(data[: len(data) // 3])
+    else:
+        for f in folder.iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+                f.unlink()
+    for argv in (["generate", "--model", str(folder), "--prompt", "hi", "--map", str(tiny[1])],
+                 ["calibrate", "--model", str(folder), "--out", str(tmp_path / "m.safetensors")]):
+        line = _fails(capsys, argv, f"cannot load the model's {broken}")
+        assert str(folder) in line
