@@ -569,12 +569,14 @@ def token_id_list(*sources) -> list[int]:
     return []
 
 
-def model_fingerprint(spec: ArchSpec, config, model) -> Fingerprint:
+def model_fingerprint(spec: ArchSpec, config, model, final_norm_weight: torch.Tensor | None = None) -> Fingerprint:
     """A model's identity for ``NeuronMap.check_model``, read the same way from a transformers or vLLM model:
-    ``config`` is its text config, ``model`` the module tree holding ``spec.final_norm``."""
+    ``config`` is its text config, ``model`` the module tree holding ``spec.final_norm`` (or its weight, read
+    by the adapter: ``final_norm_weight``)."""
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
+    weight = resolve(model, spec.final_norm).weight if final_norm_weight is None else final_norm_weight
     return Fingerprint.of(config.model_type, spec.num_layers(config), spec.intermediate_size(config), hidden,
-                          config.vocab_size, resolve(model, spec.final_norm).weight)
+                          config.vocab_size, weight)
 
 
 __all__ = ["GuardRuntime", "LayerPlan", "NeuronSet", "Level", "flat_index", "host_read", "host_to_device", "LateRead", "force_token", "model_fingerprint",

@@ -18,6 +18,7 @@ from repguard.errors import ConfigError
 from repguard.hf.calibrate import (
     CalibrationSettings, RepetitiveText, collect_onset_stats, generate_repetitive_texts, loop_rate,
 )
+from repguard.hf.introspect import fingerprint
 from repguard.neuron_map import NeuronMap
 from serve_support import make_tiny_model
 
@@ -211,3 +212,42 @@ def test_each_layer_of_a_spread_model_gathers_and_writes_on_its_own_device():
     assert [len(parts) for _, _, parts in rt._runs] == [1, 1]  # one copy back per device
     act = torch.empty(2, 6, 128, device="meta")
     assert rt.apply_layer(rt.neurons.plans[1], act) is act  # gathers and writes on meta without a device error
+
+
+def _offload_case(folder, tmp_path, how: str):
+    import transformers
+
+    accelerate = pytest.importorskip("accelerate")
+    if how == "final norm on disk":  # what device_map="auto" does first when a model does not fit
+        device_map = {"model.embed_tokens": "cpu", "model.layers": "cpu", "model.rotary_emb": "cpu",
+                      "model.norm": "disk", "lm_head": "cpu"}
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            str(folder), device_map=device_map, offload_folder=str(tmp_path / "offload")).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    return accelerate.cpu_offload(model, execution_device="cpu")  # every weight on meta until its layer runs
+
+
+@pytest.mark.parametrize("how", ["final norm on disk", "whole model offloaded"])
+def test_a_model_with_offloaded_weights_is_guarded_as_the_same_model_in_memory(folder, tmp_path, how):
+    """accelerate's offload keeps weights on ``meta`` until their module runs: the map is checked against the
+    offloaded final norm's real weight, the row buffers live where the model runs, and the guarded tokens are
+    those of the same model in memory, with no fault."""
+    import transformers
+
+    from conftest import random_map
+    from repguard.hf import guard
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    nmap = random_map(base, num_selected=64, num_stored=64)
+    nmap.meta = nmap.meta.model_copy(update={"fingerprint": fingerprint(base).config})
+    nmap.extra["fingerprint_weights"] = fingerprint(base).weights
+    ids = torch.randint(3, 256, (2, 6), generator=torch.Generator().manual_seed(5))
+    kw = dict(attention_mask=torch.ones_like(ids), pad_token_id=0, max_new_tokens=24, do_sample=False)
+    cfg = GuardConfig.from_preset("paper")
+    with guard(base, nmap, cfg) as g:
+        reference = base.generate(ids, **kw)
+    model = _offload_case(folder, tmp_path, how)
+    with guard(model, nmap, cfg) as g:
+        out = model.generate(ids, **kw)
+    assert g.errors == 0 and torch.equal(out, reference)
+    assert not torch.equal(out, base.generate(ids, **kw)), "the neurons were switched off, as in memory"

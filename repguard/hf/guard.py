@@ -44,7 +44,7 @@ from ..maps import find_map
 from ..neuron_map import NeuronMap
 from ..policy import SequenceReport
 from ..runtime import GuardRuntime, LateRead, host_read, token_id_list
-from .introspect import act_modules, arch_of, fingerprint, layer_devices, shape_of, weight_digest
+from .introspect import act_modules, arch_of, fingerprint, home_device, layer_devices, shape_of, weight_digest
 
 log = logging.getLogger("repguard")
 
@@ -117,10 +117,11 @@ class Guard:
         self.neuron_map = neuron_map
         self._num_layers = num_layers
         self.config = self._checked(config if isinstance(config, GuardConfig) else GuardConfig.from_dict(config))
-        param = next(model.parameters())
-        self.runtime = GuardRuntime(neuron_map, self.config, max_rows=1, device=param.device, dtype=param.dtype)
+        home = home_device(model)
+        self.runtime = GuardRuntime(neuron_map, self.config, max_rows=1, device=home,
+                                    dtype=next(model.parameters()).dtype)
         # device_map: each hooked layer gathers and writes on its own device
-        self.runtime.place_layers(layer_devices(model, param.device))
+        self.runtime.place_layers(layer_devices(model, home))
         # The end tokens rows end on: those given here, else the model's; a generate call that names its own
         # (eos_token_id, or a generation_config that has one) uses those for that call.
         self.eos = token_id_list(eos_token_id) or model_token_ids(model, "eos_token_id")

@@ -38,6 +38,28 @@ def act_modules(model) -> list[torch.nn.Module]:
         ) from None
 
 
+def _hook_device(module) -> torch.device | None:
+    """The execution device of the accelerate hook on ``module`` (offloaded weights wait on ``meta`` until it
+    brings them there), if it has one."""
+    dev = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    if dev is None:
+        return None
+    return torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
+
+
+def home_device(model) -> torch.device:
+    """The device the guard keeps its row buffers on: the model's (its first parameter's), or, where accelerate
+    offloads every weight (``cpu_offload``, weights on ``meta``), the device its hooks run the model on."""
+    param = next(model.parameters())
+    if param.device.type != "meta":
+        return param.device
+    for module in model.modules():
+        dev = _hook_device(module)
+        if dev is not None:
+            return dev
+    return torch.device("cpu")
+
+
 def layer_devices(model, home) -> dict[int, torch.device] | None:
     """Each decoder layer's device when the model is spread over several (``device_map``), else None.
 
@@ -48,13 +70,13 @@ def layer_devices(model, home) -> dict[int, torch.device] | None:
     home = torch.device(home)
     devices = {}
     for i, layer in enumerate(layers):
-        dev = getattr(getattr(layer, "_hf_hook", None), "execution_device", None)
+        dev = _hook_device(layer)
         if dev is None:
             param = next(layer.parameters(), None)
             if param is None or param.device.type == "meta":
                 continue  # no weights of its own, or offloaded without a hook: runs where its inputs are
             dev = param.device
-        devices[i] = torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
+        devices[i] = dev
     return None if all(dev == home for dev in devices.values()) else devices
 
 
@@ -66,8 +88,27 @@ def shape_of(model) -> tuple[int, int]:
 
 
 def fingerprint(model) -> Fingerprint:
-    """The model's identity for ``NeuronMap.check_model`` (``repguard.runtime.model_fingerprint``)."""
-    return model_fingerprint(arch_of(model), text_config(model), model)
+    """The model's identity for ``NeuronMap.check_model`` (``repguard.runtime.model_fingerprint``). A final norm
+    offloaded by accelerate (``device_map`` with ``disk``/``cpu`` offload: its weight waits on ``meta``) is read
+    from its offload hook's weights."""
+    spec = arch_of(model)
+    try:
+        norm = resolve(model, spec.final_norm)
+    except (AttributeError, IndexError, TypeError) as exc:
+        raise UnsupportedModelError(f"{type(model).__name__}: expected its final norm at {spec.final_norm} ({exc})") from None
+    weight = norm.weight
+    if weight.device.type == "meta":
+        offloaded = getattr(getattr(norm, "_hf_hook", None), "weights_map", None)
+        try:
+            weight = offloaded["weight"] if offloaded is not None else weight
+        except (KeyError, TypeError):
+            pass
+        if weight.device.type == "meta":
+            raise UnsupportedModelError(
+                f"{type(model).__name__}: its final norm's weight is on the meta device and no offload hook holds "
+                "it, so the neuron map cannot be checked against the model; load its weights, or pass "
+                "check_model=False to use the map unchecked")
+    return model_fingerprint(spec, text_config(model), model, weight)
 
 
 @torch.inference_mode()

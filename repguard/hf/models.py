@@ -432,6 +432,10 @@ def _loading(name_or_path: str, folder: Path, what: str):
 
 def input_device(model):
     """The device a model's inputs go to: its input embedding's (the first shard under ``device_map``)."""
+    from .introspect import home_device
+
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     weight = getattr(embed, "weight", None)
-    return weight.device if weight is not None else next(model.parameters()).device
+    if weight is None or weight.device.type == "meta":  # no embedding, or offloaded: where the model runs
+        return home_device(model)
+    return weight.device
