@@ -51,13 +51,12 @@ def home_device(model) -> torch.device:
     """The device the guard keeps its row buffers on: the model's (its first parameter's), or, where accelerate
     offloads every weight (``cpu_offload``, weights on ``meta``), the device its hooks run the model on."""
     param = next(model.parameters())
-    if param.device.type != "meta":
-        return param.device
-    for module in model.modules():
-        dev = _hook_device(module)
-        if dev is not None:
-            return dev
-    return torch.device("cpu")
+    if param.device.type == "meta":
+        for module in model.modules():
+            dev = _hook_device(module)
+            if dev is not None:
+                return dev
+    return param.device
 
 
 def layer_devices(model, home) -> dict[int, torch.device] | None:
