@@ -31,6 +31,12 @@ def config_of(arch: str):
         return tf.Phi3Config(**common)
     if arch == "olmo2":
         return tf.Olmo2Config(**common)
+    if arch == "gemma3_vlm":  # Gemma 3 4B-27B loaded whole: the decoder is model.language_model
+        text = tf.Gemma3TextConfig(head_dim=16, **common)
+        vision = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=2, image_size=28, patch_size=14)
+        return tf.Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                               image_token_index=255, boi_token_index=253, eoi_token_index=254)
     if arch == "mixtral":
         return tf.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **common)
     if arch == "qwen3_moe":
@@ -98,7 +104,7 @@ def test_switching_off_a_hooked_neuron_zeroes_exactly_that_column_of_the_down_pr
     assert torch.equal(off[..., keep], base[..., keep])
 
 
-@pytest.mark.parametrize("arch", NEW_ARCHS)
+@pytest.mark.parametrize("arch", [*NEW_ARCHS, "gemma3_vlm"])
 def test_hooks_fire_read_switch_off_and_come_off_completely(arch):
     model = tiny(arch)
     ids = prompts()

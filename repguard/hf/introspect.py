@@ -18,6 +18,24 @@ def text_config(model):
     return getattr(config, "text_config", None) or config if config.model_type == "gemma3" else config
 
 
+class _LanguageModelView:
+    """A vision-language model seen as its causal LM: ``model`` is its language model."""
+
+    def __init__(self, language_model) -> None:
+        self.model = language_model
+
+
+def _root(model):
+    """Where the architecture table's paths start: the causal LM itself, or, for a vision-language checkpoint
+    loaded whole (Gemma 3 4B-27B: ``Gemma3ForConditionalGeneration``, whose decoder is
+    ``model.language_model``), a view of it with that decoder as ``model``."""
+    inner = getattr(model, "model", None)
+    language_model = getattr(inner, "language_model", None)
+    if language_model is not None and not hasattr(inner, "layers"):
+        return _LanguageModelView(language_model)
+    return model
+
+
 def arch_of(model) -> ArchSpec:
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "model_type"):
@@ -30,7 +48,7 @@ def act_modules(model) -> list[torch.nn.Module]:
     """The activation module of every decoder layer, in layer order."""
     spec = arch_of(model)
     try:
-        layers = resolve(model, spec.layers)
+        layers = resolve(_root(model), spec.layers)
         return [resolve(layer, spec.act) for layer in layers]
     except (AttributeError, IndexError, TypeError) as exc:
         raise UnsupportedModelError(
@@ -65,7 +83,7 @@ def layer_devices(model, home) -> dict[int, torch.device] | None:
     A layer's device is its accelerate hook's execution device if it has one (offloaded weights wait on
     ``meta`` until then), else its parameters'. None when every layer runs on ``home``.
     """
-    layers = resolve(model, arch_of(model).layers)
+    layers = resolve(_root(model), arch_of(model).layers)
     home = torch.device(home)
     devices = {}
     for i, layer in enumerate(layers):
@@ -92,7 +110,7 @@ def fingerprint(model) -> Fingerprint:
     from its offload hook's weights."""
     spec = arch_of(model)
     try:
-        norm = resolve(model, spec.final_norm)
+        norm = resolve(_root(model), spec.final_norm)
     except (AttributeError, IndexError, TypeError) as exc:
         raise UnsupportedModelError(f"{type(model).__name__}: expected its final norm at {spec.final_norm} ({exc})") from None
     weight = norm.weight
@@ -107,7 +125,7 @@ def fingerprint(model) -> Fingerprint:
                 f"{type(model).__name__}: its final norm's weight is on the meta device and no offload hook holds "
                 "it, so the neuron map cannot be checked against the model; load its weights, or pass "
                 "check_model=False to use the map unchecked")
-    return model_fingerprint(spec, text_config(model), model, weight)
+    return model_fingerprint(spec, text_config(model), _root(model), weight)
 
 
 @torch.inference_mode()
