@@ -61,7 +61,7 @@ def test_generate_without_a_kv_cache_is_watched_step_by_step():
         gen(model, ids)
         expected = _summary(g.reports)
         gen(model, ids, use_cache=False)
-    assert _summary(g.reports) == expected and expected[0][0] and expected[0][2] == NEW - 1
+    assert _summary(g.reports) == expected and expected[0][0] and expected[0][2] == NEW  # every generated token
 
 
 def test_a_pad_id_the_model_generates_is_an_ordinary_token():
@@ -222,4 +222,4 @@ def test_the_overhead_histogram_observes_each_generation_on_its_own(monkeypatch)
         monkeypatch.setattr(type(histogram), "observe", observe)
         gen(model, ids, max_new_tokens=30)
         gen(model, ids, max_new_tokens=5)
-    assert [steps for _, steps in seen] == [29, 4], "each generation's own steps (its prefill is not a step)"
+    assert [steps for _, steps in seen] == [30, 5], "each generation's own steps, one per generated token"

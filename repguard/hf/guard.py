@@ -157,6 +157,9 @@ class Guard:
         self.newest: list[int] | None = None
         # False: the caller records the reports itself (the server, whose requests span several generations)
         self.record_metrics = True
+        # Each ``generate`` call's last token is read when it returns (``_observe_last``); rollback, which reads
+        # each pass's tokens itself, turns it off.
+        self.observe_last = True
         self.errors = 0
         self.steps = 0
         self.overhead_seconds = 0.0
@@ -267,7 +270,9 @@ class Guard:
         @functools.wraps(inner)
         def generate(*args, **kwargs):
             with guard.generation(args, kwargs):
-                return inner(*args, **kwargs)
+                out = inner(*args, **kwargs)
+                guard._observe_last(out)
+                return out
 
         self._generate_wrapper = (generate, model.__dict__.get("generate"))
         model.generate = generate
@@ -426,6 +431,26 @@ class Guard:
         self._reports = [seq.report for seq in rt.seqs[:batch]]
         self._recorded = False
         self._active = True
+
+    def _observe_last(self, out) -> None:
+        """``generate`` returns without a forward that would show the guard each row's last token: it is read
+        here, once per call, so a report counts every generated token and sees a loop completed by the last
+        one (no neuron score: a score-gated detection needs one, so it cannot fire on it)."""
+        if not self.observe_last or not self._active or self._broken:
+            return
+        ids = out if isinstance(out, torch.Tensor) else getattr(out, "sequences", None)
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] != len(self._reports):
+            return
+        try:
+            if self._read_late:  # through the late-read buffers, as every step's tokens
+                previous = self._late.push(ids[:, -1], None)
+                if previous is not None:
+                    self._consume(*previous)
+                self._drain()
+            else:
+                self._consume(host_read(ids[:, -1])[0], None)
+        except Exception as exc:  # fail open
+            self._fail("observe", exc)
 
     def _observe(self, ids: torch.Tensor) -> None:
         scores = self.runtime.neuron_scores() if self._scored else None

@@ -502,6 +502,7 @@ def generate_with_rollback(
     try:
         with Guard(model, neuron_map, policy.first, model_name=model_name, eos_token_id=eos) as g:
             g.record_metrics = False  # a row spans several passes: its merged report is recorded below, once
+            g.observe_last = False  # each pass's tokens are read by the executors
             try:
                 if in_place is None and g.eos:
                     deferred = _run_in_place(model, g, input_ids, attention_mask, prompts, states, policy, pad,
