@@ -21,6 +21,9 @@ COMMANDS = (
 )
 
 
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="repguard",
@@ -28,10 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         "repetition neurons for looping sequences only.",
     )
     parser.add_argument("--version", action="version", version=f"repguard {__version__}")
-    parser.add_argument(
-        "--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="logging verbosity (default: WARNING)",
-    )
+    parser.add_argument("--log-level", default="WARNING", choices=LOG_LEVELS, help="logging verbosity (default: WARNING)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module in COMMANDS:
         try:
@@ -41,7 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue  # a subcommand not present in this build
         mod.add_parser(sub)
+    _log_level_after(sub)
     return parser
+
+
+def _log_level_after(sub) -> None:
+    """``--log-level`` after the subcommand too (`repguard calibrate ... --log-level INFO`, `repguard models list
+    --log-level DEBUG`). Its default is SUPPRESS: not given there, the value before the subcommand stands."""
+    for command in sub.choices.values():
+        command.add_argument("--log-level", default=argparse.SUPPRESS, choices=LOG_LEVELS,
+                             help="logging verbosity (default: WARNING; also accepted before the subcommand)")
+        for action in command._actions:  # nested subcommands (models list/convert)
+            if isinstance(action, argparse._SubParsersAction):
+                _log_level_after(action)
 
 
 def main(argv: list[str] | None = None) -> int:

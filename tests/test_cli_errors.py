@@ -213,3 +213,55 @@ def test_a_model_folder_transformers_cannot_load_is_a_clear_error(capsys, tmp_pa
                  ["calibrate", "--model", str(folder), "--out", str(tmp_path / "m.safetensors")]):
         line = _fails(capsys, argv, f"cannot load the model's {broken}")
         assert str(folder) in line
+
+
+def test_serve_check_refuses_a_settings_file_that_is_not_utf8(capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("REPGUARD_API_KEY", raising=False)
+    path = tmp_path / "bin.toml"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    _fails(capsys, ["serve", "--config", str(path), "--check"], str(path), "UTF-8")
+    monkeypatch.setenv("REPGUARD_SERVE_CONFIG", str(path))
+    _fails(capsys, ["serve", "--check"], str(path), "UTF-8")
+
+
+def test_serve_check_refuses_keys_beside_the_serve_table(capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("REPGUARD_API_KEY", raising=False)
+    path = tmp_path / "mixed.toml"
+    path.write_text("port = 9001\n[serve]\nmax_n = 2\n")
+    _fails(capsys, ["serve", "--config", str(path), "--check"], str(path), "port", "[serve]")
+
+
+def test_serve_check_and_start_take_the_device_as_generate_does(capsys, tiny, monkeypatch):
+    folder, nmap = tiny
+    monkeypatch.delenv("REPGUARD_API_KEY", raising=False)
+    capsys.readouterr()
+    assert main(["serve", "--check", "--model", str(folder), "--neuron-map", str(nmap), "--device", " CPU"]) == 0
+    assert json.loads(capsys.readouterr().out)["device"] == "cpu"
+    monkeypatch.setenv("REPGUARD_DEVICE", "CPU")
+    assert main(["serve", "--check", "--model", str(folder), "--neuron-map", str(nmap)]) == 0
+    assert json.loads(capsys.readouterr().out)["device"] == "cpu"
+
+
+def test_serve_rollback_error_says_it_once(capsys, monkeypatch):
+    monkeypatch.delenv("REPGUARD_API_KEY", raising=False)
+    line = _fails(capsys, ["serve", "--rollback", '{"holdback": -1}', "--check"], "rollback.holdback", "(got -1)")
+    assert "invalid RollbackConfig" not in line and line.count("-1") == 1, line
+
+
+@pytest.mark.parametrize("before,after,level", [
+    ([], ["--log-level", "INFO"], "INFO"),
+    (["--log-level", "DEBUG"], [], "DEBUG"),
+    (["--log-level", "DEBUG"], ["--log-level", "ERROR"], "ERROR"),
+    ([], [], "WARNING"),
+])
+def test_log_level_is_taken_after_the_subcommand_too(capsys, monkeypatch, before, after, level):
+    import logging
+
+    shipped = Path(__file__).parents[1] / "neuron_maps" / "smollm2-135m.safetensors"
+    levels = []
+    monkeypatch.setattr(logging, "basicConfig", lambda **kw: levels.append(kw["level"]))
+    assert main([*before, "inspect", str(shipped), "--top", "1", *after]) == 0
+    assert levels == [getattr(logging, level)]
+    capsys.readouterr()
+    assert main([*before, "models", "list", *after]) == 0
+    assert levels[-1] == getattr(logging, level)

@@ -428,3 +428,87 @@ def test_a_client_gone_while_sending_its_body_counts_as_499_without_a_traceback(
 def test_more_prompts_than_a_batch_holds_names_the_prompt(client):
     r = client.post("/v1/completions", json={"prompt": ["a"] * 9, "max_tokens": 2})
     assert "9 prompts exceed the batch size 8" in _err(r, 400, "prompt")["message"]
+
+
+# -- settings: the device as the other commands take it; a settings file loses no key; one clean error ------------
+@pytest.mark.parametrize("source", ["cli", "env"])
+@pytest.mark.parametrize("given", ["CPU", " cpu", "Cpu "])
+def test_the_device_is_normalised_as_generate_normalises_it(source, given):
+    cli, env = ({"device": given}, {}) if source == "cli" else ({}, {"REPGUARD_DEVICE": given})
+    assert load_settings(cli, env=env).device == "cpu"
+    with pytest.raises(ConfigError, match="device") as err:
+        load_settings({"device": "tpu"}, env={})
+    assert str(err.value).count("tpu") == 1, str(err.value)
+
+
+def test_build_engine_loads_the_model_on_the_normalised_device(tiny, monkeypatch):
+    import repguard.hf.models as models
+
+    folder, nmap = tiny
+    settings = load_settings({"model": str(folder), "neuron_map": str(nmap), "threads": 1, "device": " CPU"}, env={})
+    seen = []
+    real = models.load_model
+
+    def load_model(*args, **kwargs):
+        seen.append(kwargs.get("device"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(models, "load_model", load_model)
+    eng = build_engine(settings)  # torch refuses "CPU": "Expected one of cpu, cuda, ... device string: CPU"
+    eng.close(timeout=5)
+    assert seen == ["cpu"]
+
+
+@pytest.mark.parametrize("name,text", [
+    ("mixed.toml", 'port = 9001\nhost = "0.0.0.0"\n[serve]\nmax_n = 2\n'),
+    ("other-table.toml", '[serve]\nport = 9001\n[guard]\npreset = "monitor"\n'),
+    ("mixed.json", '{"port": 9001, "serve": {"max_n": 2}}'),
+])
+def test_a_settings_file_with_keys_beside_its_serve_table_is_refused(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_settings({}, env={}, config_file=path)
+    message = str(err.value)
+    assert str(path) in message and "serve" in message, message
+    stray = ["guard"] if name.startswith("other") else ["port", "host"] if name == "mixed.toml" else ["port"]
+    for key in stray:
+        assert key in message, message
+
+
+@pytest.mark.parametrize("name,text", [
+    ("flat.toml", 'port = 9001\n[rollback]\nholdback = 3\n'),
+    ("table.toml", '[serve]\nport = 9001\n[serve.rollback]\nholdback = 3\n'),
+    ("flat.json", '{"port": 9001, "rollback": {"holdback": 3}}'),
+    ("table.json", '{"serve": {"port": 9001, "rollback": {"holdback": 3}}}'),
+])
+def test_both_documented_layouts_of_a_settings_file_keep_every_key(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    settings = load_settings({}, env={}, config_file=path)
+    assert settings.port == 9001 and settings.rollback == {"holdback": 3}
+
+
+@pytest.mark.parametrize("name", ["bin.toml", "bin.json"])
+def test_a_settings_file_that_is_not_utf8_is_a_config_error(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    with pytest.raises(ConfigError, match="UTF-8") as err:
+        load_settings({}, env={}, config_file=path)
+    assert str(path) in str(err.value)
+    with pytest.raises(ConfigError, match="UTF-8"):
+        load_settings({}, env={"REPGUARD_SERVE_CONFIG": str(path)})
+
+
+def test_a_bad_rollback_setting_is_named_once_with_its_value_once():
+    with pytest.raises(ConfigError) as err:
+        load_settings({"rollback": {"holdback": -1, "max_rollbacks": 99}}, env={})
+    message = str(err.value)
+    assert message.count("RollbackConfig") == 0 and message.count("got") == 2, message
+    assert "rollback.holdback: " in message and "(got -1)" in message, message
+    assert "rollback.max_rollbacks: " in message and "(got 99)" in message, message
+    assert "rollback from command line" in message, message
+    with pytest.raises(ConfigError, match=r"rollback\.bogus: Extra inputs are not permitted \(got 1\) \["):
+        load_settings({}, env={"REPGUARD_ROLLBACK": '{"bogus": 1}'})
+    assert load_settings({"rollback": {"holdback": 0, "enabled": False}}, env={}).rollback == {"holdback": 0,
+                                                                                              "enabled": False}

@@ -12,7 +12,8 @@ def add_parser(sub) -> None:
         description="Settings come from flags, then REPGUARD_<NAME> environment variables, then --config "
         "(JSON or TOML), then defaults. Everything is validated before the model loads.",
     )
-    p.add_argument("--config", help="settings file (JSON, or TOML with an optional [serve] table); env REPGUARD_SERVE_CONFIG")
+    p.add_argument("--config", help="settings file (JSON, or TOML): every setting at the top level, or all in a "
+                   "[serve] table (\"serve\" object); env REPGUARD_SERVE_CONFIG")
     p.add_argument("--model", help="embedded model name or local Hugging Face folder (default smollm2-135m)")
     p.add_argument("--served-model-name", help="name reported by /v1/models")
     p.add_argument("--neuron-map", help="neuron map path (default: the shipped map of the model)")

@@ -96,6 +96,24 @@ class ServeSettings(BaseModel):
         raise ValidationError.from_exception_data(type(self).__name__, [InitErrorDetails(
             type=error, loc=("default_max_tokens",), input=self.default_max_tokens)])
 
+    @model_validator(mode="after")
+    def _device_ok(self) -> "ServeSettings":
+        """The device as the other commands take it (``checks.device``: " CPU" is cpu), so the model loads on
+        what ``--check`` accepted. Not used, so not checked, in front of an upstream server."""
+        from ..commands.checks import device
+
+        if self.upstream is not None:
+            return self
+        try:
+            normalised = device("device", self.device)
+        except ConfigError as exc:  # located at the field; its "device 'x': " prefix would repeat the error's own
+            message = str(exc).removeprefix(f"device {self.device!r}: ").removeprefix(f"device {self.device}: ")
+            error = PydanticCustomError("value_error", "{message}", {"message": message})
+            raise ValidationError.from_exception_data(type(self).__name__, [InitErrorDetails(
+                type=error, loc=("device",), input=self.device)]) from None
+        object.__setattr__(self, "device", normalised)  # frozen: set during validation
+        return self
+
     @field_validator("upstream")
     @classmethod
     def _upstream_ok(cls, value: str | None) -> str | None:
@@ -111,7 +129,10 @@ class ServeSettings(BaseModel):
     def _rollback_ok(cls, value: dict[str, Any]) -> dict[str, Any]:
         from ..rollback import RollbackConfig
 
-        RollbackConfig.from_dict(value)
+        # BaseModel's own __init__, not RollbackConfig's: that one turns the errors into a ConfigError that
+        # pydantic would wrap again (each layer adding its "invalid RollbackConfig" and "(got ...)"); raised
+        # here, each error is located at rollback.<field> with its own value, and reported once
+        BaseModel.__init__(RollbackConfig.__new__(RollbackConfig), **value)
         return value
 
     @field_validator("guard")
@@ -125,18 +146,27 @@ class ServeSettings(BaseModel):
 
 
 def _read_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The settings of a file: all at its top level, or all in a ``[serve]`` table (``"serve"`` object in
+    JSON); a key beside that table would be lost, so it is refused rather than dropped."""
+    from ..commands.checks import read_text
+
     p = Path(path)
+    text = read_text("config file", str(p))  # unreadable, not UTF-8, or binary: one line naming the file
+    toml = p.suffix == ".toml"
     try:
-        text = p.read_text()
-    except OSError as exc:
-        raise ConfigError(f"config file {p}: {exc.strerror or exc}") from None
-    try:
-        data = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
+        data = tomllib.loads(text) if toml else json.loads(text)
     except (ValueError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"config file {p}: not valid {'TOML' if p.suffix == '.toml' else 'JSON'}: {exc}") from None
+        raise ConfigError(f"config file {p}: not valid {'TOML' if toml else 'JSON'}: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p}: expected a table/object of settings")
-    return data.get("serve", data) if isinstance(data.get("serve"), dict) else data
+    if not isinstance(data.get("serve"), dict):
+        return data
+    stray = sorted(k for k in data if k != "serve")
+    if stray:
+        table = "[serve] table" if toml else '"serve" object'
+        raise ConfigError(f"config file {p}: {', '.join(stray)} outside the {table}; with a {table}, every "
+                          "setting goes in it (or leave it out and put every setting at the top level)")
+    return data["serve"]
 
 
 def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
