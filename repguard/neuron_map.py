@@ -323,6 +323,9 @@ class NeuronMap:
         try:
             save_file(tensors, str(tmp), metadata={META_KEY: self.meta.model_dump_json()})
             _read(tmp, where=f"{path} (not written)")
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # as any file the user writes (safetensors writes its files 0600)
             os.replace(tmp, path)  # never leave a half-written or unloadable map behind
         finally:
             tmp.unlink(missing_ok=True)

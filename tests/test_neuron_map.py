@@ -36,6 +36,21 @@ def test_round_trip_keeps_every_tensor_and_the_metadata(tmp_path):
     assert torch.equal(back.extra["score_matrix"], nmap.extra["score_matrix"])
 
 
+def test_a_saved_map_gets_the_permissions_of_any_file_the_user_writes(tmp_path):
+    """A map is shared (shipped in neuron_maps/, read by a server under another user): it is written with the
+    umask's permissions, not the 0600 of a private temporary file."""
+    import os
+    import stat
+
+    nmap, _ = make_map()
+    old = os.umask(0o022)
+    try:
+        path = nmap.save(tmp_path / "m.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
 def test_ranking_is_global_and_never_selects_a_negative_score():
     nmap, score = make_map(num_selected=1000, num_stored=1000)
     positive = int((score > 0).sum())
