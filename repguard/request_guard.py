@@ -61,7 +61,8 @@ from .rollback import RollbackPolicy, RollbackState, merge_reports
 _SEED_MOD = 2**63 - 1
 # The request field (vLLM extra_args / vllm_xargs) that marks a re-decode submission of a request the request-level
 # guard counts in its own metrics: an engine-side guard that watches it (the neuron step) does not count it again.
-RESUBMISSION_KEY = "repguard_resubmission"
+# Not "repguard_*": a plugin of an earlier repguard refuses unknown repguard_* settings, and ignores this.
+RESUBMISSION_KEY = "repguard-resubmission"
 CONTEXT_TOKENS = 5  # prompt tokens decoded before the output's, as an engine's incremental detokenizer does
 
 log = logging.getLogger("repguard")

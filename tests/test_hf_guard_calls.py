@@ -223,3 +223,20 @@ def test_the_overhead_histogram_observes_each_generation_on_its_own(monkeypatch)
         gen(model, ids, max_new_tokens=30)
         gen(model, ids, max_new_tokens=5)
     assert [steps for _, steps in seen] == [30, 5], "each generation's own steps, one per generated token"
+
+
+def test_custom_generate_reads_the_last_token_as_the_wrapped_generate_does():
+    from repguard.hf.generate import custom_generate
+
+    model = tiny_model()
+    ids = prompts()
+    with guard(model, random_map(model), GuardConfig.from_preset("monitor")) as g:
+        gen(model, ids, max_new_tokens=10)
+        wrapped = [r.tokens_observed for r in g.reports]
+    model.generation_config.repguard = GuardConfig.from_preset("monitor")
+    model.generation_config.repguard_map = random_map(model)
+    try:
+        out = gen(model, ids, max_new_tokens=10, custom_generate=custom_generate)
+    finally:
+        del model.generation_config.repguard, model.generation_config.repguard_map
+    assert wrapped == [10, 10] and [r.tokens_observed for r in out.repguard_reports] == wrapped

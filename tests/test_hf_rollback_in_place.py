@@ -408,7 +408,10 @@ def test_metrics_count_each_row_once_with_its_rollbacks(overlap):
     assert got[metrics.REQUESTS_GUARDED] == len(out.sequences)
     assert got[metrics.LOOPS_DETECTED] == sum(1 for r in out.reports if r.detections)
     assert got[metrics.ROLLBACKS] == sum(out.rollbacks)
-    assert got[metrics.ROLLBACK_TOKENS] == sum(max(0, r.tokens_observed - len(s))
+    # Discarded: the tokens each row decoded and dropped, i.e. those it decoded (the guard observes every token
+    # but an end token) beyond its final text (whose end token, if any, it never observed).
+    eos = _eos(model)
+    assert got[metrics.ROLLBACK_TOKENS] == sum(r.tokens_observed - (len(s) - bool(s and s[-1] in eos))
                                                for r, s in zip(out.reports, out.sequences)) > 0
 
 
@@ -431,3 +434,33 @@ def test_the_monitor_never_rolls_back_and_changes_no_output(overlap):
     assert out.sequences == plain and not any(out.rollbacks)
     assert any(r.fired for r in out.reports), "the batch loops, and the monitor says so"
     assert [streamed.get(i, []) for i in range(len(plain))] == plain
+
+
+def test_after_a_fault_a_row_a_stop_criterion_ended_and_handed_out_stays_as_it_was(monkeypatch):
+    """A fault after one row has ended at a stopping criterion, all of it streamed: the unguarded fallback
+    continues the other rows only; that row is not given more tokens."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    from repguard import repair
+
+    model = tiny_model("llama")
+    ids, mask = _padded_batch()
+    plain = _plain(model, ids, mask)
+    row, at = next((i, 4) for i, r in enumerate(plain) if len(r) > 5 and r[4] not in r[:4])
+    stop = plain[row][at]
+
+    class StopOn(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return input_ids[:, -1] == stop
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("injected rollback failure")
+
+    kw = dict(neuron_map=random_map(model, 32, 64), max_new_tokens=NEW, do_sample=False, pad_token_id=0,
+              stopping_criteria=StoppingCriteriaList([StopOn()]))
+    clean = generate_with_rollback(model, ids, mask, **kw)
+    monkeypatch.setattr(repair.RepeatPenalty, "penalties", failing)
+    streamed: dict[int, list[int]] = {}
+    out = generate_with_rollback(model, ids, mask, on_tokens=lambda r, t: streamed.setdefault(r, []).extend(t), **kw)
+    assert clean.sequences[row] == plain[row][: at + 1] == out.sequences[row] == streamed[row]
+    assert all(r.errors == 1 for r in out.reports)

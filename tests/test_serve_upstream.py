@@ -438,7 +438,7 @@ def test_resubmissions_carry_the_request_and_the_neuron_step(tmp_path):
     assert rest["logit_bias"] == {"42": 5.0} and rest["seed"] == derive_seed(5, 2)
     for sub in (step, rest):
         assert sub["vllm_xargs"]["repguard"] == "true"
-        assert sub["vllm_xargs"]["repguard_resubmission"] is True  # the proxy counts the request, not the plugin
+        assert sub["vllm_xargs"]["repguard-resubmission"] is True  # the proxy counts the request, not the plugin
         cfg = json.loads(sub["vllm_xargs"]["repguard_config"])
         assert (cfg["always_on"], cfg["escalate"], cfg["stop"]) == (True, False, False)
 

@@ -142,7 +142,7 @@ def test_a_stop_string_completed_by_a_one_token_step_ends_the_request_there():
 
 
 def test_re_decode_submissions_are_marked_so_the_neuron_step_does_not_count_them_again():
-    """The front counts each request once in repguard's metrics; its re-decodes carry ``repguard_resubmission``
+    """The front counts each request once in repguard's metrics; its re-decodes carry ``repguard-resubmission``
     (an engine running the neuron step would otherwise count every re-decode as one more guarded request), and
     its first submission is the user's own request, unmarked."""
     from repguard.request_guard import RESUBMISSION_KEY

@@ -1142,7 +1142,7 @@ def test_requests_after_a_fault_are_reported_unguarded_not_counted_as_guarded_an
 
 def test_a_request_level_re_decode_is_not_counted_again_by_the_neuron_step(setup):
     """The request-level guard (GuardedLLM, serve --upstream) counts a request once, however many submissions
-    it took; its re-decodes carry ``repguard_resubmission``, so the neuron step watching them does not count
+    it took; its re-decodes carry ``repguard-resubmission``, so the neuron step watching them does not count
     them as more guarded requests. The key is not a GuardConfig setting."""
     from repguard import metrics
     from repguard.request_guard import RESUBMISSION_KEY

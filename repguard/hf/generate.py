@@ -45,6 +45,7 @@ def custom_generate(model, input_ids, logits_processor, stopping_criteria, gener
                 model, input_ids, logits_processor=logits_processor, stopping_criteria=stopping_criteria,
                 generation_config=generation_config, **model_kwargs,
             )
+            g._observe_last(out)  # as the wrapped ``generate`` does: the last token has no forward of its own
     try:
         out.repguard_reports = g.reports
     except AttributeError:  # pragma: no cover - tensors and ModelOutputs both accept attributes

@@ -521,8 +521,9 @@ def generate_with_rollback(
                 g.runtime.fail_open(g.model_name, "rollback", [s.report for s in states], True,
                                     "this batch is generated unguarded")  # logs the traceback once, counts it
         if failed:
-            finals = _unguarded(model, input_ids, attention_mask, prompts, given, pad, user_processors, min_new,
-                                max_new_tokens, g.eos, release, generate_kwargs)
+            complete = [s.final is not None and given[i] == s.final for i, s in enumerate(states)]
+            finals = _unguarded(model, input_ids, attention_mask, prompts, given, complete, pad, user_processors,
+                                min_new, max_new_tokens, g.eos, release, generate_kwargs)
             for s, tokens in zip(states, finals):
                 s.final = tokens
     except _CallerError as exc:
@@ -530,19 +531,21 @@ def generate_with_rollback(
     out = RollbackOutput([s.final or [] for s in states], [s.report or SequenceReport() for s in states],
                          [s.rollbacks for s in states], g.form)
     for tokens, report, rollbacks in zip(out.sequences, out.reports, out.rollbacks):
+        kept = len(tokens) - bool(tokens and tokens[-1] in g.eos)  # the guard never observes an end token
         try:
             metrics.record_report(g.model_name, report)
-            metrics.record_rollback(g.model_name, rollbacks, max(0, report.tokens_observed - len(tokens)))
+            metrics.record_rollback(g.model_name, rollbacks, max(0, report.tokens_observed - kept))
         except Exception:  # metrics never take a generation down
             log.exception("repguard: could not record metrics")
     return out
 
 
-def _unguarded(model, input_ids, attention_mask, prompts, given, pad, user_processors, min_new, max_new_tokens, eos,
-               release, generate_kwargs) -> list[list[int]]:
+def _unguarded(model, input_ids, attention_mask, prompts, given, complete, pad, user_processors, min_new,
+               max_new_tokens, eos, release, generate_kwargs) -> list[list[int]]:
     """Each row's tokens generated with no guard, after a fault of the rollback machinery: what ``generate``
     gives for the call when no token was handed out yet (``given``), else the rows continued from what they
-    handed out (streamed tokens are final)."""
+    handed out (streamed tokens are final); a row ``complete`` (ended, all of it handed out: at an EOS, its
+    budget or a stop criterion) stays as it is."""
     from transformers import LogitsProcessorList
 
     eos = set(eos)
@@ -566,7 +569,7 @@ def _unguarded(model, input_ids, attention_mask, prompts, given, pad, user_proce
                          logits_processor=LogitsProcessorList(list(user_processors)), **kwargs)
     finals = []
     for i, g in enumerate(given):
-        ended = bool(g) and g[-1] in eos
+        ended = complete[i] or (bool(g) and g[-1] in eos)
         new = [] if ended else _trim(out[i, width:].tolist()[: max_new_tokens - len(g)], eos, stop_pad)
         finals.append(g + new)
         release(i, new)

@@ -389,6 +389,7 @@ class Engine:
                            else int(getattr(model.config, "num_hidden_layers", 0) or 0))
         self.map_size = len(guard.neuron_map) if guard.neuron_map is not None else 0
         guard.record_metrics = False  # a request spans several generations: its reports are recorded here
+        guard.observe_last = False  # each generation's last tokens are read by the batch's streamer (_observe_last)
         self._pending: list[_Choice] = []  # sorted by admission order
         self._live: dict[str, GenerationRequest] = {}  # admitted, not finished
         self._cond = threading.Condition()
