@@ -323,9 +323,7 @@ class NeuronMap:
         try:
             save_file(tensors, str(tmp), metadata={META_KEY: self.meta.model_dump_json()})
             _read(tmp, where=f"{path} (not written)")
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # as any file the user writes (safetensors writes its files 0600)
+            os.chmod(tmp, 0o666 & ~_umask())  # as any file the user writes (safetensors writes its files 0600)
             os.replace(tmp, path)  # never leave a half-written or unloadable map behind
         finally:
             tmp.unlink(missing_ok=True)
@@ -414,6 +412,20 @@ def is_map_file(path: str | os.PathLike) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(header, dict) and META_KEY in (header.get("__metadata__") or {})
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where the system says it (Linux); else set and reset."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def map_sibling(map_path: str | os.PathLike, tail: str) -> Path:
