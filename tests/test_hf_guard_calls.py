@@ -233,10 +233,10 @@ def test_custom_generate_reads_the_last_token_as_the_wrapped_generate_does():
     with guard(model, random_map(model), GuardConfig.from_preset("monitor")) as g:
         gen(model, ids, max_new_tokens=10)
         wrapped = [r.tokens_observed for r in g.reports]
-    model.generation_config.repguard = GuardConfig.from_preset("monitor")
-    model.generation_config.repguard_map = random_map(model)
-    try:
-        out = gen(model, ids, max_new_tokens=10, custom_generate=custom_generate)
-    finally:
-        del model.generation_config.repguard, model.generation_config.repguard_map
+    from transformers import GenerationConfig
+
+    cfg = GenerationConfig(max_new_tokens=10, do_sample=False, pad_token_id=0, repguard={"preset": "monitor"},
+                           repguard_map=random_map(model))
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=cfg,
+                         custom_generate=custom_generate)
     assert wrapped == [10, 10] and [r.tokens_observed for r in out.repguard_reports] == wrapped
