@@ -76,12 +76,16 @@ def _step():
 
 
 def _fails_open(method):
-    """``_step`` around a method of the rollback machinery."""
+    """``_step`` around a method of the rollback machinery (called every decoding step: a plain ``try``)."""
 
     @functools.wraps(method)
     def wrapper(*args, **kwargs):
-        with _step():
+        try:
             return method(*args, **kwargs)
+        except (_GuardFailed, _CallerError):
+            raise
+        except Exception as exc:
+            raise _GuardFailed(f"{type(exc).__name__}: {exc}") from exc
 
     return wrapper
 
@@ -363,6 +367,18 @@ class _InPlace:
                 self._finish(row)
 
 
+def _left_padded(rows: list[list[int]], pad: int, like_ids: torch.Tensor, like_mask: torch.Tensor):
+    """``rows`` as a left-padded batch (ids, attention mask) of ``like_ids``' and ``like_mask``' dtypes and device."""
+    width = max(len(r) for r in rows)
+    device = like_ids.device
+    ids = torch.full((len(rows), width), pad, dtype=like_ids.dtype, device=device)
+    mask = torch.zeros((len(rows), width), dtype=like_mask.dtype, device=device)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=like_ids.dtype, device=device)
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
 def _trim(ids: list[int], eos: set[int], stop_pad: int | None = None) -> list[int]:
     """A row's tokens up to its first EOS (included); ``stop_pad``: the pad id of a call with stop criteria,
     which pad the rows they end: a run of it at the end is that padding, not text."""
@@ -557,13 +573,8 @@ def _unguarded(model, input_ids, attention_mask, prompts, given, complete, pad, 
     if not any(given):
         ids, mask, width, budget = input_ids, attention_mask, input_ids.shape[1], max_new_tokens
     else:
-        rows = [p + g for p, g in zip(prompts, given)]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad, dtype=input_ids.dtype, device=input_ids.device)
-        mask = torch.zeros((len(rows), width), dtype=attention_mask.dtype, device=input_ids.device)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r):] = torch.tensor(r, dtype=input_ids.dtype, device=input_ids.device)
-            mask[i, width - len(r):] = 1
+        ids, mask = _left_padded([p + g for p, g in zip(prompts, given)], pad, input_ids, attention_mask)
+        width = ids.shape[1]
         budget = max_new_tokens - min(len(g) for g in given)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=max(1, budget), pad_token_id=pad,
                          logits_processor=LogitsProcessorList(list(user_processors)), **kwargs)
@@ -590,13 +601,8 @@ def _run_passes(model, g: Guard, input_ids, attention_mask, prompts, states, pad
     stops = generate_kwargs.get("stopping_criteria") or call_setting(model, generate_kwargs, "stop_strings")
     stop_pad = pad if stops and pad not in eos else None  # rows the criteria end are padded from there on
     while pending:
-        rows = [prompts[r] + states[r].kept for r in pending]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad, dtype=input_ids.dtype, device=device)
-        mask = torch.zeros((len(rows), width), dtype=attention_mask.dtype, device=device)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r):] = torch.tensor(r, dtype=input_ids.dtype, device=device)
-            mask[i, width - len(r):] = 1
+        ids, mask = _left_padded([prompts[r] + states[r].kept for r in pending], pad, input_ids, attention_mask)
+        width = ids.shape[1]
         budgets = [states[r].budget for r in pending]
         step_max = max(budgets)
         kwargs = dict(generate_kwargs)
