@@ -265,3 +265,20 @@ def test_log_level_is_taken_after_the_subcommand_too(capsys, monkeypatch, before
     capsys.readouterr()
     assert main([*before, "models", "list", *after]) == 0
     assert levels[-1] == getattr(logging, level)
+
+
+def test_ctrl_c_while_the_commands_load_stops_quietly(monkeypatch, capsys):
+    """Ctrl-C in the first seconds (while ``repguard`` imports torch for its subcommands) stops with
+    SIGINT's status, as it does later, and prints no traceback."""
+    import importlib
+
+    real = importlib.import_module
+
+    def interrupted(name, *a, **kw):
+        if name == "repguard.commands.generate":
+            raise KeyboardInterrupt
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(importlib, "import_module", interrupted)
+    assert main(["generate", "--prompt", "hi"]) == 130
+    assert capsys.readouterr().err == ""
