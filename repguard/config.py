@@ -206,5 +206,8 @@ def format_validation_error(exc: ValidationError, what: str, secret: frozenset[s
     for err in exc.errors():
         loc = ".".join(str(x) for x in err.get("loc", ())) or what
         shown = "<hidden>" if secret & {str(x) for x in err.get("loc", ())} else repr(err.get("input"))
-        parts.append(f"{loc}: {err.get('msg')} (got {shown})")
+        msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+        # A nested config's own error already names its field and value: said once, not twice.
+        named = isinstance((err.get("ctx") or {}).get("error"), ConfigError) or shown in msg
+        parts.append(f"{loc}: {msg}" if named else f"{loc}: {msg} (got {shown})")
     return f"invalid {what}: " + "; ".join(parts)

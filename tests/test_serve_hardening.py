@@ -512,3 +512,15 @@ def test_a_bad_rollback_setting_is_named_once_with_its_value_once():
         load_settings({}, env={"REPGUARD_ROLLBACK": '{"bogus": 1}'})
     assert load_settings({"rollback": {"holdback": 0, "enabled": False}}, env={}).rollback == {"holdback": 0,
                                                                                               "enabled": False}
+
+
+def test_a_bad_guard_preset_is_named_once_with_its_value_once():
+    """``repguard serve --guard bogus``: the error says the preset and its value once, with no "Value error"
+    or a repeat of the value as a dict."""
+    with pytest.raises(ConfigError) as err:
+        load_settings({"guard": {"preset": "bogus"}}, env={})
+    message = str(err.value)
+    assert message.count("bogus") == 1 and "Value error" not in message, message
+    assert "guard: preset: unknown preset 'bogus'; choose one of" in message, message
+    with pytest.raises(ConfigError, match=r"guard: .*window: .* \(got -3\)"):
+        load_settings({"guard": {"window": -3}}, env={})
