@@ -1187,3 +1187,12 @@ def test_only_requests_that_ask_for_the_neuron_step_count_it_unavailable(monkeyp
     proc.update_state(BatchUpdate(batch_size=2, removed=[], moved=[],
                                   added=[(1, SamplingParams(extra_args={"repguard": True}), [1, 2], [])]))
     assert _counter(metrics.ERRORS, "tiny", "unavailable") == before + 1
+
+
+def test_the_package_lists_the_names_it_loads_on_first_use():
+    """``dir(repguard.vllm)`` (tab completion, ``help``) shows the guards, though they load only when used."""
+    import repguard.vllm as rv
+
+    names = dir(rv)
+    assert {"GuardedLLM", "GuardedAsyncLLM", "RepGuardLogitsProcessor", "fetch_reports"} <= set(names)
+    assert set(rv.__all__) <= set(names)

@@ -47,6 +47,10 @@ def __getattr__(name: str):
     return value
 
 
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
 def _take_reports(worker, request_ids=None, pop=True):
     """Runs inside each worker (via ``collective_rpc``)."""
     from . import worker
