@@ -522,6 +522,39 @@ def test_a_guard_failure_at_load_never_stops_the_engine(monkeypatch, caplog):
 
 
 
+def test_a_model_whose_layers_are_elsewhere_runs_without_the_neuron_step_said_in_one_line(monkeypatch, tmp_path, caplog):
+    """A vision-language checkpoint wraps its text model (``model.language_model``): the plugin cannot place
+    the layers, so the engine loads without the neuron step, saying why in one warning with no traceback, and a
+    request for the neuron step is refused at admission."""
+    from repguard.errors import ConfigError
+    from repguard.vllm import plugin
+
+    runner = fake_runner()
+    monkeypatch.setenv("REPGUARD_MAP", str(fitted_map(runner).save(tmp_path / "tiny.safetensors")))
+
+    class VisionLanguage(torch.nn.Module):
+        def __init__(self, text):
+            super().__init__()
+            self.language_model = text
+
+    wrapped = VisionLanguage(runner.model)
+    runner.model, runner.get_model = wrapped, lambda: wrapped
+    monkeypatch.setattr(logits, "PLUGIN_ACTIVE", True)
+    monkeypatch.setattr(logits, "NEURON_STEP_BLOCKED", None)
+    plugin._LOGGED.clear()
+    try:
+        with caplog.at_level("WARNING", logger="repguard"):
+            assert plugin._wrap_load_model(lambda self: "loaded")(runner) == "loaded"
+        assert worker.current() is None
+        said = [r for r in caplog.records if r.name.startswith("repguard")]
+        assert len(said) == 1 and said[0].exc_info is None, [r.getMessage() for r in said]
+        assert "VisionLanguage: expected its layers at model.layers" in said[0].getMessage()
+        with pytest.raises(ConfigError, match="cannot run on this engine"):
+            RepGuardLogitsProcessor.validate_params(SamplingParams(extra_args={"repguard": True}))
+    finally:
+        worker.set_current(None)
+
+
 def test_a_vllm_build_the_plugin_cannot_hook_still_starts(monkeypatch, caplog):
     """vLLM calls the plugin's register() with no guard of its own: a layout the plugin does not expect (a
     runner class or scheduler moved) must leave every engine starting, without the neuron step, saying why."""

@@ -103,7 +103,12 @@ def vllm_arch(vllm_config) -> ArchSpec:
 
 def model_fingerprint(vllm_config, model) -> Fingerprint:
     """The served model's identity (``repguard.runtime.model_fingerprint``, as for transformers)."""
-    return _fingerprint(vllm_arch(vllm_config), compat.text_config(vllm_config), model)
+    spec = vllm_arch(vllm_config)
+    try:
+        resolve(model, spec.vllm_layers)
+    except (AttributeError, IndexError, TypeError) as exc:  # e.g. a vision-language wrapper around the text model
+        raise UnsupportedModelError(f"{type(model).__name__}: expected its layers at {spec.vllm_layers} ({exc})") from None
+    return _fingerprint(spec, compat.text_config(vllm_config), model)
 
 
 class EngineGuard:

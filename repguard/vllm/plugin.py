@@ -191,6 +191,10 @@ def _wrap_load_model(original):
             guard = install(self)
         except (MapMismatchError, NeuronMapError):
             raise  # REPGUARD_MAP names a map that cannot serve this model: say so at start
+        except UnsupportedModelError as exc:  # a model whose layers the table does not place: one line
+            _inert_once(str(exc))
+            worker.set_current(None)
+            failed = True
         except Exception:  # anything else: never stop the engine
             log.exception("repguard: could not install the neuron step; this engine runs without it")
             worker.set_current(None)
