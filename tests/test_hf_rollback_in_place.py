@@ -464,3 +464,28 @@ def test_after_a_fault_a_row_a_stop_criterion_ended_and_handed_out_stays_as_it_w
     out = generate_with_rollback(model, ids, mask, on_tokens=lambda r, t: streamed.setdefault(r, []).extend(t), **kw)
     assert clean.sequences[row] == plain[row][: at + 1] == out.sequences[row] == streamed[row]
     assert all(r.errors == 1 for r in out.reports)
+
+
+def test_after_a_fault_min_new_tokens_counts_the_tokens_a_row_handed_out(monkeypatch):
+    """``min_new_tokens`` with streaming: after a fault the fallback continues each row from what it streamed,
+    and the minimum still counts over the row's whole text (it was counted again from the continuation, so a
+    row that ends at 48 tokens unguarded ran on past its end)."""
+    from repguard import repair
+
+    model = tiny_model("llama")
+    ids, mask = _padded_batch()
+    width, end, least = ids.shape[1], 79, 40  # an end token the tiny model reaches at 48 tokens in row 1
+    kw = dict(max_new_tokens=NEW, min_new_tokens=least, do_sample=False, pad_token_id=0, eos_token_id=end)
+    plain = [_cut(r, {end}) for r in model.generate(ids, attention_mask=mask, **kw)[:, width:].tolist()]
+    assert len(plain[1]) == 48 and plain[1][-1] == end
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("injected rollback failure")
+
+    monkeypatch.setattr(repair.RepeatPenalty, "penalties", failing)
+    streamed: dict[int, list[int]] = {}
+    out = generate_with_rollback(model, ids, mask, neuron_map=random_map(model, 32, 64), holdback=20,
+                                 on_tokens=lambda r, t: streamed.setdefault(r, []).extend(t), **kw)
+    assert all(r.errors == 1 for r in out.reports), "the fault happened: the batch ran unguarded"
+    assert out.sequences == plain
+    assert [streamed.get(i, []) for i in range(len(plain))] == plain

@@ -40,6 +40,7 @@ import logging
 import numbers
 from contextlib import contextmanager
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
@@ -148,15 +149,24 @@ class _Repair:
 class _MinNewTokens:
     """Logits processor: ``min_new_tokens`` per row, over its whole generated text (kept + this pass): no
     end-of-sequence token before that, except where the guard ends the row (a stop forces the EOS, which
-    ``generate``'s own processor would mask, leaving a row with no token to choose)."""
+    ``generate``'s own processor would mask, leaving a row with no token to choose). ``guard`` None: the
+    unguarded fallback, which must not fail the way the guard's own machinery may."""
 
-    def __init__(self, guard: Guard, states, start_length: int, min_new: int, eos: list[int]) -> None:
+    def __init__(self, guard: Guard | None, states, start_length: int, min_new: int, eos: list[int]) -> None:
         self.g, self.states, self.start_length, self.min_new, self.eos = guard, states, start_length, min_new, eos
 
-    @_fails_open
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.g is None:  # the unguarded fallback: ``states`` hold what each row handed out
+            return self._no_end_yet(input_ids, scores)
+        return self._guarded(input_ids, scores)
+
+    @_fails_open
+    def _guarded(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return self._no_end_yet(input_ids, scores)
+
+    def _no_end_yet(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         done = input_ids.shape[1] - self.start_length
-        seqs = self.g.runtime.seqs if self.g.watching else []
+        seqs = self.g.runtime.seqs if self.g is not None and self.g.watching else []
         rows = [i for i, st in enumerate(self.states) if len(st.kept) + done < self.min_new
                 and not (i < len(seqs) and seqs[i] is not None and seqs[i].stopped)]
         if not rows or not self.eos:
@@ -568,16 +578,20 @@ def _unguarded(model, input_ids, attention_mask, prompts, given, complete, pad, 
     kwargs = dict(generate_kwargs)
     stops = kwargs.get("stopping_criteria") or call_setting(model, kwargs, "stop_strings")
     stop_pad = pad if stops and pad not in eos else None  # rows the criteria end are padded from there on
-    if min_new:
-        kwargs["min_new_tokens"] = min_new
+    processors = list(user_processors)
     if not any(given):
         ids, mask, width, budget = input_ids, attention_mask, input_ids.shape[1], max_new_tokens
+        if min_new:
+            kwargs["min_new_tokens"] = min_new
     else:
         ids, mask = _left_padded([p + g for p, g in zip(prompts, given)], pad, input_ids, attention_mask)
         width = ids.shape[1]
         budget = max_new_tokens - min(len(g) for g in given)
+        if min_new:  # counted over each row's whole text: the tokens it handed out count
+            processors.append(_MinNewTokens(None, [SimpleNamespace(kept=g) for g in given], width, min_new,
+                                            sorted(eos)))
     out = model.generate(ids, attention_mask=mask, max_new_tokens=max(1, budget), pad_token_id=pad,
-                         logits_processor=LogitsProcessorList(list(user_processors)), **kwargs)
+                         logits_processor=LogitsProcessorList(processors), **kwargs)
     finals = []
     for i, g in enumerate(given):
         ended = complete[i] or (bool(g) and g[-1] in eos)
