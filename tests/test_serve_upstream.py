@@ -372,7 +372,8 @@ FAKE = textwrap.dedent('''
                 self.wfile.flush()
             n = int(body.get("max_tokens") or 16)
             for i in range(n):
-                tok = 10 + i % 6 if prompt == "loop" else 2000 + i if isinstance(prompt, list) else 1000 + i
+                tok = (10 + i % 6 if prompt == "loop" else 10 + i % 2 if prompt == "loop2"
+                       else 2000 + i if isinstance(prompt, list) else 1000 + i)
                 choice = {"index": 0, "text": " w%d" % i, "token_ids": [tok],
                           "finish_reason": "length" if i == n - 1 else None}
                 if i == 0:
@@ -581,3 +582,86 @@ def test_continuous_usage_stats_put_the_running_counts_in_every_chunk(fake_upstr
                 seen += len(e["choices"][0]["token_ids"])
                 assert e["usage"] == {"prompt_tokens": 3, "completion_tokens": seen, "total_tokens": 3 + seen}
             assert seen == 5
+
+
+def test_per_request_rollback_settings_as_in_the_embedded_server(fake_upstream):
+    """``"repguard": {"holdback": N}`` and ``{"rollback": false}`` work per request through the proxy too (they
+    were refused as unknown GuardConfig fields): a stream that holds nothing back cannot take its loop back; one
+    that holds back enough rolls it back; the single pass never re-decodes; a bad value is a 400 naming it."""
+    url, _ = fake_upstream
+
+    def stream(proxy, guard):
+        resp = httpx.post(proxy + "/v1/completions", timeout=30, json={
+            "model": "fake", "prompt": "loop", "max_tokens": 60, "temperature": 0, "stream": True, "repguard": guard})
+        assert resp.status_code == 200, resp.text
+        events = [json.loads(line[6:]) for line in resp.text.splitlines()
+                  if line.startswith("data: ") and line[6:] != "[DONE]"]
+        return events[-1]["choices"][0]["repguard"]
+
+    with inprocess_proxy(upstream=url) as proxy:
+        assert stream(proxy, {"holdback": 0})["rollbacks"] == 0, "every token was sent as it came"
+        assert stream(proxy, {})["rollbacks"] == 1
+        assert stream(proxy, {"rollback": False})["rollbacks"] == 0
+        bad = httpx.post(proxy + "/v1/completions", timeout=30, json={
+            "model": "fake", "prompt": "loop", "max_tokens": 5, "repguard": {"holdback": -1}})
+        assert bad.status_code == 400 and "repguard.holdback: expected an integer from 0" in bad.text, bad.text
+    with inprocess_proxy(upstream=url, rollback={"holdback": 0}) as proxy:
+        assert stream(proxy, {"holdback": 40})["rollbacks"] == 1, "the request's hold-back, not the server's"
+
+
+def test_a_completion_without_max_tokens_keeps_the_upstreams_default_length_after_a_rollback(tmp_path):
+    """No ``max_tokens`` on /v1/completions: the upstream stops at 16 tokens (the API's default). A rollback
+    must keep that length: the resubmission asked for the model's whole context, and the client got hundreds
+    of tokens, billed, where the upstream alone gives 16."""
+    with fake(tmp_path) as (url, _, record), inprocess_proxy(upstream=url) as proxy:
+        got = httpx.post(proxy + "/v1/completions", timeout=30, json={
+            "model": "fake", "prompt": "loop2", "temperature": 0, "return_token_ids": True}).json()
+    choice = got["choices"][0]
+    assert choice["repguard"]["rollbacks"] >= 1, "the loop (period 2) is confirmed within 16 tokens"
+    subs = [json.loads(line) for line in record.read_text().splitlines()]
+    assert all(len(s["prompt"]) - 3 + s["max_tokens"] <= 16 for s in subs), [s["max_tokens"] for s in subs]
+    assert len(choice["token_ids"]) == 16 and got["usage"]["completion_tokens"] == 16
+
+
+@pytest.mark.parametrize("raw", ['{"model": "fake", "prompt": "hi", "temperature": NaN}',
+                                 '{"model": "fake", "prompt": "hi", "top_p": Infinity}',
+                                 '{"model": "fake", "prompt": "hi", "temperature": 1e999}',
+                                 '{"model": "fake", "prompt": "hi", "repguard": {"preset": "off"}, "top_p": -Infinity}',
+                                 '{"model": "fake", "prompt": "hi", "x": ' + "[" * 100_000 + "]" * 100_000 + "}"])
+def test_a_body_that_is_not_json_is_a_400_guarded_or_not(fake_upstream, raw):
+    """Python's JSON parser takes NaN, Infinity and 1e999 (as inf), which JSON has not: the proxy answered 500
+    (its client cannot encode them for the upstream) and logged a traceback."""
+    url, _ = fake_upstream
+    with inprocess_proxy(upstream=url) as proxy:
+        resp = httpx.post(proxy + "/v1/completions", timeout=30, content=raw,
+                          headers={"Content-Type": "application/json"})
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["code"] == "invalid_json"
+
+
+def test_health_and_models_answer_while_every_stream_connection_is_busy(fake_upstream):
+    """With as many long streams as the proxy has upstream connections, ``/health`` still says ok and
+    ``/v1/models`` answers at once: the probe waited for a stream's connection, timed out after 2 s and
+    reported the upstream down (a readiness probe would then pull a proxy that works)."""
+    url, _ = fake_upstream
+    with inprocess_proxy(upstream=url, upstream_max_connections=2) as proxy:
+        def long_stream():
+            httpx.post(proxy + "/v1/completions", timeout=60, json={
+                "model": "fake", "prompt": "hello", "max_tokens": 250, "stream": True})
+
+        streams = [threading.Thread(target=long_stream) for _ in range(2)]
+        for t in streams:
+            t.start()
+        time.sleep(1.0)  # both streams hold their connections (250 tokens at 20 ms each)
+        try:
+            t0 = time.monotonic()
+            health = httpx.get(proxy + "/health", timeout=30)
+            models = httpx.get(proxy + "/v1/models", timeout=30)
+            waited = time.monotonic() - t0
+            busy = all(t.is_alive() for t in streams)
+        finally:
+            for t in streams:
+                t.join()
+    assert busy, "the streams were still running when the probe was made"
+    assert health.status_code == 200 and health.json()["status"] == "ok", health.text
+    assert models.status_code == 200 and waited < 2.0, waited

@@ -56,6 +56,21 @@ def _refuse(cls, name: str, message: str, data: Any, loc: tuple[str, ...] = ("re
                                                                               input=data)])
 
 
+def rollback_fields(raw: dict[str, Any]) -> tuple[dict[str, Any], bool | None, int | None, tuple[str, str] | None]:
+    """A request's ``repguard`` object split into its GuardConfig fields and its rollback settings (both
+    servers): ``(fields, rollback, holdback, (field, message) of a bad one or None)``."""
+    fields = dict(raw)
+    found = {k: fields.pop(k) for k in ROLLBACK_FIELDS if k in fields}
+    rollback, holdback = found.get("rollback"), found.get("holdback")
+    if rollback is not None and not isinstance(rollback, bool):
+        return fields, None, None, ("rollback", f"expected true or false, got {rollback!r}")
+    if holdback is not None and (isinstance(holdback, bool) or not isinstance(holdback, int)
+                                 or not 0 <= holdback <= MAX_HOLDBACK):
+        return fields, None, None, ("holdback", f"expected an integer from 0 to {MAX_HOLDBACK} (tokens held back "
+                                    f"while streaming), got {holdback!r}")
+    return fields, rollback, holdback, None
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -110,18 +125,12 @@ class _GenerationParams(_Strict):
     @classmethod
     def _rollback_settings(cls, data: Any, handler):
         """Take ``rollback`` and ``holdback`` out of the ``repguard`` object before GuardConfig sees it."""
-        found: dict[str, Any] = {}
+        rollback = holdback = None
         if isinstance(data, dict) and isinstance(data.get("repguard"), dict):
-            raw = dict(data["repguard"])
-            found = {k: raw.pop(k) for k in ROLLBACK_FIELDS if k in raw}
+            raw, rollback, holdback, bad = rollback_fields(data["repguard"])
             data = {**data, "repguard": raw}
-        rollback, holdback = found.get("rollback"), found.get("holdback")
-        if rollback is not None and not isinstance(rollback, bool):
-            _refuse(cls, "rollback", f"expected true or false, got {rollback!r}", data)
-        if holdback is not None and (isinstance(holdback, bool) or not isinstance(holdback, int)
-                                     or not 0 <= holdback <= MAX_HOLDBACK):
-            _refuse(cls, "holdback", f"expected an integer from 0 to {MAX_HOLDBACK} (tokens held back while "
-                    f"streaming), got {holdback!r}", data)
+            if bad is not None:
+                _refuse(cls, *bad, data)
         model = handler(data)
         model._rollback, model._holdback = rollback, holdback
         return model

@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 import uuid
 from typing import Any, AsyncIterator
@@ -50,6 +51,7 @@ from ..repair import WIRE_KEY
 from ..request_guard import (RESUBMISSION_KEY, RequestGuard, Submission, after_context, decode_context, derive_seed,
                              end_text, find_stop, text_ids)
 from ..rollback import RollbackConfig, RollbackPolicy
+from .schemas import rollback_fields
 from .router import CLIENT_CLOSED, DISCONNECT_POLL_S, APIError, SafeJSONResponse, dumps, openai_route
 from .settings import ServeSettings
 
@@ -131,9 +133,11 @@ class Upstream:
         )
 
     async def get(self, path: str, timeout: float | None = None) -> httpx.Response:
+        """A short GET (``/health``, ``/v1/models``), on the short calls' pool: with every stream connection in
+        use, a health probe that waited for one would read a busy upstream as a dead one."""
         try:
             kwargs = {"timeout": timeout} if timeout is not None else {}
-            return await self.client.get(path, **kwargs)
+            return await self.aux.get(path, **kwargs)
         except httpx.HTTPError as exc:
             raise error_from_exception(exc) from None
 
@@ -453,6 +457,9 @@ class GuardedCall:
             log.exception("repguard: could not record metrics")
 
 
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # /v1/completions without max_tokens (OpenAI, vLLM)
+
+
 class UpstreamProxy:
     """The proxy's state: the upstream client, its models, the guard defaults, the decoder."""
 
@@ -574,16 +581,28 @@ class UpstreamProxy:
         await self.upstream.aclose()
 
     # -- request handling ------------------------------------------------------------------------------
-    def guard_of(self, body: dict[str, Any]) -> GuardConfig:
+    def guard_of(self, body: dict[str, Any]) -> tuple[GuardConfig, RollbackPolicy]:
+        """The request's guard settings and rollback policy (``repguard``: GuardConfig fields, plus
+        ``rollback`` and ``holdback`` as in the embedded server)."""
         raw = body.get("repguard")
         if raw is None:
-            return self.default_guard
+            return self.default_guard, self.policy
+        overrides: dict[str, Any] = {}
+        if isinstance(raw, dict):
+            raw, rollback, holdback, bad = rollback_fields(raw)
+            if bad is not None:
+                raise APIError(400, f"repguard.{bad[0]}: {bad[1]}", param="repguard", code="invalid_value")
+            if rollback is not None:
+                overrides["enabled"] = rollback
+            if holdback is not None:
+                overrides["holdback"] = holdback
         try:
             cfg = GuardConfig.from_dict(raw, strict=True)
-            RequestGuard(RollbackPolicy(cfg, self.rollback), 1)
+            policy = RollbackPolicy(cfg, self.rollback, **overrides)
+            RequestGuard(policy, 1)
         except ConfigError as exc:
             raise APIError(400, f"repguard: {exc}", param="repguard", code="invalid_value") from None
-        return cfg
+        return cfg, policy
 
     def model_of(self, body: dict[str, Any]) -> str:
         model = body.get("model")
@@ -625,7 +644,12 @@ class UpstreamProxy:
     def max_tokens_of(self, body: dict[str, Any], chat: bool, model: str) -> int:
         key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
         value = body.get(key)
-        if value is None:  # the upstream decides (up to its context); this bounds the guard's budget
+        if value is None:
+            if not chat and "max_tokens" not in body:
+                # The completions API's default (OpenAI's and vLLM's): the upstream stops there, and so must
+                # the resubmissions after a rollback.
+                return COMPLETIONS_DEFAULT_MAX_TOKENS
+            # The upstream decides (up to its context, and clamps a resubmission to it); this bounds the budget.
             return self.max_model_len.get(model) or self.settings.max_tokens_limit
         if value < 1:
             raise APIError(400, f"{key}: must be >= 1", param=key, code="invalid_value")
@@ -655,7 +679,7 @@ def build_upstream_router(proxy: UpstreamProxy, settings: ServeSettings) -> APIR
 
     async def body_of(request: Request) -> dict[str, Any]:
         try:
-            body = await request.json()
+            body = json.loads(await request.body(), parse_constant=_not_json, parse_float=_finite)
         except UnicodeDecodeError:
             raise APIError(400, "the request body is not valid JSON: it is not UTF-8 text", code="invalid_json") from None
         except ValueError as exc:
@@ -707,12 +731,12 @@ def build_upstream_router(proxy: UpstreamProxy, settings: ServeSettings) -> APIR
             raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
         body = await body_of(request)
         model = proxy.model_of(body)
-        cfg = proxy.guard_of(body)
+        cfg, policy = proxy.guard_of(body)
         if not cfg.enabled:
             return await unguarded(request, path, body, endpoint, model)
         proxy.check_guarded(body, chat)
         max_tokens = proxy.max_tokens_of(body, chat, model)
-        call = GuardedCall(proxy, body, chat, RollbackPolicy(cfg, proxy.rollback), model, max_tokens)
+        call = GuardedCall(proxy, body, chat, policy, model, max_tokens)
         admitted = time.perf_counter()
         await call.open()  # an upstream error before any token keeps its status (502, 504, a 4xx)
         if body.get("stream"):
@@ -729,6 +753,17 @@ def build_upstream_router(proxy: UpstreamProxy, settings: ServeSettings) -> APIR
         return await handle(request, chat=True)
 
     return router
+
+
+def _not_json(name: str):
+    raise ValueError(f"{name} is not a JSON value")  # Python's parser takes NaN and Infinity; JSON has neither
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999: no JSON encoder writes it back to the upstream
+        raise ValueError(f"{text} is out of range for a number")
+    return value
 
 
 GONE = object()  # what ``_until_done`` returns when the client went away
