@@ -91,13 +91,14 @@ def end_text(text: str, finish_reason: str | None, stop_reason: str | int | None
              final: bool = True, stops: Sequence[str] = ()) -> str:
     """``text`` of the output's ids (``text_ids``) as the engine hands it out. ``final``: a stop string that
     ended it is cut off (kept with ``include_stop``). Not ``final`` (streaming): an incomplete character, and
-    the possible start of a stop string in ``stops``, wait for the next tokens."""
+    the possible start of a stop string in ``stops``, wait for the next tokens. Either way, an incomplete
+    character at the end is not text: vLLM's detokenizer never emits one, even when the output ends there."""
     if final:
         if finish_reason == "stop" and isinstance(stop_reason, str) and stop_reason:
             at = text.find(stop_reason)
             if at >= 0:
                 text = text[: at + (len(stop_reason) if include_stop else 0)]
-        return text
+        return text.rstrip("\ufffd")
     text = text.rstrip("\ufffd")
     hold = max((len(s) for s in stops), default=1) - 1
     return text[: max(0, len(text) - hold)] if hold else text

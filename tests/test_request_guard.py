@@ -531,3 +531,15 @@ def test_the_monitor_is_one_submission_that_reports_the_loop_and_holds_nothing_b
     out = run(g, fake_model(12), log=subs)
     assert len(subs) == 1 and g.rollbacks == 0 and out == g.tokens and len(g.tokens) == 90
     assert g.report.detections and g.finish_reason != "repetition"
+
+
+def test_a_rolled_back_output_that_ends_inside_a_character_ends_before_it_as_vllm_does():
+    """A resubmitted output whose last token is the first half of a character (an emoji cut by max_tokens):
+    its text ends before that character, as vLLM's own output does, not in a U+FFFD that vLLM never sends."""
+    from repguard.request_guard import end_text
+
+    cut = b"list: \xf0\x9f\x91\xa9\xf0\x9f".decode("utf-8", "replace")  # a whole emoji, then half of one
+    assert cut.endswith("\ufffd")
+    assert end_text(cut, "length", None) == "list: \U0001f469"
+    assert end_text(cut, "repetition", None) == "list: \U0001f469"
+    assert end_text("a\ufffdb", "length", None) == "a\ufffdb", "only at the end"
