@@ -253,6 +253,14 @@ class RequestGuard:
         start, self.state.released = self.state.released, len(self._out)
         return self._out[start:]
 
+    def limit_context(self, tokens_left: int | None) -> None:
+        """The engine's context holds ``tokens_left`` generated tokens after this request's prompt
+        (``max_model_len`` - the prompt's length; None: unknown). The budget never goes past it: a resubmission
+        (prompt + generated) then always fits the context, which an engine refuses to fill, and an output that
+        fills it ends with "length", as the engine ends it. Call it once the prompt's length is known."""
+        if tokens_left is not None and tokens_left >= 1:
+            self.state.max_new_tokens = min(self.state.max_new_tokens, int(tokens_left))
+
     def stop_may_straddle(self, stops: Sequence[str]) -> bool:
         """Can a stop string begin in the tokens a resubmission continues and end in its new ones? The engine
         searches only its own new text, so the adapter checks the text of ``tokens`` (and ends the request

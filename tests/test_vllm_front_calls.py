@@ -160,3 +160,39 @@ def test_re_decode_submissions_are_marked_so_the_neuron_step_does_not_count_them
     assert out.report["rollbacks"] >= 1 and len(sent) > 1  # re-decodes, and their one-token steps
     assert not (sent[0].extra_args or {}).get(RESUBMISSION_KEY)
     assert all(p.extra_args[RESUBMISSION_KEY] is True for p in sent[1:])
+
+
+class _ShortContextEngine(_Engine):
+    """The stand-in engine with vLLM's context rules: a prompt must leave room for one token (vLLM refuses a
+    prompt as long as ``max_model_len``), and an output stops with "length" when the context is full, whatever
+    its ``max_tokens``."""
+
+    def __init__(self, max_model_len: int) -> None:
+        super().__init__()
+        self.model_config.max_model_len = max_model_len
+
+    def add_request(self, rid, prompt, params) -> None:
+        ids = list(PROMPT_IDS) if isinstance(prompt, str) else list(prompt["prompt_token_ids"])
+        if len(ids) >= self.model_config.max_model_len:
+            raise ValueError(f"The prompt (length {len(ids)}) is longer than the maximum model length")
+        super().add_request(rid, prompt, params)
+
+    def step(self):
+        for r in self.reqs.values():
+            room = self.model_config.max_model_len - len(r["prompt"]) - len(r["gen"])
+            r["params"].max_tokens = min(r["params"].max_tokens, len(r["gen"]) + room)
+        return super().step()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_a_budget_past_the_context_ends_at_the_context_and_never_fails_the_batch(temperature):
+    """``max_tokens`` larger than the context leaves (vLLM accepts it and ends the output at the context's end):
+    a rollback's resubmission of prompt + generated must fit the context too. A one-token step that produced
+    the context's last token made the next resubmission as long as the context, which vLLM refuses, and the
+    whole batch failed."""
+    for context in range(20, 80):
+        llm = _LLM()
+        llm.llm_engine = _ShortContextEngine(context)
+        front = GuardedLLM(llm)
+        (out,) = front.generate(["loop"], SamplingParams(max_tokens=2000, temperature=temperature, seed=1))
+        assert len(PROMPT_IDS) + len(out.token_ids) == context and out.finish_reason == "length", context

@@ -392,6 +392,8 @@ class GuardedCall:
         ids = choice.get("prompt_token_ids") or event.get("prompt_token_ids")
         if self.prompt_ids is None and ids:
             self.prompt_ids = [int(t) for t in ids]
+            context = self.proxy.max_model_len.get(self.model)
+            self.rg.limit_context(context - len(self.prompt_ids) if context else None)
 
     def _delta_text(self, choice: dict[str, Any]) -> str:
         if self.chat:

@@ -83,6 +83,7 @@ class _Front:
         self.model_name = model_name
         self.neuron_step = False
         self.engine_repair = False
+        self.max_model_len: int | None = None  # the engine's context (set by each front)
 
     def _capabilities(self, results, neuron_step: bool | None, engine_repair: bool | None, vllm_config=None) -> None:
         """Settle ``neuron_step`` and ``engine_repair`` from every worker's ``_status`` (None: use what the
@@ -108,6 +109,10 @@ class _Front:
                               "pass engine_repair=None to repair by resubmission")
         self.neuron_step = can["neurons"] if neuron_step is None else bool(neuron_step)
         self.engine_repair = can["repair"] if engine_repair is None else bool(engine_repair)
+
+    def _tokens_left(self, prompt_ids: list[int]) -> int | None:
+        """Tokens the engine's context holds after ``prompt_ids`` (None: unknown)."""
+        return self.max_model_len - len(prompt_ids) if self.max_model_len else None
 
     def _guard(self, policy: RollbackPolicy, params) -> RequestGuard:
         return RequestGuard(policy, params.max_tokens, neuron_step=self.neuron_step, greedy=_greedy(params),
@@ -184,6 +189,12 @@ class _Front:
             log.exception("repguard: could not record metrics")
 
 
+def _context_of(model_config) -> int | None:
+    """The engine's ``max_model_len`` (None where a stand-in engine has none)."""
+    value = getattr(model_config, "max_model_len", None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 def _greedy(params) -> bool:
     return params.temperature is not None and params.temperature < 1e-5
 
@@ -227,6 +238,7 @@ class GuardedLLM(_Front):
         super().__init__(config, rollback, name)
         self.llm = llm
         self.engine = llm.llm_engine
+        self.max_model_len = _context_of(llm.llm_engine.model_config)
         try:
             results = self.llm.collective_rpc(_status)
         except Exception:
@@ -320,6 +332,7 @@ class GuardedLLM(_Front):
                 r, rg = reqs[i], reqs[i]["guard"]
                 if r["ids"] is None:
                     r["ids"] = list(out.prompt_token_ids or [])
+                    rg.limit_context(self._tokens_left(r["ids"]))
                 if sub.index and out.num_cached_tokens and sub.index not in r["counted"]:
                     r["counted"].add(sub.index)  # every output of a request repeats its prefill's count
                     r["cached"] += int(out.num_cached_tokens)
@@ -401,6 +414,7 @@ class GuardedAsyncLLM(_Front):
         name = model_name or str(getattr(mc, "served_model_name", None) or getattr(mc, "model", "model"))
         super().__init__(config, rollback, name)
         self.engine = engine
+        self.max_model_len = _context_of(mc)
         self._want_neurons = neuron_step
         self._want_repair = engine_repair
         self._checked = False
@@ -468,6 +482,7 @@ class GuardedAsyncLLM(_Front):
                     async for out in gen:
                         if prompt_ids is None:
                             prompt_ids = list(out.prompt_token_ids or [])
+                            rg.limit_context(self._tokens_left(prompt_ids))
                         if sub.index and out.num_cached_tokens and not counted:
                             counted = True  # every output of a request repeats its prefill's count
                             cached += int(out.num_cached_tokens)
