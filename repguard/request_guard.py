@@ -63,9 +63,20 @@ _SEED_MOD = 2**63 - 1
 # guard counts in its own metrics: an engine-side guard that watches it (the neuron step) does not count it again.
 # Not "repguard_*": a plugin of an earlier repguard refuses unknown repguard_* settings, and ignores this.
 RESUBMISSION_KEY = "repguard-resubmission"
+# Prefix-cache salt of a submission that runs with the mapped neurons off: its KV blocks differ from an unguarded
+# run's, so no other request may reuse them (an engine's prefix cache keys blocks by tokens and salt only).
+NEURONS_OFF_SALT = "repguard-neurons-off"
 CONTEXT_TOKENS = 5  # prompt tokens decoded before the output's, as an engine's incremental detokenizer does
 
 log = logging.getLogger("repguard")
+
+
+def submission_salt(salt: str | None, sub: "Submission") -> str | None:
+    """The prefix-cache salt of ``sub`` for a request salted ``salt`` (the caller's tenant isolation is kept on
+    every resubmission; a neurons-off submission is salted apart from every unguarded request)."""
+    if not sub.neurons_off:
+        return salt
+    return f"{salt}|{NEURONS_OFF_SALT}" if salt else NEURONS_OFF_SALT
 
 
 def derive_seed(seed: int | None, index: int) -> int | None:

@@ -196,3 +196,62 @@ def test_a_budget_past_the_context_ends_at_the_context_and_never_fails_the_batch
         front = GuardedLLM(llm)
         (out,) = front.generate(["loop"], SamplingParams(max_tokens=2000, temperature=temperature, seed=1))
         assert len(PROMPT_IDS) + len(out.token_ids) == context and out.finish_reason == "length", context
+
+
+class _RecordingEngine(_Engine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.prompts: list = []
+
+    def add_request(self, rid, prompt, params) -> None:
+        self.prompts.append(prompt)
+        super().add_request(rid, prompt, params)
+
+
+@pytest.mark.parametrize("neurons", [False, True])
+def test_resubmissions_keep_the_callers_cache_salt_and_neurons_off_ones_are_salted_apart(neurons):
+    """A tenant's ``cache_salt`` isolates its prefix cache: every resubmission of a rolled-back request keeps it
+    (they dropped it). A submission that runs with the mapped neurons off computes other KV than an unguarded
+    run, so it is salted apart: no unguarded request may reuse its blocks."""
+    from repguard.request_guard import NEURONS_OFF_SALT
+
+    llm = _LLM()
+    llm.llm_engine = _RecordingEngine()
+    front = GuardedLLM(llm)
+    front.neuron_step = neurons  # what the plugin's status says on an engine that runs it
+    prompt = {"prompt_token_ids": list(PROMPT_IDS), "cache_salt": "tenant-a"}
+    (out,) = front.generate([prompt], GREEDY)
+    assert out.report["rollbacks"] >= 1
+    first, *resubmitted = llm.llm_engine.prompts
+    assert first is prompt and resubmitted
+    salts = {p["cache_salt"] for p in resubmitted}
+    assert salts == ({f"tenant-a|{NEURONS_OFF_SALT}"} if neurons else {"tenant-a"})
+    llm.llm_engine.prompts.clear()
+    (plain,) = front.generate(["a"], GREEDY)  # no salt of the caller's
+    first, *resubmitted = llm.llm_engine.prompts
+    assert first == "a" and plain.report["rollbacks"] >= 1
+    assert [p.get("cache_salt") for p in resubmitted] == [NEURONS_OFF_SALT if neurons else None] * len(resubmitted)
+
+
+@pytest.mark.parametrize("case", ["logprobs", "prompt_logprobs", "structured_outputs", "prompt_embeds",
+                                  "multi_modal_data"])
+def test_requests_a_rollback_cannot_keep_whole_are_refused_when_guarded_and_run_when_not(case):
+    """Log-probabilities (a rollback replaces the tokens they belong to; they were dropped silently), a grammar
+    (the resubmission restarts it after the kept text: the output became two JSON documents), prompt embeddings
+    or multimodal data (a resubmission is token ids: the image or the embeddings were lost): a clear error
+    naming the setting and the way out, and the request runs with guard=False."""
+    from vllm.sampling_params import StructuredOutputsParams
+
+    prompt, params = "a", GREEDY.clone()
+    if case == "structured_outputs":
+        params.structured_outputs = StructuredOutputsParams(json={"type": "object"})
+    elif case in ("logprobs", "prompt_logprobs"):
+        setattr(params, case, 1)
+    else:
+        prompt = {"prompt_token_ids": list(PROMPT_IDS), case: {"image": object()} if case == "multi_modal_data"
+                  else object()}
+    front = GuardedLLM(_LLM())
+    with pytest.raises(ConfigError, match=f"{case}: .*guard=False"):
+        front.generate([prompt], params)
+    (out,) = front.generate([prompt], params, guard=False)
+    assert len(out.token_ids) == 60

@@ -251,6 +251,25 @@ def test_inert_without_plugin(monkeypatch):
     assert proc.apply(x) is x and torch.equal(x, before), "no plugin: guard settings change nothing"
 
 
+def test_a_neuron_request_on_an_engine_without_the_plugin_is_logged_and_counted(monkeypatch, caplog):
+    """VLLM_PLUGINS leaves the plugin out: a request that asks for the neuron step runs unguarded, and says
+    so once in the log and in repguard_guard_errors_total{where="unavailable"} (it said nothing)."""
+    from repguard import metrics
+
+    monkeypatch.setattr(logits, "PLUGIN_ACTIVE", False)
+    cfg = fake_runner().vllm_config
+    label = compat.model_label(cfg)
+    before = metrics.ERRORS.labels(label, "unavailable")._value.get()
+    proc = RepGuardLogitsProcessor(cfg, torch.device("cpu"), False)
+    with caplog.at_level("WARNING", logger="repguard"):
+        for _ in range(2):
+            proc.update_state(BatchUpdate(batch_size=1, removed=[], moved=[],
+                                          added=[(0, SamplingParams(extra_args={"repguard": True}), [1, 2], [])]))
+    said = [r.getMessage() for r in caplog.records if "asked for the neuron step" in r.getMessage()]
+    assert len(said) == 1 and "VLLM_PLUGINS" in said[0], said
+    assert metrics.ERRORS.labels(label, "unavailable")._value.get() == before + 2
+
+
 # -- the request-level guard's repair, applied in the engine ---------------------------------------------
 def repair_params(skip, ban=None, multiplier=1.0):
     from repguard.repair import EngineRepair, RepeatPenalty

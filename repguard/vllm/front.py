@@ -46,7 +46,7 @@ from .. import metrics
 from ..config import GuardConfig
 from ..errors import ConfigError
 from ..request_guard import (RESUBMISSION_KEY, RequestGuard, Submission, check_request_config, decode_output,
-                             derive_seed, end_text, find_stop, text_ids)
+                             derive_seed, end_text, find_stop, submission_salt, text_ids)
 from ..rollback import RollbackConfig, RollbackPolicy
 from .logits import REPAIR_KEY
 
@@ -129,12 +129,26 @@ class _Front:
         return RollbackPolicy(cfg, self.rollback)
 
     @staticmethod
-    def _check_params(params) -> None:
+    def _check_params(params, prompt=None, guarded: bool = True) -> None:
         if getattr(params, "n", 1) != 1:
             raise ConfigError(f"n: the guarded front runs one sequence per request (got n={params.n}); "
                               "send n requests instead")
         if params.max_tokens is None:
             raise ConfigError("max_tokens: the guarded front needs a token budget per request")
+        if not guarded:
+            return
+        off = "; pass guard=False for this request"
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(params, name, None) is not None:
+                raise ConfigError(f"{name}: not returned by the guarded front (a rollback replaces the tokens they "
+                                  f"belong to){off}")
+        if getattr(params, "structured_outputs", None) is not None:
+            raise ConfigError("structured_outputs: a rollback resubmits the kept text as prompt, and the engine's "
+                              f"grammar would start again after it{off}")
+        if isinstance(prompt, dict):
+            for key in ("prompt_embeds", "multi_modal_data"):
+                if prompt.get(key) is not None:
+                    raise ConfigError(f"{key}: a rollback resubmits the prompt as token ids, which would lose it{off}")
 
     def _sub_params(self, params, sub: Submission, kind, prompt_len: int):
         p = params.clone()
@@ -166,11 +180,23 @@ class _Front:
 
     @staticmethod
     def _prompt(original, prompt_ids: list[int] | None, sub: Submission):
+        """The engine prompt of ``sub``: the caller's own first, then its token ids + the kept tokens, with the
+        caller's cache salt (``submission_salt``)."""
+        own = original.get("cache_salt") if isinstance(original, dict) else None
+        salt = submission_salt(own, sub)
         if sub.index == 0:
-            return original
-        from vllm.inputs import TokensPrompt
-
-        return TokensPrompt(prompt_token_ids=list(prompt_ids or []) + list(sub.generated))
+            if salt == own:
+                return original
+            # The caller's prompt with the neurons off throughout (an always-on config): salted apart.
+            if isinstance(original, dict):
+                return {**original, "cache_salt": salt}
+            if isinstance(original, str):
+                return {"prompt": original, "cache_salt": salt}
+            return {"prompt_token_ids": list(original), "cache_salt": salt}
+        prompt = {"prompt_token_ids": list(prompt_ids or []) + list(sub.generated)}  # a TokensPrompt
+        if salt is not None:
+            prompt["cache_salt"] = salt
+        return prompt
 
     def _report(self, rg: RequestGuard, cached: int) -> dict[str, Any]:
         data = rg.report.to_dict()
@@ -271,8 +297,8 @@ class GuardedLLM(_Front):
         tag = f"rg{next(_ids)}"
         reqs = []
         for i, (prompt, p, g) in enumerate(zip(prompts, params, guards)):
-            self._check_params(p)
             policy = self._policy(g)
+            self._check_params(p, prompt, policy is not None)
             rg = self._guard(policy or self.policy, p)
             reqs.append({"prompt": prompt, "params": p, "guard": rg, "guarded": policy is not None, "ids": None,
                          "cached": 0, "counted": set(), "text": "", "stop_reason": None, "out_reason": None, "tokens": [],
@@ -454,14 +480,19 @@ class GuardedAsyncLLM(_Front):
         from vllm.sampling_params import RequestOutputKind
 
         await self._check()
-        self._check_params(sampling_params)
         policy = self._policy(guard)
-        if policy is None:
+        self._check_params(sampling_params, prompt, policy is not None)
+        if policy is None:  # the engine's own outputs (in the caller's output kind), with new_token_ids as guarded
+            delta = getattr(sampling_params, "output_kind", None) == RequestOutputKind.DELTA
+            seen = 0
             async for out in self.engine.generate(prompt, sampling_params, request_id, **kwargs):
                 o = _first_output(out)
-                yield GuardedOutput(request_id, list(out.prompt_token_ids or []), list(o.token_ids) if o else [],
-                                    o.text if o else "", out.finished, o.finish_reason if o else None,
-                                    o.stop_reason if o else None)
+                ids = list(o.token_ids) if o else []
+                new = ids if delta else ids[seen:]
+                seen = seen + len(ids) if delta else max(seen, len(ids))
+                yield GuardedOutput(request_id, list(out.prompt_token_ids or []), ids, o.text if o else "",
+                                    out.finished, o.finish_reason if o else None, o.stop_reason if o else None,
+                                    new_token_ids=new)
             return
         rg = self._guard(policy, sampling_params)
         # vLLM's OpenAI server asks for the final output only when the response is not streamed: then the

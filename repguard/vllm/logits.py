@@ -184,14 +184,15 @@ class RepGuardLogitsProcessor(compat.LogitsProcessor):
     def update_state(self, batch_update) -> None:
         if self.repairs_here and batch_update is not None:
             self._track_repairs(batch_update)
-        if not self.active:
-            return
-        guard = self._guard()
+        # Not active: the repguard_neurons plugin is not loaded in this engine (VLLM_PLUGINS leaves it out).
+        guard = self._guard() if self.active else None
         if guard is None:
             if batch_update is not None and not self._warned and self._wants_guard(batch_update):
                 self._warned = True
-                log.warning("repguard: a request asked for the neuron step, but it is not installed on this engine "
-                            "(see the plugin's warning at start); such requests run unguarded")
+                log.warning("repguard: a request asked for the neuron step, but it is not running on this engine (%s); "
+                            "such requests run unguarded",
+                            "see the plugin's warning at start" if self.active else "the repguard_neurons plugin is "
+                            "not loaded: VLLM_PLUGINS leaves it out")
             if batch_update is not None and self._wants_guard(batch_update):
                 from .. import metrics
 
