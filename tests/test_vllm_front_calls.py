@@ -255,3 +255,40 @@ def test_requests_a_rollback_cannot_keep_whole_are_refused_when_guarded_and_run_
         front.generate([prompt], params)
     (out,) = front.generate([prompt], params, guard=False)
     assert len(out.token_ids) == 60
+
+
+@pytest.mark.parametrize("kind", ["DELTA", "CUMULATIVE"])
+def test_an_unguarded_async_request_fills_new_token_ids_as_a_guarded_one_does(kind):
+    """``GuardedAsyncLLM.generate(..., guard=False)``: a consumer reading the documented ``new_token_ids`` got
+    nothing; now each yield carries the tokens new since the last, whatever output kind the caller chose."""
+    import asyncio
+
+    from vllm.sampling_params import RequestOutputKind
+
+    from repguard.vllm.front import GuardedAsyncLLM
+
+    class AsyncEngine:
+        model_config = SimpleNamespace(model="loop", served_model_name=None, max_model_len=4096)
+
+        async def collective_rpc(self, fn):
+            raise RuntimeError("no workers here")
+
+        async def generate(self, prompt, params, request_id, **kw):
+            gen = []
+            for i in range(params.max_tokens):
+                gen.append(_next(PROMPT_IDS + gen, None))
+                done = i == params.max_tokens - 1
+                ids = gen[-1:] if params.output_kind == RequestOutputKind.DELTA else list(gen)
+                o = SimpleNamespace(token_ids=ids, text="", finish_reason="length" if done else None,
+                                    stop_reason=None)
+                yield SimpleNamespace(request_id=request_id, prompt_token_ids=PROMPT_IDS, outputs=[o], finished=done)
+
+    params = GREEDY.clone()
+    params.output_kind = getattr(RequestOutputKind, kind)
+
+    async def run():
+        front = GuardedAsyncLLM(AsyncEngine())
+        return [o async for o in front.generate("a", params, "r1", guard=False)]
+
+    outs = asyncio.run(run())
+    assert [t for o in outs for t in o.new_token_ids] == [10 + i % 5 for i in range(60)]
