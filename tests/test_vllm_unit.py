@@ -1248,3 +1248,33 @@ def test_the_package_lists_the_names_it_loads_on_first_use():
     names = dir(rv)
     assert {"GuardedLLM", "GuardedAsyncLLM", "RepGuardLogitsProcessor", "fetch_reports"} <= set(names)
     assert set(rv.__all__) <= set(names)
+
+
+def test_a_request_the_guard_stops_finishes_even_where_its_eos_would_not_end_it():
+    """The neuron step's stop forces the model's EOS; with ``ignore_eos`` (or ``min_tokens`` not reached) vLLM's
+    own check does not end the request on it, so it decoded on to max_tokens with an EOS inside its text while
+    its report said stopped. It now finishes with the guard's reason; a length end that same step stays one."""
+    from vllm.v1.core.sched import utils
+    from vllm.v1.request import RequestStatus
+
+    from repguard.vllm import plugin
+
+    wrapped = plugin._wrap_check_stop(utils.check_stop, RequestStatus)
+
+    def request(rid, eos, output, max_tokens=100):
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=eos is None)
+        params._eos_token_id = eos  # vLLM leaves it None under ignore_eos
+        return SimpleNamespace(request_id=rid, pooling_params=None, sampling_params=params, output_token_ids=output,
+                               num_tokens=len(output) + 3, num_output_tokens=len(output), max_tokens=max_tokens,
+                               status=RequestStatus.RUNNING, stop_reason=None)
+
+    ignoring, ending, capped, other = (request("a", None, [5, 6, EOS]), request("b", EOS, [5, 6, EOS]),
+                                       request("c", None, [5, 6, EOS], max_tokens=3), request("d", None, [5, 6, EOS]))
+    plugin._ENDING.update({"a", "b", "c"})
+    try:
+        assert wrapped(ignoring, 4096) and ignoring.status == RequestStatus.FINISHED_REPETITION
+        assert wrapped(ending, 4096) and ending.status == RequestStatus.FINISHED_REPETITION
+        assert wrapped(capped, 4096) and capped.status == RequestStatus.FINISHED_LENGTH_CAPPED
+        assert not wrapped(other, 4096) and other.status == RequestStatus.RUNNING, "not ended by the guard"
+    finally:
+        plugin._ENDING.clear()

@@ -132,18 +132,25 @@ def _wrap_finish_reason() -> None:
 
     check = scheduler.check_stop
     if not getattr(check, _WRAPPED, False):
+        scheduler.check_stop = _wrap_check_stop(check, RequestStatus)
 
-        @functools.wraps(check)
-        def check_stop(request, max_model_len, *args, **kwargs):
-            stopped = check(request, max_model_len, *args, **kwargs)
-            if (stopped and _ENDING and request.request_id in _ENDING
-                    and request.status == RequestStatus.FINISHED_STOPPED):
-                request.status = RequestStatus.FINISHED_REPETITION
-                request.stop_reason = STOP_REASON
-            return stopped
 
-        setattr(check_stop, _WRAPPED, True)
-        scheduler.check_stop = check_stop
+def _wrap_check_stop(check, statuses):
+    """vLLM's stop check, where the requests the guard ended this step (``_ENDING``) finish with
+    FINISHED_REPETITION: those its EOS ended, and those the forced EOS does not end by itself (``ignore_eos``,
+    or ``min_tokens`` not reached), which decoded on past the guard's stop with an EOS inside their text."""
+
+    @functools.wraps(check)
+    def check_stop(request, max_model_len, *args, **kwargs):
+        stopped = check(request, max_model_len, *args, **kwargs)
+        if _ENDING and request.request_id in _ENDING and (not stopped or request.status == statuses.FINISHED_STOPPED):
+            request.status = statuses.FINISHED_REPETITION
+            request.stop_reason = STOP_REASON
+            return True
+        return stopped
+
+    setattr(check_stop, _WRAPPED, True)
+    return check_stop
 
 
 def _tag_output(original):
