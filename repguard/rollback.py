@@ -2,8 +2,8 @@
 reaches the output.
 
 A sequence is decoded in *passes*. The first pass only watches, with a precise trigger (by default the
-paper's criterion alone: a 10-gram three times, equally spaced, here within ``watch_window`` = 200 tokens
-so that loops with copies up to ~95 tokens apart count; any three copies in a row count, so an earlier
+paper's criterion alone: a 10-gram three times, equally spaced, here within ``watch_window`` = 400 tokens
+so that loops with copies up to ~195 tokens apart count; any three copies in a row count, so an earlier
 copy of the same 10-gram does not hide the loop: ``GuardConfig.paper_spacing``), so a sequence that never
 loops is never touched.
 When a pass confirms a loop, the sequence is cut back to the loop's onset (the start of its second copy;
@@ -46,7 +46,9 @@ from .repair import BAN, RepeatPenalty
 
 
 class RollbackConfig(BaseModel):
-    """How rollback runs. ``holdback`` None: the watch window plus the n-gram.
+    """How rollback runs. ``holdback`` None: half the watch window plus the n-gram (210 by default), enough to
+    take back any loop the watch window confirms: its second copy starts at most (window + n-gram) / 2 tokens
+    before the token that confirms it.
 
     The defaults were chosen on the tuning half of ``benchmarks.evidence.chat`` (benchmarks/results/notes.md)."""
 
@@ -67,8 +69,8 @@ class RollbackConfig(BaseModel):
     repair_window: int = Field(0, ge=0, le=100_000, description="Re-decodes: generated tokens searched for repeats "
                                "(0: all).")
     watch_window: int | None = Field(
-        200, ge=2, le=4096, description="The paper criterion's window r in every pass (None: the guard config's "
-        "window). A loop whose copies are more than r/3 tokens apart never meets the criterion at r.")
+        400, ge=2, le=4096, description="The paper criterion's window r in every pass (None: the guard config's "
+        "window). A loop whose copies are more than (r - n-gram) / 2 tokens apart never meets the criterion at r.")
     cut_back: bool = Field(
         True, description="On a rollback, cut to the earliest loop the re-decode's triggers see in the text kept "
         "so far (a repeat that began before the confirmed loop), not only to the confirmed loop's onset.")
@@ -159,7 +161,7 @@ class RollbackPolicy:
         if self.max_rollbacks == 0:  # nothing is ever taken back: every token is final as it comes
             return 0
         hb = self.settings.holdback
-        return self.first.window + self.first.ngram if hb is None else hb
+        return self.first.window // 2 + self.first.ngram if hb is None else hb
 
     def pass_config(self, attempt: int) -> GuardConfig:
         """Settings of pass ``attempt`` (0 = the first)."""

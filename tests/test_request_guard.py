@@ -385,7 +385,8 @@ def test_watch_settings_reach_the_passes_they_name():
     first, redecode, last = policy.pass_config(0), policy.pass_config(1), policy.pass_config(2)
     assert first.window == redecode.window == last.window == 300 and not first.suffix_trigger
     assert first.max_period == GuardConfig().max_period and redecode.max_period == last.max_period == 256
-    assert policy.holdback == 310, "held back: the watch window plus the n-gram, so no rollback takes back text"
+    assert policy.holdback == 160, "held back: half the watch window plus the n-gram, so no rollback takes back text"
+    assert RollbackPolicy().holdback == 210 and RollbackPolicy().pass_config(0).window == 400, "the defaults"
     with pytest.raises(ConfigError, match="window"):
         RollbackPolicy(GuardConfig(), watch_window=5)  # shorter than the n-gram
     with pytest.raises(ConfigError, match="redecode_max_period"):
