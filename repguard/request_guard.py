@@ -47,6 +47,7 @@ Seeded sampling stays reproducible: submission 0 is the caller's request with it
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Sequence
@@ -66,6 +67,7 @@ RESUBMISSION_KEY = "repguard-resubmission"
 # Prefix-cache salt of a submission that runs with the mapped neurons off: its KV blocks differ from an unguarded
 # run's, so no other request may reuse them (an engine's prefix cache keys blocks by tokens and salt only).
 NEURONS_OFF_SALT = "repguard-neurons-off"
+MAX_SALT_CHARS = 128  # the longest cache_salt vLLM's server accepts
 CONTEXT_TOKENS = 5  # prompt tokens decoded before the output's, as an engine's incremental detokenizer does
 
 log = logging.getLogger("repguard")
@@ -76,7 +78,11 @@ def submission_salt(salt: str | None, sub: "Submission") -> str | None:
     every resubmission; a neurons-off submission is salted apart from every unguarded request)."""
     if not sub.neurons_off:
         return salt
-    return f"{salt}|{NEURONS_OFF_SALT}" if salt else NEURONS_OFF_SALT
+    if not salt:
+        return NEURONS_OFF_SALT
+    if len(salt) + len(NEURONS_OFF_SALT) + 1 > MAX_SALT_CHARS:  # vLLM's limit: the caller's salt, hashed
+        salt = hashlib.sha256(salt.encode()).hexdigest()
+    return f"{salt}|{NEURONS_OFF_SALT}"
 
 
 def derive_seed(seed: int | None, index: int) -> int | None:

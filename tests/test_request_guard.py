@@ -544,3 +544,18 @@ def test_a_rolled_back_output_that_ends_inside_a_character_ends_before_it_as_vll
     assert end_text(cut, "length", None) == "list: \U0001f469"
     assert end_text(cut, "repetition", None) == "list: \U0001f469"
     assert end_text("a\ufffdb", "length", None) == "a\ufffdb", "only at the end"
+
+
+def test_a_neurons_off_submission_keeps_a_salt_vllm_accepts_for_any_caller_salt():
+    """vLLM's server refuses a cache_salt over 128 characters: the neurons-off salt of a long caller salt stays
+    within it, differs from the caller's, and is the same for the same caller (its resubmissions share a cache)."""
+    from repguard.request_guard import NEURONS_OFF_SALT, Submission, submission_salt
+
+    off = Submission(1, 1, (), 10, None, True)
+    on = Submission(1, 1, (), 10, None, False)
+    long_salt = "t" * 128
+    assert submission_salt(long_salt, on) == long_salt and submission_salt(None, on) is None
+    got = submission_salt(long_salt, off)
+    assert len(got) <= 128 and got != long_salt and got == submission_salt(long_salt, off)
+    assert got.endswith(NEURONS_OFF_SALT) and submission_salt("t" * 127, off) != got
+    assert submission_salt("tenant", off) == f"tenant|{NEURONS_OFF_SALT}" and submission_salt(None, off) == NEURONS_OFF_SALT

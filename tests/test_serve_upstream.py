@@ -342,6 +342,11 @@ FAKE = textwrap.dedent('''
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             prompt = body.get("prompt")
+            trace = {k: self.headers[k] for k in ("X-Request-Id", "traceparent", "tracestate") if k in self.headers}
+            rid = "cmpl-" + trace["X-Request-Id"] if "X-Request-Id" in trace else "x"  # as vLLM names a request
+            if self.path != "/detokenize":  # every request, with its tracing headers
+                with open(RECORD + ".requests", "a") as f:
+                    f.write(json.dumps({"path": self.path, "headers": trace, "body": body}) + "\\n")
             if self.path == "/detokenize":
                 return self.send_json(200, {"prompt": "".join(" t%d" % t for t in body["tokens"])})
             xargs = body.get("vllm_xargs") or {}
@@ -361,7 +366,8 @@ FAKE = textwrap.dedent('''
                 time.sleep(30)
             if not body.get("stream"):  # the proxy's start-up check
                 ids = {} if MODE == "noids" else {"token_ids": [1000], "prompt_token_ids": [1, 2, 3]}
-                return self.send_json(200, {"choices": [{"index": 0, "text": " w0", "finish_reason": "length", **ids}]})
+                return self.send_json(200, {"id": rid, "system_fingerprint": "fp-fake", "choices": [
+                    {"index": 0, "text": " w0", "finish_reason": "length", **ids}]})
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Transfer-Encoding", "chunked")
@@ -378,7 +384,10 @@ FAKE = textwrap.dedent('''
                           "finish_reason": "length" if i == n - 1 else None}
                 if i == 0:
                     choice["prompt_token_ids"] = [1, 2, 3]
-                send("data: " + json.dumps({"id": "x", "created": 1, "choices": [choice]}) + "\\n\\n")
+                event = {"id": rid, "created": 1, "choices": [choice]}
+                if i == n - 1:  # as vLLM 0.32: on the finishing chunk only
+                    event["system_fingerprint"] = "fp-fake"
+                send("data: " + json.dumps(event) + "\\n\\n")
                 time.sleep(0.02)
             send("data: [DONE]\\n\\n")
             self.wfile.write(b"0\\r\\n\\r\\n")
@@ -665,3 +674,117 @@ def test_health_and_models_answer_while_every_stream_connection_is_busy(fake_ups
     assert busy, "the streams were still running when the probe was made"
     assert health.status_code == 200 and health.json()["status"] == "ok", health.text
     assert models.status_code == 200 and waited < 2.0, waited
+
+
+def _events(text: str) -> list[dict]:
+    return [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ") and line[6:] != "[DONE]"]
+
+
+def test_resubmissions_keep_the_cache_salt_and_neurons_off_ones_salt_their_own(tmp_path):
+    """``cache_salt`` (vLLM's per-tenant prefix-cache isolation) was dropped on resubmissions, so a rolled-back
+    request's re-decode shared the prefix cache across tenants. And a re-decode with the mapped neurons off
+    (an upstream with repguard's plugin) put KV computed with them off into the shared cache, where a later
+    unguarded request with the same prefix reused it: those submissions get a salt of their own."""
+    from repguard.request_guard import NEURONS_OFF_SALT
+
+    cases = [("-", {"cache_salt": "tenant-a"}, "tenant-a"), ("-", {}, None),
+             ("plugin", {"cache_salt": "tenant-a"}, f"tenant-a|{NEURONS_OFF_SALT}"), ("plugin", {}, NEURONS_OFF_SALT)]
+    for i, (mode, salt, want) in enumerate(cases):
+        folder = tmp_path / str(i)
+        folder.mkdir()
+        with fake(folder, mode) as (url, _, record), inprocess_proxy(upstream=url) as proxy:
+            resp = httpx.post(proxy + "/v1/completions", timeout=30, json={
+                "model": "fake", "prompt": "loop", "max_tokens": 60, "temperature": 0, **salt})
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["choices"][0]["repguard"]["rollbacks"] == 1
+        subs = [json.loads(line) for line in record.read_text().splitlines()]
+        assert subs, "precondition: the loop was resubmitted"
+        for sub in subs:
+            assert ("repguard" in sub.get("vllm_xargs", {})) == (mode == "plugin"), "precondition: neurons off"
+            assert sub.get("cache_salt") == want, (mode, salt, sub.get("cache_salt"))
+
+
+@pytest.mark.parametrize("part", [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                                  {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
+                                  {"type": "video_url", "video_url": {"url": "https://x/v.mp4"}},
+                                  {"type": "image_embeds", "image_embeds": "AAAA"},
+                                  {"type": "file", "file": {"file_id": "f"}},
+                                  {"image_url": {"url": "https://x/i.png"}}])
+def test_a_guarded_chat_with_media_is_refused_and_passes_with_the_guard_off(tmp_path, part):
+    """A resubmission is the templated prompt's token ids: an image or audio part would be silently lost after a
+    rollback, so a guarded chat with one is a 400 that says how to send it; with the guard off it goes through
+    as the client sent it, and text parts stay guarded."""
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, part]}]
+    text_only = [{"role": "user", "content": [{"type": "text", "text": "What is this?"}]}]
+    with fake(tmp_path) as (url, _, record), inprocess_proxy(upstream=url) as proxy:
+        def chat(msgs, **extra):
+            return httpx.post(proxy + "/v1/chat/completions", timeout=30,
+                              json={"model": "fake", "messages": msgs, "max_tokens": 3, **extra})
+
+        for stream in (False, True):
+            refused = chat(messages, stream=stream)
+            assert refused.status_code == 400, refused.text
+            err = refused.json()["error"]
+            assert (err["code"], err["param"]) == ("unsupported_with_guard", "messages")
+            assert '"repguard": {"preset": "off"}' in err["message"]
+        off = chat(messages, repguard={"preset": "off"})
+        assert off.status_code == 200, off.text
+        text = chat(text_only)
+        assert text.status_code == 200 and "repguard" in text.json()["choices"][0], text.text
+    sent = [json.loads(line) for line in Path(str(record) + ".requests").read_text().splitlines()]
+    chats = [r["body"] for r in sent if r["path"] == "/v1/chat/completions"]
+    assert len(chats) == 2 and chats[0] == {"model": "fake", "messages": messages, "max_tokens": 3}
+
+
+def test_tracing_headers_reach_the_upstream_guarded_or_not(tmp_path):
+    """The client's X-Request-Id (vLLM's request id: its response id is "cmpl-<id>"), traceparent and tracestate
+    go to the upstream on a guarded request's first submission and on a guard-off one, streamed or not; a
+    rolled-back request's resubmissions carry the trace too, each with a request id of its own."""
+    trace = {"X-Request-Id": "req-42", "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+             "tracestate": "vendor=1"}
+    with fake(tmp_path) as (url, _, record), inprocess_proxy(upstream=url) as proxy:
+        for guard in ({}, {"repguard": {"preset": "off"}}):
+            for stream in (False, True):
+                resp = httpx.post(proxy + "/v1/completions", timeout=30, headers=trace, json={
+                    "model": "fake", "prompt": "hello", "max_tokens": 3, "stream": stream, **guard})
+                assert resp.status_code == 200, resp.text
+                ids = {e["id"] for e in _events(resp.text)} if stream else {resp.json()["id"]}
+                assert ids == {"cmpl-req-42"}, (guard, stream, ids)
+        looped = httpx.post(proxy + "/v1/completions", timeout=30, headers={**trace, "X-Request-Id": "req-7"},
+                            json={"model": "fake", "prompt": "loop", "max_tokens": 60, "temperature": 0})
+    assert looped.json()["id"] == "cmpl-req-7" and looped.json()["choices"][0]["repguard"]["rollbacks"] == 1
+    sent = [json.loads(line) for line in Path(str(record) + ".requests").read_text().splitlines()]
+    hello = [r["headers"] for r in sent if r["body"].get("prompt") == "hello"]
+    assert hello == [trace] * 4
+    loop = [r for r in sent if r["body"].get("prompt") == "loop" or isinstance(r["body"].get("prompt"), list)]
+    assert loop[0]["headers"] == {**trace, "X-Request-Id": "req-7"} and len(loop) > 1
+    for i, r in enumerate(loop[1:], 1):
+        assert r["headers"] == {**trace, "X-Request-Id": f"req-7-{i}"}
+
+
+def test_upstream_error_codes_and_the_system_fingerprint_pass_through(fake_upstream):
+    """vLLM's error ``code`` is an integer (the HTTP status): it became null on guarded requests and on guard-off
+    streams. vLLM's ``system_fingerprint`` (on its finishing chunk, or on the usage chunk when there is one, and
+    in a response not streamed) was dropped by the guarded answers."""
+    url, _ = fake_upstream
+    with inprocess_proxy(upstream=url) as proxy:
+        def post(**body):
+            return httpx.post(proxy + "/v1/completions", timeout=30, json={"model": "fake", "max_tokens": 5, **body})
+
+        for guard in ({}, {"repguard": {"preset": "off"}}):
+            for stream in (False, True):
+                bad = post(prompt="bad", stream=stream, **guard)
+                assert bad.status_code == 400, bad.text
+                assert bad.json()["error"] == {"message": "bad thing", "type": "BadRequestError", "param": "prompt",
+                                               "code": 400}, (guard, stream)
+        for prompt in ("hello", "loop"):  # "loop": the first submission, cancelled, never got to its last chunk
+            got = post(prompt=prompt, max_tokens=60, temperature=0).json()
+            assert got["system_fingerprint"] == "fp-fake", got
+        events = _events(post(prompt="hello", stream=True).text)
+        assert [e.get("system_fingerprint") for e in events] == [None] * (len(events) - 1) + ["fp-fake"]
+        assert events[-1]["choices"][0]["finish_reason"] == "length"
+        events = _events(post(prompt="loop", max_tokens=60, temperature=0, stream=True,
+                              stream_options={"include_usage": True}).text)
+        assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 60
+        assert [e.get("system_fingerprint") for e in events] == [None] * (len(events) - 1) + ["fp-fake"]
+        assert events[-2]["choices"][0]["repguard"]["rollbacks"] == 1

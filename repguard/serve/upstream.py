@@ -11,7 +11,8 @@ watches each guarded request's ids with the core request-level rollback (``repgu
   the templated prompt ids the upstream returns) plus the kept ids, the loop's next token banned on the
   first new token by ``logit_bias``, the request's sampling settings kept and its seed derived per
   submission (``derive_seed``);
-* if the upstream runs repguard's vLLM plugin, re-decodes also switch the mapped neurons off (``vllm_xargs``);
+* if the upstream runs repguard's vLLM plugin, re-decodes also switch the mapped neurons off (``vllm_xargs``),
+  under a ``cache_salt`` of their own (``request_guard.submission_salt``) so that their KV never serves other requests;
 * if it runs repguard's logits processor, the re-decode's repair (the ban of its first token and the penalty on
   tokens that extend a repeat) goes with the request (``vllm_xargs.repguard_repair``) and the upstream applies
   it at every step; otherwise the repair runs by one-token resubmissions with a ``logit_bias``.
@@ -49,7 +50,7 @@ from ..config import GuardConfig
 from ..errors import ConfigError, RepGuardError
 from ..repair import WIRE_KEY
 from ..request_guard import (RESUBMISSION_KEY, RequestGuard, Submission, after_context, decode_context, derive_seed,
-                             end_text, find_stop, text_ids)
+                             end_text, find_stop, submission_salt, text_ids)
 from ..rollback import RollbackConfig, RollbackPolicy
 from .schemas import rollback_fields
 from .router import CLIENT_CLOSED, DISCONNECT_POLL_S, APIError, SafeJSONResponse, dumps, openai_route
@@ -65,8 +66,13 @@ BIAS_LIMIT = 100.0  # vLLM clamps logit_bias to [-100, 100]; a ban is -100
 CARRIED = (
     "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
     "stop", "stop_token_ids", "include_stop_str_in_output", "ignore_eos", "skip_special_tokens",
-    "spaces_between_special_tokens", "allowed_token_ids", "bad_words", "user", "priority",
+    "spaces_between_special_tokens", "allowed_token_ids", "bad_words", "user", "priority", "cache_salt",
 )
+# Tracing headers passed from the client's request to the upstream (vLLM takes X-Request-Id as its request id).
+TRACE_HEADERS = ("X-Request-Id", "traceparent", "tracestate")
+# Chat content parts that are text (vLLM's TEXT_PART_TYPES, and tool_reference): their text is in the
+# templated prompt ids a resubmission sends. Any other part (image, audio, video, embeddings, file) is not.
+TEXT_PARTS = frozenset({"text", "input_text", "output_text", "refusal", "thinking", "tool_reference"})
 REFUSED = {
     "n": lambda v: v not in (None, 1), "best_of": lambda v: v not in (None, 1), "echo": bool,
     "logprobs": lambda v: v is not None and v is not False, "top_logprobs": lambda v: v is not None,
@@ -109,9 +115,16 @@ def error_from_body(status: int, raw: bytes | str | dict) -> APIError:
     if status >= 500 or status < 400:
         return APIError(502, f"the upstream server answered {status}: {message}", type="server_error",
                         code="upstream_error")
-    code = err.get("code")
+    code = err.get("code")  # vLLM's is the HTTP status (an integer): kept as the upstream sent it
+    if code is not None and not isinstance(code, (int, str)):
+        code = str(code)
     return APIError(status, message, type=str(err.get("type") or "invalid_request_error"),
-                    param=err.get("param"), code=None if code is None or isinstance(code, int) else str(code))
+                    param=err.get("param"), code=code)
+
+
+def trace_headers(request: Request) -> dict[str, str]:
+    """The client's tracing headers (``TRACE_HEADERS``) that it sent, for the upstream."""
+    return {name: request.headers[name] for name in TRACE_HEADERS if name in request.headers}
 
 
 class Upstream:
@@ -155,10 +168,13 @@ class Upstream:
             raise APIError(502, f"the upstream's {path} did not answer JSON", type="server_error",
                            code="upstream_error") from None
 
-    async def open_stream(self, path: str, body: dict[str, Any]) -> httpx.Response:
-        """Send a streaming request and wait for its headers; an error answer raises its APIError."""
+    async def open_stream(self, path: str, body: dict[str, Any],
+                          headers: dict[str, str] | None = None) -> httpx.Response:
+        """Send a streaming request (with ``headers``: the client's tracing headers) and wait for its answer's
+        headers; an error answer raises its APIError."""
         try:
-            resp = await self.client.send(self.client.build_request("POST", path, json=body), stream=True)
+            request = self.client.build_request("POST", path, json=body, headers=headers or None)
+            resp = await self.client.send(request, stream=True)
         except httpx.HTTPError as exc:
             raise error_from_exception(exc) from None
         if resp.status_code != 200:
@@ -248,13 +264,15 @@ class GuardedCall:
     """One guarded request: the client's own request first, then resubmissions to ``/v1/completions``."""
 
     def __init__(self, proxy: "UpstreamProxy", body: dict[str, Any], chat: bool, policy: RollbackPolicy,
-                 model: str, max_tokens: int) -> None:
+                 model: str, max_tokens: int, headers: dict[str, str] | None = None) -> None:
         self.proxy, self.body, self.chat, self.model = proxy, body, chat, model
+        self.headers = dict(headers or {})  # the client's tracing headers (``trace_headers``)
         self.rg = RequestGuard(policy, max_tokens, neuron_step=proxy.neuron_step, greedy=_greedy(body),
                                engine_repair=proxy.engine_repair, model_name=model)
         self.stream = bool(body.get("stream"))  # a response that is not streamed takes its tokens at the end only
         self.prompt_ids: list[int] | None = None
         self.first: dict[str, Any] = {}  # id, created, system_fingerprint of the first upstream chunk
+        self.fingerprint: Any = None  # the upstream's system_fingerprint, from any chunk of any submission
         self.text0 = ""  # submission 0's text as the upstream sent it
         self.pieces: list[tuple[int, str]] = [(0, "")]  # submission 0: (tokens so far, text so far)
         self.reasoning: list[tuple[int, str]] = [(0, "")]  # chat, submission 0: (tokens so far, reasoning so far)
@@ -293,6 +311,9 @@ class GuardedCall:
             cfg = self.rg.policy.config.replace(always_on=True, escalate=False, stop=False)
             fields = {k: v for k, v in cfg.to_dict().items() if k != "preset"}
             xargs.update(repguard="true", repguard_config=json.dumps(fields))
+        salt = submission_salt(body.get("cache_salt"), sub)  # neurons off: KV no other request may reuse
+        if salt is not None:
+            out["cache_salt"] = salt
         if sub.repair is not None:
             xargs[WIRE_KEY] = sub.engine_repair(len(self.prompt_ids)).to_json()
         xargs[RESUBMISSION_KEY] = True  # this proxy counts the request; an upstream's neuron step must not again
@@ -300,11 +321,22 @@ class GuardedCall:
             out["vllm_xargs"] = xargs
         return "/v1/completions", out
 
+    def _headers(self, sub: Submission) -> dict[str, str]:
+        """The tracing headers of a submission: the client's; a resubmission's request id gets its index (the
+        upstream's id of a request, unique while it runs)."""
+        headers = dict(self.headers)
+        if sub.index and "X-Request-Id" in headers:
+            headers["X-Request-Id"] = f"{headers['X-Request-Id']}-{sub.index}"
+        return headers
+
+    async def _open(self, sub: Submission) -> httpx.Response:
+        path, body = self._request(sub)
+        return await self.proxy.upstream.open_stream(path, body, self._headers(sub))
+
     async def open(self) -> None:
         """Send submission 0 and wait for its answer's headers (errors here keep their HTTP status)."""
         self.sub = self.rg.next_submission()
-        path, body = self._request(self.sub)
-        self.resp = await self.proxy.upstream.open_stream(path, body)
+        self.resp = await self._open(self.sub)
 
     async def run(self) -> AsyncIterator[list[int]]:
         """Yield token ids as they become final (the rest at the end). ``open()`` first. A response that is
@@ -319,6 +351,8 @@ class GuardedCall:
                 events = sse_events(resp)
                 try:
                     async for event in events:
+                        if event.get("system_fingerprint") is not None:  # vLLM stamps it on the last chunk only
+                            self.fingerprint = event["system_fingerprint"]
                         choices = event.get("choices") or []
                         if not choices:
                             continue
@@ -376,8 +410,7 @@ class GuardedCall:
                                    code="upstream_error")
                 self.sub = rg.next_submission()
                 if self.sub is not None:
-                    path, body = self._request(self.sub)
-                    self.resp = await self.proxy.upstream.open_stream(path, body)
+                    self.resp = await self._open(self.sub)
             rest = rg.take_released()
             if rest:
                 yield rest
@@ -616,6 +649,11 @@ class UpstreamProxy:
                 raise APIError(400, f"{key}: not supported on guarded requests (the guard resubmits one sequence "
                                "as a token prompt); send it with \"repguard\": {\"preset\": \"off\"}", param=key,
                                code="unsupported_with_guard")
+        if chat and (part := _non_text_part(body.get("messages"))) is not None:
+            raise APIError(400, f"messages: a content part of type {part!r} is not "
+                           "supported on guarded requests (the guard resubmits the prompt as token ids, without "
+                           "images, audio or other media); send it with \"repguard\": {\"preset\": \"off\"}",
+                           param="messages", code="unsupported_with_guard")
         if not chat:
             prompt = body.get("prompt")
             several = isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) and len(prompt) != 1
@@ -695,10 +733,11 @@ def build_upstream_router(proxy: UpstreamProxy, settings: ServeSettings) -> APIR
         return body
 
     async def unguarded(request: Request, path: str, body: dict[str, Any], endpoint: str, model: str) -> Response:
-        """The guard is off for this request: forward it and its answer unchanged."""
+        """The guard is off for this request: forward it (and its tracing headers) and its answer unchanged."""
         body = {k: v for k, v in body.items() if k != "repguard"}
+        headers = trace_headers(request)
         if not body.get("stream"):
-            watch = asyncio.ensure_future(upstream.client.post(path, json=body))
+            watch = asyncio.ensure_future(upstream.client.post(path, json=body, headers=headers or None))
             resp = await _until_done(watch, request)
             if resp is GONE:
                 request.state.repguard_status = CLIENT_CLOSED
@@ -707,7 +746,7 @@ def build_upstream_router(proxy: UpstreamProxy, settings: ServeSettings) -> APIR
                 raise error_from_body(resp.status_code, resp.content)
             return Response(resp.content, status_code=resp.status_code,
                             media_type=resp.headers.get("content-type", "application/json"))
-        resp = await upstream.open_stream(path, body)
+        resp = await upstream.open_stream(path, body, headers)
 
         async def relay() -> AsyncIterator[bytes]:
             code = CLIENT_CLOSED
@@ -738,7 +777,7 @@ def build_upstream_router(proxy: UpstreamProxy, settings: ServeSettings) -> APIR
             return await unguarded(request, path, body, endpoint, model)
         proxy.check_guarded(body, chat)
         max_tokens = proxy.max_tokens_of(body, chat, model)
-        call = GuardedCall(proxy, body, chat, policy, model, max_tokens)
+        call = GuardedCall(proxy, body, chat, policy, model, max_tokens, headers=trace_headers(request))
         admitted = time.perf_counter()
         await call.open()  # an upstream error before any token keeps its status (502, 504, a 4xx)
         if body.get("stream"):
@@ -755,6 +794,16 @@ def build_upstream_router(proxy: UpstreamProxy, settings: ServeSettings) -> APIR
         return await handle(request, chat=True)
 
     return router
+
+
+def _non_text_part(messages: Any) -> str | None:
+    """The type of the first content part of ``messages`` that is not text ("?" where it has none), or None."""
+    for message in messages if isinstance(messages, list) else ():
+        content = message.get("content") if isinstance(message, dict) else None
+        for part in content if isinstance(content, list) else ():
+            if isinstance(part, dict) and part.get("type") not in TEXT_PARTS:
+                return str(part.get("type") or "?")
+    return None
 
 
 def _not_json(name: str):
@@ -835,7 +884,8 @@ async def _complete(call: GuardedCall, request: Request, chat: bool, endpoint: s
     choice["repguard"] = call.report()
     rid, created = _new_id(call)
     out: dict[str, Any] = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-                           "model": body.get("model") or call.model, "choices": [choice], "usage": _usage(call)}
+                           "model": body.get("model") or call.model, "choices": [choice], "usage": _usage(call),
+                           "system_fingerprint": call.fingerprint}  # as vLLM's response has it (null without one)
     if chat and body.get("return_token_ids"):
         out["prompt_token_ids"] = call.prompt_ids
     return SafeJSONResponse(out)
@@ -851,9 +901,11 @@ async def _stream(call: GuardedCall, body: dict[str, Any], chat: bool, endpoint:
             rid, created = _new_id(call)
             head.update(id=rid, object="chat.completion.chunk" if chat else "text_completion", created=created,
                         model=body.get("model") or call.model)
-            if call.first.get("system_fingerprint") is not None:
-                head["system_fingerprint"] = call.first["system_fingerprint"]
         return head
+
+    def fingerprint() -> dict[str, Any]:
+        """Where vLLM puts ``system_fingerprint``: the finishing chunk, or the usage chunk that follows it."""
+        return {"system_fingerprint": call.fingerprint} if call.fingerprint is not None else {}
 
     want_ids = bool(body.get("return_token_ids"))
     options = body.get("stream_options") or {}
@@ -885,6 +937,8 @@ async def _stream(call: GuardedCall, body: dict[str, Any], chat: bool, endpoint:
         started = True
         if continuous_usage:
             extra["usage"] = _usage(call, len(released) if finish is None else None)
+        if finish is not None and not include_usage:
+            extra.update(fingerprint())
         return f"data: {dumps({**header(), 'choices': [choice], **extra})}\n\n"
 
     try:
@@ -909,7 +963,7 @@ async def _stream(call: GuardedCall, body: dict[str, Any], chat: bool, endpoint:
         yield chunk(text[len(sent):], rg.tokens[len(released):], rg.finish_reason, stop_reason=rg.stop_reason,
                     repguard=call.report())
         if include_usage:
-            yield f"data: {dumps({**header(), 'choices': [], 'usage': _usage(call)})}\n\n"
+            yield f"data: {dumps({**header(), 'choices': [], 'usage': _usage(call), **fingerprint()})}\n\n"
         yield "data: [DONE]\n\n"
         code = 200
     finally:  # normal end, error, or the client went away (the task is cancelled: the upstream stream closes)
