@@ -788,3 +788,31 @@ def test_upstream_error_codes_and_the_system_fingerprint_pass_through(fake_upstr
         assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 60
         assert [e.get("system_fingerprint") for e in events] == [None] * (len(events) - 1) + ["fp-fake"]
         assert events[-2]["choices"][0]["repguard"]["rollbacks"] == 1
+
+
+def test_a_rolled_back_request_for_a_model_loaded_after_start_stays_on_that_model(tmp_path):
+    """A LoRA adapter loaded into the upstream after the proxy started is not in the proxy's model list: its
+    request's resubmissions went to the base model, silently. They now name the model the client asked for."""
+    with fake(tmp_path) as (url, _, record), inprocess_proxy(upstream=url) as proxy:
+        resp = httpx.post(proxy + "/v1/completions", timeout=30, json={
+            "model": "sql-lora", "prompt": "loop", "max_tokens": 60, "temperature": 0})
+    assert resp.status_code == 200 and resp.json()["choices"][0]["repguard"]["rollbacks"] == 1, resp.text
+    subs = [json.loads(line) for line in record.read_text().splitlines()]
+    assert subs and {s["model"] for s in subs} == {"sql-lora"}
+
+
+def test_a_guard_off_stream_the_upstream_breaks_ends_with_an_error_and_done(fake_upstream):
+    """The upstream dies mid-stream on a request with the guard off: the client gets an error event and then
+    ``[DONE]``, as on a guarded stream (the stream ended with the error event alone)."""
+    url, proc = fake_upstream
+    with inprocess_proxy(upstream=url) as proxy:
+        lines = []
+        with httpx.stream("POST", proxy + "/v1/completions", timeout=30, json={
+                "model": "fake", "prompt": "hello", "max_tokens": 2000, "stream": True,
+                "repguard": {"preset": "off"}}) as resp:
+            for line in resp.iter_lines():
+                if line.startswith("data: "):
+                    lines.append(line[6:])
+                    if len(lines) == 3:
+                        proc.kill()
+    assert lines[-1] == "[DONE]" and "error" in json.loads(lines[-2]), lines[-3:]

@@ -265,7 +265,11 @@ class GuardedCall:
 
     def __init__(self, proxy: "UpstreamProxy", body: dict[str, Any], chat: bool, policy: RollbackPolicy,
                  model: str, max_tokens: int, headers: dict[str, str] | None = None) -> None:
-        self.proxy, self.body, self.chat, self.model = proxy, body, chat, model
+        self.proxy, self.body, self.chat, self.model = proxy, body, chat, model  # ``model``: the metrics label
+        # The model the upstream serves this request with: the client's own name, also one the proxy did not list
+        # at start (a LoRA adapter loaded since); its resubmissions must not fall back to the base model.
+        asked = body.get("model")
+        self.upstream_model = asked if isinstance(asked, str) and asked else model
         self.headers = dict(headers or {})  # the client's tracing headers (``trace_headers``)
         self.rg = RequestGuard(policy, max_tokens, neuron_step=proxy.neuron_step, greedy=_greedy(body),
                                engine_repair=proxy.engine_repair, model_name=model)
@@ -297,7 +301,7 @@ class GuardedCall:
             raise APIError(502, "the upstream did not return the prompt's token ids (return_token_ids); "
                            "the guard needs vLLM's OpenAI server", type="server_error", code="upstream_error")
         out = {k: body[k] for k in CARRIED if k in body}
-        out.update(model=self.model, prompt=self.prompt_ids + list(sub.generated), max_tokens=sub.max_tokens,
+        out.update(model=self.upstream_model, prompt=self.prompt_ids + list(sub.generated), max_tokens=sub.max_tokens,
                    stream=True, return_token_ids=True)
         if body.get("seed") is not None:
             out["seed"] = derive_seed(body["seed"], sub.index)
@@ -425,7 +429,7 @@ class GuardedCall:
         ids = choice.get("prompt_token_ids") or event.get("prompt_token_ids")
         if self.prompt_ids is None and ids:
             self.prompt_ids = [int(t) for t in ids]
-            context = self.proxy.max_model_len.get(self.model)
+            context = self.proxy.max_model_len.get(self.upstream_model) or self.proxy.max_model_len.get(self.model)
             self.rg.limit_context(context - len(self.prompt_ids) if context else None)
 
     def _delta_text(self, choice: dict[str, Any]) -> str:
@@ -469,11 +473,11 @@ class GuardedCall:
         context = decode_context(self.prompt_ids)
         if context:
             if self._head is None:
-                self._head = await decode(self.model, context, self.skip_special)
-            text = after_context(await decode(self.model, context + ids, self.skip_special), self._head)
+                self._head = await decode(self.upstream_model, context, self.skip_special)
+            text = after_context(await decode(self.upstream_model, context + ids, self.skip_special), self._head)
             if text is not None:
                 return text
-        return await decode(self.model, ids, self.skip_special)
+        return await decode(self.upstream_model, ids, self.skip_special)
 
     def report(self) -> dict[str, Any]:
         rg = self.rg
@@ -757,7 +761,7 @@ def build_upstream_router(proxy: UpstreamProxy, settings: ServeSettings) -> APIR
             except httpx.HTTPError as exc:
                 err = error_from_exception(exc)
                 code = err.status
-                yield f"data: {dumps(err.body())}\n\n".encode()
+                yield f"data: {dumps(err.body())}\n\ndata: [DONE]\n\n".encode()  # as the guarded stream ends
             finally:
                 await close(resp)
                 server_metrics.SERVER_REQUESTS.labels(model, endpoint, str(code)).inc()
