@@ -208,6 +208,6 @@ def format_validation_error(exc: ValidationError, what: str, secret: frozenset[s
         shown = "<hidden>" if secret & {str(x) for x in err.get("loc", ())} else repr(err.get("input"))
         msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
         # A nested config's own error already names its field and value: said once, not twice.
-        named = isinstance((err.get("ctx") or {}).get("error"), ConfigError) or shown in msg
+        named = isinstance((err.get("ctx") or {}).get("error"), ConfigError) or f"got {shown}" in msg
         parts.append(f"{loc}: {msg}" if named else f"{loc}: {msg} (got {shown})")
     return f"invalid {what}: " + "; ".join(parts)

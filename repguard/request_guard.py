@@ -28,7 +28,8 @@ the request ends with the engine's own finish reason (``RequestGuard.broken``).
 It does no I/O (a sans-I/O state machine): an adapter asks ``next_submission()``, sends it, feeds the
 tokens it streams back to ``feed()``, cancels it when ``feed`` says so, and reports an engine-side end
 with ``end()``. A request whose first submission never loops is never cancelled or resubmitted, so its
-tokens are exactly the engine's. Prefix caching makes a resubmission cheap (the prompt is re-used).
+tokens are exactly the engine's. Prefix caching makes a resubmission cheap (the prompt is re-used), except
+where it runs with the mapped neurons off: that one is salted apart (``submission_salt``), so it prefills again.
 
 Seeded sampling stays reproducible: submission 0 is the caller's request with its own seed; submission
 ``i`` uses ``derive_seed(seed, i)``.
@@ -48,6 +49,7 @@ Seeded sampling stays reproducible: submission 0 is the caller's request with it
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Sequence
@@ -83,6 +85,14 @@ def submission_salt(salt: str | None, sub: "Submission") -> str | None:
     if len(salt) + len(NEURONS_OFF_SALT) + 1 > MAX_SALT_CHARS:  # vLLM's limit: the caller's salt, hashed
         salt = hashlib.sha256(salt.encode()).hexdigest()
     return f"{salt}|{NEURONS_OFF_SALT}"
+
+
+def neurons_off_config(config: GuardConfig) -> str:
+    """The engine-side settings (vLLM ``repguard_config``) of a submission that runs with the mapped neurons off
+    throughout: the request's own config, always on, with no escalation or stop of its own (the request-level
+    guard decides those)."""
+    cfg = config.replace(always_on=True, escalate=False, stop=False)
+    return json.dumps({k: v for k, v in cfg.to_dict().items() if k != "preset"})
 
 
 def derive_seed(seed: int | None, index: int) -> int | None:
@@ -542,4 +552,5 @@ class RequestGuard:
 
 
 __all__ = ["EngineRepair", "RequestGuard", "Submission", "after_context", "check_request_config", "decode_context",
-           "decode_output", "derive_seed", "end_text", "find_stop", "text_ids"]
+           "decode_output", "derive_seed", "end_text", "find_stop", "neurons_off_config", "submission_salt",
+           "text_ids"]

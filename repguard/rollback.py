@@ -48,7 +48,7 @@ from .repair import BAN, RepeatPenalty
 class RollbackConfig(BaseModel):
     """How rollback runs. ``holdback`` None: half the watch window plus the n-gram (210 by default), enough to
     take back any loop the watch window confirms: its second copy starts at most (window + n-gram) / 2 tokens
-    before the token that confirms it.
+    before the token that confirms it (with ``paper_spacing="first"``, the whole window plus the n-gram).
 
     The defaults were chosen on the tuning half of ``benchmarks.evidence.chat`` (benchmarks/results/notes.md)."""
 
@@ -161,7 +161,13 @@ class RollbackPolicy:
         if self.max_rollbacks == 0:  # nothing is ever taken back: every token is final as it comes
             return 0
         hb = self.settings.holdback
-        return self.first.window // 2 + self.first.ngram if hb is None else hb
+        if hb is not None:
+            return hb
+        first = self.first
+        # Three copies in a row within the window: the second starts at most (window + n) / 2 tokens before the
+        # token that confirms them. The paper's first-three rule may confirm a loop whose onset lies almost a
+        # whole window back.
+        return first.window // 2 + first.ngram if first.paper_spacing == "consecutive" else first.window + first.ngram
 
     def pass_config(self, attempt: int) -> GuardConfig:
         """Settings of pass ``attempt`` (0 = the first)."""

@@ -67,3 +67,9 @@ def test_strict_mode_does_not_leak_into_later_constructions():
     with pytest.raises(ConfigError, match="k"):
         GuardConfig.from_dict({"k": "64"}, strict=True)
     assert GuardConfig(k="64").k == 64  # the Python API coerces, as pydantic does
+
+
+def test_a_bad_value_is_shown_even_where_its_digits_appear_in_the_message():
+    """``min_copies=1`` is refused with "greater than or equal to 1.5": the value is still named."""
+    with pytest.raises(ConfigError, match=r"min_copies: .*1\.5 \(got 1\)"):
+        GuardConfig(min_copies=1)

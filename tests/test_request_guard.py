@@ -559,3 +559,26 @@ def test_a_neurons_off_submission_keeps_a_salt_vllm_accepts_for_any_caller_salt(
     assert len(got) <= 128 and got != long_salt and got == submission_salt(long_salt, off)
     assert got.endswith(NEURONS_OFF_SALT) and submission_salt("t" * 127, off) != got
     assert submission_salt("tenant", off) == f"tenant|{NEURONS_OFF_SALT}" and submission_salt(None, off) == NEURONS_OFF_SALT
+
+
+def test_the_default_holdback_covers_any_loop_the_first_three_rule_confirms():
+    """With the paper's first-three rule, a loop's onset can lie almost a whole window back (an early chance copy
+    of the n-gram is the first of the three): the default hold-back is then the window plus the n-gram, so a
+    streamed request still rolls the loop back instead of ending at it."""
+    g = list(range(100, 110))
+
+    tokens: list[int] = []  # the n-gram at 0, 30, then every 50 tokens: the first three in a 400-token window
+    for start in [0, 30] + list(range(80, 600, 50)):  # are unequal until 0 and 30 leave it
+        tokens += [1000 + len(tokens) + i for i in range(start - len(tokens))] + g
+
+    policy = RollbackPolicy(GuardConfig(paper_spacing="first", escalate=False), max_rollbacks=1)
+    assert policy.holdback == 410
+    assert RollbackPolicy(GuardConfig(paper_spacing="first"), watch_window=100).holdback == 110
+    guard = RequestGuard(policy, max_new_tokens=len(tokens) + 20)
+    sub = guard.next_submission()
+    for token in tokens:  # streamed: what is older than the hold-back is handed out as it comes
+        over = guard.feed(sub, [token])
+        guard.take_released()
+        if over:
+            break
+    assert guard.rollbacks == 1, "the loop was taken back, not ended with the copies already streamed"

@@ -524,3 +524,22 @@ def test_a_bad_guard_preset_is_named_once_with_its_value_once():
     assert "guard: preset: unknown preset 'bogus'; choose one of" in message, message
     with pytest.raises(ConfigError, match=r"guard: .*window: .* \(got -3\)"):
         load_settings({"guard": {"window": -3}}, env={})
+
+
+def test_rollback_settings_alone_keep_the_servers_guard_settings():
+    """``"repguard": {"holdback": 5}`` or ``{"rollback": false}`` changes rollback only: the request keeps the
+    server's guard settings (a server started with the monitor preset went on guarding with the library's
+    defaults, which deactivate and roll back), in both servers."""
+    from repguard.serve.schemas import CompletionRequest
+    from repguard.serve.upstream import UpstreamProxy
+
+    for extra in ({"holdback": 5}, {"rollback": False}):
+        req = CompletionRequest.model_validate({"prompt": "hi", "repguard": extra})
+        assert req.repguard is None, "None: the server's guard settings"
+        assert (req.holdback, req.rollback) == (extra.get("holdback"), extra.get("rollback"))
+    proxy = UpstreamProxy(load_settings({"upstream": "http://127.0.0.1:9", "guard": {"preset": "monitor"}}, env={}))
+    for extra in ({"holdback": 5}, {"rollback": False}):
+        cfg, policy = proxy.guard_of({"repguard": extra})
+        assert cfg == proxy.default_guard and policy.max_rollbacks == 0, "the monitor never rolls back"
+    cfg, _ = proxy.guard_of({"repguard": {"holdback": 5, "preset": "default"}})
+    assert cfg.deactivate, "a request that names guard settings gets them"

@@ -816,3 +816,14 @@ def test_a_guard_off_stream_the_upstream_breaks_ends_with_an_error_and_done(fake
                     if len(lines) == 3:
                         proc.kill()
     assert lines[-1] == "[DONE]" and "error" in json.loads(lines[-2]), lines[-3:]
+
+
+def test_a_guarded_completion_with_prompt_embeds_is_refused_by_name(fake_upstream):
+    """A resubmission is token ids: prompt embeddings cannot be resubmitted (a rollback failed mid-request with a
+    502 that blamed the upstream); refused up front, with the way out."""
+    url, _ = fake_upstream
+    with inprocess_proxy(upstream=url) as proxy:
+        resp = httpx.post(proxy + "/v1/completions", timeout=30, json={
+            "model": "fake", "prompt_embeds": "AAAA", "max_tokens": 5})
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "unsupported_with_guard", resp.text
+    assert resp.json()["error"]["param"] == "prompt_embeds" and '"preset": "off"' in resp.json()["error"]["message"]

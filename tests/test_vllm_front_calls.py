@@ -234,7 +234,7 @@ def test_resubmissions_keep_the_callers_cache_salt_and_neurons_off_ones_are_salt
 
 
 @pytest.mark.parametrize("case", ["logprobs", "prompt_logprobs", "structured_outputs", "prompt_embeds",
-                                  "multi_modal_data"])
+                                  "multi_modal_data", "multimodal", "embeds"])
 def test_requests_a_rollback_cannot_keep_whole_are_refused_when_guarded_and_run_when_not(case):
     """Log-probabilities (a rollback replaces the tokens they belong to; they were dropped silently), a grammar
     (the resubmission restarts it after the kept text: the output became two JSON documents), prompt embeddings
@@ -247,11 +247,13 @@ def test_requests_a_rollback_cannot_keep_whole_are_refused_when_guarded_and_run_
         params.structured_outputs = StructuredOutputsParams(json={"type": "object"})
     elif case in ("logprobs", "prompt_logprobs"):
         setattr(params, case, 1)
+    elif case in ("multimodal", "embeds"):  # inputs vLLM has rendered already
+        prompt = {"type": case, "prompt_token_ids": list(PROMPT_IDS), "mm_kwargs": {} if case == "multimodal" else None}
     else:
         prompt = {"prompt_token_ids": list(PROMPT_IDS), case: {"image": object()} if case == "multi_modal_data"
                   else object()}
     front = GuardedLLM(_LLM())
-    with pytest.raises(ConfigError, match=f"{case}: .*guard=False"):
+    with pytest.raises(ConfigError, match=f"{case}.*: .*guard=False"):
         front.generate([prompt], params)
     (out,) = front.generate([prompt], params, guard=False)
     assert len(out.token_ids) == 60
@@ -292,3 +294,23 @@ def test_an_unguarded_async_request_fills_new_token_ids_as_a_guarded_one_does(ki
 
     outs = asyncio.run(run())
     assert [t for o in outs for t in o.new_token_ids] == [10 + i % 5 for i in range(60)]
+
+
+def test_a_neurons_off_resubmission_carries_the_requests_own_guard_settings():
+    """A request guarded with settings of its own (``guard={...}``): its neurons-off re-decodes ask the engine
+    for those settings, not the front's defaults (the engine switched off the front's neurons)."""
+    import json
+
+    class Params(_RecordingEngine):
+        def add_request(self, rid, prompt, params) -> None:
+            self.params = [*getattr(self, "params", []), params]
+            super().add_request(rid, prompt, params)
+
+    llm = _LLM()
+    llm.llm_engine = Params()
+    front = GuardedLLM(llm)
+    front.neuron_step = True
+    (out,) = front.generate(["a"], GREEDY, guard={"k": 7})
+    assert out.report["rollbacks"] >= 1
+    off = [p.extra_args for p in llm.llm_engine.params if (p.extra_args or {}).get("repguard")]
+    assert off and all(json.loads(x["repguard_config"])["k"] == 7 for x in off)

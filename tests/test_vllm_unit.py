@@ -268,6 +268,10 @@ def test_a_neuron_request_on_an_engine_without_the_plugin_is_logged_and_counted(
     said = [r.getMessage() for r in caplog.records if "asked for the neuron step" in r.getMessage()]
     assert len(said) == 1 and "VLLM_PLUGINS" in said[0], said
     assert metrics.ERRORS.labels(label, "unavailable")._value.get() == before + 2
+    for no in ({"repguard": False}, {"repguard_preset": "off"}):  # asking for no guard is not counted
+        proc.update_state(BatchUpdate(batch_size=1, removed=[], moved=[], added=[(0, SamplingParams(extra_args=no),
+                                                                                  [1, 2], [])]))
+    assert metrics.ERRORS.labels(label, "unavailable")._value.get() == before + 2
 
 
 # -- the request-level guard's repair, applied in the engine ---------------------------------------------

@@ -128,7 +128,8 @@ class _GenerationParams(_Strict):
         rollback = holdback = None
         if isinstance(data, dict) and isinstance(data.get("repguard"), dict):
             raw, rollback, holdback, bad = rollback_fields(data["repguard"])
-            data = {**data, "repguard": raw}
+            # Rollback settings alone keep the server's guard settings (None: the server's).
+            data = {**data, "repguard": None if not raw and (rollback is not None or holdback is not None) else raw}
             if bad is not None:
                 _refuse(cls, *bad, data)
         model = handler(data)

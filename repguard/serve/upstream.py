@@ -50,7 +50,7 @@ from ..config import GuardConfig
 from ..errors import ConfigError, RepGuardError
 from ..repair import WIRE_KEY
 from ..request_guard import (RESUBMISSION_KEY, RequestGuard, Submission, after_context, decode_context, derive_seed,
-                             end_text, find_stop, submission_salt, text_ids)
+                             end_text, find_stop, neurons_off_config, submission_salt, text_ids)
 from ..rollback import RollbackConfig, RollbackPolicy
 from .schemas import rollback_fields
 from .router import CLIENT_CLOSED, DISCONNECT_POLL_S, APIError, SafeJSONResponse, dumps, openai_route
@@ -74,6 +74,7 @@ TRACE_HEADERS = ("X-Request-Id", "traceparent", "tracestate")
 # templated prompt ids a resubmission sends. Any other part (image, audio, video, embeddings, file) is not.
 TEXT_PARTS = frozenset({"text", "input_text", "output_text", "refusal", "thinking", "tool_reference"})
 REFUSED = {
+    "prompt_embeds": lambda v: v is not None,
     "n": lambda v: v not in (None, 1), "best_of": lambda v: v not in (None, 1), "echo": bool,
     "logprobs": lambda v: v is not None and v is not False, "top_logprobs": lambda v: v is not None,
     "prompt_logprobs": lambda v: v is not None, "use_beam_search": bool, "tools": bool,
@@ -312,9 +313,7 @@ class GuardedCall:
             out["logit_bias"] = bias
         xargs = dict(body.get("vllm_xargs") or {})
         if sub.neurons_off:
-            cfg = self.rg.policy.config.replace(always_on=True, escalate=False, stop=False)
-            fields = {k: v for k, v in cfg.to_dict().items() if k != "preset"}
-            xargs.update(repguard="true", repguard_config=json.dumps(fields))
+            xargs.update(repguard="true", repguard_config=neurons_off_config(self.rg.policy.config))
         salt = submission_salt(body.get("cache_salt"), sub)  # neurons off: KV no other request may reuse
         if salt is not None:
             out["cache_salt"] = salt
@@ -403,8 +402,9 @@ class GuardedCall:
                             break
                     if by_upstream:  # read to [DONE] so that the connection goes back to the pool
                         with contextlib.suppress(APIError):
-                            async for _ in events:
-                                pass
+                            async for event in events:  # a usage chunk after the finish may carry the fingerprint
+                                if event.get("system_fingerprint") is not None:
+                                    self.fingerprint = event["system_fingerprint"]
                 finally:
                     await events.aclose()
                     await close(resp)  # a cancelled submission is aborted by the upstream
@@ -636,7 +636,8 @@ class UpstreamProxy:
             if holdback is not None:
                 overrides["holdback"] = holdback
         try:
-            cfg = GuardConfig.from_dict(raw, strict=True)
+            # Rollback settings alone keep the server's guard settings.
+            cfg = self.default_guard if raw == {} and overrides else GuardConfig.from_dict(raw, strict=True)
             policy = RollbackPolicy(cfg, self.rollback, **overrides)
             RequestGuard(policy, 1)
         except ConfigError as exc:

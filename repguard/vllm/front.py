@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -46,7 +45,8 @@ from .. import metrics
 from ..config import GuardConfig
 from ..errors import ConfigError
 from ..request_guard import (RESUBMISSION_KEY, RequestGuard, Submission, check_request_config, decode_output,
-                             derive_seed, end_text, find_stop, submission_salt, text_ids)
+                             derive_seed, end_text, find_stop, neurons_off_config,
+                             submission_salt, text_ids)
 from ..rollback import RollbackConfig, RollbackPolicy
 from .logits import REPAIR_KEY
 
@@ -146,11 +146,16 @@ class _Front:
             raise ConfigError("structured_outputs: a rollback resubmits the kept text as prompt, and the engine's "
                               f"grammar would start again after it{off}")
         if isinstance(prompt, dict):
-            for key in ("prompt_embeds", "multi_modal_data"):
-                if prompt.get(key) is not None:
-                    raise ConfigError(f"{key}: a rollback resubmits the prompt as token ids, which would lose it{off}")
+            # Also vLLM's rendered inputs ({"type": "multimodal", "mm_kwargs": ...}, {"type": "embeds", ...}).
+            kind = prompt.get("type") if prompt.get("type") in ("multimodal", "embeds", "enc_dec") else None
+            for key in ("prompt_embeds", "multi_modal_data", "mm_kwargs"):
+                if prompt.get(key) is not None or (kind is not None and key == "mm_kwargs"):
+                    name = key if kind is None else f"{kind} input"
+                    raise ConfigError(f"{name}: a rollback resubmits the prompt as token ids, which would lose "
+                                      f"its embeddings or media{off}")
 
-    def _sub_params(self, params, sub: Submission, kind, prompt_len: int):
+    def _sub_params(self, params, sub: Submission, kind, prompt_len: int, config: GuardConfig):
+        """The engine parameters of ``sub`` of a request guarded with ``config``."""
         p = params.clone()
         p.output_kind = kind
         p.max_tokens = sub.max_tokens
@@ -167,9 +172,7 @@ class _Front:
             p.logit_bias = bias
         extra = {}
         if sub.neurons_off:
-            cfg = self.config.replace(always_on=True, escalate=False, stop=False)
-            fields = {k: v for k, v in cfg.to_dict().items() if k != "preset"}
-            extra.update(repguard=True, repguard_config=json.dumps(fields))
+            extra.update(repguard=True, repguard_config=neurons_off_config(config))
         if sub.repair is not None:
             extra[REPAIR_KEY] = sub.engine_repair(prompt_len).to_json()
         if sub.index > 0:
@@ -192,7 +195,9 @@ class _Front:
                 return {**original, "cache_salt": salt}
             if isinstance(original, str):
                 return {"prompt": original, "cache_salt": salt}
-            return {"prompt_token_ids": list(original), "cache_salt": salt}
+            if isinstance(original, (list, tuple)):
+                return {"prompt_token_ids": list(original), "cache_salt": salt}
+            return original  # an input vLLM has rendered already: as the caller made it
         prompt = {"prompt_token_ids": list(prompt_ids or []) + list(sub.generated)}  # a TokensPrompt
         if salt is not None:
             prompt["cache_salt"] = salt
@@ -314,7 +319,8 @@ class GuardedLLM(_Front):
             rid = f"{tag}-{i}.{sub.index}"
             live[rid] = (i, sub)
             self.engine.add_request(rid, self._prompt(r["prompt"], r["ids"], sub),
-                                    self._sub_params(r["params"], sub, RequestOutputKind.DELTA, len(r["ids"] or [])))
+                                    self._sub_params(r["params"], sub, RequestOutputKind.DELTA, len(r["ids"] or []),
+                                                     rg.policy.config))
 
         tokenizer = None
         try:
@@ -506,7 +512,7 @@ class GuardedAsyncLLM(_Front):
             while (sub := rg.next_submission()) is not None:
                 gen = self.engine.generate(self._prompt(prompt, prompt_ids, sub),
                                            self._sub_params(sampling_params, sub, RequestOutputKind.DELTA,
-                                                            len(prompt_ids or [])),
+                                                            len(prompt_ids or []), rg.policy.config),
                                            f"{request_id}.{sub.index}", **kwargs)
                 counted = False
                 try:

@@ -277,7 +277,15 @@ class RepGuardLogitsProcessor(compat.LogitsProcessor):
 
     @staticmethod
     def _wants_guard(batch_update) -> bool:
-        return any(_guard_keys(compat.extra_args(p)) for _i, p, _a, _b in batch_update.added)
+        """Does a request just added ask for the neuron step ({"repguard": false} and the "off" preset do not)?"""
+        for _i, params, _a, _b in batch_update.added:
+            try:
+                cfg = request_config(compat.extra_args(params))
+            except ConfigError:  # refused at admission
+                continue
+            if cfg is not None and cfg.enabled:
+                return True
+        return False
 
 
 def _owner(vllm_config, processor) -> bool:
