@@ -12,8 +12,8 @@ from repguard.detect import find_repetition
 
 def loops(cont: Sequence[int], stopped: bool = False) -> bool:
     """The paper's detector (n=10, r=100, k=3) on the continuation; a stopped output is an unrepaired loop.
-    It is ``repguard.detect.find_repetition``: the criterion rollback's first pass fires on (there over 200 tokens,
-    any three copies in a row), so it shares its criterion with a repguard trigger."""
+    It is ``repguard.detect.find_repetition``: the criterion rollback's first pass fires on (there over 400 tokens,
+    200 before 2026-12-07, any three copies in a row), so it shares its criterion with a repguard trigger."""
     return stopped or find_repetition(list(cont)) is not None
 
 

@@ -269,7 +269,7 @@ def chat_table(data: dict) -> str:
             f"{s['rep_2']:.1f} | {s['rep_3']:.1f} | {s['rep_4']:.1f} | {s['gzip']:.3f} | {pct(s['distortion'])} | "
             f"{pct(s['identity'])} | {pct(s['rolled_back'])} | {ratio} | {'n/a' if j is None else f'{j:.1f}'} |")
     lines.append("\nLabels: the paper's label (`find_repetition`, n = 10, r = 100, the first three copies) is the criterion "
-                 "rollback's first pass fires on (there over 200 tokens, any three in a row), and the wider label adds "
+                 "rollback's first pass fires on (there over 400 tokens, 200 before 2026-12-07, any three in a row), and the wider label adds "
                  "repguard's suffix trigger (`LoopDetector`, 12 tokens x 2 copies); a re-decode watches for both, so on "
                  "those two a rollback's low rate is partly by construction. Holtzman's criterion, the repeated sentence "
                  "(a line or sentence of >= 20 characters, normalised, three times), seq-rep-4, rep-n and gzip share no "

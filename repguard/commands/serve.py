@@ -36,7 +36,7 @@ def add_parser(sub) -> None:
     p.add_argument("--rollback", help="rollback settings of guarded requests: a JSON object of RollbackConfig fields "
                    "(enabled, max_rollbacks, holdback, precise_trigger); {\"enabled\": false}: the single pass")
     p.add_argument("--holdback", type=int, help="streaming: tokens held back before they are sent, so a rollback "
-                   "never retracts sent text (default: the paper window + n-gram; overrides --rollback's)")
+                   "never retracts sent text (default: half the watch window + the n-gram, 210; overrides --rollback's)")
     p.add_argument("--rebatch-steps", type=int, help="embedded: a running batch takes waiting rows in after this many "
                    "steps (0: a batch runs to its end; default 16)")
     p.add_argument("--upstream", metavar="URL", help="guard an existing vLLM OpenAI server at URL instead of "

@@ -26,7 +26,7 @@ Either way, rows that never trigger see exactly the inputs of an unguarded run, 
 to it (greedy, and seeded sampling: a rewound row changes no other row's random draws).
 
 Streaming: with ``on_tokens(row, tokens)`` each row's tokens are handed out while they are decoded, held
-back by ``holdback`` tokens (default: the watch window plus the n-gram, 210 tokens), so that a
+back by ``holdback`` tokens (default: half the watch window plus the n-gram, 210 tokens), so that a
 rollback never has to take back text already handed out. Every token handed out is final; together they
 are exactly the row's returned sequence. If a rollback would cut into text already handed out (only
 possible with a smaller ``holdback``), the row is not rolled back: it ends where its loop was confirmed,
