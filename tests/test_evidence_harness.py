@@ -115,7 +115,8 @@ def test_paper_prompts_are_bos_plus_ten_sampled_tokens_reproducibly():
 
 
 def test_the_first_pass_table_counts_the_rows_each_trigger_would_touch():
-    from benchmarks.evidence.first_pass import table
+    from benchmarks.evidence.first_pass import CANDIDATES, table
+    from repguard.rollback import RollbackConfig
 
     period_50 = [1000 + i for i in range(50)] * 4  # copies 50 apart: the paper's criterion needs r >= 110
     g = list(range(100, 110))  # said once, then three copies 15 apart: the early copy hides them at r = 200
@@ -126,7 +127,11 @@ def test_the_first_pass_table_counts_the_rows_each_trigger_would_touch():
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in table(data).splitlines()[2:]}
     assert rows["paper r=100 (the paper's window and rule: the first three copies)"] == ["1/2", "0/1 |"]
     assert rows["paper r=200, first three"] == ["1/2", "0/1 |"]
-    assert rows["paper r=200, any three in a row (the default)"] == ["2/2", "0/1 |"]
+    assert rows["paper r=200, any three in a row (the default until 2026-12-07)"] == ["2/2", "0/1 |"]
+    assert rows["paper r=400, any three in a row (the default)"] == ["2/2", "0/1 |"]
+    default = [kw for name, kw in CANDIDATES.items() if name.endswith("(the default)")]
+    assert default == [dict(use_suffix=False, window=RollbackConfig().watch_window, spacing="consecutive")], \
+        "the row marked as the default is the trigger rollback runs by default"
 
 
 def test_loop_rate_against_length_reads_prefixes_of_the_unguarded_run(tmp_path, monkeypatch):
