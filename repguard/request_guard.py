@@ -51,6 +51,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Sequence
 
@@ -93,6 +94,36 @@ def neurons_off_config(config: GuardConfig) -> str:
     guard decides those)."""
     cfg = config.replace(always_on=True, escalate=False, stop=False)
     return json.dumps({k: v for k, v in cfg.to_dict().items() if k != "preset"})
+
+
+def carried_bias(generated: Sequence[int], presence: float | None, frequency: float | None) -> dict[int, float]:
+    """The logit bias that carries an engine's presence and frequency penalties over the tokens a resubmission
+    sends as prompt (``Submission.generated``). An engine counts those penalties over its request's output only,
+    so after a rollback the kept text went unpenalised. Frequency is carried exactly; a kept token that the
+    resubmission outputs again gets the presence penalty twice (the engine's own and this one).
+
+    >>> carried_bias([5, 6, 5], presence=0.5, frequency=0.25)
+    {5: -1.0, 6: -0.75}
+    >>> carried_bias([5, 6, 5], presence=0, frequency=None)
+    {}
+    """
+    p, f = float(presence or 0.0), float(frequency or 0.0)
+    if not generated or (p == 0.0 and f == 0.0):
+        return {}
+    return {t: -(f * n + p) for t, n in Counter(generated).items()}
+
+
+def add_bias(*parts: dict[int, float] | None) -> dict[int, float]:
+    """The sum of logit biases (``{token: bias}``; None: none).
+
+    >>> add_bias({5: 1.0}, None, {5: -3.0, 7: float("-inf")})
+    {5: -2.0, 7: -inf}
+    """
+    out: dict[int, float] = {}
+    for part in parts:
+        for token, amount in (part or {}).items():
+            out[token] = out.get(token, 0.0) + amount
+    return out
 
 
 def derive_seed(seed: int | None, index: int) -> int | None:
@@ -551,6 +582,7 @@ class RequestGuard:
         self._current = None
 
 
-__all__ = ["EngineRepair", "RequestGuard", "Submission", "after_context", "check_request_config", "decode_context",
+__all__ = ["EngineRepair", "RequestGuard", "Submission", "add_bias", "after_context", "carried_bias",
+           "check_request_config", "decode_context",
            "decode_output", "derive_seed", "end_text", "find_stop", "neurons_off_config", "submission_salt",
            "text_ids"]

@@ -453,6 +453,36 @@ def test_resubmissions_carry_the_request_and_the_neuron_step(tmp_path):
         assert (cfg["always_on"], cfg["escalate"], cfg["stop"]) == (True, False, False)
 
 
+def test_a_resubmission_carries_the_presence_and_frequency_penalties_of_the_kept_tokens(tmp_path):
+    """vLLM's presence and frequency penalties count a request's output only, and a resubmission sends the kept
+    tokens as prompt: the proxy adds their penalties to each resubmission's logit_bias, on top of the client's
+    own bias (the one-token ban step included, its ban clamped to -100 as vLLM clamps)."""
+    from collections import Counter
+
+    with fake(tmp_path) as (url, _, record), inprocess_proxy(upstream=url) as proxy:
+        client = openai.OpenAI(base_url=proxy + "/v1", api_key="x", timeout=30, max_retries=0)
+        got = client.completions.create(model="fake", prompt="loop", max_tokens=60, temperature=0.7, seed=5,
+                                        presence_penalty=0.5, frequency_penalty=0.25, logit_bias={"42": 5, "11": 1},
+                                        extra_body={"return_token_ids": True})
+    rep = got.choices[0].model_extra["repguard"]
+    assert rep["rollbacks"] == 1
+    ids = got.choices[0].model_extra["token_ids"]
+    kept = ids[:rep["detections"][0]["onset"]]
+
+    def want(tokens):
+        out = {"42": 5.0, "11": 1.0}
+        for t, n in Counter(tokens).items():
+            out[str(t)] = out.get(str(t), 0.0) - (0.25 * n + 0.5)
+        return out
+
+    step, rest = [json.loads(line) for line in record.read_text().splitlines()]
+    ban = str(10 + len(kept) % 6)
+    assert step["max_tokens"] == 1 and step["logit_bias"] == pytest.approx({**want(kept), ban: -100.0})
+    assert rest["prompt"] == [1, 2, 3] + kept + [2000]
+    assert rest["logit_bias"] == pytest.approx(want(kept + [2000]))
+    assert (rest["presence_penalty"], rest["frequency_penalty"]) == (0.5, 0.25), "the upstream's own, for new tokens"
+
+
 def test_an_upstream_with_the_logits_processor_gets_the_repair_with_one_resubmission(tmp_path):
     """An upstream that runs repguard's logits processor (found by its refusal of a malformed repair at start):
     a rollback is one resubmission that carries the repair in vllm_xargs (the caller's prompt length, the ban

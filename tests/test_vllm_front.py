@@ -8,6 +8,7 @@ prompts:
 * the looping ones are rolled back, and the loop is gone on labels no repguard trigger uses;
 * their tokens equal transformers rollback's for the same prompt (greedy, fp32, no neuron step on either);
 * the rollback's resubmission is served from vLLM's prefix cache;
+* a resubmission carrying the kept tokens' frequency penalty as logit bias decodes as the request itself would;
 * seeded sampling is reproducible; streaming hands out exactly the final tokens; a client that goes away
   leaves no request running in the engine.
 """
@@ -87,6 +88,15 @@ if __name__ == "__main__":
     llm = LLM({folder!r}, **engine_kwargs(max_model_len=1024))
     greedy = SamplingParams(temperature=0, max_tokens=MAX)
     plain = [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, greedy, use_tqdm=False)]
+    # A resubmission's carried frequency penalty (the kept tokens are prompt, which vLLM's penalty does not count)
+    from repguard.request_guard import carried_bias
+    pen = SamplingParams(temperature=0, max_tokens=48, frequency_penalty=0.8)
+    o = llm.generate([PROMPTS[3]], pen, use_tqdm=False)[0]
+    whole, head, K = list(o.outputs[0].token_ids), list(o.prompt_token_ids), 16
+    def cont(bias):
+        p = SamplingParams(temperature=0, max_tokens=len(whole) - K, frequency_penalty=0.8, logit_bias=bias)
+        return list(llm.generate([{{"prompt_token_ids": head + whole[:K]}}], p, use_tqdm=False)[0].outputs[0].token_ids)
+    carry = {{"whole": whole, "K": K, "with": cont(carried_bias(whole[:K], 0.0, 0.8)), "without": cont(None)}}
     front = GuardedLLM(llm)
     outs = front.generate(PROMPTS, greedy)
     sampled = SamplingParams(temperature=0.8, top_p=0.95, seed=7, max_tokens=MAX)
@@ -99,7 +109,7 @@ if __name__ == "__main__":
         "plain": plain, "tokens": [o.token_ids for o in outs], "text": [o.text for o in outs],
         "finish": [o.finish_reason for o in outs], "reports": [o.report for o in outs],
         "sampled": [s1.token_ids, s2.token_ids], "sampled_rollbacks": s1.report["rollbacks"],
-        "rollback_metric": rollbacks, "streams": streams, "left_after_abort": left}}))
+        "rollback_metric": rollbacks, "streams": streams, "left_after_abort": left, "carry": carry}}))
 '''
 
 
@@ -162,6 +172,18 @@ def test_tokens_equal_transformers_rollback(result):
                                          do_sample=False)
         assert out.rollbacks[0] == r["reports"][i]["rollbacks"]
         assert out.sequences[0] == r["tokens"][i], PROMPTS[i][:40]
+
+
+def test_a_resubmission_with_the_carried_bias_decodes_as_the_request_itself_would(result):
+    """Greedy with ``frequency_penalty``: resubmitting the request's first tokens as prompt with their carried
+    bias (what the front sends after a rollback) continues exactly as the request itself did; without it the
+    kept tokens go unpenalised and the continuation departs from the request's own."""
+    _folder, r = result
+    c = r["carry"]
+    rest = c["whole"][c["K"]:]
+    assert len(rest) >= 16
+    assert c["with"] == rest
+    assert c["without"] != rest, "the prompt must show the penalty's effect (pick another if this fails)"
 
 
 def test_resubmission_is_served_from_the_prefix_cache(result):

@@ -314,3 +314,40 @@ def test_a_neurons_off_resubmission_carries_the_requests_own_guard_settings():
     assert out.report["rollbacks"] >= 1
     off = [p.extra_args for p in llm.llm_engine.params if (p.extra_args or {}).get("repguard")]
     assert off and all(json.loads(x["repguard_config"])["k"] == 7 for x in off)
+
+
+def test_a_resubmission_carries_the_presence_and_frequency_penalties_of_the_kept_tokens():
+    """vLLM's presence and frequency penalties count a request's output only; a resubmission sends the kept tokens
+    as prompt, so after a rollback the re-decode ran with the kept text unpenalised (a looping text's own tokens
+    free to come back). Each resubmission now carries them as logit bias, added to the caller's own bias."""
+    from collections import Counter
+
+    llm = _LLM()
+    llm.llm_engine = _RecordingEngine()
+    sent: list[SamplingParams] = []
+    add = llm.llm_engine.add_request
+
+    def recording(rid, prompt, params):
+        sent.append(params)
+        add(rid, prompt, params)
+
+    llm.llm_engine.add_request = recording
+    params = SamplingParams(temperature=0, max_tokens=60, presence_penalty=0.5, frequency_penalty=0.25,
+                            logit_bias={42: 5.0, 11: 1.0})
+    (out,) = GuardedLLM(llm).generate(["a"], params)
+    assert out.report["rollbacks"] >= 1
+    assert sent[0].logit_bias == {42: 5.0, 11: 1.0}, "the caller's own request is sent as it came"
+    resubmitted = list(zip(llm.llm_engine.prompts[1:], sent[1:]))
+    assert resubmitted
+    for prompt, p in resubmitted:
+        kept = prompt["prompt_token_ids"][len(PROMPT_IDS):]
+        want = {t: -(0.25 * n + 0.5) for t, n in Counter(kept).items()}
+        want[42] = want.get(42, 0.0) + 5.0
+        want[11] = want.get(11, 0.0) + 1.0
+        if p.max_tokens > 1:  # a full-budget re-decode: no step bias of the guard's own
+            assert p.logit_bias == pytest.approx(want), kept
+        else:  # a one-token step: the same, plus the guard's ban or penalty
+            assert all(p.logit_bias[t] == pytest.approx(a) or p.logit_bias[t] < a for t, a in want.items())
+    assert any(p.max_tokens > 1 for _prompt, p in resubmitted)
+    assert (params.presence_penalty, params.frequency_penalty) == (0.5, 0.25)  # the caller's object is untouched
+    assert params.logit_bias == {42: 5.0, 11: 1.0}

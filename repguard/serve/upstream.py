@@ -49,8 +49,9 @@ from . import metrics as server_metrics
 from ..config import GuardConfig
 from ..errors import ConfigError, RepGuardError
 from ..repair import WIRE_KEY
-from ..request_guard import (RESUBMISSION_KEY, RequestGuard, Submission, after_context, decode_context, derive_seed,
-                             end_text, find_stop, neurons_off_config, submission_salt, text_ids)
+from ..request_guard import (RESUBMISSION_KEY, RequestGuard, Submission, add_bias, after_context, carried_bias,
+                             decode_context, derive_seed, end_text, find_stop, neurons_off_config, submission_salt,
+                             text_ids)
 from ..rollback import RollbackConfig, RollbackPolicy
 from .schemas import rollback_fields
 from .router import CLIENT_CLOSED, DISCONNECT_POLL_S, APIError, SafeJSONResponse, dumps, openai_route
@@ -255,6 +256,11 @@ class Decoder:
         return text
 
 
+def _number(value: Any) -> float | None:
+    """A sampling setting the upstream accepted: a number, else None (a value it refused never gets here)."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def _greedy(body: dict[str, Any]) -> bool:
     """Only an explicit temperature 0 is greedy (without one, vLLM uses the model's default)."""
     t = body.get("temperature")
@@ -308,7 +314,9 @@ class GuardedCall:
             out["seed"] = derive_seed(body["seed"], sub.index)
         if body.get("min_tokens"):
             out["min_tokens"] = min(max(0, int(body["min_tokens"]) - len(sub.generated)), sub.max_tokens)
-        bias = _bias(body.get("logit_bias"), sub.bias)
+        carried = carried_bias(sub.generated, _number(body.get("presence_penalty")),
+                               _number(body.get("frequency_penalty")))
+        bias = _bias(body.get("logit_bias"), add_bias(carried, sub.bias))
         if bias:
             out["logit_bias"] = bias
         xargs = dict(body.get("vllm_xargs") or {})

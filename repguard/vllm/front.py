@@ -44,9 +44,9 @@ from typing import Any, AsyncIterator, Sequence
 from .. import metrics
 from ..config import GuardConfig
 from ..errors import ConfigError
-from ..request_guard import (RESUBMISSION_KEY, RequestGuard, Submission, check_request_config, decode_output,
-                             derive_seed, end_text, find_stop, neurons_off_config,
-                             submission_salt, text_ids)
+from ..request_guard import (RESUBMISSION_KEY, RequestGuard, Submission, add_bias, carried_bias, check_request_config,
+                             decode_output, derive_seed, end_text, find_stop, neurons_off_config, submission_salt,
+                             text_ids)
 from ..rollback import RollbackConfig, RollbackPolicy
 from .logits import REPAIR_KEY
 
@@ -165,11 +165,9 @@ class _Front:
                 p.min_tokens = max(0, params.min_tokens - len(sub.generated))
                 if p.min_tokens > p.max_tokens:
                     p.min_tokens = p.max_tokens
-        if sub.bias:
-            bias = dict(params.logit_bias or {})
-            for token, amount in sub.bias.items():
-                bias[token] = bias.get(token, 0.0) + amount
-            p.logit_bias = bias
+        carried = carried_bias(sub.generated, params.presence_penalty, params.frequency_penalty)
+        if sub.bias or carried:
+            p.logit_bias = add_bias(params.logit_bias, carried, sub.bias)
         extra = {}
         if sub.neurons_off:
             extra.update(repguard=True, repguard_config=neurons_off_config(config))
