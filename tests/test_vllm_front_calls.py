@@ -32,10 +32,12 @@ def _next(context: list[int], bias) -> int:
 class _Engine:
     def __init__(self) -> None:
         self.reqs: dict[str, dict] = {}
+        self.sent: list[tuple] = []  # (prompt, params) of every request added, in order
         self.model_config = SimpleNamespace(model="loop", served_model_name=None)
         self.vllm_config = None
 
     def add_request(self, rid, prompt, params) -> None:
+        self.sent.append((prompt, params))
         ids = list(PROMPT_IDS) if isinstance(prompt, str) else list(prompt["prompt_token_ids"])
         self.reqs[rid] = {"prompt": ids, "gen": [], "params": params}
 
@@ -148,15 +150,8 @@ def test_re_decode_submissions_are_marked_so_the_neuron_step_does_not_count_them
     from repguard.request_guard import RESUBMISSION_KEY
 
     llm = _LLM()
-    sent: list[SamplingParams] = []
-    add = llm.llm_engine.add_request
-
-    def recording(rid, prompt, params):
-        sent.append(params)
-        add(rid, prompt, params)
-
-    llm.llm_engine.add_request = recording
     (out,) = GuardedLLM(llm).generate(["a"], GREEDY)
+    sent = [params for _prompt, params in llm.llm_engine.sent]
     assert out.report["rollbacks"] >= 1 and len(sent) > 1  # re-decodes, and their one-token steps
     assert not (sent[0].extra_args or {}).get(RESUBMISSION_KEY)
     assert all(p.extra_args[RESUBMISSION_KEY] is True for p in sent[1:])
@@ -323,21 +318,12 @@ def test_a_resubmission_carries_the_presence_and_frequency_penalties_of_the_kept
     from collections import Counter
 
     llm = _LLM()
-    llm.llm_engine = _RecordingEngine()
-    sent: list[SamplingParams] = []
-    add = llm.llm_engine.add_request
-
-    def recording(rid, prompt, params):
-        sent.append(params)
-        add(rid, prompt, params)
-
-    llm.llm_engine.add_request = recording
     params = SamplingParams(temperature=0, max_tokens=60, presence_penalty=0.5, frequency_penalty=0.25,
                             logit_bias={42: 5.0, 11: 1.0})
     (out,) = GuardedLLM(llm).generate(["a"], params)
     assert out.report["rollbacks"] >= 1
-    assert sent[0].logit_bias == {42: 5.0, 11: 1.0}, "the caller's own request is sent as it came"
-    resubmitted = list(zip(llm.llm_engine.prompts[1:], sent[1:]))
+    (_first, sent0), *resubmitted = llm.llm_engine.sent
+    assert sent0.logit_bias == {42: 5.0, 11: 1.0}, "the caller's own request is sent as it came"
     assert resubmitted
     for prompt, p in resubmitted:
         kept = prompt["prompt_token_ids"][len(PROMPT_IDS):]
