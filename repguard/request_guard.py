@@ -71,6 +71,9 @@ RESUBMISSION_KEY = "repguard-resubmission"
 # run's, so no other request may reuse them (an engine's prefix cache keys blocks by tokens and salt only).
 NEURONS_OFF_SALT = "repguard-neurons-off"
 MAX_SALT_CHARS = 128  # the longest cache_salt vLLM's server accepts
+# The most logit_bias entries of one request: vLLM's model runner V2 (its GPU default) refuses a request with more
+# inside its worker, which fails the engine.
+MAX_BIAS_TOKENS = 1024
 CONTEXT_TOKENS = 5  # prompt tokens decoded before the output's, as an engine's incremental detokenizer does
 
 log = logging.getLogger("repguard")
@@ -124,6 +127,30 @@ def add_bias(*parts: dict[int, float] | None) -> dict[int, float]:
         for token, amount in (part or {}).items():
             out[token] = out.get(token, 0.0) + amount
     return out
+
+
+def submission_bias(own: dict[int, float] | None, sub: "Submission", presence: float | None,
+                    frequency: float | None) -> dict[int, float] | None:
+    """The logit bias of ``sub`` for a request with the caller's own bias ``own`` and penalties: ``own``, the kept
+    tokens' carried penalties (``carried_bias``) and the guard's step bias (a ban, a repair), summed, in at most
+    ``MAX_BIAS_TOKENS`` entries: the caller's and the step's always, then the carried ones with the largest
+    penalties (a kept text with more distinct tokens than that carries its most repeated ones).
+
+    >>> from repguard.request_guard import Submission
+    >>> sub = Submission(index=1, attempt=1, generated=(5, 6, 5), max_tokens=1, bias={9: float("-inf")},
+    ...                  neurons_off=False)
+    >>> submission_bias({6: 2.0}, sub, presence=0.0, frequency=0.5)
+    {6: 1.5, 5: -1.0, 9: -inf}
+    """
+    step = sub.bias or {}
+    carried = carried_bias(sub.generated, presence, frequency)
+    fixed = set(own or ()) | set(step)
+    extra = [t for t in carried if t not in fixed]
+    room = max(0, MAX_BIAS_TOKENS - len(fixed))
+    if len(extra) > room:
+        kept = set(sorted(extra, key=lambda t: (-abs(carried[t]), t))[:room])
+        carried = {t: a for t, a in carried.items() if t in fixed or t in kept}
+    return add_bias(own, carried, step) or None
 
 
 def derive_seed(seed: int | None, index: int) -> int | None:
@@ -582,7 +609,7 @@ class RequestGuard:
         self._current = None
 
 
-__all__ = ["EngineRepair", "RequestGuard", "Submission", "add_bias", "after_context", "carried_bias",
-           "check_request_config", "decode_context",
-           "decode_output", "derive_seed", "end_text", "find_stop", "neurons_off_config", "submission_salt",
-           "text_ids"]
+__all__ = ["EngineRepair", "MAX_BIAS_TOKENS", "RequestGuard", "Submission", "add_bias", "after_context",
+           "carried_bias", "check_request_config", "decode_context",
+           "decode_output", "derive_seed", "end_text", "find_stop", "neurons_off_config", "submission_bias",
+           "submission_salt", "text_ids"]

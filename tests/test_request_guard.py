@@ -582,3 +582,23 @@ def test_the_default_holdback_covers_any_loop_the_first_three_rule_confirms():
         if over:
             break
     assert guard.rollbacks == 1, "the loop was taken back, not ended with the copies already streamed"
+
+
+def test_a_resubmission_bias_never_exceeds_what_vllms_v2_runner_accepts():
+    """vLLM's model runner V2 refuses a request with more than 1024 logit_bias entries inside its worker, which
+    fails the engine. A long kept text with frequency/presence penalties has more distinct tokens than that:
+    the bias keeps the caller's entries and the guard's ban, then the most penalised kept tokens."""
+    from repguard.request_guard import MAX_BIAS_TOKENS, Submission, submission_bias
+
+    v2 = pytest.importorskip("vllm.v1.worker.gpu.sample.logit_bias", reason="needs the vllm extra")
+    assert MAX_BIAS_TOKENS <= v2.MAX_NUM_LOGIT_BIAS_TOKENS
+    kept = tuple(range(1000, 3000)) + (7,) * 5 + (8,) * 3  # 2002 distinct tokens; 7 and 8 repeated
+    own = {i: 1.0 for i in range(100, 140)}
+    sub = Submission(index=2, attempt=1, generated=kept, max_tokens=1, bias={9: float("-inf")}, neurons_off=False)
+    bias = submission_bias(own, sub, presence=0.5, frequency=0.25)
+    assert len(bias) == MAX_BIAS_TOKENS
+    assert all(bias[t] == 1.0 for t in own) and bias[9] == float("-inf"), "the caller's bias and the ban stay"
+    assert bias[7] == pytest.approx(-(0.25 * 5 + 0.5)) and bias[8] == pytest.approx(-(0.25 * 3 + 0.5))
+    short = Submission(index=2, attempt=1, generated=(5, 6, 5), max_tokens=9, bias=None, neurons_off=False)
+    assert submission_bias({6: 2.0}, short, presence=0.5, frequency=0.25) == {6: 1.25, 5: -1.0}
+    assert submission_bias(None, short, presence=0.0, frequency=None) is None

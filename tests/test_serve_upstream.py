@@ -352,6 +352,9 @@ FAKE = textwrap.dedent('''
             xargs = body.get("vllm_xargs") or {}
             if MODE == "plugin" and "repguard_k" in xargs:  # the plugin's processor refuses a bad setting
                 return self.send_json(400, {"error": {"message": "repguard_k: must be >= 1"}})
+            if MODE == "spec" and body.get("logit_bias"):  # vLLM with speculative decoding
+                return self.send_json(400, {"error": {"message": "The min_p and logit_bias sampling parameters are "
+                                                                 "not yet supported with speculative decoding."}})
             if MODE == "repair" and '"skip": -1' in xargs.get("repguard_repair", ""):  # so does its repair check
                 return self.send_json(400, {"error": {"message": "repguard_repair: skip must be >= 0"}})
             if isinstance(prompt, list):  # a resubmission: recorded, answered with fresh tokens
@@ -456,13 +459,14 @@ def test_resubmissions_carry_the_request_and_the_neuron_step(tmp_path):
 def test_a_resubmission_carries_the_presence_and_frequency_penalties_of_the_kept_tokens(tmp_path):
     """vLLM's presence and frequency penalties count a request's output only, and a resubmission sends the kept
     tokens as prompt: the proxy adds their penalties to each resubmission's logit_bias, on top of the client's
-    own bias (the one-token ban step included, its ban clamped to -100 as vLLM clamps)."""
+    own bias (the one-token ban step included, its ban clamped to -100 as vLLM clamps), read as vLLM reads it
+    (the key "042" is token 42)."""
     from collections import Counter
 
     with fake(tmp_path) as (url, _, record), inprocess_proxy(upstream=url) as proxy:
         client = openai.OpenAI(base_url=proxy + "/v1", api_key="x", timeout=30, max_retries=0)
         got = client.completions.create(model="fake", prompt="loop", max_tokens=60, temperature=0.7, seed=5,
-                                        presence_penalty=0.5, frequency_penalty=0.25, logit_bias={"42": 5, "11": 1},
+                                        presence_penalty=0.5, frequency_penalty=0.25, logit_bias={"042": 5, "11": 1},
                                         extra_body={"return_token_ids": True})
     rep = got.choices[0].model_extra["repguard"]
     assert rep["rollbacks"] == 1
@@ -481,6 +485,21 @@ def test_a_resubmission_carries_the_presence_and_frequency_penalties_of_the_kept
     assert rest["prompt"] == [1, 2, 3] + kept + [2000]
     assert rest["logit_bias"] == pytest.approx(want(kept + [2000]))
     assert (rest["presence_penalty"], rest["frequency_penalty"]) == (0.5, 0.25), "the upstream's own, for new tokens"
+
+
+def test_an_upstream_that_decodes_speculatively_is_refused_at_start_unless_the_guard_only_watches(tmp_path):
+    """vLLM refuses logit_bias under speculative decoding, and a rollback's resubmission carries its repair in it:
+    every rolled-back request failed. The proxy now finds it at start and says so; the monitor preset, which
+    never resubmits, starts."""
+    from repguard.serve.settings import load_settings
+    from repguard.serve.upstream import UpstreamError, UpstreamProxy
+
+    with fake(tmp_path, "spec") as (url, _, _record):
+        with pytest.raises(UpstreamError, match="decodes speculatively"):
+            UpstreamProxy(load_settings({"upstream": url}, env={})).connect()
+        watching = UpstreamProxy(load_settings({"upstream": url, "guard": {"preset": "monitor"}}, env={}))
+        watching.connect()
+        assert watching.models == ["fake"]
 
 
 def test_an_upstream_with_the_logits_processor_gets_the_repair_with_one_resubmission(tmp_path):
@@ -857,3 +876,14 @@ def test_a_guarded_completion_with_prompt_embeds_is_refused_by_name(fake_upstrea
             "model": "fake", "prompt_embeds": "AAAA", "max_tokens": 5})
     assert resp.status_code == 400 and resp.json()["error"]["code"] == "unsupported_with_guard", resp.text
     assert resp.json()["error"]["param"] == "prompt_embeds" and '"preset": "off"' in resp.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("bias", [{"abc": 1}, {"-3": 1}, {"42": "1"}, [1, 2]])
+def test_a_guarded_request_with_a_malformed_logit_bias_is_a_400_naming_it(fake_upstream, bias):
+    """The proxy adds its own entries to the client's logit_bias on a resubmission, reading each key as vLLM
+    does (a token id); a bias it cannot read is refused up front, not after a rollback."""
+    url, _ = fake_upstream
+    with inprocess_proxy(upstream=url) as proxy:
+        resp = httpx.post(proxy + "/v1/completions", timeout=30, json={
+            "model": "fake", "prompt": "loop", "max_tokens": 5, "logit_bias": bias})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "logit_bias", resp.text

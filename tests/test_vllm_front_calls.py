@@ -14,6 +14,7 @@ pytestmark = pytest.mark.vllm
 from vllm import SamplingParams  # noqa: E402
 
 from repguard.detect import find_repetition  # noqa: E402
+from repguard.config import GuardConfig  # noqa: E402
 from repguard.errors import ConfigError  # noqa: E402
 from repguard.vllm.front import GuardedLLM  # noqa: E402
 
@@ -337,3 +338,52 @@ def test_a_resubmission_carries_the_presence_and_frequency_penalties_of_the_kept
     assert any(p.max_tokens > 1 for _prompt, p in resubmitted)
     assert (params.presence_penalty, params.frequency_penalty) == (0.5, 0.25)  # the caller's object is untouched
     assert params.logit_bias == {42: 5.0, 11: 1.0}
+
+
+class _V2LimitEngine(_Engine):
+    """The stand-in engine with model runner V2's logit-bias limit: more than 1024 entries is refused (in a real
+    V2 worker, a failure of the whole engine)."""
+
+    def add_request(self, rid, prompt, params) -> None:
+        if params.logit_bias and len(params.logit_bias) > 1024:
+            raise ValueError(f"Too many logit bias tokens: {len(params.logit_bias)}. The max size is 1024.")
+        super().add_request(rid, prompt, params)
+
+
+def test_a_long_kept_text_with_penalties_stays_within_the_engines_logit_bias_limit(monkeypatch):
+    """1100 distinct tokens, then a loop, under ``frequency_penalty``: the rollback's resubmissions carry the kept
+    tokens' penalties, at most 1024 entries of them (the batch failed on V2's limit)."""
+    import sys
+
+    def long_then_loop(context, bias):
+        n = len(context) - len(PROMPT_IDS)
+        token = 1000 + n if n < 1100 else 10 + (n - 1100) % 5
+        if bias and bias.get(token, 0) < -1e3:
+            token = 5000 + n
+        return token
+
+    monkeypatch.setattr(sys.modules[__name__], "_next", long_then_loop)
+    llm = _LLM()
+    llm.llm_engine = _V2LimitEngine()
+    (out,) = GuardedLLM(llm).generate(["a"], SamplingParams(temperature=0, max_tokens=1300, frequency_penalty=0.1,
+                                                            logit_bias={42: 1.0}))
+    assert out.report["rollbacks"] >= 1 and out.finish_reason == "repetition"  # the stand-in never stops looping
+    assert out.token_ids[:1100] == [1000 + n for n in range(1100)]
+    sizes = [len(p.logit_bias or {}) for _prompt, p in llm.llm_engine.sent[1:]]
+    assert sizes and max(sizes) == 1024, "a kept text with more distinct tokens carries its most penalised ones"
+    assert all(p.logit_bias[42] == 1.0 for _prompt, p in llm.llm_engine.sent), "the caller's own bias is always sent"
+
+
+def test_a_repairing_guard_is_refused_by_name_on_an_engine_that_decodes_speculatively():
+    """vLLM refuses logit_bias under speculative decoding, and a rollback's resubmission carries its repair in it:
+    the front refused nothing and the first rollback failed the whole batch. A repairing guard is now refused when
+    the front is made (or per request); the monitor, which never resubmits, runs."""
+    llm = _LLM()
+    llm.llm_engine.vllm_config = SimpleNamespace(speculative_config=SimpleNamespace(method="ngram"))
+    with pytest.raises(ConfigError, match="speculative decoding"):
+        GuardedLLM(llm)
+    front = GuardedLLM(llm, config={"preset": "monitor"})
+    (out,) = front.generate(["a"], GREEDY)
+    assert out.report["rollbacks"] == 0 and out.token_ids == [10 + i % 5 for i in range(60)]
+    with pytest.raises(ConfigError, match="speculative decoding"):
+        front.generate(["a"], GREEDY, guard=GuardConfig())

@@ -49,9 +49,8 @@ from . import metrics as server_metrics
 from ..config import GuardConfig
 from ..errors import ConfigError, RepGuardError
 from ..repair import WIRE_KEY
-from ..request_guard import (RESUBMISSION_KEY, RequestGuard, Submission, add_bias, after_context, carried_bias,
-                             decode_context, derive_seed, end_text, find_stop, neurons_off_config, submission_salt,
-                             text_ids)
+from ..request_guard import (RESUBMISSION_KEY, RequestGuard, Submission, after_context, decode_context, derive_seed,
+                             end_text, find_stop, neurons_off_config, submission_bias, submission_salt, text_ids)
 from ..rollback import RollbackConfig, RollbackPolicy
 from .schemas import rollback_fields
 from .router import CLIENT_CLOSED, DISCONNECT_POLL_S, APIError, SafeJSONResponse, dumps, openai_route
@@ -229,13 +228,9 @@ def feed_chunk(rg: RequestGuard, sub: Submission, tokens: list[int], finish_reas
     return rg.feed_output(sub, tokens, finish_reason, stop_reason)
 
 
-def _bias(client: Any, extra: dict[int, float] | None) -> dict[str, float] | None:
-    """The client's ``logit_bias`` plus the guard's step bias, clamped as vLLM clamps (a ban is -100)."""
-    bias = {str(k): float(v) for k, v in (client or {}).items()}
-    for token, amount in (extra or {}).items():
-        key = str(int(token))
-        bias[key] = max(-BIAS_LIMIT, min(BIAS_LIMIT, bias.get(key, 0.0) + amount))  # -inf (BAN) -> -100
-    return bias or None
+def _clamp(bias: float) -> float:
+    """A logit bias as vLLM's server clamps it."""
+    return max(-BIAS_LIMIT, min(BIAS_LIMIT, bias))
 
 
 class Decoder:
@@ -254,6 +249,14 @@ class Decoder:
         if not isinstance(text, str):
             raise APIError(502, "the upstream's /detokenize gave no text", type="server_error", code="upstream_error")
         return text
+
+
+def _token_id(key: Any) -> bool:
+    """A ``logit_bias`` key vLLM reads as a token id."""
+    try:
+        return int(key) >= 0
+    except (TypeError, ValueError):
+        return False
 
 
 def _number(value: Any) -> float | None:
@@ -314,11 +317,10 @@ class GuardedCall:
             out["seed"] = derive_seed(body["seed"], sub.index)
         if body.get("min_tokens"):
             out["min_tokens"] = min(max(0, int(body["min_tokens"]) - len(sub.generated)), sub.max_tokens)
-        carried = carried_bias(sub.generated, _number(body.get("presence_penalty")),
-                               _number(body.get("frequency_penalty")))
-        bias = _bias(body.get("logit_bias"), add_bias(carried, sub.bias))
+        own = {int(k): _clamp(float(v)) for k, v in (body.get("logit_bias") or {}).items()}  # as vLLM reads it
+        bias = submission_bias(own, sub, _number(body.get("presence_penalty")), _number(body.get("frequency_penalty")))
         if bias:
-            out["logit_bias"] = bias
+            out["logit_bias"] = {str(t): _clamp(a) for t, a in bias.items()}  # a ban (-inf) is -100
         xargs = dict(body.get("vllm_xargs") or {})
         if sub.neurons_off:
             xargs.update(repguard="true", repguard_config=neurons_off_config(self.rg.policy.config))
@@ -584,10 +586,16 @@ class UpstreamProxy:
         """The guard needs the token ids of each answer: refuse an upstream that does not return them."""
         url = self.upstream.url
         probe = {"model": self.model_name, "prompt": "Hi", "max_tokens": 1, "temperature": 0, "return_token_ids": True}
+        if self.policy.repairs:  # a rollback's resubmission carries its repair as logit_bias
+            probe["logit_bias"] = {"0": 0}
         try:
             resp = client.post("/v1/completions", json=probe)
         except httpx.HTTPError as exc:
             raise UpstreamError(f"upstream {url}: a 1-token test completion failed ({type(exc).__name__}: {exc})") from None
+        if resp.status_code == 400 and "speculative decoding" in resp.text:
+            raise UpstreamError(f"upstream {url}: it decodes speculatively, and vLLM then refuses logit_bias, which "
+                                "a rollback's resubmission carries its repair in; run it without speculative decoding, "
+                                "or guard with the monitor preset (it reports loops and never resubmits)")
         if resp.status_code != 200:
             raise UpstreamError(f"upstream {url}: a 1-token test completion answered HTTP {resp.status_code}: "
                                 f"{resp.text[:300]}")
@@ -690,7 +698,7 @@ class UpstreamProxy:
                            param="include_reasoning", code="unsupported_with_guard")
         bias = body.get("logit_bias")
         if bias is not None and (not isinstance(bias, dict) or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in bias.values())):
+                isinstance(v, (int, float)) and not isinstance(v, bool) and _token_id(k) for k, v in bias.items())):
             raise APIError(400, "logit_bias: expected an object of token id -> number", param="logit_bias",
                            code="invalid_value")
 

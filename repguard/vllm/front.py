@@ -4,10 +4,12 @@
 ``AsyncLLM`` / engine client) stream each request's token ids, watch them with the core
 ``RequestGuard`` and roll a confirmed loop back by resubmitting the prompt token ids plus the kept tokens
 as a ``TokensPrompt`` (module ``repguard.request_guard``). Everything they use is public and stable
-across vLLM's runners: ``TokensPrompt``, ``SamplingParams.logit_bias`` (the ban and the penalty, on
-one-token steps), ``seed``, abort, ``RequestOutput.num_cached_tokens``. So they work with model runner V1
+across vLLM's runners: ``TokensPrompt``, ``SamplingParams.logit_bias`` (the ban and the penalty on one-token
+steps; on every resubmission, the kept tokens' presence and frequency penalties, ``request_guard.submission_bias``,
+within V2's 1024 entries), ``seed``, abort, ``RequestOutput.num_cached_tokens``. So they work with model runner V1
 or V2, async scheduling, CUDA graphs, tensor/pipeline parallelism and replicas alike, and need no neuron
-map: detection, ban, rollback, escalation and stop are token-level.
+map: detection, ban, rollback, escalation and stop are token-level. Not with speculative decoding, under which
+vLLM refuses ``logit_bias``: a guard that repairs is refused there by name (the monitor runs).
 
 The neuron step joins in where the engine can run it: an engine started with the ``repguard_neurons``
 plugin and ``logits_processors=[repguard.vllm.RepGuardLogitsProcessor]`` on the V1 runner, with a map
@@ -44,8 +46,8 @@ from typing import Any, AsyncIterator, Sequence
 from .. import metrics
 from ..config import GuardConfig
 from ..errors import ConfigError
-from ..request_guard import (RESUBMISSION_KEY, RequestGuard, Submission, add_bias, carried_bias, check_request_config,
-                             decode_output, derive_seed, end_text, find_stop, neurons_off_config, submission_salt,
+from ..request_guard import (RESUBMISSION_KEY, RequestGuard, Submission, check_request_config, decode_output,
+                             derive_seed, end_text, find_stop, neurons_off_config, submission_bias, submission_salt,
                              text_ids)
 from ..rollback import RollbackConfig, RollbackPolicy
 from .logits import REPAIR_KEY
@@ -84,6 +86,7 @@ class _Front:
         self.neuron_step = False
         self.engine_repair = False
         self.max_model_len: int | None = None  # the engine's context (set by each front)
+        self.speculative = False  # the engine decodes speculatively (set by each front)
 
     def _capabilities(self, results, neuron_step: bool | None, engine_repair: bool | None, vllm_config=None) -> None:
         """Settle ``neuron_step`` and ``engine_repair`` from every worker's ``_status`` (None: use what the
@@ -126,7 +129,21 @@ class _Front:
         cfg = guard if isinstance(guard, GuardConfig) else self.config.replace(**dict(guard))
         if not cfg.enabled:
             return None
-        return RollbackPolicy(cfg, self.rollback)
+        return self._check_repairs(RollbackPolicy(cfg, self.rollback))
+
+    def _engine_config(self, vllm_config) -> None:
+        """What the front reads of the engine's config when it is made."""
+        self.speculative = getattr(vllm_config, "speculative_config", None) is not None
+        self._check_repairs(self.policy)
+
+    def _check_repairs(self, policy: RollbackPolicy) -> RollbackPolicy:
+        """A guard that repairs resubmits with a logit bias, which vLLM refuses under speculative decoding (its
+        refusal of a resubmission in the middle of a batch would fail the batch): refused here, by name."""
+        if self.speculative and policy.repairs:
+            raise ConfigError("speculative decoding: a rollback's resubmission carries its repair as logit_bias, "
+                              "which vLLM refuses with speculative decoding; start the engine without it, or guard "
+                              "with the monitor preset (it reports loops and never resubmits)")
+        return policy
 
     @staticmethod
     def _check_params(params, prompt=None, guarded: bool = True) -> None:
@@ -165,9 +182,8 @@ class _Front:
                 p.min_tokens = max(0, params.min_tokens - len(sub.generated))
                 if p.min_tokens > p.max_tokens:
                     p.min_tokens = p.max_tokens
-        carried = carried_bias(sub.generated, params.presence_penalty, params.frequency_penalty)
-        if sub.bias or carried:
-            p.logit_bias = add_bias(params.logit_bias, carried, sub.bias)
+        if sub.index > 0:
+            p.logit_bias = submission_bias(params.logit_bias, sub, params.presence_penalty, params.frequency_penalty)
         extra = {}
         if sub.neurons_off:
             extra.update(repguard=True, repguard_config=neurons_off_config(config))
@@ -268,6 +284,7 @@ class GuardedLLM(_Front):
         self.llm = llm
         self.engine = llm.llm_engine
         self.max_model_len = _context_of(llm.llm_engine.model_config)
+        self._engine_config(getattr(self.engine, "vllm_config", None))
         try:
             results = self.llm.collective_rpc(_status)
         except Exception:
@@ -445,6 +462,7 @@ class GuardedAsyncLLM(_Front):
         super().__init__(config, rollback, name)
         self.engine = engine
         self.max_model_len = _context_of(mc)
+        self._engine_config(getattr(engine, "vllm_config", None))
         self._want_neurons = neuron_step
         self._want_repair = engine_repair
         self._checked = False
