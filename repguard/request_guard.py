@@ -142,6 +142,8 @@ def submission_bias(own: dict[int, float] | None, sub: "Submission", presence: f
     >>> submission_bias({6: 2.0}, sub, presence=0.0, frequency=0.5)
     {6: 1.5, 5: -1.0, 9: -inf}
     """
+    if sub.plain:
+        return add_bias(own) or None
     step = sub.bias or {}
     carried = carried_bias(sub.generated, presence, frequency)
     fixed = set(own or ()) | set(step)
@@ -233,6 +235,7 @@ class Submission:
     bias: dict[int, float] | None  # logit bias for this (one-token) step; -inf bans
     neurons_off: bool  # the pass wants the mapped neurons off throughout (where the engine runs them)
     repair: EngineRepair | None = None  # engine_repair: what the engine applies at every step (skip 0, see below)
+    plain: bool = False  # the rest of a request whose guard failed: nothing of the guard's own (no bias)
 
     def engine_repair(self, prompt_len: int) -> EngineRepair | None:
         """``repair`` for an engine whose request is the caller's ``prompt_len`` prompt tokens + ``generated``."""
@@ -394,7 +397,7 @@ class RequestGuard:
             self._finish_broken("length")
             return None
         self._current = Submission(index=self.submissions, attempt=self.state.attempt, generated=tuple(self._out),
-                                   max_tokens=budget, bias=None, neurons_off=False)
+                                   max_tokens=budget, bias=None, neurons_off=False, plain=True)
         self.submissions += 1
         self._handed(self._current)
         return self._current
@@ -542,14 +545,26 @@ class RequestGuard:
             self._finish_broken(finish_reason or "stop")
 
     # -- failing open -----------------------------------------------------------------------------------
-    def _fail(self, sub: Submission | None = None) -> None:
+    def refused(self, sub: Submission) -> bool:
+        """The engine refused ``sub`` before it ran (a setting of the guard's that it does not take): fail open.
+        Counted and logged (called in the adapter's ``except``); ``next_submission`` then gives the rest of the
+        request unguarded, with nothing of the guard's own (``Submission.plain``). False when the refusal is not
+        the guard's to absorb (the caller's own request, or that plain rest): the adapter raises it then."""
+        if sub.index == 0 or sub.plain or sub is not self._current or self.broken:
+            return False
+        self._fail(sub, where="rollback")
+        if not self.done:
+            self._current = None  # never ran: the plain rest goes in its place
+        return True
+
+    def _fail(self, sub: Submission | None = None, where: str = "observe") -> None:
         """An exception inside the guard (called in its ``except``): count it, log it, go on unguarded with
         the tokens the engine produced so far (``sub``: the submission still running, now passed through)."""
         if self.broken:
             return
         self.broken = True
         try:
-            metrics.ERRORS.labels(self.model_name, "observe").inc()
+            metrics.ERRORS.labels(self.model_name, where).inc()
         except Exception:  # metrics never take a request down
             pass
         log.exception("repguard: the request guard failed; this request continues unguarded")

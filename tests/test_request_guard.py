@@ -602,3 +602,27 @@ def test_a_resubmission_bias_never_exceeds_what_vllms_v2_runner_accepts():
     short = Submission(index=2, attempt=1, generated=(5, 6, 5), max_tokens=9, bias=None, neurons_off=False)
     assert submission_bias({6: 2.0}, short, presence=0.5, frequency=0.25) == {6: 1.25, 5: -1.0}
     assert submission_bias(None, short, presence=0.0, frequency=None) is None
+
+
+def test_a_refused_resubmission_fails_open_and_the_rest_carries_nothing_of_the_guard():
+    """The engine refuses a resubmission (``RequestGuard.refused``): the request goes on unguarded from the tokens
+    kept, with a plain submission (no bias of the guard's, the caller's own kept); the caller's own request, or
+    that plain rest, is not the guard's to absorb."""
+    from repguard.request_guard import submission_bias
+
+    g = RequestGuard(RollbackPolicy(), max_new_tokens=80)
+    first = g.next_submission()
+    assert g.refused(first) is False, "the caller's own request: its error is the caller's"
+    loop = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]
+    assert g.feed(first, [1, 2] + loop * 3)
+    ban = g.next_submission()
+    assert ban.bias and not ban.plain
+    assert g.refused(ban) is True and g.broken and g.report.errors == 1
+    rest = g.next_submission()
+    assert rest.plain and rest.bias is None and rest.generated == ban.generated
+    assert rest.max_tokens == 80 - len(ban.generated)
+    assert submission_bias({3: 1.0}, rest, presence=0.5, frequency=0.5) == {3: 1.0}
+    assert g.refused(rest) is False, "the plain rest refused too: the adapter raises the engine's error"
+    g.feed(rest, [40, 41])
+    g.end(rest, "stop")
+    assert g.done and g.tokens == list(ban.generated) + [40, 41]

@@ -352,6 +352,8 @@ FAKE = textwrap.dedent('''
             xargs = body.get("vllm_xargs") or {}
             if MODE == "plugin" and "repguard_k" in xargs:  # the plugin's processor refuses a bad setting
                 return self.send_json(400, {"error": {"message": "repguard_k: must be >= 1"}})
+            if MODE == "refuse" and isinstance(prompt, list) and body.get("logit_bias"):  # refuses the guard's bias
+                return self.send_json(400, {"error": {"message": "logit_bias is not supported"}})
             if MODE == "spec" and body.get("logit_bias"):  # vLLM with speculative decoding
                 return self.send_json(400, {"error": {"message": "The min_p and logit_bias sampling parameters are "
                                                                  "not yet supported with speculative decoding."}})
@@ -887,3 +889,21 @@ def test_a_guarded_request_with_a_malformed_logit_bias_is_a_400_naming_it(fake_u
         resp = httpx.post(proxy + "/v1/completions", timeout=30, json={
             "model": "fake", "prompt": "loop", "max_tokens": 5, "logit_bias": bias})
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "logit_bias", resp.text
+
+
+def test_a_resubmission_the_upstream_refuses_leaves_the_request_unguarded(tmp_path):
+    """A rollback's resubmission the upstream refuses with a 4xx (a setting of the guard's it does not take)
+    failed the client's request. Now the request goes on unguarded from the tokens kept (counted as a guard error),
+    its rest sent with nothing of the guard's own."""
+    with fake(tmp_path, "refuse") as (url, _, record), inprocess_proxy(upstream=url) as proxy:
+        client = openai.OpenAI(base_url=proxy + "/v1", api_key="x", timeout=30, max_retries=0)
+        got = client.completions.create(model="fake", prompt="loop", max_tokens=60, temperature=0.7, seed=5,
+                                        extra_body={"return_token_ids": True})
+    choice = got.choices[0]
+    rep = choice.model_extra["repguard"]
+    assert rep["errors"] == 1 and choice.finish_reason == "length"
+    ids = choice.model_extra["token_ids"]
+    onset = rep["detections"][0]["onset"]
+    assert ids == [10 + i % 6 for i in range(onset)] + [2000 + i for i in range(60 - onset)]
+    (rest,) = [json.loads(line) for line in record.read_text().splitlines()]  # the refused one is not recorded
+    assert "logit_bias" not in rest and rest["prompt"] == [1, 2, 3] + ids[:onset]

@@ -387,3 +387,65 @@ def test_a_repairing_guard_is_refused_by_name_on_an_engine_that_decodes_speculat
     assert out.report["rollbacks"] == 0 and out.token_ids == [10 + i % 5 for i in range(60)]
     with pytest.raises(ConfigError, match="speculative decoding"):
         front.generate(["a"], GREEDY, guard=GuardConfig())
+
+
+class _RefusesBias(_Engine):
+    """The stand-in engine, refusing any logit_bias (as vLLM does under speculative decoding)."""
+
+    def add_request(self, rid, prompt, params) -> None:
+        if params.logit_bias:
+            raise ValueError("logit_bias is not supported by this engine")
+        super().add_request(rid, prompt, params)
+
+
+def test_a_resubmission_the_engine_refuses_leaves_its_request_unguarded_and_the_batch_whole():
+    """A rollback's resubmission the engine refuses (a setting of the guard's it does not take) failed the whole
+    batch of ``GuardedLLM.generate``. Now that request goes on unguarded from the tokens kept, counted as a guard
+    error: here its tokens are the engine's own output, as with no guard."""
+    from repguard import metrics
+
+    llm = _LLM()
+    llm.llm_engine = _RefusesBias()
+    front = GuardedLLM(llm)
+    errors = metrics.ERRORS.labels(front.model_name, "rollback")
+    before = errors._value.get()
+    outs = front.generate(["a", "b"], GREEDY)
+    for out in outs:
+        assert out.token_ids == [10 + i % 5 for i in range(60)] and out.finish_reason == "length"
+        assert out.report["errors"] == 1
+    assert errors._value.get() == before + 2
+    sent = [p for _prompt, p in llm.llm_engine.sent]
+    assert not any(p.logit_bias for p in sent), "the rest is sent with nothing of the guard's own"
+
+
+def test_a_resubmission_the_async_engine_refuses_leaves_the_request_unguarded():
+    """The same for ``GuardedAsyncLLM``: the request raised the engine's refusal to its caller."""
+    import asyncio
+
+    from repguard.vllm.front import GuardedAsyncLLM
+
+    class AsyncEngine:
+        model_config = SimpleNamespace(model="loop", served_model_name=None, max_model_len=4096)
+
+        async def collective_rpc(self, fn):
+            raise RuntimeError("no workers here")
+
+        async def generate(self, prompt, params, request_id, **kw):
+            if params.logit_bias:
+                raise ValueError("logit_bias is not supported by this engine")
+            ids = list(PROMPT_IDS) if isinstance(prompt, str) else list(prompt["prompt_token_ids"])
+            gen: list[int] = []
+            for i in range(params.max_tokens):
+                gen.append(_next(ids + gen, None))
+                done = i == params.max_tokens - 1
+                o = SimpleNamespace(token_ids=gen[-1:], text="", finish_reason="length" if done else None,
+                                    stop_reason=None)
+                yield SimpleNamespace(request_id=request_id, prompt_token_ids=ids, outputs=[o], finished=done,
+                                      num_cached_tokens=0)
+
+    async def run():
+        front = GuardedAsyncLLM(AsyncEngine())
+        return [o async for o in front.generate("a", GREEDY, "r1")]
+
+    *_pieces, last = asyncio.run(run())
+    assert last.finished and last.token_ids == [10 + i % 5 for i in range(60)] and last.report["errors"] == 1

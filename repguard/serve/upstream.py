@@ -351,6 +351,19 @@ class GuardedCall:
         self.sub = self.rg.next_submission()
         self.resp = await self._open(self.sub)
 
+    async def _resubmit(self) -> None:
+        """Open the guard's next submission (``sub`` None: the request is over). One the upstream refuses (4xx)
+        is the guard's setting it does not take: the request goes on unguarded (``RequestGuard.refused``)."""
+        while (sub := self.rg.next_submission()) is not None:
+            self.sub = sub
+            try:
+                self.resp = await self._open(sub)
+                return
+            except APIError as exc:
+                if not 400 <= exc.status < 500 or not self.rg.refused(sub):
+                    raise
+        self.sub = None
+
     async def run(self) -> AsyncIterator[list[int]]:
         """Yield token ids as they become final (the rest at the end). ``open()`` first. A response that is
         not streamed takes them all at the end (no hold-back limits its rollbacks); it gets an empty list when
@@ -422,9 +435,7 @@ class GuardedCall:
                 if not ended:
                     raise APIError(502, "the upstream stream ended before the request finished", type="server_error",
                                    code="upstream_error")
-                self.sub = rg.next_submission()
-                if self.sub is not None:
-                    self.resp = await self._open(self.sub)
+                await self._resubmit()
             rest = rg.take_released()
             if rest:
                 yield rest

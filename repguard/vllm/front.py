@@ -328,14 +328,18 @@ class GuardedLLM(_Front):
         def submit(i: int) -> None:
             r = reqs[i]
             rg = r["guard"]
-            sub = rg.next_submission()
-            if sub is None:
+            while (sub := rg.next_submission()) is not None:
+                rid = f"{tag}-{i}.{sub.index}"
+                try:
+                    self.engine.add_request(rid, self._prompt(r["prompt"], r["ids"], sub),
+                                            self._sub_params(r["params"], sub, RequestOutputKind.DELTA,
+                                                             len(r["ids"] or []), rg.policy.config))
+                except Exception:
+                    if not rg.refused(sub):  # a resubmission the engine refuses: the request goes on unguarded
+                        raise
+                    continue
+                live[rid] = (i, sub)
                 return
-            rid = f"{tag}-{i}.{sub.index}"
-            live[rid] = (i, sub)
-            self.engine.add_request(rid, self._prompt(r["prompt"], r["ids"], sub),
-                                    self._sub_params(r["params"], sub, RequestOutputKind.DELTA, len(r["ids"] or []),
-                                                     rg.policy.config))
 
         tokenizer = None
         try:
@@ -526,13 +530,15 @@ class GuardedAsyncLLM(_Front):
         recorded = False
         try:
             while (sub := rg.next_submission()) is not None:
-                gen = self.engine.generate(self._prompt(prompt, prompt_ids, sub),
-                                           self._sub_params(sampling_params, sub, RequestOutputKind.DELTA,
-                                                            len(prompt_ids or []), rg.policy.config),
-                                           f"{request_id}.{sub.index}", **kwargs)
-                counted = False
+                gen = None
+                counted = started = False
                 try:
+                    gen = self.engine.generate(self._prompt(prompt, prompt_ids, sub),
+                                               self._sub_params(sampling_params, sub, RequestOutputKind.DELTA,
+                                                                len(prompt_ids or []), rg.policy.config),
+                                               f"{request_id}.{sub.index}", **kwargs)
                     async for out in gen:
+                        started = True
                         if prompt_ids is None:
                             prompt_ids = list(out.prompt_token_ids or [])
                             rg.limit_context(self._tokens_left(prompt_ids))
@@ -552,8 +558,12 @@ class GuardedAsyncLLM(_Front):
                             yield GuardedOutput(request_id, prompt_ids, [], "", False, None, new_token_ids=new)
                         if cancel or out.finished:
                             break
+                except Exception:
+                    if started or not rg.refused(sub):  # a resubmission the engine refuses: on unguarded
+                        raise
                 finally:
-                    await gen.aclose()  # aborts the engine request if it is still running
+                    if gen is not None:
+                        await gen.aclose()  # aborts the engine request if it is still running
             tokens = rg.tokens
             new = rg.take_released()
             text = text0
