@@ -133,8 +133,8 @@ def submission_bias(own: dict[int, float] | None, sub: "Submission", presence: f
                     frequency: float | None) -> dict[int, float] | None:
     """The logit bias of ``sub`` for a request with the caller's own bias ``own`` and penalties: ``own``, the kept
     tokens' carried penalties (``carried_bias``) and the guard's step bias (a ban, a repair), summed, in at most
-    ``MAX_BIAS_TOKENS`` entries: the caller's and the step's always, then the carried ones with the largest
-    penalties (a kept text with more distinct tokens than that carries its most repeated ones).
+    ``MAX_BIAS_TOKENS`` entries: the caller's always, then the step's, then the carried ones, each with its largest
+    entries first (a kept text with more distinct tokens than there is room for carries its most repeated ones).
 
     >>> from repguard.request_guard import Submission
     >>> sub = Submission(index=1, attempt=1, generated=(5, 6, 5), max_tokens=1, bias={9: float("-inf")},
@@ -144,15 +144,24 @@ def submission_bias(own: dict[int, float] | None, sub: "Submission", presence: f
     """
     if sub.plain:
         return add_bias(own) or None
-    step = sub.bias or {}
-    carried = carried_bias(sub.generated, presence, frequency)
-    fixed = set(own or ()) | set(step)
-    extra = [t for t in carried if t not in fixed]
-    room = max(0, MAX_BIAS_TOKENS - len(fixed))
-    if len(extra) > room:
-        kept = set(sorted(extra, key=lambda t: (-abs(carried[t]), t))[:room])
-        carried = {t: a for t, a in carried.items() if t in fixed or t in kept}
+    # The caller's own entries always (the engine took them with the request); a caller's bias of more than the
+    # limit (an engine that takes it) leaves no room for the guard's.
+    limit = max(MAX_BIAS_TOKENS, len(own or ()))
+    fixed = set(own or ())
+    step = _within(sub.bias or {}, fixed, limit)
+    fixed |= set(step)
+    carried = _within(carried_bias(sub.generated, presence, frequency), fixed, limit)
     return add_bias(own, carried, step) or None
+
+
+def _within(bias: dict[int, float], fixed: set[int], limit: int) -> dict[int, float]:
+    """``bias`` on the tokens of ``fixed`` plus its largest other entries that ``limit`` leaves room for."""
+    extra = [t for t in bias if t not in fixed]
+    room = max(0, limit - len(fixed))
+    if len(extra) <= room:
+        return bias
+    kept = set(sorted(extra, key=lambda t: (-abs(bias[t]), t))[:room])
+    return {t: a for t, a in bias.items() if t in fixed or t in kept}
 
 
 def derive_seed(seed: int | None, index: int) -> int | None:

@@ -626,3 +626,19 @@ def test_a_refused_resubmission_fails_open_and_the_rest_carries_nothing_of_the_g
     g.feed(rest, [40, 41])
     g.end(rest, "stop")
     assert g.done and g.tokens == list(ban.generated) + [40, 41]
+
+
+def test_a_caller_bias_at_the_limit_keeps_the_resubmission_within_it():
+    """A caller whose own logit_bias has 1024 entries (what V2 accepts): the guard's ban on another token and the
+    carried penalties must not push a resubmission past the limit (V2's engine would fail); the caller's entries
+    all stay, with the carried penalty added where they meet the kept text."""
+    from repguard.request_guard import MAX_BIAS_TOKENS, Submission, submission_bias
+
+    own = {t: 0.5 for t in range(MAX_BIAS_TOKENS)}
+    sub = Submission(index=1, attempt=1, generated=(3, 3, 5000), max_tokens=1, bias={6000: float("-inf")},
+                     neurons_off=False)
+    bias = submission_bias(own, sub, presence=0.0, frequency=1.0)
+    assert len(bias) == MAX_BIAS_TOKENS and set(bias) == set(own)
+    assert bias[3] == -1.5 and bias[4] == 0.5
+    room = dict(list(own.items())[:-1])  # room for one more: the ban, before any carried penalty
+    assert set(submission_bias(room, sub, presence=0.0, frequency=1.0)) == set(room) | {6000}
