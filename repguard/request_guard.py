@@ -133,8 +133,10 @@ def submission_bias(own: dict[int, float] | None, sub: "Submission", presence: f
                     frequency: float | None) -> dict[int, float] | None:
     """The logit bias of ``sub`` for a request with the caller's own bias ``own`` and penalties: ``own``, the kept
     tokens' carried penalties (``carried_bias``) and the guard's step bias (a ban, a repair), summed, in at most
-    ``MAX_BIAS_TOKENS`` entries: the caller's always, then the step's, then the carried ones, each with its largest
-    entries first (a kept text with more distinct tokens than there is room for carries its most repeated ones).
+    ``MAX_BIAS_TOKENS`` entries: the caller's and the step's always, then the carried ones with the largest
+    penalties (a kept text with more distinct tokens than there is room for carries its most repeated ones). A
+    step that does not fit beside the caller's bias raises ``BiasLimitError``: the adapter treats it as a refused
+    submission (``RequestGuard.refused``), as the engine would refuse it.
 
     >>> from repguard.request_guard import Submission
     >>> sub = Submission(index=1, attempt=1, generated=(5, 6, 5), max_tokens=1, bias={9: float("-inf")},
@@ -142,16 +144,20 @@ def submission_bias(own: dict[int, float] | None, sub: "Submission", presence: f
     >>> submission_bias({6: 2.0}, sub, presence=0.0, frequency=0.5)
     {6: 1.5, 5: -1.0, 9: -inf}
     """
-    if sub.plain:
-        return add_bias(own) or None
-    # The caller's own entries always (the engine took them with the request); a caller's bias of more than the
-    # limit (an engine that takes it) leaves no room for the guard's.
-    limit = max(MAX_BIAS_TOKENS, len(own or ()))
     fixed = set(own or ())
-    step = _within(sub.bias or {}, fixed, limit)
+    carried = carried_bias(sub.generated, presence, frequency)
+    if sub.plain:  # the rest of a request whose guard failed: the caller's bias and penalties only
+        return add_bias(own, _within(carried, fixed, MAX_BIAS_TOKENS)) or None
+    step = sub.bias or {}
     fixed |= set(step)
-    carried = _within(carried_bias(sub.generated, presence, frequency), fixed, limit)
-    return add_bias(own, carried, step) or None
+    if len(fixed) > MAX_BIAS_TOKENS:  # the guard's step does not fit beside the caller's bias
+        raise BiasLimitError(f"logit_bias: the caller's {len(own or ())} entries leave no room for the guard's "
+                             f"{len(step)} (an engine takes at most {MAX_BIAS_TOKENS})")
+    return add_bias(own, _within(carried, fixed, MAX_BIAS_TOKENS), step) or None
+
+
+class BiasLimitError(ValueError):
+    """A submission's logit bias would exceed ``MAX_BIAS_TOKENS`` (``submission_bias``)."""
 
 
 def _within(bias: dict[int, float], fixed: set[int], limit: int) -> dict[int, float]:
@@ -598,6 +604,7 @@ class RequestGuard:
             if self.done:
                 return True
             self._out.append(token)
+            self._streamed.append(token)  # a stop string across the submission's start is still found
             if token in self.eos:
                 self._finish_broken("stop")
             elif len(self._out) >= self.state.max_new_tokens:
@@ -633,7 +640,7 @@ class RequestGuard:
         self._current = None
 
 
-__all__ = ["EngineRepair", "MAX_BIAS_TOKENS", "RequestGuard", "Submission", "add_bias", "after_context",
+__all__ = ["BiasLimitError", "EngineRepair", "MAX_BIAS_TOKENS", "RequestGuard", "Submission", "add_bias", "after_context",
            "carried_bias", "check_request_config", "decode_context",
            "decode_output", "derive_seed", "end_text", "find_stop", "neurons_off_config", "submission_bias",
            "submission_salt", "text_ids"]

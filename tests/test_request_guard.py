@@ -608,7 +608,7 @@ def test_a_refused_resubmission_fails_open_and_the_rest_carries_nothing_of_the_g
     """The engine refuses a resubmission (``RequestGuard.refused``): the request goes on unguarded from the tokens
     kept, with a plain submission (no bias of the guard's, the caller's own kept); the caller's own request, or
     that plain rest, is not the guard's to absorb."""
-    from repguard.request_guard import submission_bias
+    from repguard.request_guard import add_bias, carried_bias, submission_bias
 
     g = RequestGuard(RollbackPolicy(), max_new_tokens=80)
     first = g.next_submission()
@@ -621,24 +621,30 @@ def test_a_refused_resubmission_fails_open_and_the_rest_carries_nothing_of_the_g
     rest = g.next_submission()
     assert rest.plain and rest.bias is None and rest.generated == ban.generated
     assert rest.max_tokens == 80 - len(ban.generated)
-    assert submission_bias({3: 1.0}, rest, presence=0.5, frequency=0.5) == {3: 1.0}
+    # the caller's own bias and the kept tokens' penalties (the caller's settings), no ban of the guard's
+    kept_penalty = carried_bias(rest.generated, 0.5, 0.5)
+    assert submission_bias({3: 1.0}, rest, presence=0.5, frequency=0.5) == add_bias({3: 1.0}, kept_penalty)
+    assert submission_bias(None, rest, presence=0.0, frequency=0.0) is None, "no ban, no penalty of the guard's"
     assert g.refused(rest) is False, "the plain rest refused too: the adapter raises the engine's error"
-    g.feed(rest, [40, 41])
+    g.feed(rest, [40])
+    assert g.stop_may_straddle(["<a stop>"]), "a stop string across the rest's start is still looked for"
+    g.feed(rest, [41])
     g.end(rest, "stop")
     assert g.done and g.tokens == list(ban.generated) + [40, 41]
 
 
-def test_a_caller_bias_at_the_limit_keeps_the_resubmission_within_it():
-    """A caller whose own logit_bias has 1024 entries (what V2 accepts): the guard's ban on another token and the
-    carried penalties must not push a resubmission past the limit (V2's engine would fail); the caller's entries
-    all stay, with the carried penalty added where they meet the kept text."""
-    from repguard.request_guard import MAX_BIAS_TOKENS, Submission, submission_bias
+def test_a_caller_bias_at_the_limit_leaves_no_room_for_the_guards_step_and_says_so():
+    """A caller whose own logit_bias has 1024 entries (what V2 accepts): the guard's ban on another token would
+    push a resubmission past the limit (V2's engine would fail). It is not dropped silently (the guard would think
+    the loop's token banned): ``BiasLimitError``, which the adapters treat as a refused submission. With room for
+    the ban, the carried penalties fill only what is left."""
+    from repguard.request_guard import MAX_BIAS_TOKENS, BiasLimitError, Submission, submission_bias
 
     own = {t: 0.5 for t in range(MAX_BIAS_TOKENS)}
     sub = Submission(index=1, attempt=1, generated=(3, 3, 5000), max_tokens=1, bias={6000: float("-inf")},
                      neurons_off=False)
-    bias = submission_bias(own, sub, presence=0.0, frequency=1.0)
-    assert len(bias) == MAX_BIAS_TOKENS and set(bias) == set(own)
-    assert bias[3] == -1.5 and bias[4] == 0.5
+    with pytest.raises(BiasLimitError, match="no room"):
+        submission_bias(own, sub, presence=0.0, frequency=1.0)
     room = dict(list(own.items())[:-1])  # room for one more: the ban, before any carried penalty
-    assert set(submission_bias(room, sub, presence=0.0, frequency=1.0)) == set(room) | {6000}
+    bias = submission_bias(room, sub, presence=0.0, frequency=1.0)
+    assert set(bias) == set(room) | {6000} and bias[3] == -1.5 and bias[4] == 0.5

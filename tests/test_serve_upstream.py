@@ -907,3 +907,21 @@ def test_a_resubmission_the_upstream_refuses_leaves_the_request_unguarded(tmp_pa
     assert ids == [10 + i % 6 for i in range(onset)] + [2000 + i for i in range(60 - onset)]
     (rest,) = [json.loads(line) for line in record.read_text().splitlines()]  # the refused one is not recorded
     assert "logit_bias" not in rest and rest["prompt"] == [1, 2, 3] + ids[:onset]
+
+
+def test_a_client_bias_that_leaves_no_room_for_the_ban_leaves_the_request_unguarded(tmp_path):
+    """A client logit_bias of 1024 entries (model runner V2's limit): the guard's ban would make 1025, which V2's
+    engine fails on. The ban is not sent, nor dropped silently: the request goes on unguarded from the kept
+    tokens, with the client's own bias."""
+    own = {str(t): 0.25 for t in range(5000, 6024)}
+    with fake(tmp_path) as (url, _, record), inprocess_proxy(upstream=url) as proxy:
+        client = openai.OpenAI(base_url=proxy + "/v1", api_key="x", timeout=30, max_retries=0)
+        got = client.completions.create(model="fake", prompt="loop", max_tokens=60, temperature=0.7, seed=5,
+                                        logit_bias=own, extra_body={"return_token_ids": True})
+    rep = got.choices[0].model_extra["repguard"]
+    assert rep["errors"] == 1 and got.choices[0].finish_reason == "length"
+    ids = got.choices[0].model_extra["token_ids"]
+    onset = rep["detections"][0]["onset"]
+    assert ids == [10 + i % 6 for i in range(onset)] + [2000 + i for i in range(60 - onset)]
+    (rest,) = [json.loads(line) for line in record.read_text().splitlines()]
+    assert rest["logit_bias"] == own and rest["max_tokens"] == 60 - onset

@@ -418,34 +418,64 @@ def test_a_resubmission_the_engine_refuses_leaves_its_request_unguarded_and_the_
     assert not any(p.logit_bias for p in sent), "the rest is sent with nothing of the guard's own"
 
 
-def test_a_resubmission_the_async_engine_refuses_leaves_the_request_unguarded():
-    """The same for ``GuardedAsyncLLM``: the request raised the engine's refusal to its caller."""
+class _RefusingAsyncEngine:
+    """An ``AsyncLLM`` stand-in over the looping model: ``refuse(prompt, params)`` is raised when a request is
+    iterated (as vLLM's validation raises), None lets it run."""
+
+    model_config = SimpleNamespace(model="loop", served_model_name=None, max_model_len=4096)
+
+    def __init__(self, refuse) -> None:
+        self.refuse = refuse
+
+    async def collective_rpc(self, fn):
+        raise RuntimeError("no workers here")
+
+    async def generate(self, prompt, params, request_id, **kw):
+        error = self.refuse(prompt, params)
+        if error is not None:
+            raise error
+        ids = list(PROMPT_IDS) if isinstance(prompt, str) else list(prompt["prompt_token_ids"])
+        gen: list[int] = []
+        for i in range(params.max_tokens):
+            gen.append(_next(ids + gen, None))
+            done = i == params.max_tokens - 1
+            o = SimpleNamespace(token_ids=gen[-1:], text="", finish_reason="length" if done else None, stop_reason=None)
+            yield SimpleNamespace(request_id=request_id, prompt_token_ids=ids, outputs=[o], finished=done,
+                                  num_cached_tokens=0)
+
+
+def _async_outputs(engine) -> list:
     import asyncio
 
     from repguard.vllm.front import GuardedAsyncLLM
 
-    class AsyncEngine:
-        model_config = SimpleNamespace(model="loop", served_model_name=None, max_model_len=4096)
-
-        async def collective_rpc(self, fn):
-            raise RuntimeError("no workers here")
-
-        async def generate(self, prompt, params, request_id, **kw):
-            if params.logit_bias:
-                raise ValueError("logit_bias is not supported by this engine")
-            ids = list(PROMPT_IDS) if isinstance(prompt, str) else list(prompt["prompt_token_ids"])
-            gen: list[int] = []
-            for i in range(params.max_tokens):
-                gen.append(_next(ids + gen, None))
-                done = i == params.max_tokens - 1
-                o = SimpleNamespace(token_ids=gen[-1:], text="", finish_reason="length" if done else None,
-                                    stop_reason=None)
-                yield SimpleNamespace(request_id=request_id, prompt_token_ids=ids, outputs=[o], finished=done,
-                                      num_cached_tokens=0)
-
     async def run():
-        front = GuardedAsyncLLM(AsyncEngine())
+        front = GuardedAsyncLLM(engine)
         return [o async for o in front.generate("a", GREEDY, "r1")]
 
-    *_pieces, last = asyncio.run(run())
+    return asyncio.run(run())
+
+
+def test_a_resubmission_the_async_engine_refuses_leaves_the_request_unguarded():
+    """The same for ``GuardedAsyncLLM``: the request raised the engine's refusal to its caller."""
+    refuse = _RefusingAsyncEngine(lambda prompt, p: ValueError("no logit_bias here") if p.logit_bias else None)
+    *_pieces, last = _async_outputs(refuse)
     assert last.finished and last.token_ids == [10 + i % 5 for i in range(60)] and last.report["errors"] == 1
+
+
+def test_what_the_guard_cannot_absorb_still_reaches_the_async_caller():
+    """A refusal of the caller's own request is the caller's error, and an engine that died takes no rest of the
+    request: both are raised, not passed off as a guarded output."""
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    own = _RefusingAsyncEngine(lambda prompt, p: ValueError("bad request") if isinstance(prompt, str) else None)
+    with pytest.raises(ValueError, match="bad request"):
+        _async_outputs(own)
+    from repguard import metrics
+
+    errors = metrics.ERRORS.labels("loop", "rollback")
+    before = errors._value.get()
+    dead = _RefusingAsyncEngine(lambda prompt, p: None if isinstance(prompt, str) else EngineDeadError())
+    with pytest.raises(EngineDeadError):
+        _async_outputs(dead)
+    assert errors._value.get() == before, "not counted as a guard that failed open"

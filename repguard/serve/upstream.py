@@ -49,8 +49,9 @@ from . import metrics as server_metrics
 from ..config import GuardConfig
 from ..errors import ConfigError, RepGuardError
 from ..repair import WIRE_KEY
-from ..request_guard import (RESUBMISSION_KEY, RequestGuard, Submission, after_context, decode_context, derive_seed,
-                             end_text, find_stop, neurons_off_config, submission_bias, submission_salt, text_ids)
+from ..request_guard import (RESUBMISSION_KEY, BiasLimitError, RequestGuard, Submission, after_context, decode_context,
+                             derive_seed, end_text, find_stop, neurons_off_config, submission_bias, submission_salt,
+                             text_ids)
 from ..rollback import RollbackConfig, RollbackPolicy
 from .schemas import rollback_fields
 from .router import CLIENT_CLOSED, DISCONNECT_POLL_S, APIError, SafeJSONResponse, dumps, openai_route
@@ -352,15 +353,16 @@ class GuardedCall:
         self.resp = await self._open(self.sub)
 
     async def _resubmit(self) -> None:
-        """Open the guard's next submission (``sub`` None: the request is over). One the upstream refuses (4xx)
-        is the guard's setting it does not take: the request goes on unguarded (``RequestGuard.refused``)."""
+        """Open the guard's next submission (``sub`` None: the request is over). One the upstream refuses as a bad
+        request (400, 422: a setting of the guard's it does not take), or whose bias would pass the engine's limit,
+        leaves the request unguarded from there (``RequestGuard.refused``)."""
         while (sub := self.rg.next_submission()) is not None:
             self.sub = sub
             try:
                 self.resp = await self._open(sub)
                 return
-            except APIError as exc:
-                if not 400 <= exc.status < 500 or not self.rg.refused(sub):
+            except (APIError, BiasLimitError) as exc:
+                if isinstance(exc, APIError) and exc.status not in (400, 422) or not self.rg.refused(sub):
                     raise
         self.sub = None
 

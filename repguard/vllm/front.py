@@ -37,6 +37,7 @@ logprobs on resubmissions.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -263,6 +264,11 @@ def _status(worker_obj) -> dict:
     return {"neurons": guard is not None and not guard.broken, "repair": repair}
 
 
+def _engine_dead(exc: BaseException) -> bool:
+    """vLLM's engine is gone (``EngineDeadError``): no resubmission can run, so nothing fails open."""
+    return any(c.__name__ == "EngineDeadError" for c in type(exc).__mro__)
+
+
 def _first_output(out):
     return out.outputs[0] if out.outputs else None
 
@@ -334,9 +340,11 @@ class GuardedLLM(_Front):
                     self.engine.add_request(rid, self._prompt(r["prompt"], r["ids"], sub),
                                             self._sub_params(r["params"], sub, RequestOutputKind.DELTA,
                                                              len(r["ids"] or []), rg.policy.config))
-                except Exception:
-                    if not rg.refused(sub):  # a resubmission the engine refuses: the request goes on unguarded
+                except Exception as exc:
+                    if _engine_dead(exc) or not rg.refused(sub):  # a refused resubmission: on unguarded
                         raise
+                    with contextlib.suppress(Exception):  # in case the engine took it in before refusing
+                        self.engine.abort_request([rid])
                     continue
                 live[rid] = (i, sub)
                 return
@@ -558,8 +566,8 @@ class GuardedAsyncLLM(_Front):
                             yield GuardedOutput(request_id, prompt_ids, [], "", False, None, new_token_ids=new)
                         if cancel or out.finished:
                             break
-                except Exception:
-                    if started or not rg.refused(sub):  # a resubmission the engine refuses: on unguarded
+                except Exception as exc:
+                    if started or _engine_dead(exc) or not rg.refused(sub):  # a refused resubmission: on unguarded
                         raise
                 finally:
                     if gen is not None:
