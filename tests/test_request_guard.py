@@ -648,3 +648,22 @@ def test_a_caller_bias_at_the_limit_leaves_no_room_for_the_guards_step_and_says_
     room = dict(list(own.items())[:-1])  # room for one more: the ban, before any carried penalty
     bias = submission_bias(room, sub, presence=0.0, frequency=1.0)
     assert set(bias) == set(room) | {6000} and bias[3] == -1.5 and bias[4] == 0.5
+
+
+def test_a_one_token_step_running_when_the_guard_fails_does_not_end_the_request_early():
+    """The guard fails while its one-token ban step runs: that step's token is passed through, and the request
+    goes on unguarded for the rest of its budget (it ended at "length" after that one token)."""
+    g = RequestGuard(RollbackPolicy(), max_new_tokens=80)
+    first = g.next_submission()
+    g.feed(first, [1, 2] + [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16] * 3)
+    step = g.next_submission()
+    assert step.max_tokens == 1
+    try:
+        raise RuntimeError("a fault inside the guard")
+    except RuntimeError:
+        g._fail(step)
+    g.feed(step, [99])
+    g.end(step, "length")
+    assert not g.done and g.tokens == list(step.generated) + [99]
+    rest = g.next_submission()
+    assert rest.plain and rest.max_tokens == 80 - len(step.generated) - 1
