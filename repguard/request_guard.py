@@ -102,8 +102,9 @@ def neurons_off_config(config: GuardConfig) -> str:
 def carried_bias(generated: Sequence[int], presence: float | None, frequency: float | None) -> dict[int, float]:
     """The logit bias that carries an engine's presence and frequency penalties over the tokens a resubmission
     sends as prompt (``Submission.generated``). An engine counts those penalties over its request's output only,
-    so after a rollback the kept text went unpenalised. Frequency is carried exactly; a kept token that the
-    resubmission outputs again gets the presence penalty twice (the engine's own and this one).
+    so after a rollback the kept text went unpenalised. Frequency is carried exactly where the request's
+    repetition penalty is 1 (an engine scales a biased logit by it); a kept token that the resubmission outputs
+    again gets the presence penalty twice (the engine's own and this one).
 
     >>> carried_bias([5, 6, 5], presence=0.5, frequency=0.25)
     {5: -1.0, 6: -0.75}
@@ -250,7 +251,7 @@ class Submission:
     bias: dict[int, float] | None  # logit bias for this (one-token) step; -inf bans
     neurons_off: bool  # the pass wants the mapped neurons off throughout (where the engine runs them)
     repair: EngineRepair | None = None  # engine_repair: what the engine applies at every step (skip 0, see below)
-    plain: bool = False  # the rest of a request whose guard failed: nothing of the guard's own (no bias)
+    plain: bool = False  # the rest of a request whose guard failed: nothing of the guard's own (no ban, no repair)
 
     def engine_repair(self, prompt_len: int) -> EngineRepair | None:
         """``repair`` for an engine whose request is the caller's ``prompt_len`` prompt tokens + ``generated``."""
@@ -640,7 +641,6 @@ class RequestGuard:
         self._current = None
 
 
-__all__ = ["BiasLimitError", "EngineRepair", "MAX_BIAS_TOKENS", "RequestGuard", "Submission", "add_bias", "after_context",
-           "carried_bias", "check_request_config", "decode_context",
-           "decode_output", "derive_seed", "end_text", "find_stop", "neurons_off_config", "submission_bias",
-           "submission_salt", "text_ids"]
+__all__ = ["BiasLimitError", "EngineRepair", "MAX_BIAS_TOKENS", "RequestGuard", "Submission", "add_bias",
+           "after_context", "carried_bias", "check_request_config", "decode_context", "decode_output", "derive_seed",
+           "end_text", "find_stop", "neurons_off_config", "submission_bias", "submission_salt", "text_ids"]

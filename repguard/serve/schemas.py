@@ -71,12 +71,13 @@ def rollback_fields(raw: dict[str, Any]) -> tuple[dict[str, Any], bool | None, i
     return fields, rollback, holdback, None
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """A JSON number (not a boolean)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _same(value: Any, no_op: Any) -> bool:
-    if _is_number(value) and _is_number(no_op):
+    if is_number(value) and is_number(no_op):
         return value == no_op
     return type(value) is type(no_op) and value == no_op
 

@@ -53,7 +53,7 @@ from ..request_guard import (RESUBMISSION_KEY, BiasLimitError, RequestGuard, Sub
                              derive_seed, end_text, find_stop, neurons_off_config, submission_bias, submission_salt,
                              text_ids)
 from ..rollback import RollbackConfig, RollbackPolicy
-from .schemas import rollback_fields
+from .schemas import is_number, rollback_fields
 from .router import CLIENT_CLOSED, DISCONNECT_POLL_S, APIError, SafeJSONResponse, dumps, openai_route
 from .settings import ServeSettings
 
@@ -262,13 +262,13 @@ def _token_id(key: Any) -> bool:
 
 def _number(value: Any) -> float | None:
     """A sampling setting the upstream accepted: a number, else None (a value it refused never gets here)."""
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    return float(value) if is_number(value) else None
 
 
 def _greedy(body: dict[str, Any]) -> bool:
     """Only an explicit temperature 0 is greedy (without one, vLLM uses the model's default)."""
     t = body.get("temperature")
-    return isinstance(t, (int, float)) and not isinstance(t, bool) and t < 1e-5
+    return is_number(t) and t < 1e-5
 
 
 class GuardedCall:
@@ -711,7 +711,7 @@ class UpstreamProxy:
                            param="include_reasoning", code="unsupported_with_guard")
         bias = body.get("logit_bias")
         if bias is not None and (not isinstance(bias, dict) or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and _token_id(k) for k, v in bias.items())):
+                is_number(v) and _token_id(k) for k, v in bias.items())):
             raise APIError(400, "logit_bias: expected an object of token id -> number", param="logit_bias",
                            code="invalid_value")
 
