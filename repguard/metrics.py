@@ -8,6 +8,8 @@ incremented inside vLLM worker processes).
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
@@ -66,6 +68,25 @@ ALL = (
 
 ERROR_SITES = ("observe", "deactivate", "penalty", "rollback")
 
+log = logging.getLogger("repguard")
+_write_failed = False
+
+
+def never_raises(record):
+    """Metrics never take a generation or an engine down: a write that fails (a multiprocess folder that is
+    missing or full, say) is logged once per process and dropped."""
+    @functools.wraps(record)
+    def safe(*args, **kwargs) -> None:
+        global _write_failed
+        try:
+            record(*args, **kwargs)
+        except Exception:
+            if not _write_failed:
+                _write_failed = True
+                log.exception("repguard: could not write a metric; generation goes on, and metrics that fail to "
+                              "write are dropped (logged once)")
+    return safe
+
 
 def metric_names(metrics=ALL) -> set[str]:
     """Every sample name ``metrics`` can export (default: the guard's own; ``repguard.serve.metrics.
@@ -82,13 +103,16 @@ def metric_names(metrics=ALL) -> set[str]:
     return names
 
 
+@never_raises
 def set_info(model: str, neuron_map: str) -> None:
     INFO.labels(version=__version__, model=model, neuron_map=neuron_map).set(1)
 
 
+@never_raises
 def init_model(model: str) -> None:
     """Create every labelled series of ``model`` at zero, so dashboards show 0 rather than "no data"."""
-    for metric in (REQUESTS_GUARDED, LOOPS_DETECTED, INTERVENTION_TOKENS, GENERATED_TOKENS, ROLLBACKS, ROLLBACK_TOKENS):
+    for metric in (REQUESTS_GUARDED, LOOPS_DETECTED, INTERVENTION_TOKENS, GENERATED_TOKENS, ROLLBACKS, ROLLBACK_TOKENS,
+                   DETECTION_POSITION, OVERHEAD):
         metric.labels(model)
     for level in LEVELS:
         INTERVENTIONS.labels(model, level)
@@ -96,6 +120,7 @@ def init_model(model: str) -> None:
         ERRORS.labels(model, where)
 
 
+@never_raises
 def record_report(model: str, report) -> None:
     """Count one finished sequence's report (a ``SequenceReport``). A sequence the guard failed open on (its
     report has errors) ran unguarded from there: it is counted in ``guard_errors_total`` where the fault was,
@@ -114,12 +139,26 @@ def record_report(model: str, report) -> None:
         INTERVENTION_TOKENS.labels(model).inc(report.tokens_under_intervention)
 
 
+@never_raises
 def record_rollback(model: str, rollbacks: int, discarded_tokens: int) -> None:
     """Count one finished sequence's rollbacks and the decoded tokens they discarded."""
     if rollbacks:
         ROLLBACKS.labels(model).inc(rollbacks)
     if discarded_tokens:
         ROLLBACK_TOKENS.labels(model).inc(discarded_tokens)
+
+
+@never_raises
+def record_error(model: str, where: str) -> None:
+    """Count one fault of the guard at ``where`` (``ERROR_SITES``, "unavailable", "repair"); the guard went on
+    unguarded there."""
+    ERRORS.labels(model, where).inc()
+
+
+@never_raises
+def record_overhead(model: str, seconds_per_step: float) -> None:
+    """The guard's own time per decoding step of one generation."""
+    OVERHEAD.labels(model).observe(seconds_per_step)
 
 
 def registry() -> CollectorRegistry:

@@ -351,7 +351,7 @@ class GuardRuntime:
             if first:
                 log.warning("repguard: %s; %s", where, consequence)
             return
-        metrics.ERRORS.labels(model_name, where).inc()
+        metrics.record_error(model_name, where)
         if first:
             log.exception("repguard: guard failed in %s; %s", where, consequence)
 

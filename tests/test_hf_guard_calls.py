@@ -240,3 +240,102 @@ def test_custom_generate_reads_the_last_token_as_the_wrapped_generate_does():
     out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=cfg,
                          custom_generate=custom_generate)
     assert wrapped == [10, 10] and [r.tokens_observed for r in out.repguard_reports] == wrapped
+
+
+def test_a_generation_config_passed_positionally_is_read_as_one_passed_by_name():
+    """``model.generate(ids, GenerationConfig(...))``: the guard reads the config there too, so a setting it
+    cannot follow is refused and the config's own EOS ends rows."""
+    from transformers import GenerationConfig
+
+    model = tiny_model()
+    ids, _ = looping_prompt(model)
+    with guard(model, random_map(model)) as g:
+        with pytest.raises(ConfigError, match="beam search"):
+            model.generate(ids, GenerationConfig(num_beams=2, max_new_tokens=8, pad_token_id=0))
+        assert not g.reports
+    own = int(gen(model, ids)[0, ids.shape[1] + 2])
+    stop = GuardConfig(deactivate=False, escalate=False, stop_after=1)
+    with guard(model, random_map(model), stop) as g:
+        out = model.generate(ids, GenerationConfig(max_new_tokens=NEW, do_sample=False, pad_token_id=0,
+                                                   eos_token_id=own), attention_mask=torch.ones_like(ids))
+    generated = out[0, ids.shape[1]:].tolist()
+    assert generated.index(own) == 2 and g.reports[0].tokens_observed <= 3 and not g.reports[0].fired
+
+
+def _custom(model, ids, mask=None, stopping_criteria=None, **config):
+    from transformers import GenerationConfig
+
+    from repguard.hf.generate import custom_generate
+
+    cfg = GenerationConfig(**{"max_new_tokens": NEW, "do_sample": False, "pad_token_id": 0, **config},
+                           repguard={"preset": "default"}, repguard_map=random_map(model))
+    return model.generate(ids, attention_mask=torch.ones_like(ids) if mask is None else mask, generation_config=cfg,
+                          custom_generate=custom_generate, stopping_criteria=stopping_criteria)
+
+
+def test_custom_generate_ends_rows_where_the_call_ends_them():
+    """A row ended by the call's own EOS, or by the caller's stopping criteria, is padded from there while the
+    other rows go on: the guard does not read that padding as a loop (it did: a report of a loop, and the
+    neuron step, on a row that had ended)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    from conftest import padded_batch
+
+    class RowZeroAfterThree(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+            done[0] = input_ids.shape[1] - width >= 3
+            return done
+
+    model = tiny_model()
+    ids, mask = padded_batch([4, 6, 5, 6])
+    width = ids.shape[1]
+    plain = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    own = int(plain[0, width + 2])
+    assert own not in plain[1:, width:].flatten().tolist()[:10], "precondition: only row 0 ends early"
+    for out in (_custom(model, ids, mask, eos_token_id=own),
+                _custom(model, ids, mask, stopping_criteria=StoppingCriteriaList([RowZeroAfterThree()]))):
+        generated = out[0, width:].tolist()
+        assert len(generated) > 10 and set(generated[3:]) == {0}  # row 0 ended, the others went on
+        report = out.repguard_reports[0]
+        assert not report.fired and report.tokens_observed <= 3 and not report.actions
+
+
+@pytest.mark.parametrize("config, named", [
+    ({"penalty_alpha": 0.6, "top_k": 4}, "contrastive search"),
+    ({"num_beams": 2}, "beam search"),
+    ({"prompt_lookup_num_tokens": 3}, "assisted generation"),
+])
+def test_custom_generate_refuses_decoding_it_does_not_run(config, named):
+    model = tiny_model()
+    with pytest.raises(ConfigError, match=named):
+        _custom(model, prompts(), **config)
+
+
+def test_metrics_that_cannot_be_written_do_not_take_generation_down(monkeypatch, caplog):
+    """A metrics store that fails (a multiprocess folder removed under a running server, say): the guarded
+    generation returns as it would have, and the failure is logged once."""
+    from repguard import metrics
+    from repguard.hf.rollback import generate_with_rollback
+
+    def broken(*args, **kwargs):
+        raise FileNotFoundError("counter_1.db")
+
+    model = tiny_model()
+    ids = prompts()
+    with guard(model, random_map(model)) as g:
+        want = gen(model, ids)
+        reports = [r.to_dict() for r in g.reports]
+    want_rb = generate_with_rollback(model, ids, torch.ones_like(ids), neuron_map=random_map(model),
+                                     max_new_tokens=NEW, do_sample=False, pad_token_id=0).sequences
+    monkeypatch.setattr(metrics, "_write_failed", False)
+    for metric in metrics.ALL:
+        monkeypatch.setattr(metric, "labels", broken)
+    with caplog.at_level("ERROR", logger="repguard"):
+        with guard(model, random_map(model)) as g:
+            assert torch.equal(gen(model, ids), want)
+        assert [r.to_dict() for r in g.reports] == reports
+        out = generate_with_rollback(model, ids, torch.ones_like(ids), neuron_map=random_map(model),
+                                     max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+        assert out.sequences == want_rb
+    assert sum("could not write a metric" in r.getMessage() for r in caplog.records) == 1

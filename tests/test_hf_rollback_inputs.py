@@ -4,7 +4,8 @@ are refused by name before anything is decoded."""
 
 import pytest
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
 from conftest import padded_batch, random_map, tiny_model
 from repguard.errors import ConfigError
@@ -75,6 +76,8 @@ def test_rows_ended_by_stopping_criteria_come_back_without_padding():
     ((torch.ones(2, 4).long(),), {"num_return_sequences": 3, "do_sample": True}, "num_return_sequences"),
     ((torch.ones(2, 4).long(),), {"return_dict_in_generate": True}, "return_dict_in_generate"),
     ((torch.ones(2, 4).long(),), {"output_scores": True, "overlap": False}, "output_scores"),
+    ((torch.ones(2, 4).long(),), {"max_length": 4}, "max_length: 4 leaves no new token"),
+    ((torch.ones(2, 4).long(),), {"streamer": object()}, "streamer: a transformers streamer takes one row"),
 ])
 def test_inputs_it_cannot_run_are_refused_by_name(args, kwargs, named):
     model = tiny_model()
@@ -83,3 +86,53 @@ def test_inputs_it_cannot_run_are_refused_by_name(args, kwargs, named):
     with pytest.raises(ConfigError, match=named):
         generate_with_rollback(model, *args, neuron_map=random_map(model), **kwargs)
     assert not calls
+
+
+@pytest.mark.parametrize("case", ["nothing", "max_length", "call config", "model config"])
+def test_the_length_is_read_as_generate_reads_it(case):
+    """Without ``max_new_tokens`` every row gets what ``generate`` would give the same call: its ``max_length``
+    (prompt included), its config's ``max_new_tokens``, the model's, or generate's default 20."""
+    model = tiny_model()
+    ids, mask = padded_batch([4, 6, 5, 6])
+    kwargs = {"max_length": 12} if case == "max_length" else {}
+    if case == "call config":
+        kwargs["generation_config"] = GenerationConfig(max_new_tokens=7, do_sample=False, pad_token_id=0, eos_token_id=EOS)
+    else:
+        kwargs.update(do_sample=False, pad_token_id=0)
+    if case == "model config":
+        model.generation_config.max_new_tokens = 9
+    plain = model.generate(ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:].tolist()
+    want = {"nothing": 20, "max_length": 12 - ids.shape[1], "call config": 7, "model config": 9}[case]
+    assert max(len(r) for r in plain) == want
+    out = generate_with_rollback(model, ids, mask, neuron_map=random_map(model, 32, 64), **kwargs)
+    # Too short for the paper's criterion to confirm a loop: every row is the plain text, at its length.
+    assert out.sequences == [_cut(r) for r in plain] and not any(out.rollbacks)
+
+
+class _Recorder(BaseStreamer):
+    def __init__(self) -> None:
+        self.puts: list[list[int]] = []
+        self.ended = 0
+
+    def put(self, value) -> None:
+        self.puts.append(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        self.ended += 1
+
+
+def test_a_transformers_streamer_gets_the_final_tokens_only():
+    """``streamer=`` works as with ``generate``: the prompt first, then the text as it is released, which is
+    the returned text (a rolled-back copy is never streamed), and ``end()`` once."""
+    model = tiny_model()
+    ids = torch.randint(3, 256, (6, 6), generator=torch.Generator().manual_seed(3))
+    for i in range(len(ids)):
+        row = ids[i : i + 1]
+        streamer = _Recorder()
+        out = generate_with_rollback(model, row, neuron_map=random_map(model, 32, 64), max_new_tokens=NEW,
+                                     do_sample=False, pad_token_id=0, streamer=streamer, holdback=12)
+        assert streamer.puts[0] == row[0].tolist() and streamer.ended == 1
+        assert sum(streamer.puts[1:], []) == out.sequences[0] and len(streamer.puts) > 2
+        if out.rollbacks[0]:
+            return
+    pytest.fail("no row of the batch rolled back")

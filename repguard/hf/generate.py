@@ -22,24 +22,33 @@ from ..errors import ConfigError
 from .guard import Guard
 
 
+# Criteria every ``generate`` call holds; any other one (stop strings, the caller's own) ends rows early.
+_OWN_CRITERIA = ("MaxLengthCriteria", "EosTokenCriteria", "MaxTimeCriteria")
+
+
 def custom_generate(model, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs):
     """A ``custom_generate`` callable for ``model.generate`` (transformers >= 4.57)."""
     from transformers.generation.utils import GenerationMixin
 
-    if getattr(generation_config, "num_beams", 1) not in (None, 1):
-        raise ConfigError("repguard: beam search is not supported (rows are reordered between steps); use num_beams=1")
+    mode = generation_config.get_generation_mode(model_kwargs.get("assistant_model"))
+    if mode.name not in ("GREEDY_SEARCH", "SAMPLE"):
+        raise ConfigError(f"repguard: custom_generate runs greedy or sampled decoding only, and this call asks for "
+                          f"{mode.name.lower().replace('_', ' ')} (rows reordered or several tokens per step); "
+                          "use num_beams=1 and no assistant, penalty_alpha or dola_layers")
     settings = getattr(generation_config, "repguard", None)
     nmap = getattr(generation_config, "repguard_map", None)
     rows = None
     if isinstance(settings, (list, tuple)):
         rows, settings = list(settings), None
     config = settings if isinstance(settings, GuardConfig) else GuardConfig.from_dict(settings)
+    own_stops = [c for c in stopping_criteria or () if type(c).__name__ not in _OWN_CRITERIA]
     with Guard(model, nmap, config) as g:
         if rows is not None:
             g.configure_rows(rows)
-        # The rows are expanded for num_return_sequences already; beam search was refused above.
-        call = {"input_ids": input_ids, "num_return_sequences": 1,
-                "stop_strings": getattr(generation_config, "stop_strings", None)}
+        # The rows are expanded for num_return_sequences already; beam search was refused above. The call's
+        # config gives the guard its end tokens; criteria of the caller's end rows, which are padded from there.
+        call = {"input_ids": input_ids, "num_return_sequences": 1, "generation_config": generation_config,
+                "stopping_criteria": own_stops or None}
         with g.generation((), call):
             out = GenerationMixin._sample(
                 model, input_ids, logits_processor=logits_processor, stopping_criteria=stopping_criteria,

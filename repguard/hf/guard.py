@@ -30,6 +30,7 @@ rest of that generation: generation itself continues, unguarded.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import time
 from contextlib import contextmanager
@@ -47,6 +48,26 @@ from ..runtime import GuardRuntime, LateRead, host_read, token_id_list
 from .introspect import act_modules, arch_of, fingerprint, home_device, layer_devices, shape_of, weight_digest
 
 log = logging.getLogger("repguard")
+
+
+def named_call(generate, args: tuple, kwargs: dict) -> dict:
+    """A ``generate`` call's arguments by name: ``model.generate(ids, GenerationConfig(...))`` passes its
+    config positionally, and the guard must read it there too. The call as given where it does not bind
+    (``generate`` then raises its own error)."""
+    if not args:
+        return kwargs
+    try:
+        bound = inspect.signature(generate).bind_partial(*args, **kwargs)
+    except (TypeError, ValueError):
+        return kwargs
+    named: dict = {}
+    for name, value in bound.arguments.items():
+        kind = bound.signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        elif kind is not inspect.Parameter.VAR_POSITIONAL:
+            named[name] = value
+    return named
 
 
 def call_setting(model, kwargs: dict, key: str, default=None):
@@ -269,7 +290,7 @@ class Guard:
 
         @functools.wraps(inner)
         def generate(*args, **kwargs):
-            with guard.generation(args, kwargs):
+            with guard.generation((), named_call(inner, args, kwargs)):
                 out = inner(*args, **kwargs)
                 guard._observe_last(out)
                 return out
@@ -535,7 +556,7 @@ class Guard:
         for report in self._reports if self.record_metrics else ():
             metrics.record_report(self.model_name, report)
         if self.steps:
-            metrics.OVERHEAD.labels(self.model_name).observe(self.overhead_seconds / max(1, self.steps))
+            metrics.record_overhead(self.model_name, self.overhead_seconds / max(1, self.steps))
 
 
 def guard(model, neuron_map: NeuronMap | str | None = None, config: GuardConfig | dict | None = None, **kwargs) -> Guard:

@@ -35,6 +35,7 @@ with finish reason "repetition".
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import numbers
@@ -407,6 +408,13 @@ def _trim(ids: list[int], eos: set[int], stop_pad: int | None = None) -> list[in
 _OUTPUTS = ("return_dict_in_generate", "output_scores", "output_logits", "output_attentions", "output_hidden_states")
 
 
+def _check_budget(max_new_tokens) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral):
+        raise ConfigError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+
+
 def _check_inputs(model, input_ids, attention_mask, max_new_tokens, generate_kwargs) -> None:
     """ConfigError naming the argument for inputs ``generate_with_rollback`` cannot run."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
@@ -418,10 +426,9 @@ def _check_inputs(model, input_ids, attention_mask, max_new_tokens, generate_kwa
         raise ConfigError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got {shape}")
     if attention_mask is not None and input_ids.shape[1] and bool((attention_mask.sum(dim=1) == 0).any()):
         raise ConfigError("attention_mask: a row has no prompt token (every position masked)")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral):
-        raise ConfigError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if max_new_tokens is not None:  # None: as generate reads the call (``_budget``)
+        _check_budget(max_new_tokens)
+
     def setting(key):
         return call_setting(model, generate_kwargs, key)
 
@@ -432,6 +439,76 @@ def _check_inputs(model, input_ids, attention_mask, max_new_tokens, generate_kwa
         if setting(key):
             raise ConfigError(f"{key}: rollback returns each row's final tokens and report (RollbackOutput), not "
                               "generate's scores or hidden states; drop the setting")
+
+
+def _generate(model, ids, mask, kwargs: dict, **settings):
+    """``model.generate`` for one pass with the call's own arguments ``kwargs`` and the executor's ``settings``.
+    Where the call gave a ``generation_config``, the settings that are its fields go on a copy of it, as
+    ``generate`` itself would merge them (passing both is deprecated in transformers and warns)."""
+    call = {**kwargs, **settings}
+    config = call.pop("generation_config", None)
+    if config is not None:
+        config = copy.deepcopy(config)
+        call = config.update(**call)  # sets the fields, returns the rest (processors, streamer, model inputs)
+        call["generation_config"] = config
+    return model.generate(ids, attention_mask=mask, **call)
+
+
+# What ``generate`` gives when nothing sets a length: 20 new tokens; transformers before 5 also read a
+# ``max_length`` equal to its default 20 as 20 new tokens.
+_DEFAULT_NEW_TOKENS = 20
+
+
+def _budget(model, width: int, generate_kwargs: dict) -> int:
+    """The new tokens per row that ``generate`` would give this call (``max_new_tokens`` not given): the
+    call's or its config's ``max_new_tokens``, else its ``max_length`` (prompt width included), else 20.
+    Pops ``max_length`` from the call: each pass gets its own ``max_new_tokens``."""
+    from transformers import GenerationConfig
+
+    own = generate_kwargs.get("generation_config")
+    model_config = getattr(model, "generation_config", None)
+
+    def setting(key):
+        for source in (own, model_config):  # a call's config takes its unset fields from the model's
+            value = getattr(source, key, None) if source is not None else None
+            if value is not None:
+                return value
+        return None
+
+    total = generate_kwargs.pop("max_length", None)
+    if total is None:
+        new = setting("max_new_tokens")
+        if new is not None:
+            return new
+        total = setting("max_length")
+        if total is not None and total == GenerationConfig().max_length:
+            total = None  # the library's default length: new tokens, as generate reads it
+    if total is None:
+        limit = getattr(model.config, "max_position_embeddings", None)
+        return min(_DEFAULT_NEW_TOKENS, limit - width) if limit else _DEFAULT_NEW_TOKENS
+    if isinstance(total, bool) or not isinstance(total, numbers.Integral) or total <= width:
+        raise ConfigError(f"max_length: {total!r} leaves no new token after the prompt's {width} positions; set "
+                          "max_new_tokens (or a larger max_length)")
+    return int(total) - width
+
+
+class _Streamer:
+    """A transformers streamer (``TextStreamer``, ``TextIteratorStreamer``) fed as ``on_tokens``: the prompt
+    first, as ``generate`` does, then each batch of released tokens, which are final (rolled-back text is
+    never streamed), and ``end()`` when the call returns or raises."""
+
+    def __init__(self, streamer, input_ids: torch.Tensor) -> None:
+        if input_ids.shape[0] != 1:
+            raise ConfigError(f"streamer: a transformers streamer takes one row, got {input_ids.shape[0]}; stream a "
+                              "batch with on_tokens(row, tokens)")
+        self.streamer = streamer
+        streamer.put(input_ids.cpu())
+
+    def __call__(self, row: int, tokens: list[int]) -> None:
+        self.streamer.put(torch.tensor(tokens, dtype=torch.long))
+
+    def end(self) -> None:
+        self.streamer.end()
 
 
 def _inferred_mask(input_ids: torch.Tensor, pad: int | None, eos) -> torch.Tensor:
@@ -450,7 +527,7 @@ def generate_with_rollback(
     *,
     neuron_map=None,
     config: GuardConfig | dict | None = None,
-    max_new_tokens: int = 200,
+    max_new_tokens: int | None = None,
     max_rollbacks: int = 2,
     precise_trigger: bool = True,
     model_name: str | None = None,
@@ -471,6 +548,11 @@ def generate_with_rollback(
     if overlap not in (None, True, False):
         raise ConfigError(f"overlap must be None, True or False, got {overlap!r}")
     _check_inputs(model, input_ids, attention_mask, max_new_tokens, generate_kwargs)
+    if max_new_tokens is None:
+        max_new_tokens = _budget(model, input_ids.shape[1], generate_kwargs)
+        _check_budget(max_new_tokens)
+    else:
+        generate_kwargs.pop("max_length", None)  # max_new_tokens takes precedence, as in generate
     max_new_tokens = int(max_new_tokens)  # a numpy integer, say
     cfg = config if isinstance(config, GuardConfig) else GuardConfig.from_dict(config)
     if not isinstance(max_rollbacks, int) or max_rollbacks < 0:
@@ -487,8 +569,21 @@ def generate_with_rollback(
                                   "holdback": holdback, **(repair or {}), **(rollback or {})})
     if on_tokens is not None and not callable(on_tokens):
         raise ConfigError(f"on_tokens must be a callable (row, tokens), got {type(on_tokens).__name__}")
-    if on_tokens is not None and generate_kwargs.get("streamer") is not None:
+    streamer = generate_kwargs.pop("streamer", None)
+    if on_tokens is not None and streamer is not None:
         raise ConfigError("pass on_tokens or streamer, not both: rollback streams through on_tokens")
+    if streamer is not None:
+        streamer = on_tokens = _Streamer(streamer, input_ids)
+    try:
+        return _generate_with_rollback(model, input_ids, attention_mask, neuron_map, cfg, policy, max_new_tokens,
+                                       model_name, on_tokens, overlap, generate_kwargs)
+    finally:
+        if streamer is not None:
+            streamer.end()
+
+
+def _generate_with_rollback(model, input_ids, attention_mask, neuron_map, cfg, policy, max_new_tokens, model_name,
+                            on_tokens, overlap, generate_kwargs) -> RollbackOutput:
     # A generation config the caller passes wins over the model's, as in ``generate``; the call's own
     # arguments win over both.
     gen = generate_kwargs.get("generation_config") or model.generation_config
@@ -558,11 +653,8 @@ def generate_with_rollback(
                          [s.rollbacks for s in states], g.form)
     for tokens, report, rollbacks in zip(out.sequences, out.reports, out.rollbacks):
         kept = len(tokens) - bool(tokens and tokens[-1] in g.eos)  # the guard never observes an end token
-        try:
-            metrics.record_report(g.model_name, report)
-            metrics.record_rollback(g.model_name, rollbacks, max(0, report.tokens_observed - kept))
-        except Exception:  # metrics never take a generation down
-            log.exception("repguard: could not record metrics")
+        metrics.record_report(g.model_name, report)
+        metrics.record_rollback(g.model_name, rollbacks, max(0, report.tokens_observed - kept))
     return out
 
 
@@ -590,8 +682,8 @@ def _unguarded(model, input_ids, attention_mask, prompts, given, complete, pad, 
         if min_new:  # counted over each row's whole text: the tokens it handed out count
             processors.append(_MinNewTokens(None, [SimpleNamespace(kept=g) for g in given], width, min_new,
                                             sorted(eos)))
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=max(1, budget), pad_token_id=pad,
-                         logits_processor=LogitsProcessorList(processors), **kwargs)
+    out = _generate(model, ids, mask, kwargs, max_new_tokens=max(1, budget), pad_token_id=pad,
+                    logits_processor=LogitsProcessorList(processors))
     finals = []
     for i, g in enumerate(given):
         ended = complete[i] or (bool(g) and g[-1] in eos)
@@ -635,8 +727,8 @@ def _run_passes(model, g: Guard, input_ids, attention_mask, prompts, states, pad
             streamer = _Release([states[r] for r in pending], list(pending), eos, release, stop_pad)
         caps = [len(prompts[r]) + states[r].max_new_tokens - 1 for r in pending]
         with _prepare_wrapped(model, _position_cap(model, caps, device)):
-            out = model.generate(ids, attention_mask=mask, max_new_tokens=step_max, pad_token_id=pad,
-                                 logits_processor=processors, streamer=streamer, **kwargs)
+            out = _generate(model, ids, mask, kwargs, max_new_tokens=step_max, pad_token_id=pad,
+                            logits_processor=processors, streamer=streamer)
         still = []
         with _step():
             for i, r in enumerate(pending):
@@ -713,8 +805,8 @@ def _run_in_place(model, g: Guard, input_ids, attention_mask, prompts, states, p
     caps = [len(p) + max_new_tokens - 1 for p in prompts]
     try:
         with _prepare_wrapped(model, step.prepare, _position_cap(model, caps, input_ids.device)):
-            model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=limit, pad_token_id=pad,
-                           logits_processor=processors, **generate_kwargs)
+            _generate(model, input_ids, attention_mask, generate_kwargs, max_new_tokens=limit, pad_token_id=pad,
+                      logits_processor=processors)
     finally:
         g.reserve([])
     step.close()

@@ -610,7 +610,7 @@ class EngineGuard:
             # rank stops together there (``_observe``). Stopping here alone would leave the others waiting in it.
             first, self._fault = not self._fault, True
             if first:
-                metrics.ERRORS.labels(self.model_name, where).inc()
+                metrics.record_error(self.model_name, where)
                 log.exception("repguard: guard failed in %s on tensor-parallel rank %d of %d; every rank goes on "
                               "unguarded from its next step", where, self.rank, self.world)
             return

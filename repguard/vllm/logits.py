@@ -196,7 +196,7 @@ class RepGuardLogitsProcessor(compat.LogitsProcessor):
             if batch_update is not None and self._wants_guard(batch_update):
                 from .. import metrics
 
-                metrics.ERRORS.labels(compat.model_label(self.vllm_config), "unavailable").inc()
+                metrics.record_error(compat.model_label(self.vllm_config), "unavailable")
             return
         configs: dict[int, GuardConfig] = {}
         if batch_update is not None:
@@ -301,7 +301,7 @@ def _owner(vllm_config, processor) -> bool:
 def _fail_once(processor, what: str, exc_info: bool = False) -> None:
     from .. import metrics
 
-    metrics.ERRORS.labels(compat.model_label(processor.vllm_config), "repair").inc()
+    metrics.record_error(compat.model_label(processor.vllm_config), "repair")
     if not processor._repair_failed:
         processor._repair_failed = True
         log.warning("repguard: %s; such requests continue without the repair (logged once)", what, exc_info=exc_info)
