@@ -438,9 +438,12 @@ class RequestGuard:
         self.submissions += 1
         return self._current
 
-    def feed(self, sub: Submission, tokens: Iterable[int]) -> bool:
+    def feed(self, sub: Submission, tokens: Iterable[int], penalised: bool = False) -> bool:
         """New tokens of ``sub``. Returns True when the adapter must cancel ``sub`` (the guard has moved on:
-        a rollback, a one-token step, or the end of the request); later tokens of it are ignored."""
+        a rollback, a one-token step, or the end of the request); later tokens of it are ignored.
+        ``penalised``: the engine picked the first of ``tokens`` with ``pending_penalties`` added to its
+        logits (an engine that applies them at every step of a greedy request): a pick among them is the
+        re-decode's own, taken as it is rather than decoded again by a one-token step."""
         tokens = [int(t) for t in tokens]
         self.decoded += len(tokens)
         if sub is not self._current:
@@ -450,20 +453,20 @@ class RequestGuard:
             return self._pass_through(tokens)
         taken = len(self._streamed)
         try:
-            return self._feed(sub, tokens)
+            return self._feed(sub, tokens, penalised)
         except Exception:
             rest = tokens[len(self._streamed) - taken:]
             self._fail(sub)
             return self._pass_through(rest)
 
-    def _feed(self, sub: Submission, tokens: list[int]) -> bool:
+    def _feed(self, sub: Submission, tokens: list[int], penalised: bool = False) -> bool:
         seq = self._seq
         state = self.state
-        for token in tokens:
+        for i, token in enumerate(tokens):
             self._streamed.append(token)
             self._bias = self._ban = None
             pending, self._pending = self._pending, None
-            if pending is not None and token in pending:
+            if pending is not None and token in pending and not (penalised and i == 0):
                 # The engine picked a token the policy penalises: decode this position again with the penalties.
                 self._bias = {t: -amount for t, amount in pending.items()}
                 self._current = None
@@ -579,10 +582,7 @@ class RequestGuard:
         if self.broken:
             return
         self.broken = True
-        try:
-            metrics.ERRORS.labels(self.model_name, where).inc()
-        except Exception:  # metrics never take a request down
-            pass
+        metrics.record_error(self.model_name, where)
         log.exception("repguard: the request guard failed; this request continues unguarded")
         try:
             report = self.report

@@ -300,6 +300,43 @@ def test_an_engine_that_runs_the_repair_itself_gives_the_same_tokens_with_one_su
         assert any(s.bias for s in in_engine), "the escalation penalty is applied by a one-token step"
 
 
+def run_applying_pending(guard: RequestGuard, model, log: list) -> None:
+    """Drive ``guard`` like ``repguard serve``'s engine under greedy decoding: one token per step, the guard's
+    ``pending_penalties`` added to every step's logits (the submission's own bias on its first), and each
+    token fed as picked with them."""
+    while (sub := guard.next_submission()) is not None:
+        log.append(sub)
+        seq = PROMPT + list(sub.generated)
+        for made in range(sub.max_tokens):
+            bias = dict(sub.bias or {}) if made == 0 else {}
+            for token, amount in guard.pending_penalties.items():
+                bias[token] = bias.get(token, 0.0) - amount
+            token = model(seq, bias or None)
+            seq.append(token)
+            if guard.feed(sub, [token], penalised=True):
+                break
+        else:
+            guard.end(sub, "length")
+
+
+@pytest.mark.parametrize("rollbacks", [1, 2])
+def test_a_greedy_engine_that_adds_the_pending_penalties_gives_the_same_tokens_without_re_steps(rollbacks):
+    """An engine that adds the guard's pending penalties to a greedy request's every step picks what a
+    one-token step with them would; fed as such (``penalised=True``), its pick is taken, not decoded again:
+    the same tokens, and a rollback costs its ban step and one continuation, not one step per penalised
+    pick (``repguard serve`` restarted the row 49 times for one rollback of a 150-token request)."""
+    cfg = GuardConfig(escalate=False, stop=False)
+    model = fake_model(12)
+    by_resubmission, applying = [], []
+    a = RequestGuard(RollbackPolicy(cfg, max_rollbacks=rollbacks), max_new_tokens=120, greedy=True)
+    run(a, model, chunk=1, log=by_resubmission)
+    b = RequestGuard(RollbackPolicy(cfg, max_rollbacks=rollbacks), max_new_tokens=120, greedy=True)
+    run_applying_pending(b, model, applying)
+    assert b.tokens == a.tokens and b.finish_reason == a.finish_reason and b.rollbacks == a.rollbacks >= 1
+    assert find_repetition(b.tokens) is None
+    assert len(applying) <= 1 + 2 * b.rollbacks < len(by_resubmission)
+
+
 def test_an_engine_repair_is_sent_as_json_and_bad_specs_are_refused_by_name():
     from repguard.repair import EngineRepair
 

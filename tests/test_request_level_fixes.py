@@ -207,7 +207,8 @@ def engine_choice(holdback=None, stream=True, stop=None):
     rg = RequestGuard(policy, 100, eos_ids=[0], greedy=True)
     ch = _Choice(req, 0, [1, 2, 3], "rollback", GuardConfig(), guard=rg, sub=rg.next_submission())
     eng = NS(eos={0}, tokenizer=Tok(), _requeue=lambda c: None, rebatch_steps=0, guard=None, model_name="m",
-             _record=lambda r: None, _announce=lambda c, rep, n: events.append(("finish", c.finish_reason, n)))
+             _record=lambda r: None, _observe_ttft=lambda req: None,
+             _announce=lambda c, rep, n: events.append(("finish", c.finish_reason, n)))
     eng._emit_text = lambda c, text, final: Engine._emit_text(eng, c, text, final)
     tracker = _BatchTracker.__new__(_BatchTracker)
     tracker.tok, tracker.engine = Tok(), eng

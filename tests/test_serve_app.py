@@ -311,3 +311,24 @@ def test_metrics_in_multiprocess_mode(tmp_path):
     assert 'repguard_loops_detected_total{model="m"} 2.0' in text, text
     assert "repguard_server_time_to_first_token_seconds_count" in text
     assert 'repguard_info{' in text
+
+
+def test_a_server_that_has_answered_nothing_shows_every_dashboard_series_at_zero(tiny):
+    """Before its first request a server exports each series a dashboard panel reads, at 0 ("no data" on a fresh
+    server's panels otherwise): the queue gauges, requests answered, their durations and first tokens, loop
+    onsets and the guard's overhead."""
+    folder, nmap = tiny
+    name = "fresh-server-model"
+    fresh = load_settings({"model": str(folder), "neuron_map": str(nmap), "served_model_name": name, "threads": 1},
+                          env={})
+    eng = build_engine(fresh)
+    try:
+        with TestClient(create_app(eng, fresh, close_engine=False)) as c:
+            text = c.get("/metrics").text
+    finally:
+        eng.close(timeout=5)
+    for series in ("repguard_server_queued_requests", "repguard_server_running_requests",
+                   "repguard_server_requests_total", "repguard_server_request_duration_seconds_count",
+                   "repguard_server_time_to_first_token_seconds_bucket", "repguard_detection_position_tokens_bucket",
+                   "repguard_guard_overhead_seconds_count", "repguard_requests_guarded_total"):
+        assert re.search(rf'^{series}{{[^}}]*model="{name}"[^}}]*}} 0\.0$', text, re.M), series

@@ -156,3 +156,17 @@ def test_a_lower_limit_lowers_the_default_it_left_unset(engine, tiny):
 def test_an_empty_served_model_name_stops_the_server_at_start(tiny, name):
     with pytest.raises(ConfigError, match="served_model_name: .*must not be empty"):
         _settings(tiny, served_model_name=name)
+
+
+def test_a_chat_without_max_tokens_answers_up_to_the_limit_and_a_completion_gets_16(client, engine, tiny):
+    """As vLLM and OpenAI answer them: a chat that omits ``max_tokens`` may use what the context leaves, up to
+    the server's limit (64 here; it got 16 tokens, cut mid-answer), a completion gets the API's 16; a server
+    whose operator set ``default_max_tokens`` gives that to both."""
+    chat = {"messages": [{"role": "user", "content": "hello there"}], "temperature": 0}
+    body = _ok(client.post("/v1/chat/completions", json=chat))
+    assert body["usage"]["completion_tokens"] == 64 and body["choices"][0]["finish_reason"] == "length", body
+    assert _ok(client.post("/v1/completions", json={"prompt": "hello there", "temperature": 0}))["usage"][
+        "completion_tokens"] <= 16
+    with TestClient(create_app(engine, _settings(tiny, default_max_tokens=8), close_engine=False)) as c:
+        for path, req in (("/v1/chat/completions", chat), ("/v1/completions", {"prompt": "hello", "temperature": 0})):
+            assert _ok(c.post(path, json=req))["usage"]["completion_tokens"] <= 8

@@ -190,3 +190,31 @@ def test_a_re_batched_row_continues_exactly(tiny):
     rebatched, preemptions = text_of(4, True)
     assert preemptions >= 1
     assert rebatched == through
+
+
+def test_time_to_first_token_of_a_stream_is_when_its_first_text_is_sent(served, monkeypatch):
+    """A streamed rollback request's text waits for the hold-back: its time to first token is observed when
+    the client's first text goes out (it was observed at the first decoded token, long before); one not
+    streamed is observed at its first decoded token, before any text."""
+    from repguard.serve import engine as engine_module
+    from repguard.serve import metrics as server_metrics
+
+    engine, client = served
+    events: list[str] = []
+    histogram = server_metrics.SERVER_TTFT.labels(engine.model_name)
+    observe = type(histogram).observe
+    monkeypatch.setattr(type(histogram), "observe",
+                        lambda self, value: (events.append("ttft") if self is histogram else None, observe(self, value)))
+    emit = engine_module.GenerationRequest.emit
+    monkeypatch.setattr(engine_module.GenerationRequest, "emit",
+                        lambda self, event: (events.append(event["type"]), emit(self, event))[1])
+    step = engine_module._BatchTracker.__call__
+    monkeypatch.setattr(engine_module._BatchTracker, "__call__",
+                        lambda self, *a, **kw: (events.append("step"), step(self, *a, **kw))[1])
+    text, final = _stream(client, {**LOOPING, "max_tokens": 60, "repguard": {"holdback": 40}})
+    first = events.index("ttft")
+    assert text and events.count("ttft") == 1 and events[first + 1] == "delta"
+    assert events[:first].count("step") >= 40, "the first text waits for the hold-back"
+    events.clear()
+    r = client.post("/v1/completions", json={**LOOPING, "max_tokens": 60})
+    assert r.status_code == 200 and events.count("ttft") == 1 and events[: events.index("ttft")] == ["step"]

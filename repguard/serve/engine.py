@@ -90,7 +90,7 @@ class GenerationRequest:
     loop: asyncio.AbstractEventLoop | None = None
     queue: asyncio.Queue | None = None
     started: bool = False  # some choice ran in a batch
-    first_token_at: float | None = None  # when the request's first token was decoded (its time to first token)
+    first_token_at: float | None = None  # its first token: the first text streamed, or (not streamed) decoded
     open: int = 0  # choices not finished yet
     batches: int = 0  # batches it ran in (seeded requests derive each batch's seed from it)
 
@@ -161,8 +161,21 @@ class _Choice:
         return self.request.max_tokens - len(self.tokens)
 
     def first_bias(self) -> dict[int, float] | None:
-        """Logit bias of the row's first step: a submission's own, unless the row resumes it."""
-        return self.sub.bias if self.mode == "rollback" and not self.fed and self.sub.bias else None
+        """Logit bias of the row's first step: a submission's own, unless the row resumes it; else, for a greedy
+        request, the penalties its guard waits to apply to the next token (as at every later step)."""
+        if self.mode != "rollback":
+            return None
+        if not self.fed and self.sub.bias:
+            return self.sub.bias
+        return self.penalties()
+
+    def penalties(self) -> dict[int, float] | None:
+        """A greedy rollback row's bias for its next step: the guard's pending penalties. The engine then picks
+        what a one-token step with them would, and tells the guard so (``RequestGuard.feed(penalised=True)``)."""
+        if self.mode != "rollback" or not self.request.greedy:
+            return None
+        pending = self.guard.pending_penalties
+        return {t: -a for t, a in pending.items()} if pending else None
 
     def hook_config(self) -> GuardConfig:
         if self.mode == "single":
@@ -238,15 +251,13 @@ class _BatchTracker(StoppingCriteria, BaseStreamer):
                 slot.stopped = True
                 self.engine._drop(ch)
                 continue
-            if ch.request.first_token_at is None:  # decoded now, whenever it is sent (a response not streamed)
-                ch.request.first_token_at = time.perf_counter()
+            if ch.request.first_token_at is None and not ch.request.stream:  # decoded now, sent at the end
                 self.engine._observe_ttft(ch.request)
             if ch.mode == "rollback":
                 self._feed_rollback(slot, newest[i])
-                if not slot.stopped and ch.request.greedy:
-                    pending = ch.guard.pending_penalties
-                    if pending:
-                        self.bias.next[i] = {t: -a for t, a in pending.items()}
+                penalties = None if slot.stopped else ch.penalties()
+                if penalties:
+                    self.bias.next[i] = penalties
             else:
                 self._feed_plain(slot, newest[i], reports[i] if reports is not None and i < len(reports) else None)
         live = sum(not s.stopped for s in self.slots)
@@ -279,7 +290,8 @@ class _BatchTracker(StoppingCriteria, BaseStreamer):
         ch, req = slot.choice, slot.choice.request
         rg, sub = ch.guard, ch.sub
         ch.fed.append(token)
-        over = rg.feed(sub, [token])
+        # A greedy row's every step had the guard's pending penalties in its bias (``_Choice.penalties``).
+        over = rg.feed(sub, [token], penalised=req.greedy)
         # The token was taken (not rolled back nor re-decoded), though it may have ended a one-token step, or
         # the request at its length (a stop string it completes then ends it with "stop"):
         accepted = ((not rg.done or rg.finish_reason == "length")
@@ -398,7 +410,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.batches = 0
         self.preemptions = 0
-        metrics.init_model(model_name)
+        server_metrics.init_model(model_name)
 
     # -- lifecycle --------------------------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -540,6 +552,8 @@ class Engine:
             upto -= max((len(s) for s in stops), default=1) - 1 if stops else 0  # a stop string may still complete
             while upto > ch.sent and text[upto - 1] == "\ufffd":  # an incomplete UTF-8 sequence
                 upto -= 1
+        if ch.request.first_token_at is None and ch.request.stream and (upto > ch.sent or final):
+            self._observe_ttft(ch.request)  # the first text the client gets (after any rollback hold-back)
         if upto > ch.sent:
             ch.request.emit({"type": "delta", "index": ch.index, "text": text[ch.sent:upto]})
             ch.sent = upto
@@ -564,23 +578,18 @@ class Engine:
                       stopped=rg.finish_reason == "repetition")
         ch.finish_reason = rg.finish_reason
         self._record(rg.report)
-        try:
-            metrics.record_rollback(self.model_name, rg.rollbacks, max(0, rg.decoded - len(rg.tokens)))
-        except Exception:  # metrics never take a request down
-            log.exception("repguard: could not record metrics")
+        metrics.record_rollback(self.model_name, rg.rollbacks, max(0, rg.decoded - len(rg.tokens)))
         self._announce(ch, report, len(out))
 
     def _observe_ttft(self, req: GenerationRequest) -> None:
+        req.first_token_at = time.perf_counter()
         try:
             server_metrics.SERVER_TTFT.labels(self.model_name).observe(req.first_token_at - req.admitted)
         except Exception:  # metrics never take a request down
             log.exception("repguard: could not record metrics")
 
     def _record(self, report) -> None:
-        try:
-            metrics.record_report(self.model_name, report)
-        except Exception:
-            log.exception("repguard: could not record metrics")
+        metrics.record_report(self.model_name, report)
 
     def _announce(self, ch: _Choice, report: dict | None, completion_tokens: int) -> None:
         req = ch.request

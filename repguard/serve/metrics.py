@@ -21,7 +21,8 @@ SERVER_REQUEST_DURATION = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160),
 )
 SERVER_TTFT = Histogram(
-    "repguard_server_time_to_first_token_seconds", "Time from admission to a request's first generated token.",
+    "repguard_server_time_to_first_token_seconds", "Time from admission to a request's first token: the first text a streaming client "
+    "gets (after any rollback hold-back), else the first decoded.",
     ["model"],
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40),
 )
@@ -35,6 +36,30 @@ SERVER_BATCH_ROWS = Histogram(
     "repguard_server_batch_rows", "Rows (prompt x n) per generate call.", ["model"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
+
+# The ``endpoint`` label of each generation endpoint, by path.
+ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat_completions"}
+
+
+def init_model(model: str, batches: bool = True) -> None:
+    """Create the server's series of ``model`` at zero (and the guard's, ``repguard.metrics.init_model``), so a
+    server that has answered nothing yet shows 0 rather than "no data": requests answered 200, their durations
+    and first tokens, the queue, and (``batches``: the embedded engine) the rows per batch."""
+    guard_metrics.init_model(model)
+    _init_server(model, batches)
+
+
+@guard_metrics.never_raises
+def _init_server(model: str, batches: bool) -> None:
+    for endpoint in ENDPOINTS.values():
+        SERVER_REQUESTS.labels(model, endpoint, "200")
+        SERVER_REQUEST_DURATION.labels(model, endpoint)
+    SERVER_TTFT.labels(model)
+    SERVER_QUEUED.labels(model).set(0)
+    SERVER_RUNNING.labels(model).set(0)
+    if batches:
+        SERVER_BATCH_ROWS.labels(model)
+
 
 SERVER = (SERVER_REQUESTS, SERVER_REQUEST_DURATION, SERVER_TTFT, SERVER_QUEUED, SERVER_RUNNING, SERVER_BATCH_ROWS)
 ALL = guard_metrics.ALL + SERVER

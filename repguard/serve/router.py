@@ -42,7 +42,7 @@ log = logging.getLogger("repguard.serve")
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 CLIENT_CLOSED = 499  # the status counted for a request whose client went away before its end
 _SURROGATE = re.compile("[\ud800-\udfff]")
-ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat_completions"}
+ENDPOINTS = server_metrics.ENDPOINTS
 
 
 def endpoint_of(path: str) -> str | None:
@@ -253,12 +253,21 @@ def build_router(engine: Engine, settings: ServeSettings | None = None) -> APIRo
             raise APIError(400, f"repguard.k: {cfg.k} exceeds the {engine.map_size} neurons stored in the neuron map",
                            param="repguard", code="invalid_value")
 
-    def check_common(body, prompts: list[list[int]], max_tokens: int | None) -> int:
+    def default_max_tokens(prompts: list[list[int]], chat: bool) -> int:
+        """``max_tokens`` of a request that omits it: a completion gets ``default_max_tokens`` (the API's 16); a
+        chat, as vLLM and OpenAI answer one, what the context leaves after its prompt, up to the limit, unless
+        ``default_max_tokens`` was set for the server."""
+        if not chat or "default_max_tokens" in settings.model_fields_set:
+            return settings.default_max_tokens
+        left = engine.context_length - max(len(p) for p in prompts) if engine.context_length else None
+        return max(1, min(settings.max_tokens_limit, left)) if left is not None else settings.max_tokens_limit
+
+    def check_common(body, prompts: list[list[int]], max_tokens: int | None, chat: bool) -> int:
         if body.model is not None and body.model != name:
             raise APIError(404, f"the model '{body.model}' does not exist; this server serves '{name}'",
                            param="model", code="model_not_found")
         check_guard(body.repguard, body.rollback, body.holdback)
-        max_tokens = max_tokens if max_tokens is not None else settings.default_max_tokens
+        max_tokens = max_tokens if max_tokens is not None else default_max_tokens(prompts, chat)
         if max_tokens > settings.max_tokens_limit:
             raise APIError(400, f"max_tokens: {max_tokens} exceeds this server's limit of {settings.max_tokens_limit}",
                            param="max_tokens", code="invalid_value")
@@ -327,7 +336,7 @@ def build_router(engine: Engine, settings: ServeSettings | None = None) -> APIRo
 
     async def respond(request: Request, body, prompts: list[list[int]], max_tokens: int | None, chat: bool):
         endpoint = "chat_completions" if chat else "completions"
-        max_tokens = check_common(body, prompts, max_tokens)
+        max_tokens = check_common(body, prompts, max_tokens, chat)
         req = admit(body, prompts, max_tokens)  # errors are counted by the route class
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())

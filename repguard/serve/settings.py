@@ -46,7 +46,9 @@ class ServeSettings(BaseModel):
     batch_wait_ms: float = Field(5.0, ge=0.0, le=1000.0, description="How long the batcher waits to fill a batch.")
     max_tokens_limit: int = Field(1024, ge=1, le=1_000_000, description="Largest max_tokens a request may ask for.")
     default_max_tokens: int = Field(16, ge=1, le=1_000_000, description="max_tokens when a request omits it (at most "
-                                    "max_tokens_limit; left unset: 16, or max_tokens_limit when lower).")
+                                    "max_tokens_limit). Left unset: 16 for a completion (the API's default, or "
+                                    "max_tokens_limit when lower); a chat gets the context left after its prompt, up "
+                                    "to max_tokens_limit, as vLLM answers one.")
     max_n: int = Field(8, ge=1, le=128)
     max_prompts: int = Field(16, ge=1, le=1024, description="Prompts in one /v1/completions list.")
     max_prompt_tokens: int = Field(4096, ge=1, le=1_000_000)

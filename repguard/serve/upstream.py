@@ -592,7 +592,7 @@ class UpstreamProxy:
         self.neuron_step = available
         self.engine_repair = repair
         for model in self.models:
-            metrics.init_model(model)
+            server_metrics.init_model(model, batches=False)
             metrics.set_info(model, "upstream")
 
     def _probe_token_ids(self, client: httpx.Client) -> None:
