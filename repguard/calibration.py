@@ -282,8 +282,10 @@ class ProgressLog:
     """INFO lines while texts are generated (kept/generated, kept rate, speed, time left), at most one per
     ``every`` seconds; and one early warning when the kept rate so far cannot reach the requested count."""
 
-    def __init__(self, desc: str, count: int, cap: int, every: float, done: dict[int, TextDecision]) -> None:
+    def __init__(self, desc: str, count: int, cap: int, every: float, done: dict[int, TextDecision],
+                 count_setting: str = "num_texts, --num-texts") -> None:
         self.desc, self.count, self.cap, self.every = desc, count, cap, every
+        self.count_setting = count_setting  # the setting (and flag) that asked for ``count`` texts
         self.t0 = self.last = time.perf_counter()
         self.generated = len(done)
         self.kept = sum(d.text is not None for d in done.values())
@@ -308,9 +310,9 @@ class ProgressLog:
             log.warning(
                 "%s: only %d of %d generated texts qualified so far (%.1f%% kept); at that rate the cap of %d "
                 "generated texts (max_generated, --max-generated) gives about %d kept texts, fewer than the %d "
-                "requested (num_texts, --num-texts): raise the cap, lower the count, or check that the model "
+                "requested (%s): raise the cap, lower the count, or check that the model "
                 "loops under greedy decoding", self.desc, self.kept, self.generated, 100 * rate, self.cap,
-                int(expected), self.count,
+                int(expected), self.count, self.count_setting,
             )
 
     def log(self, final: GenerationStats | None = None) -> None:

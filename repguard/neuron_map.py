@@ -199,6 +199,7 @@ class Fingerprint:
     config: str
     weights: torch.Tensor
     dtype: str | None = None  # the dtype the model runs in (None: unknown, not compared)
+    shape: tuple[int, int] | None = None  # (layers, MLP width) of the model (None: unknown, not compared)
 
     @classmethod
     def of(cls, architecture: str, num_layers: int, intermediate_size: int, hidden_size: int, vocab_size: int,
@@ -208,7 +209,8 @@ class Fingerprint:
         ``dtype`` defaults to the final norm weight's, which is the model's dtype as it was loaded."""
         key = config_fingerprint(architecture, int(num_layers), int(intermediate_size), int(hidden_size), int(vocab_size))
         weights = final_norm_weight.detach().flatten()[:FINGERPRINT_WIDTH].float().cpu().clone()
-        return cls(key, weights, dtype_name(final_norm_weight.dtype if dtype is None else dtype))
+        return cls(key, weights, dtype_name(final_norm_weight.dtype if dtype is None else dtype),
+                   (int(num_layers), int(intermediate_size)))
 
     def matches(self, other: "Fingerprint") -> bool:
         if self.config != other.config:
@@ -298,6 +300,14 @@ class NeuronMap:
                 f"neuron map for '{self.meta.model_name}' ({self.meta.architecture}, {self.meta.num_layers} layers x "
                 f"{self.meta.intermediate_size} neurons) does not fit {where}: shape fingerprint "
                 f"{fingerprint.config} != {self.meta.fingerprint}"
+            )
+        shape = (self.meta.num_layers, self.meta.intermediate_size)
+        if fingerprint.shape is not None and tuple(fingerprint.shape) != shape:
+            # The shape hash matched: the metadata was edited (or is corrupt) and would index outside the model.
+            raise MapMismatchError(
+                f"neuron map for '{self.meta.model_name}' does not fit {where}: its metadata says {shape[0]} layers x "
+                f"{shape[1]} neurons, the model has {fingerprint.shape[0]} x {fingerprint.shape[1]}, though its shape "
+                "fingerprint matches (the map was edited or is corrupt; calibrate it again)"
             )
         mine = self.extra.get("fingerprint_weights")
         if mine is not None and fingerprint.weights.numel() and not self.fingerprint.matches(fingerprint):

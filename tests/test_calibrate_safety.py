@@ -32,13 +32,19 @@ def _calibrate(capsys, *argv) -> tuple[int, str, str]:
     return rc, out, err
 
 
-def _good_map(path: Path) -> bytes:
-    """A loadable map at ``path`` (a previous run's), returned as bytes to compare with later."""
+def _good_map(path: Path, of: Path | None = None) -> bytes:
+    """A loadable map at ``path`` (a previous run's: of the model folder ``of``, else of another model),
+    returned as bytes to compare with later."""
+    from repguard.commands.checks import model_info
+
     score = torch.linspace(-1, 1, 2 * 128).reshape(2, 128)
     stats = {k: torch.rand(2, 128) for k in ("mean_before", "std_before", "mean_after", "std_after")}
     meta = dict(model_name="previous", architecture="llama", num_layers=2, intermediate_size=128,
                 hook_point="model.layers.{L}.mlp.act_fn:output", quantity="act", fingerprint="abc",
                 num_selected=0, num_stored=0)
+    if of is not None:
+        info = model_info("--model", str(of))
+        meta.update(model_name=info.name, fingerprint=info.shape_key)
     map_from_scores(meta, score, stats, 4, 16).save(path)
     return path.read_bytes()
 
@@ -101,7 +107,7 @@ def test_a_run_where_no_neuron_scores_positive_fails_and_keeps_the_old_map_and_t
     folder = tiny_folder(tmp_path / "flat", edit=_zero_gate)
     out = tmp_path / "maps" / "flat.safetensors"
     out.parent.mkdir()
-    old = _good_map(out)
+    old = _good_map(out, of=folder)
     rc, out_text, err = _calibrate(capsys, "--model", folder, "--out", out, *SMALL)
     assert rc == 2 and "wrote" not in out_text
     assert "no positive score" in err and "--num-texts" in err and "no map was written" in err
@@ -115,7 +121,7 @@ def test_a_run_where_no_neuron_scores_positive_fails_and_keeps_the_old_map_and_t
 def test_an_activation_overflow_fails_with_advice_and_keeps_the_old_map(tmp_path, capsys, monkeypatch):
     folder = tiny_folder(tmp_path / "model")
     out = tmp_path / "m.safetensors"
-    old = _good_map(out)
+    old = _good_map(out, of=folder)
     add = OnsetWindowStats.add
 
     def overflowing(self, layer, acts, onsets, *args):  # one neuron overflows at the onset, as float16 does
@@ -320,10 +326,15 @@ def test_out_never_overwrites_a_file_that_is_not_a_map(tmp_path, capsys):
         assert rc == 2 and named in err, err
     assert weights.read_bytes() == before and notes.read_text() == "mine\n"
     assert not (folder / "map.safetensors").exists()
-    map_path = tmp_path / "m.safetensors"  # an earlier map is replaced
-    _good_map(map_path)
+    map_path = tmp_path / "m.safetensors"  # an earlier map of this model is replaced, another model's never
+    old = _good_map(map_path)
     rc, _, err = _calibrate(capsys, "--model", folder, "--out", map_path, *SMALL, "--no-report")
-    assert rc == 0, err
+    assert rc == 2 and "holds the neuron map of 'previous'" in err and "another model" in err, err
+    assert map_path.read_bytes() == old
+    _good_map(map_path, of=folder)
+    rc, _, err = _calibrate(capsys, "--model", folder, "--out", map_path, *SMALL, "--no-report")
+    assert rc == 0 and "replacing the earlier map" in err, err
+    assert NeuronMap.load(map_path).meta.num_selected == 4
 
 
 def test_report_files_are_checked_before_the_run_and_a_users_file_is_never_replaced(tmp_path, capsys):
@@ -386,3 +397,40 @@ def test_a_map_calibrated_on_another_checkpoint_of_the_same_shape_is_refused(tmp
             guard(other, nmap)
     with guard(merged, nmap, check_model=False):  # on purpose
         pass
+
+
+def test_a_check_that_fails_before_the_run_leaves_no_folder_behind(tmp_path, capsys):
+    out = tmp_path / "new" / "deeper" / "m.safetensors"
+    rc, _, err = _calibrate(capsys, "--model", tmp_path / "no-such-model", "--out", out, *SMALL)
+    assert rc == 2 and "--model" in err
+    assert not (tmp_path / "new").exists()
+
+
+def test_the_calibration_prompt_starts_from_the_models_bos_where_the_tokenizer_names_none():
+    """Qwen's tokenizers have no BOS token and its configs do: calibration starts from the config's."""
+    from types import SimpleNamespace
+
+    from repguard.hf.calibrate import start_token_id
+
+    model = tiny_model("qwen2")
+    model.generation_config.bos_token_id = None
+    model.config.bos_token_id = 7
+    assert start_token_id(model, TinyTok()) == 1  # the tokenizer's, where it has one
+    assert start_token_id(model, SimpleNamespace(bos_token_id=None)) == 7
+    model.config.bos_token_id = None
+    with pytest.raises(CalibrationError, match="bos_token_id in the model folder's config.json"):
+        start_token_id(model, SimpleNamespace(bos_token_id=None))
+
+
+def test_held_out_texts_too_few_are_named_by_their_flag_and_none_skips_the_test(tmp_path, capsys, caplog):
+    """The early warning about the held-out count names --heldout (it named --num-texts); with no held-out
+    text kept, the deactivation test is skipped with a line saying so (a report of nan% before)."""
+    folder = tiny_folder(tmp_path / "model")
+    out = tmp_path / "m.safetensors"
+    rc, _, err = _calibrate(capsys, "--model", folder, "--out", out, "--num-texts", "2", "--max-generated", "4",
+                            "--heldout", "2", "--seed", "6", "--no-progress")
+    logged = caplog.text
+    assert rc == 0, err
+    assert "requested (heldout_texts, --heldout)" in logged
+    assert "no held-out text qualified" in logged and "deactivation test is skipped" in logged
+    assert "nan" not in (tmp_path / "m.md").read_text()

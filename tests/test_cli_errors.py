@@ -282,3 +282,15 @@ def test_ctrl_c_while_the_commands_load_stops_quietly(monkeypatch, capsys):
     monkeypatch.setattr(importlib, "import_module", interrupted)
     assert main(["generate", "--prompt", "hi"]) == 130
     assert capsys.readouterr().err == ""
+
+
+def test_the_summary_of_an_output_the_guard_failed_on_says_so():
+    """It said "no loop detected ...; output untouched" of an output generated unguarded after a fault."""
+    from repguard.commands.generate import _summary
+    from repguard.policy import SequenceReport
+
+    report = SequenceReport()
+    report.tokens_observed, report.errors = 12, 1
+    assert "the guard failed" in _summary(report) and "untouched" not in _summary(report)
+    report.errors = 0
+    assert _summary(report) == "no loop detected in 12 tokens; output untouched"

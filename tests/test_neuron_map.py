@@ -192,6 +192,25 @@ def test_map_for_another_model_is_refused():
         nmap.check_model(Fingerprint("abc123", -torch.linspace(0.5, 1.5, 16)))
 
 
+def test_a_map_whose_metadata_was_edited_to_another_shape_is_refused_though_its_fingerprint_matches(tmp_path):
+    """Layers or width edited in the metadata (the tensors made to agree) keep the shape fingerprint, so the
+    map passed the fingerprint check and indexed outside the model (an IndexError from inside the guard)."""
+    path = make_map()[0].save(tmp_path / "m.safetensors")
+
+    def more_layers(raw):
+        d = json.loads(raw[META_KEY])
+        d["num_layers"] = LAYERS + 2
+        return {META_KEY: json.dumps(d)}
+
+    _rewrite(path, meta=more_layers, tensors=lambda t: t.pop("score_matrix", None))
+    edited = NeuronMap.load(path)  # consistent in itself
+    model = Fingerprint.of("llama", LAYERS, WIDTH, 4, 10, torch.linspace(0.5, 1.5, 16))
+    edited.meta = edited.meta.model_copy(update={"fingerprint": model.config})
+    with pytest.raises(MapMismatchError, match=f"metadata says {LAYERS + 2} layers x {WIDTH} neurons, the model has "
+                                                f"{LAYERS} x {WIDTH}"):
+        edited.check_model(model)
+
+
 def test_a_map_records_its_dtype_and_a_model_in_another_dtype_gets_one_warning(tmp_path, caplog):
     import logging
 

@@ -106,7 +106,8 @@ def run(args) -> int:
             raise ConfigError(f"--journal {journal} is the same file as {what} ({path}); the map, its report and "
                               "the journal need a file each: pass another --journal PATH")
     TextJournal.check_replaceable(journal)  # never start a journal over a map or another file of the user's
-    checks.model_info("--model", args.model)
+    info = checks.model_info("--model", args.model)
+    _check_replaced_map(Path(args.out), info)
     torch.set_num_threads(args.threads)
     settings = CalibrationSettings(
         num_texts=args.num_texts, max_generated=args.max_generated, seed=args.seed, batch_size=args.batch_size,
@@ -131,3 +132,22 @@ def run(args) -> int:
         report = write_report(result, path, settings, command=["repguard", *sys.argv[1:]])
         print(f"wrote {report}")
     return 0
+
+
+def _check_replaced_map(out: Path, info) -> None:
+    """``--out`` may replace an earlier map of this model (a new calibration), never the map of another."""
+    from ..errors import ConfigError, RepGuardError
+    from ..neuron_map import NeuronMap
+
+    if not out.is_file():
+        return
+    try:
+        meta = NeuronMap.load(out).meta
+    except RepGuardError:  # a damaged map: nothing in it to keep
+        return
+    other = meta.fingerprint != info.shape_key if info.shape_key is not None else meta.model_name != info.name
+    if other:
+        raise ConfigError(f"--out {out}: holds the neuron map of '{meta.model_name}' ({meta.architecture}, "
+                          f"{meta.num_layers} layers x {meta.intermediate_size} neurons), another model than "
+                          f"'{info.name}'; refusing to replace it: pass another --out PATH, or move the file away")
+    print(f"replacing the earlier map of '{meta.model_name}' at {out} once the new one is written", file=sys.stderr)

@@ -58,9 +58,8 @@ def writable_file(flag: str, path: str) -> Path:
     existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
     if existing is None or not existing.is_dir():
         raise ConfigError(f"{flag} {path}: {existing} is not a directory")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".repguard-write-test-"):
+    try:  # in the nearest folder that exists: folders to be made are made when the file is written
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".repguard-write-test-"):
             pass
     except OSError as exc:
         raise ConfigError(f"{flag} {path}: cannot write there ({exc.strerror or exc})") from None
@@ -191,7 +190,8 @@ def neuron_map_for(flag: str, map_arg: str | None, info: ModelInfo):
 
     nmap = find_map(map_arg) if map_arg else find_map(info.name, shape_key=info.shape_key)
     if info.shape_key is not None:  # the weight half of the fingerprint is checked when the model loads
-        nmap.check_model(Fingerprint(info.shape_key, torch.zeros(0)), where=f"model '{info.name}'")
+        shape = (info.num_layers, info.intermediate_size) if info.num_layers and info.intermediate_size else None
+        nmap.check_model(Fingerprint(info.shape_key, torch.zeros(0), shape=shape), where=f"model '{info.name}'")
     return nmap
 
 

@@ -275,6 +275,8 @@ def _wrap(title: str, text: str, width: int) -> list[str]:
 
 
 def _summary(report) -> str:
+    if report.errors:
+        return "the guard failed on this output (logged above) and it was generated unguarded from there"
     if not report.detections and not report.actions:
         return f"no loop detected in {report.tokens_observed} tokens; output untouched"
     det = report.detections[0] if report.detections else None

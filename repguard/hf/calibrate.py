@@ -175,24 +175,37 @@ def journal_header(model, tok, name: str, settings: CalibrationSettings, source:
         "model": name, "source": source if source is not None else name, "shape": fp.config,
         "weight_digest": weight_digest(model),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "bos": tok.bos_token_id, "eos": sorted(_eos_ids(model, tok)), "sampling": list(_sampling_params(model)),
+        "bos": start_token_id(model, tok), "eos": sorted(_eos_ids(model, tok)), "sampling": list(_sampling_params(model)),
         **{k: getattr(s, k) for k in ("seed", "prompt_tokens", "greedy_tokens", "min_second_occurrence", "context",
                                       "ngram", "window", "min_count", "early_stop")},
     }
+
+
+def start_token_id(model, tok) -> int:
+    """The token that starts every calibration prompt (the paper's: BOS alone): the tokenizer's BOS, else the
+    model's (Qwen's tokenizers have none, its configs do)."""
+    for source in (tok, getattr(model, "generation_config", None), model.config):
+        bos = getattr(source, "bos_token_id", None)
+        if isinstance(bos, (list, tuple)):
+            bos = bos[0] if bos else None
+        if bos is not None:
+            return int(bos)
+    raise CalibrationError(f"{type(model.config).__name__}: neither the tokenizer nor the model names a BOS token, "
+                           "and calibration prompts start from it (the paper's prompt is BOS alone); set "
+                           "bos_token_id in the model folder's config.json")
 
 
 def generate_repetitive_texts(model, tok, settings: CalibrationSettings, count: int, first_index: int = 0,
                               need_after: int | None = None, progress: bool = True,
                               desc: str = "repetitive texts", journal: TextJournal | None = None,
                               stream: str = "calibration", log_every: float = 30.0,
+                              count_setting: str = "num_texts, --num-texts",
                               ) -> tuple[list[RepetitiveText], GenerationStats]:
     """The first ``count`` qualifying texts in index order (generating at most ``settings.generation_cap``).
 
     With a ``journal``, each text's decision is appended as soon as it is final, and decisions already in
     it are read back instead of generated: a resumed run returns what an uninterrupted one would."""
-    bos = tok.bos_token_id
-    if bos is None:
-        raise CalibrationError("the tokenizer has no BOS token; the calibration prompt is BOS alone")
+    bos = start_token_id(model, tok)
     eos = _eos_ids(model, tok)
     need = settings.context + 1 if need_after is None else need_after  # tokens from p2 on: up to s + context
     cap = settings.generation_cap
@@ -227,7 +240,7 @@ def generate_repetitive_texts(model, tok, settings: CalibrationSettings, count: 
     if done:
         log.warning("%s: resuming from %s: %d texts already decided (%d kept); start over with --no-resume",
                     desc, journal.path, len(done), sum(d.text is not None for d in done.values()))
-    plog = ProgressLog(desc, count, cap, log_every, done)
+    plog = ProgressLog(desc, count, cap, log_every, done, count_setting)
     bar = _progress(count, desc, progress)
     bar.update(min(first_stats.kept, count))
 
@@ -539,13 +552,19 @@ def _calibrate(model, tok, name: str, s: CalibrationSettings, progress: bool, dt
         heldout, hstats = generate_repetitive_texts(
             model, tok, s, s.heldout_texts, first_index=HELDOUT_OFFSET, need_after=0, progress=progress,
             desc="held-out texts", journal=journal, stream="heldout", log_every=log_every,
+            count_setting="heldout_texts, --heldout",
         )
         timings["heldout_generate"] = hstats.seconds
         result.heldout = hstats
-        t0 = time.perf_counter()
-        log.info("deactivation test on %d held-out texts", len(heldout))
-        result.deactivation = deactivation_test(model, tok, nmap, heldout, s, progress=progress, log_every=log_every)
-        timings["deactivation"] = time.perf_counter() - t0
+        if heldout:
+            t0 = time.perf_counter()
+            log.info("deactivation test on %d held-out texts", len(heldout))
+            result.deactivation = deactivation_test(model, tok, nmap, heldout, s, progress=progress,
+                                                    log_every=log_every)
+            timings["deactivation"] = time.perf_counter() - t0
+        else:
+            log.warning("no held-out text qualified (of %d generated): the deactivation test is skipped; raise "
+                        "--max-generated to test the map", hstats.generated)
 
     timings["total"] = time.perf_counter() - t_all
     calib = nmap.meta.calibration.model_copy(update={
