@@ -335,6 +335,12 @@ def test_out_never_overwrites_a_file_that_is_not_a_map(tmp_path, capsys):
     rc, _, err = _calibrate(capsys, "--model", folder, "--out", map_path, *SMALL, "--no-report")
     assert rc == 0 and "replacing the earlier map" in err, err
     assert NeuronMap.load(map_path).meta.num_selected == 4
+    # a model of the same shape with other weights (a fine-tune of it) does not replace this model's map
+    before = map_path.read_bytes()
+    tuned = tiny_folder(tmp_path / "tuned", seed=1)
+    rc, _, err = _calibrate(capsys, "--model", tuned, "--out", map_path, *SMALL, "--no-report")
+    assert rc == 2 and "a model of this shape with other weights" in err, err
+    assert map_path.read_bytes() == before
 
 
 def test_report_files_are_checked_before_the_run_and_a_users_file_is_never_replaced(tmp_path, capsys):

@@ -136,3 +136,22 @@ def test_a_transformers_streamer_gets_the_final_tokens_only():
         if out.rollbacks[0]:
             return
     pytest.fail("no row of the batch rolled back")
+
+
+@pytest.mark.parametrize("model_settings, call", [
+    ({"max_new_tokens": 30}, {"max_length": 15}),  # a configured max_new_tokens wins over max_length
+    (None, {"generation_config": GenerationConfig(max_new_tokens=9, pad_token_id=0), "max_length": 12}),
+    ({"max_length": 50}, {"generation_config": GenerationConfig(pad_token_id=0)}),  # the call's config takes the model's
+    ({"max_length": 17}, {"generation_config": GenerationConfig(max_new_tokens=5, pad_token_id=0)}),
+    (None, {"max_length": 20}),
+])
+def test_length_settings_from_several_places_are_resolved_as_generate_resolves_them(model_settings, call):
+    model = tiny_model()
+    for key, value in (model_settings or {}).items():
+        setattr(model.generation_config, key, value)
+    ids, mask = padded_batch([4, 6])
+    extra = {} if "generation_config" in call else {"do_sample": False, "pad_token_id": 0}
+    want = model.generate(ids, attention_mask=mask, eos_token_id=None, **extra, **call).shape[1] - ids.shape[1]
+    out = generate_with_rollback(model, ids, mask, neuron_map=random_map(model, 32, 64), eos_token_id=None, **extra,
+                                 **call)
+    assert [len(s) for s in out.sequences] == [want, want]

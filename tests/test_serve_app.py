@@ -332,3 +332,26 @@ def test_a_server_that_has_answered_nothing_shows_every_dashboard_series_at_zero
                    "repguard_server_time_to_first_token_seconds_bucket", "repguard_detection_position_tokens_bucket",
                    "repguard_guard_overhead_seconds_count", "repguard_requests_guarded_total"):
         assert re.search(rf'^{series}{{[^}}]*model="{name}"[^}}]*}} 0\.0$', text, re.M), series
+
+
+def test_metrics_that_cannot_be_written_fail_no_request(client, monkeypatch, caplog):
+    """A metrics store that fails (a multiprocess folder removed under the server): requests are answered as
+    before, streamed or not, and the failure is logged once."""
+    from repguard import metrics
+    from repguard.serve import metrics as server_metrics
+
+    def broken(*args, **kwargs):
+        raise FileNotFoundError("histogram_1.db")
+
+    body = {"prompt": "abc", "max_tokens": 6, "temperature": 0}
+    want = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    monkeypatch.setattr(metrics, "_write_failed", False)
+    for metric in server_metrics.ALL:
+        monkeypatch.setattr(metric, "labels", broken)
+    with caplog.at_level("ERROR", logger="repguard"):
+        r = client.post("/v1/completions", json=body)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
+        with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
+            assert s.status_code == 200 and s.read().decode().rstrip().endswith("data: [DONE]")
+        assert client.post("/v1/completions", json={"prompt": ""}).status_code == 400
+    assert sum("could not write a metric" in r.getMessage() for r in caplog.records) == 1

@@ -107,7 +107,7 @@ def run(args) -> int:
                               "the journal need a file each: pass another --journal PATH")
     TextJournal.check_replaceable(journal)  # never start a journal over a map or another file of the user's
     info = checks.model_info("--model", args.model)
-    _check_replaced_map(Path(args.out), info)
+    earlier = _check_replaced_map(Path(args.out), info)
     torch.set_num_threads(args.threads)
     settings = CalibrationSettings(
         num_texts=args.num_texts, max_generated=args.max_generated, seed=args.seed, batch_size=args.batch_size,
@@ -118,6 +118,22 @@ def run(args) -> int:
 
         hf_logging.disable_progress_bar()
     model, tok, name = load_model(args.model, dtype=args.dtype, device=device)
+    if earlier is not None:  # same shape: the weights tell a fine-tune, or the base model, from this one
+        from ..errors import MapMismatchError
+        from ..hf.guard import check_map_weights
+        from ..hf.introspect import fingerprint
+
+        recorded = earlier.extra.get("fingerprint_weights")  # maps record them; a hand-made one may not
+        try:
+            if recorded is not None and recorded.numel() and not earlier.fingerprint.matches(fingerprint(model)):
+                raise MapMismatchError("another final norm")
+            check_map_weights(earlier, model, name)
+        except MapMismatchError:
+            raise ConfigError(f"--out {args.out}: holds the neuron map of '{earlier.meta.model_name}', a model of this "
+                              "shape with other weights; refusing to replace it: pass another --out PATH, or move "
+                              "the file away") from None
+        print(f"replacing the earlier map of '{earlier.meta.model_name}' at {args.out} once the new one is written",
+              file=sys.stderr)
     source = args.model if args.model in EMBEDDED else str(Path(args.model).resolve())  # what the journal names
     result = calibrate(model, tok, name, settings, progress=args.progress, dtype=args.dtype, journal=journal,
                        resume=args.resume, source=source)
@@ -134,20 +150,23 @@ def run(args) -> int:
     return 0
 
 
-def _check_replaced_map(out: Path, info) -> None:
-    """``--out`` may replace an earlier map of this model (a new calibration), never the map of another."""
+def _check_replaced_map(out: Path, info):
+    """``--out`` may replace an earlier map of this model (a new calibration), never the map of another: one of
+    another shape is refused now; the map of this shape is returned, for its weights to be compared with the
+    model's once it is loaded (None: no map there, or a damaged one, with nothing in it to keep)."""
     from ..errors import ConfigError, RepGuardError
     from ..neuron_map import NeuronMap
 
     if not out.is_file():
-        return
+        return None
     try:
-        meta = NeuronMap.load(out).meta
-    except RepGuardError:  # a damaged map: nothing in it to keep
-        return
+        nmap = NeuronMap.load(out)
+    except RepGuardError:
+        return None
+    meta = nmap.meta
     other = meta.fingerprint != info.shape_key if info.shape_key is not None else meta.model_name != info.name
     if other:
         raise ConfigError(f"--out {out}: holds the neuron map of '{meta.model_name}' ({meta.architecture}, "
                           f"{meta.num_layers} layers x {meta.intermediate_size} neurons), another model than "
                           f"'{info.name}'; refusing to replace it: pass another --out PATH, or move the file away")
-    print(f"replacing the earlier map of '{meta.model_name}' at {out} once the new one is written", file=sys.stderr)
+    return nmap

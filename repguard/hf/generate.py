@@ -12,7 +12,10 @@
 
 ``repguard`` may be a dict of ``GuardConfig`` fields, a ``GuardConfig``, or a list of them (one per row).
 ``repguard_map`` (optional) is a ``NeuronMap`` or a path; by default the shipped map of the model's name.
-The decoding itself is transformers' own sampling/greedy loop; only the guard's hooks are added.
+The decoding itself is transformers' own sampling/greedy loop; only the guard's hooks are added. Decoding it
+does not run (beam search, contrastive, DoLa, prompt lookup) is refused by name; an ``assistant_model`` is not
+handed to a ``custom_generate`` by transformers, so the call decodes without it (the same text under greedy
+decoding, without the speed-up).
 """
 
 from __future__ import annotations

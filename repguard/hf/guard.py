@@ -78,7 +78,7 @@ def call_setting(model, kwargs: dict, key: str, default=None):
     return default if value is None else value
 
 
-def _check_weights(neuron_map: NeuronMap, model, model_name: str) -> None:
+def check_map_weights(neuron_map: NeuronMap, model, model_name: str) -> None:
     """A map that records the digest of its model's weights (``weight_digest``; maps calibrated before it do
     not) fits only that checkpoint: another of the same shape and final norm (a LoRA merge, another fine-tune)
     is refused. Compared in the map's own dtype only, since the digest reads the weights as they are."""
@@ -129,7 +129,7 @@ class Guard:
             pass
         elif check_model:
             neuron_map.check_model(fingerprint(model), where=f"model '{self.model_name}'")
-            _check_weights(neuron_map, model, self.model_name)
+            check_map_weights(neuron_map, model, self.model_name)
         elif (neuron_map.meta.num_layers, neuron_map.meta.intermediate_size) != (num_layers, width):
             raise RepGuardError(
                 f"neuron map shape {neuron_map.meta.num_layers}x{neuron_map.meta.intermediate_size} does not fit "

@@ -460,29 +460,33 @@ _DEFAULT_NEW_TOKENS = 20
 
 
 def _budget(model, width: int, generate_kwargs: dict) -> int:
-    """The new tokens per row that ``generate`` would give this call (``max_new_tokens`` not given): the
-    call's or its config's ``max_new_tokens``, else its ``max_length`` (prompt width included), else 20.
-    Pops ``max_length`` from the call: each pass gets its own ``max_new_tokens``."""
+    """The new tokens per row that ``generate`` would give this call (``max_new_tokens`` not given): a
+    ``max_new_tokens`` of the call's config or the model's, else the call's ``max_length`` or a config's (prompt
+    width included), else 20. A call's config takes the fields it leaves unset from the model's (transformers
+    before 5 reads a field still at its default as unset). Pops ``max_length`` from the call: each pass gets
+    its own ``max_new_tokens``."""
     from transformers import GenerationConfig
 
     own = generate_kwargs.get("generation_config")
     model_config = getattr(model, "generation_config", None)
+    library = GenerationConfig()
 
     def setting(key):
-        for source in (own, model_config):  # a call's config takes its unset fields from the model's
+        for source in (own, model_config):
             value = getattr(source, key, None) if source is not None else None
-            if value is not None:
+            if value is not None and not (source is own and model_config is not None
+                                          and value == getattr(library, key, None)):
                 return value
-        return None
+        return getattr(own, key, None) if own is not None else None
 
     total = generate_kwargs.pop("max_length", None)
+    new = setting("max_new_tokens")
+    if new is not None:
+        return new
     if total is None:
-        new = setting("max_new_tokens")
-        if new is not None:
-            return new
         total = setting("max_length")
-        if total is not None and total == GenerationConfig().max_length:
-            total = None  # the library's default length: new tokens, as generate reads it
+        if total is not None and total == library.max_length:
+            total = None  # the library's default length (transformers before 5): new tokens, as generate reads it
     if total is None:
         limit = getattr(model.config, "max_position_embeddings", None)
         return min(_DEFAULT_NEW_TOKENS, limit - width) if limit else _DEFAULT_NEW_TOKENS

@@ -68,7 +68,7 @@ class BodyLimit:
     async def _refuse(self, error: APIError, scope, receive, send) -> None:
         endpoint = endpoint_of(scope.get("path", ""))
         if endpoint is not None:
-            server_metrics.SERVER_REQUESTS.labels(self.model_name, endpoint, str(error.status)).inc()
+            server_metrics.count_request(self.model_name, endpoint, error.status)
         await error.response()(scope, receive, send)
 
     async def __call__(self, scope, receive, send):

@@ -520,8 +520,7 @@ class Engine:
 
     def _gauges(self) -> None:
         queued, running = self._counts()
-        server_metrics.SERVER_QUEUED.labels(self.model_name).set(queued)
-        server_metrics.SERVER_RUNNING.labels(self.model_name).set(running)
+        server_metrics.set_queue(self.model_name, queued, running)
 
     def _insert(self, ch: _Choice) -> None:
         bisect.insort(self._pending, ch, key=lambda c: c.order)
@@ -583,10 +582,7 @@ class Engine:
 
     def _observe_ttft(self, req: GenerationRequest) -> None:
         req.first_token_at = time.perf_counter()
-        try:
-            server_metrics.SERVER_TTFT.labels(self.model_name).observe(req.first_token_at - req.admitted)
-        except Exception:  # metrics never take a request down
-            log.exception("repguard: could not record metrics")
+        server_metrics.observe_ttft(self.model_name, req.first_token_at - req.admitted)
 
     def _record(self, report) -> None:
         metrics.record_report(self.model_name, report)
@@ -693,7 +689,7 @@ class Engine:
             torch.manual_seed(derive_seed(first.seed, first.batches))
         for req in {id(ch.request): ch.request for ch in batch}.values():
             req.batches += 1
-        server_metrics.SERVER_BATCH_ROWS.labels(self.model_name).observe(len(rows))
+        server_metrics.observe_batch(self.model_name, len(rows))
         self.batches += 1
         try:
             with torch.inference_mode():

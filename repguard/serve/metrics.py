@@ -61,6 +61,34 @@ def _init_server(model: str, batches: bool) -> None:
         SERVER_BATCH_ROWS.labels(model)
 
 
+# Every write of the server's goes through these (as the guard's go through ``repguard.metrics``): a metric that
+# cannot be written never fails a request.
+@guard_metrics.never_raises
+def count_request(model: str, endpoint: str, status: int | str) -> None:
+    SERVER_REQUESTS.labels(model, endpoint, str(status)).inc()
+
+
+@guard_metrics.never_raises
+def observe_duration(model: str, endpoint: str, seconds: float) -> None:
+    SERVER_REQUEST_DURATION.labels(model, endpoint).observe(seconds)
+
+
+@guard_metrics.never_raises
+def observe_ttft(model: str, seconds: float) -> None:
+    SERVER_TTFT.labels(model).observe(seconds)
+
+
+@guard_metrics.never_raises
+def set_queue(model: str, queued: int, running: int) -> None:
+    SERVER_QUEUED.labels(model).set(queued)
+    SERVER_RUNNING.labels(model).set(running)
+
+
+@guard_metrics.never_raises
+def observe_batch(model: str, rows: int) -> None:
+    SERVER_BATCH_ROWS.labels(model).observe(rows)
+
+
 SERVER = (SERVER_REQUESTS, SERVER_REQUEST_DURATION, SERVER_TTFT, SERVER_QUEUED, SERVER_RUNNING, SERVER_BATCH_ROWS)
 ALL = guard_metrics.ALL + SERVER
 

@@ -179,7 +179,7 @@ class OpenAIRoute(APIRoute):
                 response = APIError(500, "internal server error", type="server_error").response()
             if endpoint is not None and not isinstance(response, StreamingResponse):  # a stream counts its own end
                 status = getattr(request.state, "repguard_status", None) or response.status_code
-                server_metrics.SERVER_REQUESTS.labels(model, endpoint, str(status)).inc()
+                server_metrics.count_request(model, endpoint, status)
             return response
 
         return wrapped
@@ -344,7 +344,7 @@ def build_router(engine: Engine, settings: ServeSettings | None = None) -> APIRo
         obj = "chat.completion" if chat else "text_completion"
 
         def duration() -> None:
-            server_metrics.SERVER_REQUEST_DURATION.labels(name, endpoint).observe(time.perf_counter() - req.admitted)
+            server_metrics.observe_duration(name, endpoint, time.perf_counter() - req.admitted)
 
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -384,7 +384,7 @@ def build_router(engine: Engine, settings: ServeSettings | None = None) -> APIRo
                     code = failed or 200
                 finally:  # normal end, error, or the client went away (the task is cancelled)
                     engine.cancel(req)
-                    server_metrics.SERVER_REQUESTS.labels(name, endpoint, str(code)).inc()
+                    server_metrics.count_request(name, endpoint, code)
                     duration()
 
             return StreamingResponse(stream(), media_type="text/event-stream",

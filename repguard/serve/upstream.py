@@ -794,7 +794,7 @@ def build_upstream_router(proxy: UpstreamProxy, settings: ServeSettings) -> APIR
                 yield f"data: {dumps(err.body())}\n\ndata: [DONE]\n\n".encode()  # as the guarded stream ends
             finally:
                 await close(resp)
-                server_metrics.SERVER_REQUESTS.labels(model, endpoint, str(code)).inc()
+                server_metrics.count_request(model, endpoint, code)
 
         return StreamingResponse(relay(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -892,7 +892,7 @@ async def _complete(call: GuardedCall, request: Request, chat: bool, endpoint: s
         async for _ in call.run():
             if first:
                 first = False
-                server_metrics.SERVER_TTFT.labels(call.model).observe(time.perf_counter() - admitted)
+                server_metrics.observe_ttft(call.model, time.perf_counter() - admitted)
 
     try:
         if await _until_done(asyncio.ensure_future(drain()), request) is GONE:
@@ -900,7 +900,7 @@ async def _complete(call: GuardedCall, request: Request, chat: bool, endpoint: s
             return Response(status_code=CLIENT_CLOSED)
         text = await call.text_of(call.rg.tokens, final=True)
     finally:
-        server_metrics.SERVER_REQUEST_DURATION.labels(call.model, endpoint).observe(time.perf_counter() - admitted)
+        server_metrics.observe_duration(call.model, endpoint, time.perf_counter() - admitted)
         call.record()
     rg, body = call.rg, call.body
     choice: dict[str, Any] = {"index": 0}
@@ -979,7 +979,7 @@ async def _stream(call: GuardedCall, body: dict[str, Any], chat: bool, endpoint:
         try:
             async for ids in call.run():
                 if not released:
-                    server_metrics.SERVER_TTFT.labels(call.model).observe(time.perf_counter() - admitted)
+                    server_metrics.observe_ttft(call.model, time.perf_counter() - admitted)
                 if call.rg.done:
                     continue  # the rest goes out with the finish
                 released += ids
@@ -1003,8 +1003,8 @@ async def _stream(call: GuardedCall, body: dict[str, Any], chat: bool, endpoint:
     finally:  # normal end, error, or the client went away (the task is cancelled: the upstream stream closes)
         if call.resp is not None:
             await close(call.resp)
-        server_metrics.SERVER_REQUESTS.labels(call.model, endpoint, str(code)).inc()
-        server_metrics.SERVER_REQUEST_DURATION.labels(call.model, endpoint).observe(time.perf_counter() - admitted)
+        server_metrics.count_request(call.model, endpoint, code)
+        server_metrics.observe_duration(call.model, endpoint, time.perf_counter() - admitted)
         call.record()
 
 
