@@ -309,14 +309,21 @@ class NeuronMap:
                 f"{shape[1]} neurons, the model has {fingerprint.shape[0]} x {fingerprint.shape[1]}, though its shape "
                 "fingerprint matches (the map was edited or is corrupt; calibrate it again)"
             )
-        mine = self.extra.get("fingerprint_weights")
-        if mine is not None and fingerprint.weights.numel() and not self.fingerprint.matches(fingerprint):
+        if not self.fits_weights(fingerprint):
             raise MapMismatchError(
                 f"neuron map for '{self.meta.model_name}' does not fit {where}: same shape, different weights "
                 "(was the map calibrated on another checkpoint?)"
             )
         if fingerprint.dtype is not None:
             _warn_dtype_once(self.meta, fingerprint.dtype, where)
+
+    def fits_weights(self, fingerprint: Fingerprint) -> bool:
+        """False only where the map and ``fingerprint`` both carry final-norm weights and those differ (a map
+        written before maps recorded them, or a fingerprint read without weights, is not compared)."""
+        mine = self.extra.get("fingerprint_weights")
+        if mine is None or not mine.numel() or not fingerprint.weights.numel():
+            return True
+        return self.fingerprint.matches(fingerprint)
 
     # -- persistence -------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:

@@ -512,11 +512,8 @@ class GuardedCall:
 
     def record(self) -> None:
         rg = self.rg
-        try:
-            metrics.record_report(self.model, rg.report)
-            metrics.record_rollback(self.model, rg.rollbacks, max(0, rg.decoded - len(rg.tokens)))
-        except Exception:  # metrics never take a request down
-            log.exception("repguard: could not record metrics")
+        metrics.record_report(self.model, rg.report)  # metrics never raise (``repguard.metrics.never_raises``)
+        metrics.record_rollback(self.model, rg.rollbacks, max(0, rg.decoded - len(rg.tokens)))
 
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # /v1/completions without max_tokens (OpenAI, vLLM)
