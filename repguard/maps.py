@@ -43,9 +43,11 @@ def find_map(name_or_path: str, shape_key: str | None = None) -> NeuronMap:
             for candidate in sorted(folder.glob("*.safetensors")):
                 if _shape_key_of(candidate) == shape_key:
                     return NeuronMap.load(candidate)
+    found = "a folder (a map is a file: NAME.safetensors)" if path.is_dir() else "no such file"
     raise NeuronMapError(
-        f"no neuron map for '{name_or_path}': looked in {', '.join(str(d) for d in map_dirs())}; "
-        "calibrate one with `repguard calibrate --model NAME --out PATH` or pass a path"
+        f"no neuron map for '{name_or_path}': {found}, and no map of that name in "
+        f"{', '.join(str(d) for d in map_dirs())}; calibrate one with `repguard calibrate --model NAME --out PATH` "
+        "or pass a map file's path"
     )
 
 

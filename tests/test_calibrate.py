@@ -264,7 +264,10 @@ def test_a_calibration_killed_mid_run_resumes_from_its_journal_to_the_same_map(t
         record(self, stream, decision)
 
     monkeypatch.setattr(cal.TextJournal, "record", killed_after_five)
+    capsys.readouterr()
     assert main(["calibrate", "--out", str(out), *args]) == 130
+    err = capsys.readouterr().err  # the user is told that the work done is kept, and how to go on
+    assert f"kept in {journal}" in err and "the same command resumes" in err
     monkeypatch.setattr(cal.TextJournal, "record", record)
     assert not out.exists() and len(journal.read_text().splitlines()) == 1 + 5
     with journal.open("a") as f:

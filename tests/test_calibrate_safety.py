@@ -440,3 +440,21 @@ def test_held_out_texts_too_few_are_named_by_their_flag_and_none_skips_the_test(
     assert "requested (heldout_texts, --heldout)" in logged
     assert "no held-out text qualified" in logged and "deactivation test is skipped" in logged
     assert "nan" not in (tmp_path / "m.md").read_text()
+
+
+def test_a_selection_beyond_the_neurons_that_score_positive_is_said(tmp_path, capsys, caplog):
+    """``--select 100%``: only neurons whose activation rises are ever selected; the map has fewer than asked,
+    and the run says so instead of writing a smaller map silently."""
+    folder = tiny_folder(tmp_path / "tiny-model")
+    out = tmp_path / "all.safetensors"
+    with caplog.at_level("WARNING", logger="repguard"):
+        rc, _, err = _calibrate(capsys, "--model", folder, "--out", out, "--num-texts", "4", "--heldout", "0",
+                                "--batch-size", "8", "--select", "100%", "--store", "100%", "--no-report",
+                                "--no-progress")
+    assert rc == 0, err
+    nmap = NeuronMap.load(out)
+    total = nmap.meta.num_layers * nmap.meta.intermediate_size
+    assert nmap.meta.num_selected < total
+    said = [r.getMessage() for r in caplog.records if "positive score" in r.getMessage()]
+    assert len(said) == 1 and f"asked for {total} neurons" in said[0]
+    assert f"only {nmap.meta.num_selected} have" in said[0]

@@ -294,3 +294,9 @@ def test_the_summary_of_an_output_the_guard_failed_on_says_so():
     assert "the guard failed" in _summary(report) and "untouched" not in _summary(report)
     report.errors = 0
     assert _summary(report) == "no loop detected in 12 tokens; output untouched"
+
+
+def test_a_folder_passed_as_a_map_is_named_as_a_folder(capsys, files):
+    """``--map maps/`` (a folder, e.g. the one the maps live in) is not read as a missing name."""
+    line = _fails(capsys, ["inspect", str(files["dir"])], "a folder (a map is a file: NAME.safetensors)")
+    assert str(files["dir"]) in line

@@ -134,8 +134,14 @@ def run(args) -> int:
         print(f"replacing the earlier map of '{earlier.meta.model_name}' at {args.out} once the new one is written",
               file=sys.stderr)
     source = args.model if args.model in EMBEDDED else str(Path(args.model).resolve())  # what the journal names
-    result = calibrate(model, tok, name, settings, progress=args.progress, dtype=args.dtype, journal=journal,
-                       resume=args.resume, source=source)
+    try:
+        result = calibrate(model, tok, name, settings, progress=args.progress, dtype=args.dtype, journal=journal,
+                           resume=args.resume, source=source)
+    except KeyboardInterrupt:
+        if journal.is_file():  # what a stopped run keeps: the same command goes on from it
+            print(f"repguard calibrate: interrupted; the texts decided so far are kept in {journal}: the same "
+                  "command resumes from them (--no-resume starts over)", file=sys.stderr)
+        raise
     path = result.map.save(args.out)  # replaces --out only with a map that loads back
     if not args.keep_journal:  # the texts are safe to drop only once the map is
         journal.unlink(missing_ok=True)

@@ -537,6 +537,10 @@ def _calibrate(model, tok, name: str, s: CalibrationSettings, progress: bool, dt
     extra = {"random_layer": random_layer, "random_neuron": random_neuron, "fingerprint_weights": fp.weights.float()}
     stat_mats = {k: v.float() for k, v in pooled.items() if k != "score"}
     nmap = map_from_scores(meta, pooled["score"].float(), stat_mats, num_selected, num_stored, extra)
+    if nmap.meta.num_selected < num_selected:  # a neuron whose activation does not rise is never selected
+        log.warning("select asked for %d neurons, but only %d have a positive score (activation higher after the "
+                    "repetition onset than before it): the map selects those %d", num_selected,
+                    nmap.meta.num_selected, nmap.meta.num_selected)
     timings["score"] = time.perf_counter() - t0
 
     sel = nmap.selected()
