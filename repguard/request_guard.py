@@ -368,8 +368,10 @@ class RequestGuard:
     def stop_may_straddle(self, stops: Sequence[str]) -> bool:
         """Can a stop string begin in the tokens a resubmission continues and end in its new ones? The engine
         searches only its own new text, so the adapter checks the text of ``tokens`` (and ends the request
-        with ``finish("stop", stop)``) while this is True: the first few tokens of each resubmission."""
-        longest = max((len(s) for s in stops), default=0)
+        with ``finish("stop", stop)``) while this is True: the first few tokens of each resubmission. A token
+        holds at least one byte of text (byte-fallback tokens one byte of a character), so a stop string's
+        UTF-8 length bounds the tokens its end can take."""
+        longest = max((len(s.encode("utf-8", "surrogatepass")) for s in stops), default=0)
         return (not self.done and self._last is not None and self._last.index > 0
                 and 0 < len(self._streamed) and self._chunk_start < longest)
 

@@ -509,6 +509,24 @@ def test_a_stop_string_across_a_resubmissions_start_is_looked_for_whatever_the_c
     assert g.stop_may_straddle(["ab"])
 
 
+def test_a_stop_string_whose_end_is_byte_tokens_is_looked_for_over_all_of_them():
+    """A stop string "5😀" whose emoji a byte-fallback tokenizer writes as four one-byte tokens: its end takes
+    four tokens of the resubmission, and a bound in characters (two) would stop looking after two."""
+    g = _rolled_back()
+    step = g.next_submission()
+    g.feed(step, [500])  # '5', the ban step
+    rest = g.next_submission()
+    assert rest.max_tokens > 1
+    for byte in (900, 901, 902):  # three of the emoji's four bytes: still looked for
+        assert not g.feed(rest, [byte])
+        assert g.stop_may_straddle(["5😀"])
+    assert not g.feed(rest, [903])
+    assert g.stop_may_straddle(["5😀"])  # its fourth byte: the token that completes it
+    assert not g.feed(rest, [904])
+    assert not g.feed(rest, [905])
+    assert not g.stop_may_straddle(["5😀"])  # a chunk from the sixth token on: past what the stop string can take
+
+
 def test_a_penalised_pick_that_completes_a_stop_string_is_decoded_again():
     g = _rolled_back()
     g.feed(g.next_submission(), [300])  # the ban step

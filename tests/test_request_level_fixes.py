@@ -404,6 +404,7 @@ def test_a_guarded_stream_carries_the_upstreams_id_and_created():
 @pytest.mark.parametrize("path, body, param", [
     ("/v1/completions", {"prompt": "hi", "stream": True, "stream_options": "x"}, "stream_options"),
     ("/v1/completions", {"prompt": "hi", "stream_options": [1]}, "stream_options"),
+    ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),  # as vLLM
     ("/v1/completions", {"prompt": "hi", "stop": 5}, "stop"),
     ("/v1/completions", {"prompt": "hi", "stream": True, "stop": [1]}, "stop"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0},
@@ -417,3 +418,16 @@ def test_guarded_requests_the_proxy_cannot_run_are_a_400_naming_the_field(path, 
     assert resp.status_code == 400, resp.text
     assert resp.json()["error"]["param"] == param and param in resp.json()["error"]["message"]
     assert not fake.requests  # refused before anything reached the upstream
+
+
+def test_top_logprobs_zero_asks_for_nothing_and_is_served_guarded():
+    """``top_logprobs: 0`` is vLLM's default (it asks for no logprobs): a client that sends it explicitly was refused."""
+    fake = FakeUpstream(lambda prompt, body: [(1000, " w")])
+    resp = post(proxy_app(fake), "/v1/chat/completions", {"model": "fake", "max_tokens": 1, "logprobs": False,
+                                                          "top_logprobs": 0,
+                                                          "messages": [{"role": "user", "content": "hi"}]})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["choices"][0]["message"]["content"] == " w"
+    refused = post(proxy_app(fake), "/v1/chat/completions", {"model": "fake", "max_tokens": 1, "top_logprobs": 2,
+                                                             "messages": [{"role": "user", "content": "hi"}]})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "top_logprobs"

@@ -348,6 +348,8 @@ FAKE = textwrap.dedent('''
                 with open(RECORD + ".requests", "a") as f:
                     f.write(json.dumps({"path": self.path, "headers": trace, "body": body}) + "\\n")
             if self.path == "/detokenize":
+                if MODE == "nodetok":  # a gateway that routes /v1 only
+                    return self.send_json(404, {"detail": "Not Found"})
                 return self.send_json(200, {"prompt": "".join(" t%d" % t for t in body["tokens"])})
             xargs = body.get("vllm_xargs") or {}
             if MODE == "plugin" and "repguard_k" in xargs:  # the plugin's processor refuses a bad setting
@@ -369,6 +371,8 @@ FAKE = textwrap.dedent('''
                                                       "param": "prompt", "code": 400}})
             if prompt == "hang":
                 time.sleep(30)
+            if prompt == "slow":  # a long answer, not streamed: nothing comes before its end
+                time.sleep(3)
             if not body.get("stream"):  # the proxy's start-up check
                 ids = {} if MODE == "noids" else {"token_ids": [1000], "prompt_token_ids": [1, 2, 3]}
                 return self.send_json(200, {"id": rid, "system_fingerprint": "fp-fake", "choices": [
@@ -528,6 +532,34 @@ def test_an_upstream_with_the_logits_processor_gets_the_repair_with_one_resubmis
         with pytest.raises(UpstreamError, match="upstream_engine_repair"):
             with inprocess_proxy(upstream=url, upstream_engine_repair=True):
                 pass
+
+
+def test_a_long_answer_with_the_guard_off_and_not_streamed_is_waited_for(fake_upstream):
+    """``upstream_timeout_s`` is the time between two bytes; a request forwarded with the guard off and not
+    streamed gets no byte before its whole answer, and was cut at that timeout (504) however well it went."""
+    url, _ = fake_upstream
+    with inprocess_proxy(upstream=url, upstream_timeout_s=1.0) as proxy:
+        client = openai.OpenAI(base_url=proxy + "/v1", api_key="x", timeout=30, max_retries=0)
+        got = client.completions.create(model="fake", prompt="slow", max_tokens=5,
+                                        extra_body={"repguard": {"preset": "off"}})
+    assert got.choices[0].text == " w0" and got.system_fingerprint == "fp-fake"  # the upstream's answer, unchanged
+
+
+def test_an_upstream_without_detokenize_is_refused_at_start_unless_it_need_not_be(tmp_path):
+    """The text of a rolled-back request is decoded by the upstream's /detokenize: behind a gateway that routes
+    /v1 only, every request that rolled back failed with the gateway's 404. The proxy now says so at start, and
+    starts with a local tokenizer or with a guard that only watches."""
+    from repguard.serve.settings import load_settings
+    from repguard.serve.upstream import UpstreamError, UpstreamProxy
+
+    with fake(tmp_path, "nodetok") as (url, _, _record):
+        with pytest.raises(UpstreamError, match=r"/detokenize failed \(HTTP 404\).*--upstream-tokenizer"):
+            UpstreamProxy(load_settings({"upstream": url}, env={})).connect()
+        watching = UpstreamProxy(load_settings({"upstream": url, "guard": {"preset": "monitor"}}, env={}))
+        watching.connect()
+        local = UpstreamProxy(load_settings({"upstream": url}, env={}), tokenizer=object())
+        local.connect()
+        assert watching.models == local.models == ["fake"]
 
 
 def test_upstream_failures_are_clean_openai_errors(fake_upstream):

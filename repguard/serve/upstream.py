@@ -77,7 +77,8 @@ TEXT_PARTS = frozenset({"text", "input_text", "output_text", "refusal", "thinkin
 REFUSED = {
     "prompt_embeds": lambda v: v is not None,
     "n": lambda v: v not in (None, 1), "best_of": lambda v: v not in (None, 1), "echo": bool,
-    "logprobs": lambda v: v is not None and v is not False, "top_logprobs": lambda v: v is not None,
+    "logprobs": lambda v: v is not None and v is not False,
+    "top_logprobs": lambda v: v not in (None, 0),  # 0 is vLLM's default, and asks for nothing
     "prompt_logprobs": lambda v: v is not None, "use_beam_search": bool, "tools": bool,
     "structured_outputs": lambda v: v is not None, "guided_json": lambda v: v is not None,
     "guided_regex": lambda v: v is not None, "guided_choice": lambda v: v is not None,
@@ -245,7 +246,14 @@ class Decoder:
             return ""
         if self.tokenizer is not None:
             return self.tokenizer.decode(ids, skip_special_tokens=skip_special)
-        data = await self.upstream.post_json("/detokenize", {"model": model, "tokens": list(ids)})
+        try:
+            data = await self.upstream.post_json("/detokenize", {"model": model, "tokens": list(ids)})
+        except APIError as exc:
+            if exc.code in ("upstream_timeout", "upstream_busy"):
+                raise
+            raise APIError(502, f"the upstream's /detokenize failed ({exc.message}); the text of a rolled-back "
+                           "request is decoded there: expose it, or give the proxy the model's tokenizer "
+                           "(upstream_tokenizer)", type="server_error", code="upstream_error") from None
         text = data.get("prompt") if isinstance(data, dict) else None
         if not isinstance(text, str):
             raise APIError(502, "the upstream's /detokenize gave no text", type="server_error", code="upstream_error")
@@ -573,7 +581,9 @@ class UpstreamProxy:
             self.models = [str(c["id"]) for c in cards]
             self.max_model_len = {str(c["id"]): int(c["max_model_len"]) for c in cards
                                   if isinstance(c.get("max_model_len"), int)}
-            self._probe_token_ids(client)
+            ids = self._probe_token_ids(client)
+            if self.decode.tokenizer is None and self.policy.repairs:
+                self._probe_detokenize(client, ids)
             want = self.settings.upstream_neuron_step
             available = self._probe_neurons(client) if want is not False else False
             want_repair = self.settings.upstream_engine_repair
@@ -617,6 +627,23 @@ class UpstreamProxy:
         if not ok:
             raise UpstreamError(f"upstream {url}: its completions carry no token ids (return_token_ids); the guard "
                                 "needs vLLM's OpenAI server (tested with vLLM 0.32)")
+        return [int(t) for t in choice["token_ids"]]
+
+    def _probe_detokenize(self, client: httpx.Client, ids: list[int]) -> None:
+        """The text of a rolled-back request is its final tokens' text, asked of the upstream's ``/detokenize``
+        (without ``upstream_tokenizer``): refuse an upstream that does not answer it (a gateway that routes
+        ``/v1`` only), rather than fail every request that rolls back."""
+        url = self.upstream.url
+        try:
+            resp = client.post("/detokenize", json={"model": self.model_name, "tokens": ids or [0]})
+            ok = resp.status_code == 200 and isinstance(resp.json().get("prompt"), str)
+            status = f"HTTP {resp.status_code}"
+        except (httpx.HTTPError, ValueError, AttributeError) as exc:
+            ok, status = False, type(exc).__name__
+        if not ok:
+            raise UpstreamError(f"upstream {url}: POST /detokenize failed ({status}); the text of a rolled-back "
+                                "request is decoded there: expose it, give the model's tokenizer folder "
+                                "(--upstream-tokenizer PATH), or guard with the monitor preset (it never resubmits)")
 
     def _probe_neurons(self, client: httpx.Client) -> bool:
         """Does the upstream run repguard's plugin with the neuron step? Its processor refuses a bad setting
@@ -698,6 +725,9 @@ class UpstreamProxy:
         options = body.get("stream_options")
         if options is not None and not isinstance(options, dict):
             raise APIError(400, "stream_options: expected an object", param="stream_options", code="invalid_value")
+        if options is not None and not body.get("stream"):  # as vLLM refuses it (the proxy would drop it)
+            raise APIError(400, "stream_options: can only be set when stream is true", param="stream_options",
+                           code="invalid_value")
         stop = body.get("stop")
         if stop is not None and not isinstance(stop, str) and not (
                 isinstance(stop, list) and all(isinstance(x, str) for x in stop)):
@@ -768,7 +798,12 @@ def build_upstream_router(proxy: UpstreamProxy, settings: ServeSettings) -> APIR
         body = {k: v for k, v in body.items() if k != "repguard"}
         headers = trace_headers(request)
         if not body.get("stream"):
-            watch = asyncio.ensure_future(upstream.client.post(path, json=body, headers=headers or None))
+            # Nothing comes back before the whole answer: no read timeout (``upstream_timeout_s`` is the time
+            # between two bytes, which a long answer would exceed); a client that goes away cancels it.
+            limits = upstream.client.timeout
+            timeout = httpx.Timeout(connect=limits.connect, read=None, write=limits.write, pool=limits.pool)
+            watch = asyncio.ensure_future(upstream.client.post(path, json=body, headers=headers or None,
+                                                               timeout=timeout))
             resp = await _until_done(watch, request)
             if resp is GONE:
                 request.state.repguard_status = CLIENT_CLOSED
