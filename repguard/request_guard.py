@@ -191,14 +191,16 @@ def text_ids(tokens: Sequence[int], finish_reason: str | None, stop_reason: str 
 
 
 def end_text(text: str, finish_reason: str | None, stop_reason: str | int | None, include_stop: bool = False,
-             final: bool = True, stops: Sequence[str] = ()) -> str:
+             final: bool = True, stops: Sequence[str] = (), after: int = 0) -> str:
     """``text`` of the output's ids (``text_ids``) as the engine hands it out. ``final``: a stop string that
-    ended it is cut off (kept with ``include_stop``). Not ``final`` (streaming): an incomplete character, and
-    the possible start of a stop string in ``stops``, wait for the next tokens. Either way, an incomplete
-    character at the end is not text: vLLM's detokenizer never emits one, even when the output ends there."""
+    ended it is cut off (kept with ``include_stop``): its first occurrence that ends past character ``after``
+    (the text of the request's ``min_tokens``, where the engine looks for none: ``min_tokens_chars``). Not
+    ``final`` (streaming): an incomplete character, and the possible start of a stop string in ``stops``, wait
+    for the next tokens. Either way, an incomplete character at the end is not text: vLLM's detokenizer never
+    emits one, even when the output ends there."""
     if final:
         if finish_reason == "stop" and isinstance(stop_reason, str) and stop_reason:
-            at = text.find(stop_reason)
+            at = text.find(stop_reason, max(0, after - len(stop_reason) + 1))
             if at >= 0:
                 text = text[: at + (len(stop_reason) if include_stop else 0)]
         return text.rstrip("\ufffd")
@@ -207,10 +209,25 @@ def end_text(text: str, finish_reason: str | None, stop_reason: str | int | None
     return text[: max(0, len(text) - hold)] if hold else text
 
 
-def find_stop(text: str, stops: Sequence[str]) -> str | None:
-    """The stop string that occurs first in ``text`` (None: none)."""
-    found = [(text.find(s), s) for s in stops if s and s in text]
-    return min(found)[1] if found else None
+def find_stop(text: str, stops: Sequence[str], after: int = 0) -> str | None:
+    """The stop string whose occurrence in ``text`` ends first (None: none), as an engine that checks the text
+    token by token finds it; only occurrences that end past character ``after`` count (``min_tokens_chars``:
+    the engine looks for no stop string before ``min_tokens`` tokens)."""
+    found = []
+    for order, s in enumerate(stops):
+        at = text.find(s, max(0, after - len(s) + 1)) if s else -1
+        if at >= 0:
+            found.append((at + len(s), order, s))
+    return min(found)[2] if found else None
+
+
+def min_tokens_chars(decode: Callable[[list[int]], str], prompt_ids: Sequence[int] | None, tokens: Sequence[int],
+                     min_tokens: int | None) -> int:
+    """Characters of the output's text that its first ``min_tokens`` tokens take (0: none): an engine looks
+    for stop strings only in the text of later tokens."""
+    if not min_tokens or not tokens:
+        return 0
+    return len(decode_output(decode, prompt_ids, list(tokens[:min_tokens])).rstrip("\ufffd"))
 
 
 def decode_context(prompt_ids: Sequence[int] | None) -> list[int]:
@@ -645,4 +662,4 @@ class RequestGuard:
 
 __all__ = ["BiasLimitError", "EngineRepair", "MAX_BIAS_TOKENS", "RequestGuard", "Submission", "add_bias",
            "after_context", "carried_bias", "check_request_config", "decode_context", "decode_output", "derive_seed",
-           "end_text", "find_stop", "neurons_off_config", "submission_bias", "submission_salt", "text_ids"]
+           "end_text", "find_stop", "min_tokens_chars", "neurons_off_config", "submission_bias", "submission_salt", "text_ids"]

@@ -285,7 +285,7 @@ def test_the_vllm_front_cuts_a_stop_string_after_a_rollback_as_vllm_does():
                 r.out.append(tok)
                 text, fin, stop = dec(r.out), None, None
                 for s in r.params.stop or []:
-                    if s in text:
+                    if s in text and len(r.out) > (r.params.min_tokens or 0):  # none before min_tokens, as vLLM
                         fin, stop, text = "stop", s, text[: text.find(s)]
                 if fin is None and len(r.out) >= r.params.max_tokens:
                     fin = "length"
@@ -303,6 +303,13 @@ def test_the_vllm_front_cuts_a_stop_string_after_a_rollback_as_vllm_does():
                                                                               stop=[" END"]))[0]
     assert out.report["rollbacks"] == 1 and out.finish_reason == "stop" and out.token_ids[-1] == 999
     assert " END" not in out.text and out.text.endswith(" t10")
+    # With min_tokens, the engine looks for no stop string in the first tokens' text, and neither may the front:
+    # " t101" (the second token, in the text a rollback keeps) once ended the request right after the rollback.
+    params = SamplingParams(temperature=0, max_tokens=120, min_tokens=40, stop=[" t101", " END"])
+    out = GuardedLLM(llm, model_name="fake").generate(["hi"], params)[0]
+    assert out.report["rollbacks"] == 1 and out.finish_reason == "stop" and out.token_ids[-1] == 999
+    assert out.text.startswith(" t100 t101 t102") and len(out.token_ids) == 41  # its 41st token, the first it may
+    assert out.text.endswith(" END END t2039")  # cut there, the " END"s inside the min_tokens text kept
 
 
 # -- text streamed after a rollback ---------------------------------------------------------------------------
@@ -364,6 +371,31 @@ def test_a_stop_string_across_a_resubmission_ends_the_request(stream):
     assert last["repguard"]["rollbacks"] == 1
     assert last["finish_reason"] == "stop" and last["stop_reason"] == "<stop>"
     assert ids[-2:] == [777, 778] and text.endswith(" ") and "<st" not in text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_stop_string_in_the_text_of_min_tokens_never_ends_a_rolled_back_request(stream):
+    """vLLM looks for stop strings only after ``min_tokens`` tokens; the proxy's check across a resubmission's
+    start read the whole kept text, and ended a rolled-back request at once on a stop string inside it."""
+    app = proxy_app(FakeUpstream(straddling, detok=stop_detok))
+    resp = post(app, "/v1/completions", {"model": "fake", "prompt": "hi", "max_tokens": 60, "min_tokens": 50,
+                                         "temperature": 0, "stop": [" t101"], "return_token_ids": True,
+                                         "stream": stream})
+    text, ids, last = choice_of(resp, stream)
+    assert last["repguard"]["rollbacks"] == 1
+    assert last["finish_reason"] == "length" and len(ids) == 60 and text.startswith(" t100 t101 t102")
+
+
+def test_a_stop_string_is_found_and_cut_where_an_engine_finds_it():
+    """The occurrence that ends first (an engine reads the text token by token), past the text of min_tokens."""
+    from repguard.request_guard import end_text, find_stop
+
+    assert find_stop("xx abcd", ["bcd", "ab"]) == "ab"  # "ab" is complete one character before "bcd"
+    assert find_stop("a. b. c.", ["."], after=3) == "."
+    assert find_stop("a. b", ["."], after=3) is None  # its only "." lies in the min_tokens text
+    assert end_text("a. b. c.", "stop", ".", after=3) == "a. b"  # cut at the one found, not the first
+    assert end_text("a. b. c.", "stop", ".", include_stop=True, after=3) == "a. b."
+    assert end_text("a. b. c.", "stop", ".") == "a"
 
 
 # -- chat reasoning ---------------------------------------------------------------------------------------------

@@ -479,3 +479,70 @@ def test_what_the_guard_cannot_absorb_still_reaches_the_async_caller():
     with pytest.raises(EngineDeadError):
         _async_outputs(dead)
     assert errors._value.get() == before, "not counted as a guard that failed open"
+
+
+class _AbortableAsyncEngine(_RefusingAsyncEngine):
+    """The looping model as an ``AsyncLLM`` whose ``abort`` ends a running request with finish_reason "abort";
+    ``hook(request_id, n)`` is called after its n-th output."""
+
+    def __init__(self, hook) -> None:
+        super().__init__(lambda prompt, params: None)
+        self.hook = hook
+        self.started: list[str] = []
+        self.aborted: set[str] = set()
+
+    async def abort(self, request_id) -> None:
+        self.aborted.update([request_id] if isinstance(request_id, str) else request_id)
+
+    async def generate(self, prompt, params, request_id, **kw):
+        import asyncio
+
+        self.started.append(request_id)
+        n = 0
+        async for out in super().generate(prompt, params, request_id, **kw):
+            await asyncio.sleep(0)  # the caller's abort runs here
+            if request_id in self.aborted:
+                o = SimpleNamespace(token_ids=[], text="", finish_reason="abort", stop_reason=None)
+                yield SimpleNamespace(request_id=request_id, prompt_token_ids=out.prompt_token_ids, outputs=[o],
+                                      finished=True, num_cached_tokens=0)
+                return
+            yield out
+            n += 1
+            self.hook(request_id, n)
+
+
+@pytest.mark.parametrize("resubmitted", [False, True])  # in the first submission; in one after the rollback
+def test_the_caller_aborts_a_guarded_request_by_its_own_id(resubmitted):
+    """A guarded request runs in the engine under ids of its own (one per submission): ``AsyncLLM.abort`` with
+    the caller's id found nothing, and the request ran to its length. ``GuardedAsyncLLM.abort(id)`` aborts the
+    submission in flight and the request ends with "abort", with no resubmission after it."""
+    import asyncio
+
+    from repguard.vllm.front import GuardedAsyncLLM
+
+    tasks = []
+
+    def hook(request_id, n):
+        if not tasks and (request_id == "r1.2" if resubmitted else n == 5):
+            tasks.append(asyncio.ensure_future(front.abort("r1")))
+
+    engine = _AbortableAsyncEngine(hook)
+    front = GuardedAsyncLLM(engine)
+
+    async def run():
+        outs = [o async for o in front.generate("a", SamplingParams(temperature=0, max_tokens=200), "r1")]
+        await asyncio.gather(*tasks)
+        return outs
+
+    last = asyncio.run(run())[-1]
+    assert tasks and last.finished and last.finish_reason == "abort" and len(last.token_ids) < 200
+    at = "r1.2" if resubmitted else "r1.0"
+    assert engine.started[-1] == at and engine.aborted == {at}  # no resubmission after the abort
+    assert last.report["rollbacks"] == (1 if resubmitted else 0)
+    assert not front._running and not front._aborted  # nothing kept of a request that ended
+
+
+def test_a_rolled_back_request_without_detokenize_has_no_text_as_vllms_own():
+    """``detokenize=False``: vLLM's outputs carry no text; a rolled-back request's text was decoded anyway."""
+    (out,) = GuardedLLM(_LLM()).generate(["a"], SamplingParams(temperature=0, max_tokens=60, detokenize=False))
+    assert out.report["rollbacks"] >= 1 and len(out.token_ids) == 60 and out.text == ""

@@ -295,6 +295,8 @@ class GuardedCall:
         self.stream = bool(body.get("stream"))  # a response that is not streamed takes its tokens at the end only
         self.prompt_ids: list[int] | None = None
         self.first: dict[str, Any] = {}  # id, created, system_fingerprint of the first upstream chunk
+        self._min_head: tuple[int, ...] = ()  # the first min_tokens tokens, and their text's length
+        self._min_len = 0
         self.fingerprint: Any = None  # the upstream's system_fingerprint, from any chunk of any submission
         self.text0 = ""  # submission 0's text as the upstream sent it
         self.pieces: list[tuple[int, str]] = [(0, "")]  # submission 0: (tokens so far, text so far)
@@ -418,7 +420,7 @@ class GuardedCall:
                         self.last_stop = choice.get("stop_reason")
                         cancel = feed_chunk(rg, sub, ids, fin, self.last_stop)
                         if rg.stop_may_straddle(self.stops):  # a stop string across the resubmission's start
-                            stop = find_stop(await self._decode(rg.tokens), self.stops)
+                            stop = find_stop(await self._decode(rg.tokens), self.stops, await self._min_chars())
                             if stop is not None:
                                 rg.finish("stop", stop)
                                 self.last_stop, cancel = stop, True
@@ -493,7 +495,19 @@ class GuardedCall:
         rg = self.rg
         decode_ids = text_ids(ids, rg.finish_reason, self.last_stop, self.include_stop) if final else list(ids)
         text = await self._decode(decode_ids)
-        return end_text(text, rg.finish_reason, self.last_stop, self.include_stop, final, self.stops)
+        after = await self._min_chars() if final else 0
+        return end_text(text, rg.finish_reason, self.last_stop, self.include_stop, final, self.stops, after)
+
+    async def _min_chars(self) -> int:
+        """The characters of the output's first ``min_tokens`` tokens, where the upstream looks for no stop
+        string (``min_tokens_chars``; the kept text of a rollback may hold one there)."""
+        n = self.body.get("min_tokens") or 0
+        head = tuple(self.rg.tokens[:n])
+        if not n or not head:
+            return 0
+        if self._min_head != head:
+            self._min_head, self._min_len = head, len((await self._decode(list(head))).rstrip("\ufffd"))
+        return self._min_len
 
     async def _decode(self, ids: list[int]) -> str:
         """The text of output ``ids`` after the prompt: as the upstream's own incremental text reads (a first

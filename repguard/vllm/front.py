@@ -48,8 +48,8 @@ from .. import metrics
 from ..config import GuardConfig
 from ..errors import ConfigError
 from ..request_guard import (RESUBMISSION_KEY, RequestGuard, Submission, check_request_config, decode_output,
-                             derive_seed, end_text, find_stop, neurons_off_config, submission_bias, submission_salt,
-                             text_ids)
+                             derive_seed, end_text, find_stop, min_tokens_chars, neurons_off_config, submission_bias,
+                             submission_salt, text_ids)
 from ..rollback import RollbackConfig, RollbackPolicy
 from .logits import REPAIR_KEY
 
@@ -427,10 +427,18 @@ def _tokenizer_of(llm):
 def _final_text(rg: RequestGuard, params, prompt_ids: list[int] | None, decode) -> str:
     """A resubmitted request's text, as vLLM ends an output's text (``request_guard.text_ids``/``end_text``: no
     EOS or stop token, a stop string cut off), read after the prompt (``decode_output``)."""
+    if getattr(params, "detokenize", True) is False:  # vLLM's outputs carry no text then
+        return ""
     include = bool(getattr(params, "include_stop_str_in_output", False))
     ids = text_ids(rg.tokens, rg.finish_reason, rg.stop_reason, include)
-    text = decode_output(lambda t: decode(t, skip_special_tokens=params.skip_special_tokens), prompt_ids, ids)
-    return end_text(text, rg.finish_reason, rg.stop_reason, include)
+    dec = _decoder(params, decode)
+    text = decode_output(dec, prompt_ids, ids)
+    after = min_tokens_chars(dec, prompt_ids, rg.tokens, getattr(params, "min_tokens", 0))
+    return end_text(text, rg.finish_reason, rg.stop_reason, include, after=after)
+
+
+def _decoder(params, decode):
+    return lambda t: decode(t, skip_special_tokens=params.skip_special_tokens)
 
 
 def _stop_across(rg: RequestGuard, params, prompt_ids: list[int] | None, decode) -> bool:
@@ -439,8 +447,10 @@ def _stop_across(rg: RequestGuard, params, prompt_ids: list[int] | None, decode)
     stops = [params.stop] if isinstance(params.stop, str) else list(params.stop or [])
     if decode is None or not rg.stop_may_straddle(stops):
         return False
-    text = decode_output(lambda t: decode(t, skip_special_tokens=params.skip_special_tokens), prompt_ids, rg.tokens)
-    stop = find_stop(text, stops)
+    dec = _decoder(params, decode)
+    text = decode_output(dec, prompt_ids, rg.tokens)
+    # none before min_tokens tokens, as the engine looks for none there (the kept text may hold some)
+    stop = find_stop(text, stops, min_tokens_chars(dec, prompt_ids, rg.tokens, getattr(params, "min_tokens", 0)))
     if stop is not None:
         rg.finish("stop", stop)
     return stop is not None
@@ -477,6 +487,26 @@ class GuardedAsyncLLM(_Front):
         self._checked = False
         self._lock = asyncio.Lock()
         self._tokenizer = tokenizer
+        # The caller's id of each guarded request running -> the engine's id of its submission in flight
+        # (None between two), and the ids the caller aborted (``abort``).
+        self._running: dict[str, str | None] = {}
+        self._aborted: set[str] = set()
+
+    async def abort(self, request_id: str | Sequence[str]) -> None:
+        """Abort requests by the caller's ids, as ``AsyncLLM.abort``: a guarded request's submission in flight
+        is aborted in the engine (it runs under an id of its own), no resubmission follows, and the request ends
+        with finish_reason "abort". Other ids (unguarded requests run under the caller's) go to the engine."""
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        engine_ids = []
+        for rid in ids:
+            if rid in self._running:
+                self._aborted.add(rid)
+                if self._running[rid] is not None:
+                    engine_ids.append(self._running[rid])
+            else:
+                engine_ids.append(rid)
+        if engine_ids:
+            await self.engine.abort(engine_ids)
 
     async def _check(self) -> None:
         if self._checked:
@@ -533,15 +563,24 @@ class GuardedAsyncLLM(_Front):
         cached = 0
         text0 = ""
         recorded = False
+        if request_id in self._running:
+            raise ValueError(f"request id {request_id!r} is already running")
+        self._running[request_id] = None
         try:
-            while (sub := rg.next_submission()) is not None:
+            while True:
+                if request_id in self._aborted and not rg.done:
+                    rg.finish("abort")  # aborted by the caller between two submissions, or the engine's abort
+                sub = rg.next_submission()
+                if sub is None:
+                    break
                 gen = None
                 counted = started = False
+                engine_id = self._running[request_id] = f"{request_id}.{sub.index}"
                 try:
                     gen = self.engine.generate(self._prompt(prompt, prompt_ids, sub),
                                                self._sub_params(sampling_params, sub, RequestOutputKind.DELTA,
                                                                 len(prompt_ids or []), rg.policy.config),
-                                               f"{request_id}.{sub.index}", **kwargs)
+                                               engine_id, **kwargs)
                     async for out in gen:
                         started = True
                         if prompt_ids is None:
@@ -567,6 +606,7 @@ class GuardedAsyncLLM(_Front):
                     if started or _engine_dead(exc) or not rg.refused(sub):  # a refused resubmission: on unguarded
                         raise
                 finally:
+                    self._running[request_id] = None
                     if gen is not None:
                         await gen.aclose()  # aborts the engine request if it is still running
             tokens = rg.tokens
@@ -580,6 +620,8 @@ class GuardedAsyncLLM(_Front):
             yield GuardedOutput(request_id, prompt_ids or [], tokens, text, True, rg.finish_reason, rg.stop_reason,
                                 new_token_ids=new, report=self._report(rg, cached))
         finally:
+            self._running.pop(request_id, None)
+            self._aborted.discard(request_id)
             if not recorded and rg.submissions:
                 self._record(rg)
 
