@@ -546,3 +546,30 @@ def test_a_rolled_back_request_without_detokenize_has_no_text_as_vllms_own():
     """``detokenize=False``: vLLM's outputs carry no text; a rolled-back request's text was decoded anyway."""
     (out,) = GuardedLLM(_LLM()).generate(["a"], SamplingParams(temperature=0, max_tokens=60, detokenize=False))
     assert out.report["rollbacks"] >= 1 and len(out.token_ids) == 60 and out.text == ""
+
+
+def test_lora_priority_and_tokenization_settings_reach_every_engine_request_of_their_prompt():
+    """``LLM.generate``'s ``lora_request``, ``priority`` and ``tokenization_kwargs`` (and ``use_tqdm``): the front
+    refused them (``TypeError``), so a LoRA adapter could not be guarded at all. Each goes with every submission
+    of its prompt, a rollback's resubmissions included."""
+    llm = _LLM()
+    seen = []
+    add = llm.llm_engine.add_request
+
+    def recording(rid, prompt, params, **kw):
+        seen.append((rid, kw))
+        add(rid, prompt, params)
+
+    llm.llm_engine.add_request = recording
+    lora_a, lora_b = SimpleNamespace(name="a"), SimpleNamespace(name="b")
+    outs = GuardedLLM(llm).generate(["a", "b"], GREEDY, lora_request=[lora_a, lora_b], priority=[3, 5],
+                                    tokenization_kwargs={"truncation": True}, use_tqdm=False)
+    assert all(o.report["rollbacks"] >= 1 for o in outs)
+    for rid, kw in seen:
+        i = int(rid.split("-")[1].split(".")[0])
+        assert kw == {"lora_request": (lora_a, lora_b)[i], "priority": (3, 5)[i],
+                      "tokenization_kwargs": {"truncation": True}}
+    assert {rid.split(".")[1] for rid, _ in seen} > {"0", "1"}  # resubmissions too
+    GuardedLLM(_LLM()).generate(["a"], GREEDY)  # none given: none passed (an engine without them still works)
+    with pytest.raises(ConfigError, match="one lora_request"):
+        GuardedLLM(_LLM()).generate(["a", "b"], GREEDY, lora_request=[lora_a])

@@ -295,12 +295,16 @@ class GuardedLLM(_Front):
         self._capabilities(results, neuron_step, engine_repair, getattr(self.engine, "vllm_config", None))
 
     def generate(self, prompts, sampling_params=None,
-                 guard: GuardConfig | dict | bool | Sequence[GuardConfig | dict | bool | None] | None = None,
-                 ) -> list[GuardedOutput]:
+                 guard: GuardConfig | dict | bool | Sequence[GuardConfig | dict | bool | None] | None = None, *,
+                 use_tqdm: Any = True, lora_request=None, priority: int | Sequence[int] | None = None,
+                 tokenization_kwargs: dict[str, Any] | None = None) -> list[GuardedOutput]:
         """Guarded ``LLM.generate``: ``prompts`` as vLLM takes them (strings or ``TokensPrompt``s),
         ``sampling_params`` one for all, one per prompt, or None (the model's defaults, as vLLM), ``guard``
         one for all or one per request (None: the front's settings, False: unguarded, a dict: overrides).
-        If anything raises while the batch decodes, its requests are aborted in the engine first."""
+        ``lora_request`` and ``priority`` (one for all or one per prompt) and ``tokenization_kwargs`` go to every
+        engine request of their prompt, its resubmissions included; ``use_tqdm`` is accepted as ``LLM.generate``
+        takes it (the front draws no bar). If anything raises while the batch decodes, its requests are aborted
+        in the engine first."""
         from vllm.sampling_params import RequestOutputKind
 
         prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
@@ -317,6 +321,18 @@ class GuardedLLM(_Front):
         guards = [guard] * len(prompts) if one else list(guard)
         if len(params) != len(prompts) or len(guards) != len(prompts):
             raise ConfigError("generate: pass one sampling_params and one guard setting per prompt (or one for all)")
+        loras = list(lora_request) if isinstance(lora_request, (list, tuple)) else [lora_request] * len(prompts)
+        priorities = list(priority) if isinstance(priority, (list, tuple)) else [priority] * len(prompts)
+        if len(loras) != len(prompts) or len(priorities) != len(prompts):
+            raise ConfigError("generate: pass one lora_request and one priority per prompt (or one for all)")
+        extras = []  # the keyword arguments of each prompt's engine requests (none given: none passed)
+        for lora, prio in zip(loras, priorities):
+            extra = {"lora_request": lora} if lora is not None else {}
+            if prio is not None:
+                extra["priority"] = prio
+            if tokenization_kwargs is not None:
+                extra["tokenization_kwargs"] = tokenization_kwargs
+            extras.append(extra)
         tag = f"rg{next(_ids)}"
         reqs = []
         for i, (prompt, p, g) in enumerate(zip(prompts, params, guards)):
@@ -336,7 +352,7 @@ class GuardedLLM(_Front):
                 try:
                     self.engine.add_request(rid, self._prompt(r["prompt"], r["ids"], sub),
                                             self._sub_params(r["params"], sub, RequestOutputKind.DELTA,
-                                                             len(r["ids"] or []), rg.policy.config))
+                                                             len(r["ids"] or []), rg.policy.config), **extras[i])
                 except Exception as exc:
                     if _engine_dead(exc) or not rg.refused(sub):  # a refused resubmission: on unguarded
                         raise
