@@ -292,8 +292,12 @@ class RequestGuard:
                  model_name: str = "model") -> None:
         """``greedy``: the engine decodes greedily, so a penalty on a token the engine did not pick anyway
         would change nothing; the guard then waits for the next token and resubmits only when the engine
-        picked the penalised one (exact under greedy decoding, and far fewer resubmissions). Otherwise
-        every penalty is applied by a one-token step, exactly as the per-token policy would.
+        picked the penalised one (exact under greedy decoding, and far fewer resubmissions). Otherwise the
+        last pass's escalation penalty is applied by a one-token step, exactly as the per-token policy would,
+        and a re-decode's repair penalties when a draw lands on a penalised token (that position is drawn again
+        with them): a weaker repair than penalties in every step's logits (a token x outside the penalised set S
+        comes with P(x) + P(S) P_pen(x), not P_pen(x)); an engine that runs the repair itself
+        (``engine_repair``) applies it exactly.
         ``engine_repair``: the engine applies each re-decode submission's ``repair`` itself (module doc).
         ``model_name``: the ``model`` label of the guard-errors counter."""
         check_request_config(policy.config)
