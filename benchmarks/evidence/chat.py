@@ -20,7 +20,8 @@ Methods: ``none``; the baselines ``rep_penalty_1.1``, ``rep_penalty_1.2``, ``no_
 ``stop_on_repeat`` (vLLM ``repetition_detection`` semantics: end the request at the first detected loop);
 ``rollback`` (``repguard generate``'s default: neuron map, re-decode repair), ``rollback_ban_only`` (the
 re-decode bans only the loop's next token), ``rollback_tokens`` (no neuron map: what an engine without
-the neuron step runs); ``rollback[key=value;...]`` overrides ``RollbackConfig`` settings (tuning; also
+the neuron step runs); ``rollback[key=value;...]`` overrides ``RollbackConfig`` settings (``guard.key=value``:
+a ``GuardConfig`` setting, e.g. ``guard.deactivate_value=pre_onset_mean``) (tuning; also
 ``neurons=false``).
 Methods already in ``--out`` are kept (``--redo`` recomputes them).
 """
@@ -201,8 +202,11 @@ def run_method(name, model, tok, nmap, prompts, args, sample_kwargs):
             precise = settings.pop("precise_trigger", True)
             overlap = settings.pop("overlap", None)  # rollback[overlap=false]: the passes one after another
             use_map = False if name == "rollback_tokens" or settings.pop("neurons", True) is False else nmap
+            # rollback[guard.KEY=VALUE]: a GuardConfig setting (e.g. the neuron step's deactivate_value)
+            guard_cfg = {k[len("guard."):]: settings.pop(k) for k in [k for k in settings if k.startswith("guard.")]}
             res = generate_with_rollback(model, ids, mask, neuron_map=use_map, max_rollbacks=max_rb,
-                                         precise_trigger=precise, rollback=settings or None, overlap=overlap, **kw)
+                                         precise_trigger=precise, rollback=settings or None, overlap=overlap,
+                                         config=guard_cfg or None, **kw)
             for seq, rep, rb in zip(res.sequences, res.reports, res.rollbacks):
                 outs.append(cut(seq, eos))
                 reps.append({"rollbacks": rb, "finish_reason": rep.finish_reason, "max_level": rep.max_level})
