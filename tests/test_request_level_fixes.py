@@ -463,3 +463,38 @@ def test_top_logprobs_zero_asks_for_nothing_and_is_served_guarded():
     refused = post(proxy_app(fake), "/v1/chat/completions", {"model": "fake", "max_tokens": 1, "top_logprobs": 2,
                                                              "messages": [{"role": "user", "content": "hi"}]})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "top_logprobs"
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_an_upstream_output_cap_holds_for_a_rolled_back_request_too(chat):
+    """An upstream that caps every request's output at 64 tokens (vLLM's override of max_new_tokens): a
+    rollback's resubmission is a new request, capped afresh, so a looping request came back longer than the
+    upstream ever answers one. With ``upstream_max_tokens`` the whole output is held to the cap."""
+    cap = 64
+
+    def capped(prompt, body):
+        if isinstance(prompt, list):  # a resubmission: fresh text
+            toks = [3000 + i for i in range(400)]
+        else:
+            toks = [100 + i for i in range(5)] + [10 + i % 6 for i in range(400)]
+        return [(t, f" t{t}") for t in toks[:cap]]
+
+    def finish(body, toks):
+        return ("length" if len(toks) in (cap, body.get("max_tokens")) else "stop"), None
+
+    def run(**settings):
+        app = proxy_app(FakeUpstream(capped, finish=finish), **settings)
+        if chat:  # no max_tokens: the upstream's own limit decides
+            resp = post(app, "/v1/chat/completions", {"model": "fake", "temperature": 0, "return_token_ids": True,
+                                                      "messages": [{"role": "user", "content": "hi"}]})
+        else:
+            resp = post(app, "/v1/completions", {"model": "fake", "prompt": "hi", "max_tokens": 500,
+                                                 "temperature": 0, "return_token_ids": True})
+        choice = resp.json()["choices"][0]
+        return choice["token_ids"], choice["finish_reason"], choice["repguard"]["rollbacks"]
+
+    ids, finish_reason, rollbacks = run()
+    assert rollbacks == 1 and len(ids) > cap  # what the upstream's cap alone cannot hold
+    ids, finish_reason, rollbacks = run(upstream_max_tokens=cap)
+    assert rollbacks == 1 and len(ids) == cap and finish_reason == "length"
+    assert ids[:5] == [100, 101, 102, 103, 104] and any(t >= 3000 for t in ids)

@@ -69,6 +69,10 @@ class ServeSettings(BaseModel):
     upstream_connect_timeout_s: float = Field(5.0, gt=0.0, le=600.0)
     upstream_wait_s: float = Field(60.0, ge=0.0, le=3600.0, description="At start: how long to wait for the upstream.")
     upstream_max_connections: int = Field(256, ge=1, le=100_000, description="Concurrent upstream connections.")
+    upstream_max_tokens: int | None = Field(
+        None, ge=1, le=10_000_000, description="The upstream's own cap on one request's output (vLLM's "
+        "--override-generation-config max_new_tokens): each resubmission after a rollback is a new request, capped "
+        "afresh, so the proxy holds a guarded request's whole output to it (None: no cap but the context).")
     upstream_neuron_step: bool | None = Field(
         None, description="Re-decodes switch the mapped neurons off through repguard's vLLM plugin (None: if the "
         "upstream runs it).")

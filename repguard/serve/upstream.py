@@ -757,6 +757,13 @@ class UpstreamProxy:
                            code="invalid_value")
 
     def max_tokens_of(self, body: dict[str, Any], chat: bool, model: str) -> int:
+        """The request's budget: its own, else the API's default, never past the upstream's cap
+        (``upstream_max_tokens``), which a resubmission, a new request to the upstream, would meet afresh."""
+        budget = self._max_tokens_of(body, chat, model)
+        cap = self.settings.upstream_max_tokens
+        return min(budget, cap) if cap is not None else budget
+
+    def _max_tokens_of(self, body: dict[str, Any], chat: bool, model: str) -> int:
         key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
         value = body.get(key)
         if value is None:
