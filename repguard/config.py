@@ -20,6 +20,8 @@ _PRESET_FIELDS: dict[str, dict[str, Any]] = {
 }
 
 
+MAX_LAYER = 100_000  # far past any model's depth; a layer index is a tensor element on the device
+
 class GuardConfig(BaseModel):
     """Settings of the runtime guard. Levels: MONITOR -> DEACTIVATE -> ESCALATE -> STOP.
 
@@ -114,8 +116,8 @@ class GuardConfig(BaseModel):
         if self.suffix_trigger and self.min_repeat > span:
             raise ValueError(f"min_repeat ({self.min_repeat}) must be <= {span}: the suffix trigger looks back "
                              f"max(512, 4 * max_period) tokens, so a longer repeat is never seen")
-        if self.layers is not None and (not self.layers or min(self.layers) < 0):
-            raise ValueError("layers must be a non-empty list of non-negative layer indexes")
+        if self.layers is not None and (not self.layers or min(self.layers) < 0 or max(self.layers) > MAX_LAYER):
+            raise ValueError(f"layers must be a non-empty list of layer indexes from 0 to {MAX_LAYER}")
         return self
 
     # -- construction ------------------------------------------------------------------------------

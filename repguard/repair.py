@@ -185,14 +185,15 @@ class EngineRepair:
         """Parse what ``to_json`` wrote (a string or the decoded object); ``ConfigError`` names what is wrong."""
         try:
             data = json.loads(raw) if isinstance(raw, str) else raw
-        except ValueError as exc:
-            raise ConfigError(f"repguard_repair: not JSON ({exc})") from None
+        except (ValueError, RecursionError) as exc:  # RecursionError: nesting too deep for the parser
+            raise ConfigError(f"repguard_repair: not JSON ({type(exc).__name__})") from None
         if not isinstance(data, dict) or not set(data) <= {"skip", "ban", "penalty"}:
             raise ConfigError(f"repguard_repair: expected an object with skip, ban and penalty, got {raw!r}")
 
         def count(name: str, value: Any) -> int:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"repguard_repair: {name} must be a token count or id >= 0, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < _WIRE_MAX_INT:
+                raise ConfigError(f"repguard_repair: {name} must be a token count or id from 0 to "
+                                  f"{_WIRE_MAX_INT - 1}, got {str(value)[:40]}")
             return value
 
         skip = count("skip", data.get("skip"))
@@ -223,6 +224,7 @@ class EngineRepair:
 
 # Upper bounds on a repair sent over the wire: one request's repair is computed in the engine's step, which every
 # request in the batch waits for (RollbackConfig's repair_window has the same bound; repguard sends max_match 50).
-_WIRE_LIMITS = {"allowed_length": 100, "last_n": 100_000, "max_match": 256}
+_WIRE_LIMITS = {"allowed_length": 100, "last_n": 100_000, "max_match": 64}
+_WIRE_MAX_INT = 2**31  # token ids and counts: an int32 on the device
 
 __all__ = ["BAN", "EngineRepair", "RepeatPenalty", "WIRE_KEY"]

@@ -353,7 +353,7 @@ def test_an_engine_repair_is_sent_as_json_and_bad_specs_are_refused_by_name():
                       ('{"skip": 0, "penalty": {"base": 0.5}}', "base"), ('{"skip": 0, "penalty": {"x": 1}}', "penalty"),
                       ('{"skip": 0, "penalty": {"multiplier": NaN}}', "multiplier"), ("{", "JSON"),
                       # one request's repair runs inside the engine step the whole batch waits for: bounded
-                      ('{"skip": 0, "penalty": {"max_match": 1000000000, "last_n": 0}}', "max_match must be <= 256"),
+                      ('{"skip": 0, "penalty": {"max_match": 1000000000, "last_n": 0}}', "max_match must be <= 64"),
                       ('{"skip": 0, "penalty": {"last_n": 10000000}}', "last_n must be <= 100000")):
         with pytest.raises(ConfigError, match=name):
             EngineRepair.from_json(bad)

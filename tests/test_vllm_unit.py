@@ -1282,3 +1282,94 @@ def test_a_request_the_guard_stops_finishes_even_where_its_eos_would_not_end_it(
         assert not wrapped(other, 4096) and other.status == RequestStatus.RUNNING, "not ended by the guard"
     finally:
         plugin._ENDING.clear()
+
+
+def test_one_requests_guard_that_cannot_open_leaves_the_engines_other_requests_guarded(monkeypatch):
+    """A request whose neuron-step state cannot be opened (its own settings) runs unguarded; the engine's guard
+    stays up for every other request. It took the whole engine's guard down for good (``broken``). (Under tensor
+    parallelism every rank must hold the same rows: there the ranks stop together, as before.)"""
+    monkeypatch.setattr(logits, "PLUGIN_ACTIVE", True)
+    runner = fake_runner()
+    guard = EngineGuard(runner, tiny_map(), GuardConfig(), "tiny").install()
+    try:
+        proc = RepGuardLogitsProcessor(runner.vllm_config, torch.device("cpu"), False)
+        runner.input_batch.logitsprocs.all = [proc]
+        worker.set_current(guard)
+        opened = guard.runtime.open
+
+        def open_(row, cfg, *a, **kw):
+            if cfg.k == 3:  # the bad request's own setting
+                raise ValueError("cannot open this one")
+            return opened(row, cfg, *a, **kw)
+
+        monkeypatch.setattr(guard.runtime, "open", open_)
+        from repguard import metrics
+
+        before = metrics.ERRORS.labels("tiny", "observe")._value.get()
+        add(runner, proc, [("a-0000aaaa", {"repguard": True}), ("b-0000bbbb", {"repguard": True, "repguard_k": 3}),
+                           ("c-0000cccc", {"repguard": True})])
+        assert not guard.broken and set(guard.rows) == {0, 2} and guard.runtime.seqs[1] is None
+        assert metrics.ERRORS.labels("tiny", "observe")._value.get() == before + 1
+        add(runner, proc, [("d-0000dddd", {"repguard": True})])  # a later request is guarded too
+        assert 3 in guard.rows
+    finally:
+        guard.remove()
+        worker.set_current(None)
+
+
+@pytest.mark.parametrize("extra", [
+    {"repguard": True, "repguard_layers": "99999999999999999999999"},  # overflowed the device tensor: a 500
+    {"repguard": True, "repguard_layers": [0, 10**12]},
+    {"repguard": True, "repguard_config": "[" * 5000},  # RecursionError in the parser: a 500
+    {logits.REPAIR_KEY: "[" * 5000},
+    {logits.REPAIR_KEY: '{"skip": 0, "ban": 99999999999999999999}'},
+    {logits.REPAIR_KEY: '{"skip": 0, "penalty": {"breakers": [99999999999999999999]}}'},
+    {logits.REPAIR_KEY: '{"skip": 0, "penalty": {"max_match": 256}}'},  # a per-step cost every request waits on
+])
+def test_malformed_request_settings_are_a_400_at_admission(extra):
+    """What a client can send in vllm_xargs is refused with a ValueError (vLLM's 400) naming the setting,
+    before the engine sees the request, on either runner's processor."""
+    from repguard.vllm import RepGuardLogitsProcessorV2
+
+    params = SamplingParams(extra_args=extra)
+    with pytest.raises(ValueError, match="repguard"):
+        RepGuardLogitsProcessor.validate_params(params)
+    if RepGuardLogitsProcessorV2 is not None:
+        with pytest.raises(ValueError, match="repguard"):
+            RepGuardLogitsProcessorV2.validate_params(params)
+
+
+def test_admission_on_v2_refuses_the_neuron_step_and_ignores_keys_that_are_not_repguards():
+    """V2 runs no neuron step: a request asking for it was accepted and ran unguarded, uncounted. Keys that are
+    not strings (an in-process caller's extra_args) are nobody's business of repguard's."""
+    from repguard.vllm import RepGuardLogitsProcessorV2
+
+    if RepGuardLogitsProcessorV2 is None:
+        pytest.skip("this vLLM has no model runner V2 processor interface")
+    with pytest.raises(ValueError, match="model runner V2"):
+        RepGuardLogitsProcessorV2.validate_params(SamplingParams(extra_args={"repguard": True}))
+    RepGuardLogitsProcessorV2.validate_params(SamplingParams(extra_args={"repguard": False}))
+    for proc in (RepGuardLogitsProcessor, RepGuardLogitsProcessorV2):
+        proc.validate_params(SamplingParams(extra_args={1: "x", "other": 2}))
+
+
+def test_one_requests_failing_repair_on_v2_leaves_the_others_applied(monkeypatch):
+    """On model runner V2, an exception in one request's repair abandoned every later row of the batch."""
+    import numpy as np
+
+    from repguard.vllm import RepGuardLogitsProcessorV2
+
+    if RepGuardLogitsProcessorV2 is None:
+        pytest.skip("this vLLM has no model runner V2 processor interface")
+    history = torch.zeros(4, 64, dtype=torch.int32)
+    req_states = SimpleNamespace(all_token_ids=SimpleNamespace(gpu=history),
+                                 prompt_len=SimpleNamespace(np=np.array([3, 3, 3, 3], dtype=np.int32)))
+    proc = RepGuardLogitsProcessorV2(fake_runner().vllm_config, req_states)
+    bad, bad_params = repair_params(skip=0, ban=7)
+    good, good_params = repair_params(skip=0, ban=9)
+    assert proc.add_request(0, bad_params) and proc.add_request(1, good_params)
+    broken = SimpleNamespace(skip=0, ban=7, penalty=SimpleNamespace(penalty_row=lambda *a: 1 / 0))
+    proc.specs[0] = broken
+    x = torch.zeros(2, VOCAB)
+    proc.apply(x, v2_context([0, 1], [3, 3]))
+    assert x[1, 9] == float("-inf"), "the good request's ban still applied"

@@ -159,6 +159,7 @@ class EngineGuard:
         self._tp_buf = (torch.zeros(self.runtime.acts.numel() + 1, dtype=self.runtime.acts.dtype, device=self.device)
                         if self.world > 1 else None)
         self.errors = 0
+        self._row_fault_logged = False  # a request whose guard could not open, logged once (``_row_failed``)
         self.steps = 0
         self.overhead_seconds = 0.0
 
@@ -327,7 +328,12 @@ class EngineGuard:
                     self._close(index)
                     cfg = configs.get(index)
                     if cfg is not None:
-                        self._open(index, cfg, params, prompt_ids, output_ids)
+                        try:
+                            self._open(index, cfg, params, prompt_ids, output_ids)
+                        except Exception as exc:  # this request's own setting: it alone runs unguarded
+                            if self.world > 1:  # ranks must hold the same rows: every rank stops together
+                                raise
+                            self._row_failed(index, exc)
                 for a, b, direction in batch_update.moved:
                     self._move(a, b, swap=direction == compat.SWAP)
                 if any(state.req_id is None for state in self.rows.values()):
@@ -600,6 +606,20 @@ class EngineGuard:
         return out
 
     # -- failure: fail open ----------------------------------------------------------------------------
+    def _row_failed(self, index: int, exc: BaseException) -> None:
+        """A request whose guard could not be opened (its own settings): it runs unguarded, the others stay
+        guarded. Counted; logged once per engine."""
+        self.rows.pop(index, None)
+        try:
+            self.runtime.close(index)
+        except Exception:  # pragma: no cover - nothing was opened
+            pass
+        metrics.record_error(self.model_name, "observe")
+        if not self._row_fault_logged:
+            self._row_fault_logged = True
+            log.error("repguard: the neuron step could not start for a request (%s: %s); it runs unguarded, the "
+                      "other requests stay guarded (logged once)", type(exc).__name__, exc)
+
     def _fail(self, where: str, exc: BaseException) -> None:
         """Fail open: logged and counted once (a fault that repeats every step is one fault)."""
         if self.broken:

@@ -90,7 +90,8 @@ def server_config() -> GuardConfig:
 def _guard_keys(extra: dict) -> list[str]:
     """The request's neuron-step settings: ``repguard`` and ``repguard_*``, but not the request-level guard's
     fields (its repair, and the mark of its re-decodes), which ask nothing of the neuron step."""
-    return [k for k in extra if (k == "repguard" or k.startswith(PREFIX)) and k not in (REPAIR_KEY, RESUBMISSION_KEY)]
+    return [k for k in extra if isinstance(k, str) and (k == "repguard" or k.startswith(PREFIX))
+            and k not in (REPAIR_KEY, RESUBMISSION_KEY)]
 
 
 def request_config(extra: dict | None, default: GuardConfig | None = None) -> GuardConfig | None:
@@ -107,8 +108,8 @@ def request_config(extra: dict | None, default: GuardConfig | None = None) -> Gu
         raw = extra["repguard_config"]
         try:
             data = json.loads(raw) if isinstance(raw, str) else raw
-        except ValueError as exc:
-            raise ConfigError(f"repguard_config: not a JSON object ({exc})") from None
+        except (ValueError, RecursionError) as exc:  # RecursionError: nesting too deep for the parser
+            raise ConfigError(f"repguard_config: not a JSON object ({type(exc).__name__})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"repguard_config: expected a JSON object, got {type(data).__name__}")
         fields.update(data)
@@ -250,7 +251,12 @@ class RepGuardLogitsProcessor(compat.LogitsProcessor):
                 if output and output[-1] < 0:  # a placeholder vLLM did not fill in: skip rather than guess
                     self._fail_once("an output token was still a placeholder when the repair ran")
                     continue
-                for token, amount in spec.penalties(prompt, output).items():
+                try:  # one request's repair failing leaves the others' applied
+                    pens = spec.penalties(prompt, output)
+                except Exception:
+                    self._fail_once("computing a request's repair failed", exc_info=True)
+                    continue
+                for token, amount in pens.items():
                     if not 0 <= token < vocab:  # a request's ban outside the vocabulary: that request only
                         self._fail_once(f"a repguard_repair named token {token}, outside the vocabulary of {vocab}")
                         continue
@@ -316,7 +322,13 @@ if compat.LogitsProcessorV2 is not None:
 
         @classmethod
         def validate_params(cls, sampling_params) -> None:
-            request_repair(compat.extra_args(sampling_params))  # ConfigError (a ValueError) -> HTTP 400
+            # ConfigError (a ValueError) -> HTTP 400
+            request_repair(compat.extra_args(sampling_params))
+            cfg = request_config(compat.extra_args(sampling_params))
+            if cfg is not None and cfg.enabled:  # the neuron step never runs on model runner V2
+                raise ConfigError("repguard: this request asks for the neuron step, which does not run on vLLM's "
+                                  "model runner V2; drop the repguard_* settings, or use the request-level guard "
+                                  "(repguard.vllm.GuardedAsyncLLM / repguard serve --upstream)")
 
         def __init__(self, vllm_config, req_states) -> None:
             self.vllm_config = vllm_config
@@ -354,15 +366,18 @@ if compat.LogitsProcessorV2 is not None:
                     spec = self.specs.get(slot)
                     if spec is None:
                         continue
-                    total = int(ctx.seq_lens_upper_bound_np[row])  # prompt + output so far (exact without drafts)
-                    if spec.penalty is not None and total > spec.skip:
-                        logits[row] -= spec.penalty.penalty_row(history[slot, spec.skip : total], vocab)
-                    if spec.ban is not None and total <= int(prompt_len[slot]):  # its first new token
-                        if not 0 <= spec.ban < vocab:  # outside the vocabulary: that request only
-                            _fail_once(self, f"a repguard_repair named token {spec.ban}, outside the vocabulary "
-                                             f"of {vocab}")
-                            continue
-                        logits[row, spec.ban] = float("-inf")
+                    try:  # one request's repair failing leaves the others' applied
+                        total = int(ctx.seq_lens_upper_bound_np[row])  # prompt + output so far (exact without drafts)
+                        if spec.penalty is not None and total > spec.skip:
+                            logits[row] -= spec.penalty.penalty_row(history[slot, spec.skip : total], vocab)
+                        if spec.ban is not None and total <= int(prompt_len[slot]):  # its first new token
+                            if not 0 <= spec.ban < vocab:  # outside the vocabulary: that request only
+                                _fail_once(self, f"a repguard_repair named token {spec.ban}, outside the "
+                                                 f"vocabulary of {vocab}")
+                                continue
+                            logits[row, spec.ban] = float("-inf")
+                    except Exception:
+                        _fail_once(self, "applying a request's repair failed", exc_info=True)
             except Exception:  # the repair never takes a batch down
                 _fail_once(self, "applying a repair failed", exc_info=True)
             return logits
