@@ -29,6 +29,7 @@ Methods already in ``--out`` are kept (``--redo`` recomputes them).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -124,6 +125,40 @@ def encode(tok, text: str) -> list[int]:
     return tok(f"Question: {text}\nAnswer:").input_ids
 
 
+@contextlib.contextmanager
+def sampled_first(k: int, temperature: float, seed: int):
+    """Prototype of one repair idea, for the tuning half only: the first ``k`` tokens of every re-decode are
+    sampled at ``temperature`` (seeded) instead of decoded greedily. Inside the in-place executor's logits
+    processor, after the guard's own penalties, a re-decoding row's logits become ``logits / T + Gumbel noise``,
+    whose argmax is a draw from ``softmax(logits / T)``; rows in their first pass are untouched. Greedy runs
+    only, and only the in-place executor (``overlap=None`` on a padded batch, as every batch of this harness)."""
+    if not k:
+        yield
+        return
+    from repguard.hf import rollback as rb
+
+    original = rb._InPlace.__call__
+    gen = torch.Generator().manual_seed(seed)
+
+    def patched(self, input_ids, scores):
+        out = original(self, input_ids, scores)
+        rows = [r for r, st in enumerate(self.states)
+                if st.attempt > 0 and not self.done[r] and not self.refed[r] and len(self.tokens[r]) < k]
+        if not rows:
+            return out
+        out = out.clone() if out is scores else out
+        for r in rows:
+            u = torch.rand(out.shape[-1], generator=gen).clamp(1e-10, 1 - 1e-7).to(out.device, out.dtype)
+            out[r] = out[r] / temperature - torch.log(-torch.log(u))
+        return out
+
+    rb._InPlace.__call__ = patched
+    try:
+        yield
+    finally:
+        rb._InPlace.__call__ = original
+
+
 def end_ids(model, tok) -> list[int]:
     eos = model.generation_config.eos_token_id
     ids = list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else [])
@@ -204,9 +239,14 @@ def run_method(name, model, tok, nmap, prompts, args, sample_kwargs):
             use_map = False if name == "rollback_tokens" or settings.pop("neurons", True) is False else nmap
             # rollback[guard.KEY=VALUE]: a GuardConfig setting (e.g. the neuron step's deactivate_value)
             guard_cfg = {k[len("guard."):]: settings.pop(k) for k in [k for k in settings if k.startswith("guard.")]}
-            res = generate_with_rollback(model, ids, mask, neuron_map=use_map, max_rollbacks=max_rb,
-                                         precise_trigger=precise, rollback=settings or None, overlap=overlap,
-                                         config=guard_cfg or None, **kw)
+            # rollback[sample_first=K;sample_temperature=T]: a prototype, greedy runs only (see sampled_first)
+            first_k, first_t = settings.pop("sample_first", 0), settings.pop("sample_temperature", 1.0)
+            if first_k and args.sampling != "greedy":
+                raise SystemExit("sample_first: a prototype for greedy runs only")
+            with sampled_first(first_k, first_t, args.seed + b):
+                res = generate_with_rollback(model, ids, mask, neuron_map=use_map, max_rollbacks=max_rb,
+                                             precise_trigger=precise, rollback=settings or None, overlap=overlap,
+                                             config=guard_cfg or None, **kw)
             for seq, rep, rb in zip(res.sequences, res.reports, res.rollbacks):
                 outs.append(cut(seq, eos))
                 reps.append({"rollbacks": rb, "finish_reason": rep.finish_reason, "max_level": rep.max_level})
