@@ -393,7 +393,8 @@ class RequestGuard:
         holds at least one byte of text (byte-fallback tokens one byte of a character), so a stop string's
         UTF-8 length bounds the tokens its end can take."""
         longest = max((len(s.encode("utf-8", "surrogatepass")) for s in stops), default=0)
-        return (not self.done and self._last is not None and self._last.index > 0
+        # Also once the request reached its length: a stop string its last token completes ends it ("stop").
+        return ((not self.done or self.finish_reason == "length") and self._last is not None and self._last.index > 0
                 and 0 < len(self._streamed) and self._chunk_start < longest)
 
     def finish(self, finish_reason: str, stop_reason: str | int | None = None) -> None:

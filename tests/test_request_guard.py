@@ -527,6 +527,24 @@ def test_a_stop_string_whose_end_is_byte_tokens_is_looked_for_over_all_of_them()
     assert not g.stop_may_straddle(["5😀"])  # a chunk from the sixth token on: past what the stop string can take
 
 
+def test_a_stop_string_completed_by_the_token_that_reaches_the_length_is_still_looked_for():
+    """The request reached its budget on the token that completes a stop string begun in the kept text: vLLM
+    ends such a request with "stop" (it checks stop strings before the length); the check was skipped once the
+    request was done."""
+    g = RequestGuard(RollbackPolicy(max_rollbacks=1), max_new_tokens=40, greedy=True)
+    assert g.feed(g.next_submission(), [1, 2] + LOOP * 3)
+    g.feed(g.next_submission(), [500])  # the ban step
+    rest = g.next_submission()
+    new = [600 + i for i in range(rest.max_tokens)]
+    stop = _chars(g.tokens[-1:] + new)  # begins in the kept text, ends on the budget's last token
+    for i, t in enumerate(new):
+        g.feed_output(rest, [t], "length" if i == len(new) - 1 else None)
+    assert g.done and g.finish_reason == "length" and len(g.tokens) == 40
+    assert g.stop_may_straddle([stop])
+    g.finish("stop", stop)
+    assert g.finish_reason == "stop" and g.stop_reason == stop
+
+
 def test_a_penalised_pick_that_completes_a_stop_string_is_decoded_again():
     g = _rolled_back()
     g.feed(g.next_submission(), [300])  # the ban step

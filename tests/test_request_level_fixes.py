@@ -498,3 +498,11 @@ def test_an_upstream_output_cap_holds_for_a_rolled_back_request_too(chat):
     ids, finish_reason, rollbacks = run(upstream_max_tokens=cap)
     assert rollbacks == 1 and len(ids) == cap and finish_reason == "length"
     assert ids[:5] == [100, 101, 102, 103, 104] and any(t >= 3000 for t in ids)
+
+
+
+def test_an_empty_stream_options_without_stream_is_accepted_as_vllm_accepts_it():
+    fake = FakeUpstream(lambda prompt, body: [(1000, " w")])
+    resp = post(proxy_app(fake), "/v1/completions", {"model": "fake", "prompt": "hi", "max_tokens": 1,
+                                                     "stream_options": {}})
+    assert resp.status_code == 200, resp.text

@@ -485,21 +485,28 @@ class _AbortableAsyncEngine(_RefusingAsyncEngine):
     """The looping model as an ``AsyncLLM`` whose ``abort`` ends a running request with finish_reason "abort";
     ``hook(request_id, n)`` is called after its n-th output."""
 
-    def __init__(self, hook) -> None:
+    def __init__(self, hook, register_after: int = 0) -> None:
         super().__init__(lambda prompt, params: None)
         self.hook = hook
+        self.register_after = register_after  # outputs before an id is known to abort (vLLM registers late)
+        self.registered: set[str] = set()
         self.started: list[str] = []
         self.aborted: set[str] = set()
 
     async def abort(self, request_id) -> None:
-        self.aborted.update([request_id] if isinstance(request_id, str) else request_id)
+        ids = [request_id] if isinstance(request_id, str) else request_id
+        self.aborted.update(i for i in ids if i in self.registered)
 
     async def generate(self, prompt, params, request_id, **kw):
         import asyncio
 
         self.started.append(request_id)
+        if not self.register_after:
+            self.registered.add(request_id)
         n = 0
         async for out in super().generate(prompt, params, request_id, **kw):
+            if n >= self.register_after:
+                self.registered.add(request_id)
             await asyncio.sleep(0)  # the caller's abort runs here
             if request_id in self.aborted:
                 o = SimpleNamespace(token_ids=[], text="", finish_reason="abort", stop_reason=None)
@@ -539,7 +546,63 @@ def test_the_caller_aborts_a_guarded_request_by_its_own_id(resubmitted):
     at = "r1.2" if resubmitted else "r1.0"
     assert engine.started[-1] == at and engine.aborted == {at}  # no resubmission after the abort
     assert last.report["rollbacks"] == (1 if resubmitted else 0)
-    assert not front._running and not front._aborted  # nothing kept of a request that ended
+    assert not front._running  # nothing kept of a request that ended
+
+
+def test_an_abort_that_lands_before_the_engine_registered_the_submission_still_ends_the_request():
+    """vLLM registers a request's id only once its inputs are processed: an abort in that gap does nothing in the
+    engine. The front now sees it at the submission's next output and cancels it there."""
+    import asyncio
+
+    from repguard.vllm.front import GuardedAsyncLLM
+
+    tasks = []
+
+    def hook(request_id, n):
+        if not tasks and n == 1:  # the caller's own submission, long before its loop is confirmed
+            tasks.append(asyncio.ensure_future(front.abort("r1")))
+
+    engine = _AbortableAsyncEngine(hook, register_after=3)
+    front = GuardedAsyncLLM(engine)
+
+    async def run():
+        outs = [o async for o in front.generate("a", SamplingParams(temperature=0, max_tokens=200), "r1")]
+        await asyncio.gather(*tasks)
+        return outs
+
+    last = asyncio.run(run())[-1]
+    assert tasks and last.finish_reason == "abort" and engine.started == ["r1.0"]
+    assert not engine.aborted  # the engine never saw it: the front cancelled the submission itself,
+    assert len(last.token_ids) <= 3  # at its next output (it ran on to its loop, 14 kept tokens, before)
+
+
+def test_two_requests_under_one_id_both_run_and_one_abort_ends_both():
+    """vLLM takes the same request id twice (a retried or reused X-Request-Id) and aborts every request under
+    it; so does the front."""
+    import asyncio
+
+    from repguard.vllm.front import GuardedAsyncLLM
+
+    tasks = []
+
+    def hook(request_id, n):
+        if not tasks and request_id == "dup.0" and n == 5 and engine.started.count("dup.0") == 2:
+            tasks.append(asyncio.ensure_future(front.abort("dup")))
+
+    engine = _AbortableAsyncEngine(hook)
+    front = GuardedAsyncLLM(engine)
+
+    async def one():
+        return [o async for o in front.generate("a", SamplingParams(temperature=0, max_tokens=200), "dup")][-1]
+
+    async def run():
+        outs = await asyncio.gather(one(), one())
+        await asyncio.gather(*tasks)
+        return outs
+
+    a, b = asyncio.run(run())
+    assert tasks and a.finish_reason == b.finish_reason == "abort"
+    assert not front._running
 
 
 def test_a_rolled_back_request_without_detokenize_has_no_text_as_vllms_own():
@@ -550,8 +613,9 @@ def test_a_rolled_back_request_without_detokenize_has_no_text_as_vllms_own():
 
 def test_lora_priority_and_tokenization_settings_reach_every_engine_request_of_their_prompt():
     """``LLM.generate``'s ``lora_request``, ``priority`` and ``tokenization_kwargs`` (and ``use_tqdm``): the front
-    refused them (``TypeError``), so a LoRA adapter could not be guarded at all. Each goes with every submission
-    of its prompt, a rollback's resubmissions included."""
+    refused them (``TypeError``), so a LoRA adapter could not be guarded at all. The adapter and the priority go
+    with every submission of their prompt, a rollback's resubmissions included; the tokenization settings with
+    the prompt's first only (a truncation of a resubmission's token ids would cut its kept text)."""
     llm = _LLM()
     seen = []
     add = llm.llm_engine.add_request
@@ -567,8 +631,10 @@ def test_lora_priority_and_tokenization_settings_reach_every_engine_request_of_t
     assert all(o.report["rollbacks"] >= 1 for o in outs)
     for rid, kw in seen:
         i = int(rid.split("-")[1].split(".")[0])
-        assert kw == {"lora_request": (lora_a, lora_b)[i], "priority": (3, 5)[i],
-                      "tokenization_kwargs": {"truncation": True}}
+        want = {"lora_request": (lora_a, lora_b)[i], "priority": (3, 5)[i]}
+        if rid.endswith(".0"):  # the caller's prompt; a resubmission's token ids were read through them already
+            want["tokenization_kwargs"] = {"truncation": True}
+        assert kw == want, rid
     assert {rid.split(".")[1] for rid, _ in seen} > {"0", "1"}  # resubmissions too
     GuardedLLM(_LLM()).generate(["a"], GREEDY)  # none given: none passed (an engine without them still works)
     with pytest.raises(ConfigError, match="one lora_request"):

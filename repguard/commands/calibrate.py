@@ -139,8 +139,10 @@ def run(args) -> int:
                            resume=args.resume, source=source)
     except KeyboardInterrupt:
         if journal.is_file():  # what a stopped run keeps: the same command goes on from it
-            print(f"repguard calibrate: interrupted; the texts decided so far are kept in {journal}: the same "
-                  "command resumes from them (--no-resume starts over)", file=sys.stderr)
+            how = ("the same command resumes from them (--no-resume starts over)" if args.resume else
+                   "run the command again without --no-resume to resume from them")
+            print(f"repguard calibrate: interrupted; the texts decided so far are kept in {journal}: {how}",
+                  file=sys.stderr)
         raise
     path = result.map.save(args.out)  # replaces --out only with a map that loads back
     if not args.keep_journal:  # the texts are safe to drop only once the map is

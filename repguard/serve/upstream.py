@@ -739,7 +739,7 @@ class UpstreamProxy:
         options = body.get("stream_options")
         if options is not None and not isinstance(options, dict):
             raise APIError(400, "stream_options: expected an object", param="stream_options", code="invalid_value")
-        if options is not None and not body.get("stream"):  # as vLLM refuses it (the proxy would drop it)
+        if options and not body.get("stream"):  # as vLLM refuses it (the proxy would drop it); {} passes there
             raise APIError(400, "stream_options: can only be set when stream is true", param="stream_options",
                            code="invalid_value")
         stop = body.get("stop")

@@ -301,9 +301,10 @@ class GuardedLLM(_Front):
         """Guarded ``LLM.generate``: ``prompts`` as vLLM takes them (strings or ``TokensPrompt``s),
         ``sampling_params`` one for all, one per prompt, or None (the model's defaults, as vLLM), ``guard``
         one for all or one per request (None: the front's settings, False: unguarded, a dict: overrides).
-        ``lora_request`` and ``priority`` (one for all or one per prompt) and ``tokenization_kwargs`` go to every
-        engine request of their prompt, its resubmissions included; ``use_tqdm`` is accepted as ``LLM.generate``
-        takes it (the front draws no bar). If anything raises while the batch decodes, its requests are aborted
+        ``lora_request`` and ``priority`` (one for all or one per prompt) go to every engine request of their
+        prompt, its resubmissions included, ``tokenization_kwargs`` to the prompt's first (a resubmission is token
+        ids already read through them); ``use_tqdm`` is accepted as ``LLM.generate`` takes it (the front draws no
+        bar). If anything raises while the batch decodes, its requests are aborted
         in the engine first."""
         from vllm.sampling_params import RequestOutputKind
 
@@ -333,6 +334,9 @@ class GuardedLLM(_Front):
             if tokenization_kwargs is not None:
                 extra["tokenization_kwargs"] = tokenization_kwargs
             extras.append(extra)
+        # The prompt's tokenization settings apply to the caller's request; a resubmission is token ids already
+        # read through them (its truncation would cut the kept text).
+        later = [{k: v for k, v in extra.items() if k != "tokenization_kwargs"} for extra in extras]
         tag = f"rg{next(_ids)}"
         reqs = []
         for i, (prompt, p, g) in enumerate(zip(prompts, params, guards)):
@@ -352,7 +356,8 @@ class GuardedLLM(_Front):
                 try:
                     self.engine.add_request(rid, self._prompt(r["prompt"], r["ids"], sub),
                                             self._sub_params(r["params"], sub, RequestOutputKind.DELTA,
-                                                             len(r["ids"] or []), rg.policy.config), **extras[i])
+                                                             len(r["ids"] or []), rg.policy.config),
+                                            **(extras[i] if sub.index == 0 else later[i]))
                 except Exception as exc:
                     if _engine_dead(exc) or not rg.refused(sub):  # a refused resubmission: on unguarded
                         raise
@@ -503,10 +508,10 @@ class GuardedAsyncLLM(_Front):
         self._checked = False
         self._lock = asyncio.Lock()
         self._tokenizer = tokenizer
-        # The caller's id of each guarded request running -> the engine's id of its submission in flight
-        # (None between two), and the ids the caller aborted (``abort``).
-        self._running: dict[str, str | None] = {}
-        self._aborted: set[str] = set()
+        # The caller's id of each guarded request running -> one entry per request running under it (vLLM
+        # takes the same id twice): the engine's id of its submission in flight (None between two), and whether
+        # the caller aborted it (``abort``).
+        self._running: dict[str, list[dict[str, Any]]] = {}
 
     async def abort(self, request_id: str | Sequence[str]) -> None:
         """Abort requests by the caller's ids, as ``AsyncLLM.abort``: a guarded request's submission in flight
@@ -516,9 +521,10 @@ class GuardedAsyncLLM(_Front):
         engine_ids = []
         for rid in ids:
             if rid in self._running:
-                self._aborted.add(rid)
-                if self._running[rid] is not None:
-                    engine_ids.append(self._running[rid])
+                for entry in self._running[rid]:
+                    entry["aborted"] = True  # seen at its next output, or before its next submission
+                    if entry["engine_id"] is not None:
+                        engine_ids.append(entry["engine_id"])
             else:
                 engine_ids.append(rid)
         if engine_ids:
@@ -553,7 +559,8 @@ class GuardedAsyncLLM(_Front):
 
     async def generate(self, prompt, sampling_params, request_id: str, *,
                        guard: GuardConfig | dict | bool | None = None, **kwargs) -> AsyncIterator[GuardedOutput]:
-        """Guarded ``AsyncLLM.generate`` (extra keyword arguments go to every engine request)."""
+        """Guarded ``AsyncLLM.generate`` (extra keyword arguments go to every engine request of the request,
+        ``tokenization_kwargs`` to its first only: a resubmission is token ids already read through them)."""
         from vllm.sampling_params import RequestOutputKind
 
         await self._check()
@@ -579,24 +586,26 @@ class GuardedAsyncLLM(_Front):
         cached = 0
         text0 = ""
         recorded = False
-        if request_id in self._running:
-            raise ValueError(f"request id {request_id!r} is already running")
-        self._running[request_id] = None
+        entry: dict[str, Any] = {"engine_id": None, "aborted": False}
+        self._running.setdefault(request_id, []).append(entry)
+        # The prompt's own tokenization settings apply to the caller's request; a resubmission is token ids
+        # already read through them (its truncation would cut the kept text).
+        later = {k: v for k, v in kwargs.items() if k != "tokenization_kwargs"}
         try:
             while True:
-                if request_id in self._aborted and not rg.done:
-                    rg.finish("abort")  # aborted by the caller between two submissions, or the engine's abort
+                if entry["aborted"] and not rg.done:
+                    rg.finish("abort")  # aborted by the caller between two submissions
                 sub = rg.next_submission()
                 if sub is None:
                     break
                 gen = None
                 counted = started = False
-                engine_id = self._running[request_id] = f"{request_id}.{sub.index}"
+                entry["engine_id"] = engine_id = f"{request_id}.{sub.index}"
                 try:
                     gen = self.engine.generate(self._prompt(prompt, prompt_ids, sub),
                                                self._sub_params(sampling_params, sub, RequestOutputKind.DELTA,
                                                                 len(prompt_ids or []), rg.policy.config),
-                                               engine_id, **kwargs)
+                                               engine_id, **(kwargs if sub.index == 0 else later))
                     async for out in gen:
                         started = True
                         if prompt_ids is None:
@@ -613,6 +622,9 @@ class GuardedAsyncLLM(_Front):
                             tok = await self._get_tokenizer()
                             decode = tok.decode if tok is not None else None
                             cancel = _stop_across(rg, sampling_params, prompt_ids, decode) or cancel
+                        if entry["aborted"] and not rg.done:  # an abort the engine did not see (not yet registered)
+                            rg.finish("abort")
+                            cancel = True
                         new = rg.take_released() if stream and not rg.done else []
                         if new:
                             yield GuardedOutput(request_id, prompt_ids, [], "", False, None, new_token_ids=new)
@@ -622,7 +634,7 @@ class GuardedAsyncLLM(_Front):
                     if started or _engine_dead(exc) or not rg.refused(sub):  # a refused resubmission: on unguarded
                         raise
                 finally:
-                    self._running[request_id] = None
+                    entry["engine_id"] = None
                     if gen is not None:
                         await gen.aclose()  # aborts the engine request if it is still running
             tokens = rg.tokens
@@ -636,8 +648,11 @@ class GuardedAsyncLLM(_Front):
             yield GuardedOutput(request_id, prompt_ids or [], tokens, text, True, rg.finish_reason, rg.stop_reason,
                                 new_token_ids=new, report=self._report(rg, cached))
         finally:
-            self._running.pop(request_id, None)
-            self._aborted.discard(request_id)
+            entries = self._running.get(request_id, [])
+            if entry in entries:
+                entries.remove(entry)
+            if not entries:
+                self._running.pop(request_id, None)
             if not recorded and rg.submissions:
                 self._record(rg)
 
