@@ -344,3 +344,27 @@ def test_shipped_maps_load_and_match_their_models(name):
 
     with pytest.raises(MapMismatchError):
         find_map(other).check_model(fingerprint(model), where=name)
+
+
+def test_a_run_stopped_under_no_resume_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    """With --no-resume the same command would start the kept journal over: the message says to drop the flag."""
+    from repguard.cli import main
+    from repguard.hf import calibrate as cal
+
+    folder = tiny_folder(tmp_path / "tiny-model")
+    out = tmp_path / "m.safetensors"
+    record = cal.TextJournal.record
+    written = []
+
+    def killed_after_two(self, stream, decision):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        written.append(decision.index)
+        record(self, stream, decision)
+
+    monkeypatch.setattr(cal.TextJournal, "record", killed_after_two)
+    capsys.readouterr()
+    assert main(["calibrate", "--model", str(folder), "--out", str(out), "--num-texts", "8", "--heldout", "0",
+                 "--batch-size", "8", "--select", "4", "--no-report", "--no-progress", "--no-resume"]) == 130
+    err = capsys.readouterr().err
+    assert f"kept in {tmp_path / 'm.texts.jsonl'}" in err and "again without --no-resume" in err
