@@ -136,7 +136,10 @@ class LoopDetector:
       that a narrower one catches; "consecutive" fires wherever "first" does, never later.
     * ``suffix``: the current text ends in at least ``min_copies`` back-to-back copies of a span of
       period <= ``max_period``, with at least ``min_repeat`` repeated tokens. Phrase reuse across a
-      gap (period > repeat length) never counts, which keeps false triggers rare.
+      gap (period > repeat length) never counts, which keeps false triggers rare. The period is measured
+      to the *earliest* earlier occurrence of the repeated suffix (the automaton keeps first end
+      positions): where the loop's phrase also occurred earlier in the text, the trigger fires only once
+      the copies reach back that far (later, by whole copies), or through the paper trigger.
     """
 
     __slots__ = (

@@ -134,8 +134,11 @@ class RepeatPenalty:
         for tok, length in lengths.items():
             if length >= self.allowed_length:
                 excess = length - self.allowed_length
-                # base ** excess overflows for long matches; the cap is reached long before
-                amount = self.max_penalty if excess > 60 else self.multiplier * self.base**excess
+                # base ** excess overflows for long matches (or a large base); the cap is reached long before
+                try:
+                    amount = self.max_penalty if excess > 60 else self.multiplier * self.base**excess
+                except OverflowError:
+                    amount = self.max_penalty
                 out[tok] = min(amount, self.max_penalty)
         return out
 

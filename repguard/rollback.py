@@ -272,7 +272,7 @@ class RollbackState:
             text, upto = self.final, len(self.final)
         else:
             text = self.kept + list(pass_tokens or [])
-            upto = len(text) if finished else min(len(text) - self.policy.holdback, self.max_new_tokens)
+            upto = min(len(text) if finished else len(text) - self.policy.holdback, self.max_new_tokens)
         if upto <= self.released:
             return []
         out = text[self.released : upto]

@@ -477,6 +477,12 @@ def test_the_device_form_of_the_repair_penalty_is_the_same_rule():
             expected[token] = amount
         assert torch.equal(rule.penalty_row(torch.tensor(ids, dtype=torch.long), vocab), expected), (ids, rule)
     assert RepeatPenalty(1.0, 2.0, 2).penalty_row(torch.tensor([5, 6, 7, 8, 5, 6, 7]), 10)[8] == 2.0
+    # A base so large that base ** excess overflows a float: the cap, on the host as on the device (the host
+    # raised OverflowError, and an engine then dropped that request's repair, its ban included)
+    big = RepeatPenalty(1.0, 1e20, 1, max_match=50)
+    ids = list(range(5, 30)) + [4] + list(range(5, 29))  # a 24-token repeat: 1e20 ** 23 is past a float
+    assert big.penalties(ids) == {29: big.max_penalty}
+    assert big.penalty_row(torch.tensor(ids), 40)[29] == big.max_penalty
 
 
 # -- stop strings and one-token steps at a resubmission's edges ---------------------------------------------
@@ -740,3 +746,11 @@ def test_a_one_token_step_running_when_the_guard_fails_does_not_end_the_request_
     assert not g.done and g.tokens == list(step.generated) + [99]
     rest = g.next_submission()
     assert rest.plain and rest.max_tokens == 80 - len(step.generated) - 1
+
+
+
+def test_a_finished_sequence_releases_no_more_than_its_budget():
+    """``releasable(finished=True)`` released every pass token, past ``max_new_tokens``, which ``end_pass`` then cut
+    off the final output: released text that the output does not hold."""
+    state = RollbackPolicy(max_rollbacks=1).start(max_new_tokens=5)
+    assert state.releasable(list(range(10, 17)), finished=True) == [10, 11, 12, 13, 14]
