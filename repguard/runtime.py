@@ -564,6 +564,8 @@ def token_id_list(*sources) -> list[int]:
     for value in sources:
         if value is None:
             continue
+        if hasattr(value, "tolist"):  # a tensor or an array (transformers takes a tensor of EOS ids)
+            value = value.tolist()
         values = value if isinstance(value, (list, tuple)) else [value]
         return [int(v) for v in values]
     return []

@@ -138,10 +138,115 @@ def test_inputs_embeds_alone_is_refused():
     model = tiny_model()
     ids = prompts(2)
     embeds = model.get_input_embeddings()(ids).detach()
-    with guard(model, random_map(model)):
+    with guard(model, random_map(model)) as g:
         with pytest.raises(ConfigError, match="inputs_embeds"):
             model.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), max_new_tokens=4,
                            do_sample=False, pad_token_id=0)
+        # with input_ids too: the prefill runs on the embeddings, which the guard cannot follow (it ran
+        # unguarded, silently, and g.reports answered with the previous call's)
+        with pytest.raises(ConfigError, match="inputs_embeds"):
+            model.generate(ids, inputs_embeds=embeds, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                           do_sample=False, pad_token_id=0)
+        assert not g.reports
+
+
+def test_settings_from_the_models_own_defaults_are_refused_as_the_calls_own():
+    """A call that passes a GenerationConfig of its own leaves num_beams unset; generate fills it from the
+    model's defaults (2 here), so beam search ran under the guard."""
+    from transformers import GenerationConfig
+
+    model = tiny_model()
+    model.generation_config.num_beams = 2
+    ids = prompts(2)
+    with guard(model, random_map(model)):
+        with pytest.raises(ConfigError, match="beam search"):
+            model.generate(ids, generation_config=GenerationConfig(max_new_tokens=4, do_sample=False, pad_token_id=0))
+
+
+def test_a_tensor_of_eos_ids_is_read_as_a_list():
+    """generate takes eos_token_id as a tensor; the guard raised ValueError out of generate."""
+    model = tiny_model()
+    ids, _ = looping_prompt(model)
+    eos = torch.tensor([2, 5])
+    plain = gen(model, ids, eos_token_id=eos)
+    with guard(model, random_map(model), GuardConfig.from_preset("monitor")) as g:
+        assert torch.equal(gen(model, ids, eos_token_id=eos), plain)
+        assert len(g.reports) == ids.shape[0]
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_a_stop_under_min_new_tokens_waits_for_it_and_never_breaks_generate(sample):
+    """A loop stopped before min_new_tokens: the guard forced its EOS, generate's min-length processor then
+    masked the EOS too, and no token was left (sampling raised out of generate; greedy emitted token 0 and the
+    row went on unguarded). The EOS now comes at the first token generate allows."""
+    from conftest import padded_batch
+
+    model = tiny_model("llama")
+    ids, mask = padded_batch([5, 7])
+    cfg = GuardConfig(min_repeat=4, ngram=2, window=8, escalate_after=2, stop_after=4)  # a quick stop
+    kw = dict(attention_mask=mask, max_new_tokens=60, min_new_tokens=50, do_sample=sample, pad_token_id=0)
+    if sample:
+        kw["top_k"] = 1
+    with guard(model, random_map(model), cfg) as g:
+        torch.manual_seed(0)
+        out = model.generate(ids, **kw)[:, ids.shape[1]:]
+        stopped = [i for i, r in enumerate(g.reports) if r.finish_reason == "repetition"]
+    assert stopped and g.errors == 0
+    eos = model.generation_config.eos_token_id
+    for row in stopped:
+        tokens = out[row].tolist()
+        assert eos in tokens and tokens.index(eos) == 50, tokens  # the first place generate lets it end
+
+
+def test_a_row_padded_by_a_stopping_criterion_ends_its_watch_with_the_calls_pad_id():
+    """The pad id only the call names (the model's config has none): the row a criterion ended was padded
+    with it, and its padding was watched as text (a loop reported, the neurons switched off on a finished row)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class EndRowZeroAfter3(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+            done[0] = input_ids.shape[1] >= width + 3
+            return done
+
+    model = tiny_model("llama")
+    model.config.pad_token_id = model.generation_config.pad_token_id = None
+    ids = prompts(2)
+    width = ids.shape[1]
+    kw = dict(max_new_tokens=40, do_sample=False, pad_token_id=0, stopping_criteria=StoppingCriteriaList([EndRowZeroAfter3()]))
+    plain = model.generate(ids, **kw)
+    with guard(model, random_map(model), GuardConfig.from_preset("monitor")) as g:
+        out = model.generate(ids, **kw)
+    assert torch.equal(out, plain)
+    assert g.reports[0].tokens_observed == 3 and not g.reports[0].fired
+
+
+def test_watch_prompt_reads_the_calls_mask_under_a_static_cache():
+    """A static cache hands the forward a 4-D mask (or a dict of them): the guard read it as 2-D and failed open
+    at every prefill."""
+    from conftest import padded_batch
+
+    model = tiny_model("llama")
+    ids, mask = padded_batch([4, 6])
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, cache_implementation="static")
+    plain = model.generate(ids, **kw)
+    with guard(model, random_map(model), GuardConfig.from_preset("monitor", watch_prompt=True)) as g:
+        out = model.generate(ids, **kw)
+    assert torch.equal(out, plain) and g.errors == 0
+    assert [r.tokens_observed for r in g.reports] == [6, 6]
+
+
+def test_a_guard_removed_under_another_wrapper_leaves_generate_as_it_was():
+    """Two guards removed out of order: the outer one's generate wrapper stayed on the model and went on refusing
+    beam search on a model no guard watches."""
+    model = tiny_model()
+    ids = prompts(2)
+    outer = guard(model, random_map(model)).install()
+    inner = guard(model, random_map(model)).install()
+    outer.remove()
+    inner.remove()
+    out = model.generate(ids, max_new_tokens=4, num_beams=2, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, ids.shape[1] + 4)
 
 
 def test_per_row_settings_for_another_batch_size_are_refused():

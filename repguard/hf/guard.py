@@ -72,10 +72,29 @@ def named_call(generate, args: tuple, kwargs: dict) -> dict:
 
 def call_setting(model, kwargs: dict, key: str, default=None):
     """A ``generate`` setting as the call runs with it: its own argument, else its ``generation_config``'s,
-    else the model's generation config's; ``default`` where none is set (None)."""
-    gen = kwargs.get("generation_config") or getattr(model, "generation_config", None)
-    value = kwargs[key] if key in kwargs else getattr(gen, key, default)
+    else the model's generation config's; ``default`` where none is set (None). A value the call's config
+    leaves unset (None, or transformers' global default) is the model's where the model sets another, as
+    ``generate`` merges them (unless the call passes ``use_model_defaults=False``)."""
+    if key in kwargs:
+        value = kwargs[key]
+    else:
+        model_gen = getattr(model, "generation_config", None)
+        own = kwargs.get("generation_config")
+        value = getattr(own if own is not None else model_gen, key, None)
+        if own is not None and own is not model_gen and model_gen is not None \
+                and kwargs.get("use_model_defaults") is not False:
+            base = getattr(_global_generation_defaults(), key, None)
+            mine = getattr(model_gen, key, None)
+            if (value is None or value == base) and mine is not None and mine != base:
+                value = mine
     return default if value is None else value
+
+
+@functools.lru_cache(maxsize=1)
+def _global_generation_defaults():
+    from transformers import GenerationConfig
+
+    return GenerationConfig()
 
 
 def check_map_weights(neuron_map: NeuronMap, model, model_name: str) -> None:
@@ -152,6 +171,10 @@ class Guard:
         # (elsewhere a pad id the model generates is an ordinary token, and the row goes on).
         self._pad = model_token_ids(model, "pad_token_id")
         self._terminal = frozenset(self.eos)
+        self._min_new = self._min_length = 0  # the call's minimum length: a stop waits for it (``_logits_hook``)
+        self._first_end = 0  # the first new token, counted from 0, that may be an EOS in this generation
+        self._step_index = 0  # the new token this generation's current forward computes the logits of
+        self._call_mask: torch.Tensor | None = None  # the call's 2-D attention mask (``_begin``)
         self._depth = 0  # ``generate`` calls in progress (``generation``)
         self._pending_begin = False  # the next forward is a generation's prefill
         self._generate_wrapper = None
@@ -290,6 +313,8 @@ class Guard:
 
         @functools.wraps(inner)
         def generate(*args, **kwargs):
+            if guard._generate_wrapper is None or guard._generate_wrapper[0] is not generate:
+                return inner(*args, **kwargs)  # this guard was removed (another wrapper kept this one in place)
             with guard.generation((), named_call(inner, args, kwargs)):
                 out = inner(*args, **kwargs)
                 guard._observe_last(out)
@@ -317,6 +342,9 @@ class Guard:
         first (``ConfigError`` for settings the guard cannot follow)."""
         if kwargs is not None:
             self._check_call(args, kwargs)
+        else:  # a loop of one's own: nothing known of its minimum length or mask
+            self._min_new = self._min_length = 0
+            self._call_mask = None
         self._depth += 1
         self._pending_begin = True
         try:
@@ -341,9 +369,9 @@ class Guard:
             raise ConfigError("repguard: prefill_chunk_size: a chunked prefill is not supported (the guard takes "
                               "a generation's first forward for its whole prefill)")
         ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
-        if ids is None and kwargs.get("inputs_embeds") is not None:
-            raise ConfigError("repguard: generate with inputs_embeds alone cannot be guarded (the guard reads each "
-                              "row's tokens); pass input_ids")
+        if kwargs.get("inputs_embeds") is not None:
+            raise ConfigError("repguard: generate with inputs_embeds cannot be guarded (the guard reads each row's "
+                              "tokens, and the prefill would run on the embeddings); pass input_ids alone")
         if isinstance(ids, torch.Tensor) and ids.dim() == 2:
             rows = ids.shape[0] * int(setting("num_return_sequences", 1) or 1)
             if self._row_configs is not None and len(self._row_configs) != rows:
@@ -355,7 +383,15 @@ class Guard:
             own = getattr(kwargs["generation_config"], "eos_token_id", None)
         self._call_eos = token_id_list(own) or self.eos
         stops = kwargs.get("stopping_criteria") or setting("stop_strings")
-        self._terminal = frozenset(self._call_eos + (self._pad if stops else []))
+        # The id a row ended by the criteria is padded with: the call's, else the model's, else its first EOS
+        # (as generate picks it).
+        pad = token_id_list(setting("pad_token_id")) or self._pad or self._call_eos[:1]
+        self._terminal = frozenset(self._call_eos + (pad if stops else []))
+        # No EOS before these many new tokens (min_new_tokens, min_length): a stop waits for them.
+        self._min_new = int(setting("min_new_tokens", 0) or 0)
+        self._min_length = int(setting("min_length", 0) or 0)
+        mask = kwargs.get("attention_mask")
+        self._call_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
     def _place_hooks(self, configs: Sequence[GuardConfig]) -> None:
         """Hook exactly the layers these settings read or write, and the logits only where a row may
@@ -405,8 +441,10 @@ class Guard:
             batch, length = ids.shape
             if prefill:
                 self._begin(ids, kwargs.get("attention_mask"))
-            elif self._active:
-                self._observe(ids)
+            else:
+                self._step_index += 1
+                if self._active:
+                    self._observe(ids)
             if self._active and self._layer_hooks:
                 key = (batch, length)
                 if self.runtime._step_key != key:  # the prefill, then the first decoding step: nothing after
@@ -419,6 +457,12 @@ class Guard:
 
     def _begin(self, ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         self._finish()  # count the previous generation's reports
+        self._step_index = 0
+        self._first_end = max(self._min_new, self._min_length - ids.shape[1])
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+            # a static cache's 4-D mask, or a dict of them: the call's own 2-D mask says which tokens are padding
+            attention_mask = self._call_mask if self._call_mask is not None and \
+                self._call_mask.shape == ids.shape else None
         self.steps, self.overhead_seconds = 0, 0.0  # the overhead histogram observes each generation's own
         batch = ids.shape[0]
         # One report per row before anything here can fail: a guard that fails open at the prefill still
@@ -540,8 +584,11 @@ class Guard:
             logits = logits[:, -1, :] if logits.dim() == 3 else logits
             done = self._done
             eos = self._call_eos[0] if self._call_eos else None
+            if self._step_index < self._first_end:  # generate masks every EOS here (min_new_tokens, min_length):
+                eos = None  # a stopped row goes on until it may end, then its EOS is forced
             for row in rt.steer_logits(logits, [r for r in sorted(rt.steering) if not done[r]], lambda row: eos):
-                done[row] = True
+                if eos is not None:
+                    done[row] = True
         except Exception as exc:
             self._fail("penalty", exc)
         self.overhead_seconds += time.perf_counter() - t0
