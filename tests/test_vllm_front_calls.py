@@ -518,11 +518,10 @@ class _AbortableAsyncEngine(_RefusingAsyncEngine):
             self.hook(request_id, n)
 
 
-@pytest.mark.parametrize("resubmitted", [False, True])  # in the first submission; in one after the rollback
-def test_the_caller_aborts_a_guarded_request_by_its_own_id(resubmitted):
-    """A guarded request runs in the engine under ids of its own (one per submission): ``AsyncLLM.abort`` with
-    the caller's id found nothing, and the request ran to its length. ``GuardedAsyncLLM.abort(id)`` aborts the
-    submission in flight and the request ends with "abort", with no resubmission after it."""
+def _aborted_run(abort_when, register_after: int = 0):
+    """One guarded request "r1" (greedy, 200 tokens) on the abortable engine; ``abort_when(request_id, n)`` says
+    after which engine output the caller calls ``GuardedAsyncLLM.abort("r1")``. Returns (last output, engine,
+    front, whether the abort was called)."""
     import asyncio
 
     from repguard.vllm.front import GuardedAsyncLLM
@@ -530,10 +529,10 @@ def test_the_caller_aborts_a_guarded_request_by_its_own_id(resubmitted):
     tasks = []
 
     def hook(request_id, n):
-        if not tasks and (request_id == "r1.2" if resubmitted else n == 5):
+        if not tasks and abort_when(request_id, n):
             tasks.append(asyncio.ensure_future(front.abort("r1")))
 
-    engine = _AbortableAsyncEngine(hook)
+    engine = _AbortableAsyncEngine(hook, register_after)
     front = GuardedAsyncLLM(engine)
 
     async def run():
@@ -541,8 +540,16 @@ def test_the_caller_aborts_a_guarded_request_by_its_own_id(resubmitted):
         await asyncio.gather(*tasks)
         return outs
 
-    last = asyncio.run(run())[-1]
-    assert tasks and last.finished and last.finish_reason == "abort" and len(last.token_ids) < 200
+    return asyncio.run(run())[-1], engine, front, bool(tasks)
+
+
+@pytest.mark.parametrize("resubmitted", [False, True])  # in the first submission; in one after the rollback
+def test_the_caller_aborts_a_guarded_request_by_its_own_id(resubmitted):
+    """A guarded request runs in the engine under ids of its own (one per submission): ``AsyncLLM.abort`` with
+    the caller's id found nothing, and the request ran to its length. ``GuardedAsyncLLM.abort(id)`` aborts the
+    submission in flight and the request ends with "abort", with no resubmission after it."""
+    last, engine, front, called = _aborted_run(lambda rid, n: rid == "r1.2" if resubmitted else n == 5)
+    assert called and last.finished and last.finish_reason == "abort" and len(last.token_ids) < 200
     at = "r1.2" if resubmitted else "r1.0"
     assert engine.started[-1] == at and engine.aborted == {at}  # no resubmission after the abort
     assert last.report["rollbacks"] == (1 if resubmitted else 0)
@@ -552,26 +559,9 @@ def test_the_caller_aborts_a_guarded_request_by_its_own_id(resubmitted):
 def test_an_abort_that_lands_before_the_engine_registered_the_submission_still_ends_the_request():
     """vLLM registers a request's id only once its inputs are processed: an abort in that gap does nothing in the
     engine. The front now sees it at the submission's next output and cancels it there."""
-    import asyncio
-
-    from repguard.vllm.front import GuardedAsyncLLM
-
-    tasks = []
-
-    def hook(request_id, n):
-        if not tasks and n == 1:  # the caller's own submission, long before its loop is confirmed
-            tasks.append(asyncio.ensure_future(front.abort("r1")))
-
-    engine = _AbortableAsyncEngine(hook, register_after=3)
-    front = GuardedAsyncLLM(engine)
-
-    async def run():
-        outs = [o async for o in front.generate("a", SamplingParams(temperature=0, max_tokens=200), "r1")]
-        await asyncio.gather(*tasks)
-        return outs
-
-    last = asyncio.run(run())[-1]
-    assert tasks and last.finish_reason == "abort" and engine.started == ["r1.0"]
+    # the caller's own submission, long before its loop is confirmed; the engine knows its id after 3 outputs
+    last, engine, _front, called = _aborted_run(lambda rid, n: n == 1, register_after=3)
+    assert called and last.finish_reason == "abort" and engine.started == ["r1.0"]
     assert not engine.aborted  # the engine never saw it: the front cancelled the submission itself,
     assert len(last.token_ids) <= 3  # at its next output (it ran on to its loop, 14 kept tokens, before)
 
