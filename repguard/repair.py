@@ -189,7 +189,7 @@ class EngineRepair:
         try:
             data = json.loads(raw) if isinstance(raw, str) else raw
         except (ValueError, RecursionError) as exc:  # RecursionError: nesting too deep for the parser
-            raise ConfigError(f"repguard_repair: not JSON ({type(exc).__name__})") from None
+            raise ConfigError(f"repguard_repair: not JSON ({exc if isinstance(exc, ValueError) else 'nested too deep'})") from None
         if not isinstance(data, dict) or not set(data) <= {"skip", "ban", "penalty"}:
             raise ConfigError(f"repguard_repair: expected an object with skip, ban and penalty, got {raw!r}")
 

@@ -463,6 +463,7 @@ class Guard:
             # a static cache's 4-D mask, or a dict of them: the call's own 2-D mask says which tokens are padding
             attention_mask = self._call_mask if self._call_mask is not None and \
                 self._call_mask.shape == ids.shape else None
+        self._call_mask = None  # read once, at the prefill: not kept alive past it
         self.steps, self.overhead_seconds = 0, 0.0  # the overhead histogram observes each generation's own
         batch = ids.shape[0]
         # One report per row before anything here can fail: a guard that fails open at the prefill still

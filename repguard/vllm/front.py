@@ -304,8 +304,7 @@ class GuardedLLM(_Front):
         ``lora_request`` and ``priority`` (one for all or one per prompt) go to every engine request of their
         prompt, its resubmissions included, ``tokenization_kwargs`` to the prompt's first (a resubmission is token
         ids already read through them); ``use_tqdm`` is accepted as ``LLM.generate`` takes it (the front draws no
-        bar). If anything raises while the batch decodes, its requests are aborted
-        in the engine first."""
+        bar). If anything raises while the batch decodes, its requests are aborted in the engine first."""
         from vllm.sampling_params import RequestOutputKind
 
         prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
@@ -331,12 +330,10 @@ class GuardedLLM(_Front):
             extra = {"lora_request": lora} if lora is not None else {}
             if prio is not None:
                 extra["priority"] = prio
-            if tokenization_kwargs is not None:
-                extra["tokenization_kwargs"] = tokenization_kwargs
             extras.append(extra)
-        # The prompt's tokenization settings apply to the caller's request; a resubmission is token ids already
-        # read through them (its truncation would cut the kept text).
-        later = [{k: v for k, v in extra.items() if k != "tokenization_kwargs"} for extra in extras]
+        # The prompt's tokenization settings go with its first request only: a resubmission is token ids already
+        # read through them (a truncation would cut the kept text).
+        first = {"tokenization_kwargs": tokenization_kwargs} if tokenization_kwargs is not None else {}
         tag = f"rg{next(_ids)}"
         reqs = []
         for i, (prompt, p, g) in enumerate(zip(prompts, params, guards)):
@@ -357,7 +354,7 @@ class GuardedLLM(_Front):
                     self.engine.add_request(rid, self._prompt(r["prompt"], r["ids"], sub),
                                             self._sub_params(r["params"], sub, RequestOutputKind.DELTA,
                                                              len(r["ids"] or []), rg.policy.config),
-                                            **(extras[i] if sub.index == 0 else later[i]))
+                                            **extras[i], **(first if sub.index == 0 else {}))
                 except Exception as exc:
                     if _engine_dead(exc) or not rg.refused(sub):  # a refused resubmission: on unguarded
                         raise

@@ -109,7 +109,7 @@ def request_config(extra: dict | None, default: GuardConfig | None = None) -> Gu
         try:
             data = json.loads(raw) if isinstance(raw, str) else raw
         except (ValueError, RecursionError) as exc:  # RecursionError: nesting too deep for the parser
-            raise ConfigError(f"repguard_config: not a JSON object ({type(exc).__name__})") from None
+            raise ConfigError(f"repguard_config: not a JSON object ({exc if isinstance(exc, ValueError) else 'nested too deep'})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"repguard_config: expected a JSON object, got {type(data).__name__}")
         fields.update(data)
