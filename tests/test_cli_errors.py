@@ -69,7 +69,7 @@ GENERATE = [
     (["--max-new-tokens", "16383"], "--max-new-tokens"),  # with the prompt, beyond the context
     (["--rollback", "-1"], "--rollback"),
     (["--set", "layers=[7]"], "layers"),  # the tiny model has 2 layers
-    (["--set", "k=100000"], "k"),
+    (["--set", "k=100000"], "k: "),
     (["--set", "penalty_max=Infinity"], "penalty_max"),
     (["--set", "nonsense"], "--set"),
     (["--device", "tpu"], "--device"),

@@ -129,15 +129,17 @@ def test_an_earlier_unequal_copy_in_the_window_hides_a_loop_from_the_papers_rule
 @pytest.mark.parametrize("seed", range(40))
 def test_consecutive_spacing_fires_wherever_the_papers_rule_does_and_never_later_at_any_wider_window(seed):
     rng = random.Random(5000 + seed)
-    ids = [rng.randrange(3) for _ in range(rng.randrange(20, 160))]
+    ids = [rng.randrange(3) for _ in range(rng.randrange(20, 160))]  # small alphabet: chance repeats before it
+    period = rng.randrange(1, 9)
+    unit = [rng.randrange(3, 60) for _ in range(period)]
+    ids += unit * (12 // period + 3) + [rng.randrange(3) for _ in range(rng.randrange(0, 20))]  # a loop spliced in
     first_pos, _ = _stream_first_fire(ids, ngram=4, window=30)
-    previous = None
+    assert first_pos is not None, "the paper's rule fires on the spliced loop"
+    previous = first_pos
     for window in (30, 60, 120):
         pos, _ = _stream_first_fire(ids, ngram=4, window=window, spacing="consecutive")
-        if first_pos is not None:
-            assert pos is not None and pos <= first_pos
-        if previous is not None:
-            assert pos is not None and pos <= previous, "a wider window never loses or delays a loop"
+        assert pos is not None and pos <= first_pos, "consecutive fires wherever the paper's rule does, never later"
+        assert pos <= previous, "a wider window never loses or delays a loop"
         previous = pos
 
 

@@ -99,11 +99,15 @@ def test_calibrate_from_the_gguf_records_its_name(gguf_cache, capsys, tmp_path):
 def test_a_file_that_is_not_gguf_or_is_missing_is_a_clear_error(tmp_path, capsys):
     fake = tmp_path / "model.gguf"
     fake.write_bytes(b"not a gguf file")
-    for argv in (["generate", "--model", str(fake)], ["calibrate", "--model", str(tmp_path / "missing.gguf"),
-                                                      "--out", str(tmp_path / "m.safetensors")]):
+    cases = ((["generate", "--model", str(fake)], "not a GGUF file"),
+             (["calibrate", "--model", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "m.safetensors")],
+              "no such GGUF file"))
+    for argv, message in cases:
         code, _, err = _cli(capsys, *argv)
         assert code == 2
-        assert "--model" in err and ("not a GGUF file" in err or "no such GGUF file" in err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("repguard: error:"), err  # one line, no traceback
+        assert "--model" in err and message in err, err
 
 
 @pytest.mark.parametrize("size", [24, 1000, 200_000])

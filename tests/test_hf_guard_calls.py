@@ -301,10 +301,13 @@ def test_settings_that_could_never_fire_are_refused(settings, named):
 
 
 def test_settings_at_the_bounds_are_accepted():
-    GuardConfig.from_dict({"ngram": 10, "window": 12})
-    GuardConfig.from_dict({"min_repeat": 512})
-    GuardConfig.from_dict({"min_repeat": 800, "max_period": 200})
-    GuardConfig.from_dict({"min_repeat": 600, "suffix_trigger": False})
+    cfg = GuardConfig.from_dict({"ngram": 10, "window": 12})
+    assert (cfg.ngram, cfg.window) == (10, 12)
+    assert GuardConfig.from_dict({"min_repeat": 512}).min_repeat == 512
+    cfg = GuardConfig.from_dict({"min_repeat": 800, "max_period": 200})
+    assert (cfg.min_repeat, cfg.max_period) == (800, 200)
+    cfg = GuardConfig.from_dict({"min_repeat": 600, "suffix_trigger": False})
+    assert cfg.min_repeat == 600 and cfg.suffix_trigger is False
 
 
 def test_the_overhead_histogram_observes_each_generation_on_its_own(monkeypatch):

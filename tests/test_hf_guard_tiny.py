@@ -224,7 +224,7 @@ def test_unsupported_model_lists_supported_ones():
 
 def test_bad_settings_are_refused():
     model = tiny_model()
-    with pytest.raises(ConfigError, match="k"):
+    with pytest.raises(ConfigError, match=r"\bk\b"):
         guard(model, random_map(model), {"k": 10_000})
     with pytest.raises(ConfigError, match="layers"):
         guard(model, random_map(model), {"layers": [5]})

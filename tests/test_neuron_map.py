@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from repguard.errors import CorruptMapError, MapMismatchError, MapVersionError, RepGuardError
+from repguard.errors import CorruptMapError, MapMismatchError, MapVersionError
 from repguard.neuron_map import META_KEY, Fingerprint, NeuronMap, jaccard, map_from_scores
 
 LAYERS, WIDTH = 3, 8
@@ -249,11 +249,6 @@ def test_a_map_written_before_maps_recorded_their_dtype_still_loads_and_never_wa
     with caplog.at_level(logging.WARNING, logger="repguard"):
         old.check_model(Fingerprint("abc123", torch.linspace(0.5, 1.5, 16), "bfloat16"))
     assert not caplog.records
-
-
-def test_every_bad_input_is_a_repguard_error():
-    for cls in (CorruptMapError, MapVersionError, MapMismatchError):
-        assert issubclass(cls, RepGuardError)
 
 
 # -- every corrupt map a user can hand repguard, as a file: each is refused with a message naming what ----------

@@ -165,7 +165,8 @@ def test_neuron_step_is_asked_for_on_re_decodes_only():
 
 def test_seeds_of_resubmissions_are_derived_and_reproducible():
     assert derive_seed(None, 3) is None and derive_seed(7, 0) == 7
-    assert derive_seed(7, 1) == derive_seed(7, 1) != derive_seed(7, 2) != 7
+    # Fixed values: a seeded request resubmits with the same seeds in every process and release.
+    assert (derive_seed(7, 1), derive_seed(7, 2)) == (7007940, 7015859)
 
 
 def test_settings_a_token_stream_cannot_run_are_refused_by_name():

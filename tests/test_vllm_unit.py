@@ -15,7 +15,7 @@ from vllm import SamplingParams  # noqa: E402
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality  # noqa: E402
 
 from repguard.config import GuardConfig  # noqa: E402
-from repguard.errors import ConfigError  # noqa: E402
+from repguard.errors import ConfigError, UnsupportedModelError  # noqa: E402
 from repguard.archs import arch_for
 from repguard.neuron_map import map_from_scores  # noqa: E402
 from repguard.vllm import compat, engine, logits, worker  # noqa: E402
@@ -407,7 +407,7 @@ def test_tp_slicing_covers_the_map_once():
             seen += [(layer, int(n) + rank * D_FF // 2, int(s)) for n, s in zip(plan.local, plan.slots)]
     full = [(layer, int(n), s) for layer, p in runtime_plans.items() for n, s in zip(p.neurons, range(p.slots.start, p.slots.stop))]
     assert sorted(seen) == sorted(full)
-    with pytest.raises(Exception, match="divisible"):
+    with pytest.raises(UnsupportedModelError, match="not divisible by tensor parallel size 3"):
         slice_plans(runtime_plans, D_FF, 0, 3)
 
 
