@@ -275,6 +275,23 @@ def test_every_response_is_counted_by_its_status(client, engine, monkeypatch):
     assert _requests("completions", 500) - before[500] == 1
 
 
+def test_a_stream_whose_generation_fails_ends_with_the_error_then_done(client, engine, monkeypatch):
+    """As vLLM ends a failed stream: the error event, then ``[DONE]``; no usage chunk after the error (a client
+    that reads usage as the sign of a complete answer would take the failed one for whole)."""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(engine.model, "generate", broken)
+    body = {"prompt": "x", "max_tokens": 2, "stream": True, "stream_options": {"include_usage": True}}
+    with client.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        lines = [ln[len("data: "):] for ln in r.iter_lines() if ln.startswith("data: ")]
+    assert lines[-1] == "[DONE]", lines
+    assert json.loads(lines[-2])["error"]["type"] == "server_error", lines
+    assert not any("usage" in json.loads(ln) for ln in lines[:-1]), lines
+
+
 def test_a_stream_the_client_closed_counts_as_499(live):
     before = (_requests("completions", 499), _requests("completions", 200))
     body = {"prompt": "closed", "max_tokens": 6000, "temperature": 0, "stream": True, "repguard": {"preset": "off"}}

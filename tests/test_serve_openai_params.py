@@ -85,6 +85,13 @@ def test_chat_nulls_and_no_op_values_give_the_same_completion(client):
     assert _texts(_ok(client.post("/v1/chat/completions", json=padded))) == plain
     assert _texts(_ok(client.post("/v1/chat/completions", json={**padded, "messages": history}))) == \
         _texts(_ok(client.post("/v1/chat/completions", json={**CHAT, "messages": plain_history})))
+    # The usual client loop: the SDK's answer message appended as it dumps it (annotations, audio, ... null).
+    openai = pytest.importorskip("openai")
+    dumped = openai.types.chat.ChatCompletionMessage(role="assistant", content="hello").model_dump()
+    assert "annotations" in dumped, "precondition: this SDK writes annotations"
+    sdk_history = [history[0], dumped, history[2]]
+    assert _texts(_ok(client.post("/v1/chat/completions", json={**padded, "messages": sdk_history}))) == \
+        _texts(_ok(client.post("/v1/chat/completions", json={**CHAT, "messages": plain_history})))
 
 
 def test_null_temperature_samples_as_the_default_temperature(client):

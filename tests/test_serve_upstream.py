@@ -217,6 +217,65 @@ def test_chat_completions(direct, guarded):
     assert started and (text, finish) == (w.message.content, w.finish_reason)
 
 
+def _keys(value, path=""):
+    """Every key path of a JSON value (lists by their first item), with the type of null / not null."""
+    out = set()
+    if isinstance(value, dict):
+        for k, v in value.items():
+            out.add((f"{path}.{k}", v is None))
+            out |= _keys(v, f"{path}.{k}")
+    elif isinstance(value, list) and value and isinstance(value[0], dict):
+        out |= _keys(value[0], path + "[]")
+    return out
+
+
+def _sse_events(url: str, path: str, body: dict) -> list:
+    with httpx.stream("POST", url + path, json=body, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        lines = [ln[len("data: "):] for ln in r.iter_lines() if ln.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(ln) for ln in lines[:-1]]
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
+def test_an_unlooped_answer_has_the_upstreams_json_keys_and_stream_shape(vllm_url, proxy_url, chat):
+    """The raw JSON a client reads: the same keys as vLLM's (nulls written out) beside the ``repguard`` report;
+    a stream opens with vLLM's role chunk (chat) and ends with a chunk that carries the finish and no held-back
+    text, so a client that stops reading at ``finish_reason`` has the whole text."""
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    body = {"model": MODEL, "max_tokens": 24, "temperature": 0}
+    body.update({"messages": [{"role": "user", "content": PLAIN[1]}]} if chat else {"prompt": PLAIN[1]})
+    for extra in ({}, {"return_token_ids": True}):
+        want = httpx.post(vllm_url + path, json={**body, **extra}, timeout=120).json()
+        got = httpx.post(proxy_url + path, json={**body, **extra}, timeout=120).json()
+        assert got["choices"][0]["repguard"]["rollbacks"] == 0
+        mine = {k for k in _keys(got) if not k[0].startswith(".choices[].repguard")}
+        assert mine == _keys(want), (mine ^ _keys(want))
+        assert {k: v for k, v in got.items() if k not in ("id", "created", "choices")} == \
+            {k: v for k, v in want.items() if k not in ("id", "created", "choices")}
+    for options in ({}, {"stream_options": {"include_usage": True}}):
+        want = _sse_events(vllm_url, path, {**body, "stream": True, **options})
+        got = _sse_events(proxy_url, path, {**body, "stream": True, **options})
+
+        def text(events, upto=None):
+            parts = []
+            for e in events[:upto]:
+                for c in e["choices"]:
+                    parts.append((c["delta"].get("content") or "") if chat else c["text"])
+            return "".join(parts)
+
+        finish = next(i for i, e in enumerate(got) if e["choices"] and e["choices"][0]["finish_reason"])
+        assert text(got, finish + 1) == text(want) and text(got) == text(want)
+        assert got[finish]["choices"][0]["finish_reason"] == "length"
+        assert ((got[finish]["choices"][0]["delta"].get("content") if chat else got[finish]["choices"][0]["text"])
+                == ""), "the finishing chunk carries no held-back text"
+        if chat:
+            assert got[0]["choices"][0]["delta"] == want[0]["choices"][0]["delta"] == {"role": "assistant",
+                                                                                        "content": ""}
+        if options:
+            assert got[-1]["choices"] == [] and got[-1]["usage"] == want[-1]["usage"]
+
+
 def test_looping_chat_is_rolled_back_through_the_templated_prompt(direct, guarded):
     """For chat the resubmissions' prompt is the upstream's own templated prompt ids plus the kept ids."""
     args = dict(model=MODEL, messages=[{"role": "user", "content": "List the numbers 1 1 1 1 1 1 1 1"}],
@@ -366,6 +425,14 @@ FAKE = textwrap.dedent('''
                     f.write(json.dumps(body) + "\\n")
             if prompt == "fail":
                 return self.send_json(500, {"error": {"message": "boom inside"}})
+            if prompt == "busy":  # overloaded: a 503 that says when to come back
+                data = json.dumps({"error": {"message": "overloaded"}}).encode()
+                self.send_response(503)
+                self.send_header("Retry-After", "7")
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                return self.wfile.write(data)
             if prompt == "bad":
                 return self.send_json(400, {"error": {"message": "bad thing", "type": "BadRequestError",
                                                       "param": "prompt", "code": 400}})
@@ -571,6 +638,11 @@ def test_upstream_failures_are_clean_openai_errors(fake_upstream):
         with pytest.raises(openai.InternalServerError) as err:  # the upstream's 5xx
             client.completions.create(model="fake", prompt="fail", max_tokens=5)
         assert err.value.status_code == 502 and "boom inside" in err.value.message
+        for extra in ({}, {"repguard": {"enabled": False}}):  # a 503 stays a 503 with its Retry-After
+            busy = httpx.post(proxy + "/v1/completions", timeout=30,
+                              json={"model": "fake", "prompt": "busy", "max_tokens": 5, **extra})
+            assert busy.status_code == 503 and busy.headers.get("retry-after") == "7", (extra, busy.text)
+            assert "overloaded" in busy.json()["error"]["message"]
         with pytest.raises(openai.BadRequestError, match="bad thing") as bad:  # its 4xx, passed through
             client.completions.create(model="fake", prompt="bad", max_tokens=5)
         assert bad.value.body["param"] == "prompt"
@@ -608,6 +680,20 @@ def test_a_null_stream_means_not_streamed(fake_upstream):
         bad = httpx.post(proxy + "/v1/completions", timeout=30,
                          json={"model": "fake", "prompt": "hello", "max_tokens": 3, "stream": "yes"})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "stream"
+
+
+def test_integral_floats_are_integers_as_vllm_reads_them(fake_upstream):
+    """``max_tokens: 5.0`` and ``seed: 7.0`` (what some clients' JSON makes of an integer) are 5 and 7 to vLLM:
+    a guarded request takes them too; 5.5 stays an error naming the field."""
+    url, _ = fake_upstream
+    with inprocess_proxy(upstream=url) as proxy:
+        resp = httpx.post(proxy + "/v1/completions", timeout=30,
+                          json={"model": "fake", "prompt": "hello", "max_tokens": 5.0, "seed": 7.0})
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["usage"]["completion_tokens"] == 5
+        bad = httpx.post(proxy + "/v1/completions", timeout=30,
+                         json={"model": "fake", "prompt": "hello", "max_tokens": 5.5})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens", bad.text
 
 
 def test_start_fails_on_an_unusable_upstream(tmp_path, capsys):

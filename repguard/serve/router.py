@@ -377,7 +377,7 @@ def build_router(engine: Engine, settings: ServeSettings | None = None) -> APIRo
                             completion += ev["completion_tokens"]
                         yield _sse({"id": rid, "object": obj + (".chunk" if chat else ""), "created": created,
                                     "model": name, "choices": [choice]})
-                    if include_usage:
+                    if include_usage and failed is None:  # after an error: the error event, then [DONE] (vLLM's)
                         yield _sse({"id": rid, "object": obj + (".chunk" if chat else ""), "created": created,
                                     "model": name, "choices": [], "usage": usage(prompts, completion)})
                     yield "data: [DONE]\n\n"

@@ -45,7 +45,8 @@ CHAT_NO_OPS: dict[str, tuple[Any, ...]] = {
     "prediction": (None,), "reasoning_effort": (None,), "store": (None, False), "metadata": (None,),
 }
 MESSAGE_NO_OPS: dict[str, tuple[Any, ...]] = {  # what an SDK's response message carries when sent back as history
-    "refusal": (None,), "tool_calls": (None,), "function_call": (None,), "audio": (None,),
+    "refusal": (None,), "tool_calls": (None, []), "function_call": (None,), "audio": (None,), "annotations": (None, []),
+    "reasoning": (None,), "reasoning_content": (None,),
 }
 
 

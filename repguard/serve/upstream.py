@@ -103,8 +103,9 @@ def error_from_exception(exc: Exception) -> APIError:
                     type="server_error", code="upstream_error")
 
 
-def error_from_body(status: int, raw: bytes | str | dict) -> APIError:
-    """An upstream error answer: its 4xx passed through (message, type, param, code), a 5xx as 502."""
+def error_from_body(status: int, raw: bytes | str | dict, headers: Any = None) -> APIError:
+    """An upstream error answer: its 4xx passed through (message, type, param, code), a 503 (overloaded or
+    shutting down: a load balancer retries it) as a 503 with the upstream's ``Retry-After``, another 5xx as 502."""
     data: Any = raw
     if isinstance(raw, (bytes, str)):
         try:
@@ -115,6 +116,10 @@ def error_from_body(status: int, raw: bytes | str | dict) -> APIError:
     if not isinstance(err, dict):
         err = {"message": str(err if err is not None else data)[:2000]}
     message = str(err.get("message") or f"HTTP {status}")
+    if status == 503:
+        retry = headers.get("retry-after") if headers is not None else None
+        return APIError(503, f"the upstream server is unavailable: {message}", type="server_error",
+                        code="upstream_unavailable", headers={"Retry-After": retry} if retry else None)
     if status >= 500 or status < 400:
         return APIError(502, f"the upstream server answered {status}: {message}", type="server_error",
                         code="upstream_error")
@@ -187,7 +192,7 @@ class Upstream:
                 raw = b""
             finally:
                 await close(resp)
-            raise error_from_body(resp.status_code, raw)
+            raise error_from_body(resp.status_code, raw, resp.headers)
         return resp
 
     async def aclose(self) -> None:
@@ -294,7 +299,9 @@ class GuardedCall:
                                engine_repair=proxy.engine_repair, model_name=model)
         self.stream = bool(body.get("stream"))  # a response that is not streamed takes its tokens at the end only
         self.prompt_ids: list[int] | None = None
-        self.first: dict[str, Any] = {}  # id, created, system_fingerprint of the first upstream chunk
+        self.first: dict[str, Any] = {}  # id, created, model, system_fingerprint of the first upstream chunk
+        self.role = "assistant"  # chat: the role the upstream's first delta names (its --response-role)
+        self.prompt_text: str | None = None  # chat: the rendered prompt, where the client asked for it
         self._min_head: tuple[int, ...] = ()  # the first min_tokens tokens, and their text's length
         self._min_len = 0
         self.fingerprint: Any = None  # the upstream's system_fingerprint, from any chunk of any submission
@@ -377,9 +384,10 @@ class GuardedCall:
         self.sub = None
 
     async def run(self) -> AsyncIterator[list[int]]:
-        """Yield token ids as they become final (the rest at the end). ``open()`` first. A response that is
-        not streamed takes them all at the end (no hold-back limits its rollbacks); it gets an empty list when
-        the first tokens arrive (its time to first token)."""
+        """Yield token ids as they become final (the rest at the end). ``open()`` first. A streamed response
+        gets an empty list (or its first final tokens) at the upstream's first event, when vLLM sends its role
+        chunk. A response that is not streamed takes them all at the end (no hold-back limits its rollbacks);
+        it gets an empty list when the first tokens arrive (its time to first token)."""
         rg = self.rg
         first = True
         try:
@@ -426,7 +434,7 @@ class GuardedCall:
                                 self.last_stop, cancel = stop, True
                         if self.stream and not rg.done:
                             new = rg.take_released()
-                            if new:
+                            if new or first:  # the first event: a stream's role chunk goes out (as vLLM's)
                                 first = False
                                 yield new
                         elif first and ids and not self.stream:
@@ -458,7 +466,13 @@ class GuardedCall:
 
     def _note_first(self, event: dict[str, Any], choice: dict[str, Any]) -> None:
         if not self.first:
-            self.first = {k: event[k] for k in ("id", "created", "system_fingerprint") if event.get(k) is not None}
+            self.first = {k: event[k] for k in ("id", "created", "model", "system_fingerprint")
+                          if event.get(k) is not None}
+            role = (choice.get("delta") or {}).get("role") if self.chat else None
+            if isinstance(role, str) and role:
+                self.role = role
+            if isinstance(event.get("prompt_text"), str):
+                self.prompt_text = event["prompt_text"]
         ids = choice.get("prompt_token_ids") or event.get("prompt_token_ids")
         if self.prompt_ids is None and ids:
             self.prompt_ids = [int(t) for t in ids]
@@ -734,6 +748,8 @@ class UpstreamProxy:
                                param="prompt", code="unsupported_with_guard")
         for key in ("max_tokens", "max_completion_tokens", "min_tokens", "seed"):
             value = body.get(key)
+            if isinstance(value, float) and value.is_integer():  # 5.0: an integer to vLLM (and so here)
+                body[key] = value = int(value)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
                 raise APIError(400, f"{key}: expected an integer", param=key, code="invalid_value")
         options = body.get("stream_options")
@@ -830,7 +846,7 @@ def build_upstream_router(proxy: UpstreamProxy, settings: ServeSettings) -> APIR
                 request.state.repguard_status = CLIENT_CLOSED
                 return Response(status_code=CLIENT_CLOSED)
             if resp.status_code >= 500:
-                raise error_from_body(resp.status_code, resp.content)
+                raise error_from_body(resp.status_code, resp.content, resp.headers)
             return Response(resp.content, status_code=resp.status_code,
                             media_type=resp.headers.get("content-type", "application/json"))
         resp = await upstream.open_stream(path, body, headers)
@@ -927,16 +943,26 @@ async def _until_done(task: asyncio.Future, request: Request):
         raise
 
 
-def _usage(call: GuardedCall, completion: int | None = None) -> dict[str, int]:
-    """Token counts of the request: the prompt, and the completion's tokens (all of them, or ``completion``)."""
+def _usage(call: GuardedCall, completion: int | None = None, details: bool = False) -> dict[str, Any]:
+    """Token counts of the request: the prompt, and the completion's tokens (all of them, or ``completion``);
+    ``details``: with the null token details that vLLM writes out in an answer that is not streamed."""
     prompt = len(call.prompt_ids or [])
     completion = len(call.rg.tokens) if completion is None else completion
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    usage: dict[str, Any] = {"prompt_tokens": prompt, "total_tokens": prompt + completion,
+                             "completion_tokens": completion}
+    if details:
+        usage.update(prompt_tokens_details=None, completion_tokens_details=None)
+    return usage
 
 
 def _new_id(call: GuardedCall) -> tuple[str, int]:
     rid = call.first.get("id") or ("chatcmpl-" if call.chat else "cmpl-") + uuid.uuid4().hex
     return rid, int(call.first.get("created") or time.time())
+
+
+def _model(call: GuardedCall) -> str:
+    """The model name the answer gives: the upstream's (it answers with the name it serves the model under)."""
+    return call.first.get("model") or call.body.get("model") or call.model
 
 
 async def _complete(call: GuardedCall, request: Request, chat: bool, endpoint: str, admitted: float) -> Response:
@@ -956,38 +982,44 @@ async def _complete(call: GuardedCall, request: Request, chat: bool, endpoint: s
         server_metrics.observe_duration(call.model, endpoint, time.perf_counter() - admitted)
         call.record()
     rg, body = call.rg, call.body
+    ids = bool(body.get("return_token_ids"))
+    # The keys of vLLM's answer, nulls written out (its server dumps the whole response model).
     choice: dict[str, Any] = {"index": 0}
     if chat:
-        choice["message"] = {"role": "assistant", "content": text}
-        if call.reasoning_of():
-            choice["message"][call.reasoning_key] = call.reasoning_of()
+        reasoning = call.reasoning_of()
+        # A reasoning model's answer with no text after its reasoning: content null, as vLLM's parser leaves it.
+        content = text if text or not reasoning else None
+        choice["message"] = {"role": call.role, "content": content, "refusal": None, "annotations": None,
+                             "audio": None, "function_call": None, call.reasoning_key: reasoning or None}
+        choice.update(logprobs=None, finish_reason=rg.finish_reason, stop_reason=rg.stop_reason,
+                      token_ids=rg.tokens if ids else None, routed_experts=None)
     else:
-        choice["text"] = text
-    choice.update(logprobs=None, finish_reason=rg.finish_reason, stop_reason=rg.stop_reason)
-    if body.get("return_token_ids"):
-        choice["token_ids"] = rg.tokens
-        if not chat:
-            choice["prompt_token_ids"] = call.prompt_ids
+        choice.update(text=text, logprobs=None, finish_reason=rg.finish_reason, stop_reason=rg.stop_reason,
+                      token_ids=rg.tokens if ids else None, prompt_logprobs=None,
+                      prompt_token_ids=call.prompt_ids if ids else None, routed_experts=None)
     choice["repguard"] = call.report()
     rid, created = _new_id(call)
     out: dict[str, Any] = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-                           "model": body.get("model") or call.model, "choices": [choice], "usage": _usage(call),
-                           "system_fingerprint": call.fingerprint}  # as vLLM's response has it (null without one)
-    if chat and body.get("return_token_ids"):
-        out["prompt_token_ids"] = call.prompt_ids
+                           "model": _model(call), "choices": [choice], "service_tier": None,
+                           "system_fingerprint": call.fingerprint, "usage": _usage(call, details=True)}
+    if chat:
+        out.update(prompt_logprobs=None, prompt_token_ids=call.prompt_ids if ids else None,
+                   prompt_text=call.prompt_text)
+    out.update(kv_transfer_params=None, ec_transfer_params=None, metrics=None)
     return SafeJSONResponse(out)
 
 
 async def _stream(call: GuardedCall, body: dict[str, Any], chat: bool, endpoint: str,
                   admitted: float) -> AsyncIterator[str]:
-    """The client's SSE stream: final tokens as they are released, then the finish with the report."""
+    """The client's SSE stream, in vLLM's order: (chat) the role chunk at the upstream's first event, the final
+    tokens as they are released, the rest held back, then a finishing chunk with the report (and the usage)."""
     head: dict[str, Any] = {}  # made at the first chunk sent, once the upstream's id and created are known
 
     def header() -> dict[str, Any]:
         if not head:
             rid, created = _new_id(call)
             head.update(id=rid, object="chat.completion.chunk" if chat else "text_completion", created=created,
-                        model=body.get("model") or call.model)
+                        model=_model(call))
         return head
 
     def fingerprint() -> dict[str, Any]:
@@ -1002,39 +1034,62 @@ async def _stream(call: GuardedCall, body: dict[str, Any], chat: bool, endpoint:
     released: list[int] = []
     sent = ""
     reasoned = ""  # reasoning_content sent
-    started = False
+    started = False  # the first chunk (chat: the role chunk) is out
+    timed = False
+
+    def data(chunk: dict[str, Any]) -> str:
+        return f"data: {dumps({**header(), **chunk})}\n\n"
+
+    def opening() -> str:
+        """vLLM's first chunk of a chat stream: the role, no text (the prompt's token ids, where asked)."""
+        nonlocal started
+        started = True
+        choice = {"index": 0, "delta": {"role": call.role, "content": ""}, "logprobs": None, "finish_reason": None}
+        extra: dict[str, Any] = {}
+        if want_ids:
+            extra["prompt_token_ids"] = call.prompt_ids
+        if call.prompt_text is not None:
+            extra["prompt_text"] = call.prompt_text
+        if continuous_usage:
+            extra["usage"] = _usage(call, 0)
+        return data({"choices": [choice], **extra})
 
     def chunk(text: str, ids: list[int], finish: str | None = None, **more: Any) -> str:
         nonlocal started, reasoned
         choice: dict[str, Any] = {"index": 0}
         if chat:
-            choice["delta"] = {"content": text} if started else {"role": "assistant", "content": text}
+            choice["delta"] = {"content": text}
             reasoning = call.reasoning_of(None if finish is not None else len(released))
             if reasoning.startswith(reasoned) and len(reasoning) > len(reasoned):
                 choice["delta"][call.reasoning_key] = reasoning[len(reasoned):]
                 reasoned = reasoning
+                if not text:  # a reasoning delta carries no content (as vLLM's parser sends it)
+                    del choice["delta"]["content"]
         else:
             choice["text"] = text
         choice.update(logprobs=None, finish_reason=finish, **more)
         extra: dict[str, Any] = {}
         if want_ids:
             choice["token_ids"] = ids
-            if not started:  # where vLLM puts them: in the choice (completions), in the chunk (chat)
-                (extra if chat else choice)["prompt_token_ids"] = call.prompt_ids
+            if not started and not chat:  # completions: the prompt's ids in the first chunk's choice
+                choice["prompt_token_ids"] = call.prompt_ids
         started = True
         if continuous_usage:
             extra["usage"] = _usage(call, len(released) if finish is None else None)
         if finish is not None and not include_usage:
             extra.update(fingerprint())
-        return f"data: {dumps({**header(), 'choices': [choice], **extra})}\n\n"
+        return data({"choices": [choice], **extra})
 
     try:
         try:
             async for ids in call.run():
-                if not released:
+                if chat and not started:
+                    yield opening()
+                if ids and not timed:
+                    timed = True
                     server_metrics.observe_ttft(call.model, time.perf_counter() - admitted)
-                if call.rg.done:
-                    continue  # the rest goes out with the finish
+                if call.rg.done or not ids:
+                    continue  # the rest goes out at the finish
                 released += ids
                 text = await call.text_of(released, final=False)
                 new = text[len(sent):] if text.startswith(sent) else ""
@@ -1047,10 +1102,17 @@ async def _stream(call: GuardedCall, body: dict[str, Any], chat: bool, endpoint:
             yield f"data: {dumps(exc.body())}\n\n"
             yield "data: [DONE]\n\n"
             return
-        yield chunk(text[len(sent):], rg.tokens[len(released):], rg.finish_reason, stop_reason=rg.stop_reason,
-                    repguard=call.report())
+        if not timed:
+            server_metrics.observe_ttft(call.model, time.perf_counter() - admitted)
+        if chat and not started:
+            yield opening()
+        rest, rest_ids = text[len(sent):], rg.tokens[len(released):]
+        if rest or rest_ids or (not chat and not started):  # what was held back, before the finish
+            released += rest_ids
+            yield chunk(rest, rest_ids)
+        yield chunk("", [], rg.finish_reason, stop_reason=rg.stop_reason, repguard=call.report())
         if include_usage:
-            yield f"data: {dumps({**header(), 'choices': [], 'usage': _usage(call), **fingerprint()})}\n\n"
+            yield data({"choices": [], "usage": _usage(call), **fingerprint()})
         yield "data: [DONE]\n\n"
         code = 200
     finally:  # normal end, error, or the client went away (the task is cancelled: the upstream stream closes)
