@@ -12,6 +12,6 @@ if [ $# -eq 0 ]; then
   # The transformers guard on the oldest supported transformers (the main venv has the newest).
   PYTHONPATH="$PWD" .venv-tf457/bin/python -m pytest -q -p no:cacheprovider --timeout=600 \
     tests/test_hf_guard_tiny.py tests/test_hf_guard_calls.py tests/test_hf_rollback.py tests/test_hf_rollback_in_place.py \
-    tests/test_hf_rollback_inputs.py
+    tests/test_hf_rollback_inputs.py tests/test_hf_threads.py
 fi
 exec .venv/bin/python -m pytest -ra --timeout=1200 "$@"

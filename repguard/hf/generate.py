@@ -12,7 +12,8 @@
 
 ``repguard`` may be a dict of ``GuardConfig`` fields, a ``GuardConfig``, or a list of them (one per row).
 ``repguard_map`` (optional) is a ``NeuronMap`` or a path; by default the shipped map of the model's name.
-The decoding itself is transformers' own sampling/greedy loop; only the guard's hooks are added. Decoding it
+The decoding itself is transformers' own sampling/greedy loop; only the guard's hooks are added. Calls from
+several threads on one model run one after another (``repguard.hf.guard.model_lock``). Decoding it
 does not run (beam search, contrastive, DoLa, prompt lookup) is refused by name; an ``assistant_model`` is not
 handed to a ``custom_generate`` by transformers, so the call decodes without it (the same text under greedy
 decoding, without the speed-up).
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 from ..config import GuardConfig
 from ..errors import ConfigError
-from .guard import Guard
+from .guard import Guard, model_lock
 
 
 # Criteria every ``generate`` call holds; any other one (stop strings, the caller's own) ends rows early.
@@ -45,7 +46,9 @@ def custom_generate(model, input_ids, logits_processor, stopping_criteria, gener
         rows, settings = list(settings), None
     config = settings if isinstance(settings, GuardConfig) else GuardConfig.from_dict(settings)
     own_stops = [c for c in stopping_criteria or () if type(c).__name__ not in _OWN_CRITERIA]
-    with Guard(model, nmap, config) as g:
+    # One guarded generation per model at a time (``model_lock``): this call's guard is installed, run and
+    # removed before another thread's.
+    with model_lock(model), Guard(model, nmap, config) as g:
         if rows is not None:
             g.configure_rows(rows)
         # The rows are expanded for num_return_sequences already; beam search was refused above. The call's

@@ -32,7 +32,10 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import threading
 import time
+import weakref
+import contextlib
 from contextlib import contextmanager
 from typing import Sequence
 
@@ -176,6 +179,7 @@ class Guard:
         self._step_index = 0  # the new token this generation's current forward computes the logits of
         self._call_mask: torch.Tensor | None = None  # the call's 2-D attention mask (``_begin``)
         self._depth = 0  # ``generate`` calls in progress (``generation``)
+        self._owner: int | None = None  # the thread running them: forwards of other threads are not this guard's
         self._pending_begin = False  # the next forward is a generation's prefill
         self._generate_wrapper = None
         self._row_configs: list[GuardConfig] | None = None
@@ -280,6 +284,11 @@ class Guard:
         self._finish()
 
     def install(self) -> "Guard":
+        # Under the model's lock: a guarded generation of another thread never sees hooks half registered.
+        with model_lock(self.model):
+            return self._install()
+
+    def _install(self) -> "Guard":
         if self._handles:
             return self
         try:
@@ -296,6 +305,10 @@ class Guard:
         return self
 
     def remove(self) -> None:
+        with model_lock(self.model):
+            self._remove()
+
+    def _remove(self) -> None:
         for handle in [*self._handles, *self._layer_hooks.values(), self._head_hook]:
             if handle is not None:
                 handle.remove()
@@ -311,14 +324,22 @@ class Guard:
         inner = model.generate
         guard = self
 
+        def removed() -> bool:  # this guard was removed (another wrapper kept this one in place)
+            return guard._generate_wrapper is None or guard._generate_wrapper[0] is not generate
+
         @functools.wraps(inner)
         def generate(*args, **kwargs):
-            if guard._generate_wrapper is None or guard._generate_wrapper[0] is not generate:
-                return inner(*args, **kwargs)  # this guard was removed (another wrapper kept this one in place)
-            with guard.generation((), named_call(inner, args, kwargs)):
-                out = inner(*args, **kwargs)
-                guard._observe_last(out)
-                return out
+            if removed():
+                return inner(*args, **kwargs)
+            with model_lock(model):  # another thread's guarded generation first; this guard may be gone since
+                if removed():
+                    return inner(*args, **kwargs)
+                with guard.generation((), named_call(inner, args, kwargs)):
+                    out = inner(*args, **kwargs)
+                    guard._observe_last(out)
+                    with contextlib.suppress(AttributeError):  # this call's reports, whatever thread calls next
+                        out.repguard_reports = guard.reports
+                    return out
 
         self._generate_wrapper = (generate, model.__dict__.get("generate"))
         model.generate = generate
@@ -339,19 +360,25 @@ class Guard:
         """One generation: the first forward inside is its prefill (rows open, reports start), the others its
         decoding steps. ``model.generate`` runs in one while the guard is installed; a decoding loop of one's
         own (``custom_generate``) opens one around it. ``args`` / ``kwargs``: the ``generate`` call's, checked
-        first (``ConfigError`` for settings the guard cannot follow)."""
-        if kwargs is not None:
-            self._check_call(args, kwargs)
-        else:  # a loop of one's own: nothing known of its minimum length or mask
-            self._min_new = self._min_length = 0
-            self._call_mask = None
-        self._depth += 1
-        self._pending_begin = True
-        try:
-            yield self
-        finally:
-            self._depth -= 1
-            self._pending_begin = False
+        first (``ConfigError`` for settings the guard cannot follow). Holds the model's lock (``model_lock``):
+        one guarded generation per model at a time; the hooks act on forwards of this thread only."""
+        with model_lock(self.model):
+            if kwargs is not None:
+                self._check_call(args, kwargs)
+            else:  # a loop of one's own: nothing known of its minimum length or mask
+                self._min_new = self._min_length = 0
+                self._call_mask = None
+            if not self._depth:
+                self._owner = threading.get_ident()
+            self._depth += 1
+            self._pending_begin = True
+            try:
+                yield self
+            finally:
+                self._depth -= 1
+                self._pending_begin = False
+                if not self._depth:
+                    self._owner = None
 
     def _check_call(self, args: tuple, kwargs: dict) -> None:
         """Refuse what the hooks cannot follow, before anything runs; note how this call ends rows."""
@@ -425,10 +452,11 @@ class Guard:
         first, self._failed_once = not self._failed_once, True
         self.runtime.fail_open(self.model_name, where, self._reports, first, "this generation continues unguarded")
 
-    def _pre_hook(self, module, args, kwargs):
+    def _pre_hook(self, module, args, kwargs=None):
+        if not self._depth or self._owner != threading.get_ident():
+            return None  # a forward outside this guard's generation (or another thread's): left alone
         self.newest = None
-        if not self._depth:  # a forward outside generate: not a generation's, left alone
-            return None
+        kwargs = kwargs or {}
         prefill, self._pending_begin = self._pending_begin, False
         if self._broken and not prefill:
             return None
@@ -563,7 +591,7 @@ class Guard:
         rt = self.runtime
 
         def hook(module, inputs, output):
-            if not self._active or self._broken or not self._depth:
+            if not self._active or self._broken or not self._depth or self._owner != threading.get_ident():
                 return None
             try:
                 rt.apply_layer(plan, output)
@@ -575,7 +603,8 @@ class Guard:
 
     def _logits_hook(self, module, inputs, output):
         rt = self.runtime
-        if not rt.steering or not self._active or self._broken or not self._depth:  # nothing to do
+        if (not rt.steering or not self._active or self._broken or not self._depth
+                or self._owner != threading.get_ident()):  # nothing to do, or another thread's forward
             return None
         t0 = time.perf_counter()
         try:
@@ -605,6 +634,25 @@ class Guard:
             metrics.record_report(self.model_name, report)
         if self.steps:
             metrics.record_overhead(self.model_name, self.overhead_seconds / max(1, self.steps))
+
+
+_MODEL_LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_LOCK = threading.Lock()
+
+
+def model_lock(model) -> threading.RLock:
+    """The lock of ``model``'s guarded generations: one at a time per model, whichever thread or guard runs it.
+
+    A guard's state (its rows, reports, the step's newest tokens) belongs to one generation, and its hooks fire
+    on every forward of the model: a second thread's guarded generation would read and steer the first's rows.
+    ``generate`` through a guard, ``custom_generate`` and ``generate_with_rollback`` hold it for the call (a
+    thread that comes second waits); installing and removing hooks take it too. Re-entrant: a guarded call
+    may call ``generate`` again on its own thread."""
+    with _MODEL_LOCKS_LOCK:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.RLock()
+        return lock
 
 
 def guard(model, neuron_map: NeuronMap | str | None = None, config: GuardConfig | dict | None = None, **kwargs) -> Guard:

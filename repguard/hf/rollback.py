@@ -39,6 +39,7 @@ import copy
 import functools
 import logging
 import numbers
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -52,7 +53,7 @@ from ..policy import SequenceReport
 from ..repair import BAN
 from ..rollback import RollbackConfig, RollbackPolicy
 from ..runtime import force_token, host_to_device
-from .guard import Guard, call_setting
+from .guard import Guard, call_setting, model_lock
 
 log = logging.getLogger("repguard")
 
@@ -579,8 +580,11 @@ def generate_with_rollback(
     if streamer is not None:
         streamer = on_tokens = _Streamer(streamer, input_ids)
     try:
-        return _generate_with_rollback(model, input_ids, attention_mask, neuron_map, cfg, policy, max_new_tokens,
-                                       model_name, on_tokens, overlap, generate_kwargs)
+        # One guarded generation per model at a time (``model_lock``): the whole call, every pass, before
+        # another thread's.
+        with model_lock(model):
+            return _generate_with_rollback(model, input_ids, attention_mask, neuron_map, cfg, policy,
+                                           max_new_tokens, model_name, on_tokens, overlap, generate_kwargs)
     finally:
         if streamer is not None:
             streamer.end()
@@ -819,16 +823,22 @@ def _run_in_place(model, g: Guard, input_ids, attention_mask, prompts, states, p
 
 @contextmanager
 def _prepare_wrapped(model, *wrappers):
-    """``model.prepare_inputs_for_generation`` wrapped by each of ``wrappers`` (None: skipped) for the block."""
+    """``model.prepare_inputs_for_generation`` wrapped by each of ``wrappers`` (None: skipped) for the block, for
+    calls of this thread (another thread's ``generate`` of the model, unguarded, keeps the model's own)."""
     wrappers = [w for w in wrappers if w is not None]
     if not wrappers:
         yield
         return
     original = model.__dict__.get("prepare_inputs_for_generation")
-    prepare = model.prepare_inputs_for_generation
+    base = prepare = model.prepare_inputs_for_generation
     for wrap in wrappers:
         prepare = wrap(prepare)
-    model.prepare_inputs_for_generation = prepare
+    owner = threading.get_ident()
+
+    def prepare_inputs(*args, **kwargs):
+        return (prepare if threading.get_ident() == owner else base)(*args, **kwargs)
+
+    model.prepare_inputs_for_generation = prepare_inputs
     try:
         yield
     finally:

@@ -1,0 +1,182 @@
+"""One model, several threads: a web app's thread pool calling a guarded ``generate`` concurrently.
+
+Each call must give what it gives alone: its rows, its reports, no other call's tokens or penalties, no guard
+failure. Guarded generations on one model run one at a time (``repguard.hf.guard.model_lock``); a plain
+forward of another thread during one is left alone."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+
+import pytest
+import torch
+from transformers import GenerationConfig
+
+from conftest import random_map, tiny_model
+from repguard.config import GuardConfig
+from repguard.hf import custom_generate, guard
+from repguard.hf.rollback import generate_with_rollback
+
+NEW = 48
+REPS = 4
+
+
+def _prompt(seed: int, length: int = 6) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 256, (1, 6), generator=g)[0, 6 - length:].tolist()
+
+
+def _batch(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and mask."""
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+# Batch A: a row that loops on the tiny model, a calm one; batch B: three rows, the second loops.
+A = _batch([_prompt(5), _prompt(0)])
+B = _batch([_prompt(4), _prompt(9), _prompt(11)])
+R_A = _batch([_prompt(5), _prompt(0, 5), _prompt(1)])
+R_B = _batch([_prompt(4, 5), _prompt(9), _prompt(10)])
+
+
+@pytest.fixture(scope="module")
+def model_and_map():
+    model = tiny_model()
+    return model, random_map(model)
+
+
+@pytest.fixture(autouse=True)
+def _switch_often():
+    """Threads switch every 0.5 ms (5 ms by default): the calls interleave step by step."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(0.0005)
+    yield
+    sys.setswitchinterval(old)
+
+
+def _together(calls, reps: int = REPS) -> list[list]:
+    """Each rep runs the calls in threads released together; the results (or exceptions) per rep."""
+    out = []
+    for _ in range(reps):
+        barrier = threading.Barrier(len(calls))
+        results: list = [None] * len(calls)
+
+        def work(i, call):
+            barrier.wait()
+            try:
+                results[i] = call()
+            except BaseException as exc:  # noqa: BLE001 - the test reports it
+                results[i] = exc
+
+        threads = [threading.Thread(target=work, args=(i, c)) for i, c in enumerate(calls)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        out.append(results)
+    return out
+
+
+def _reports(reports) -> list[dict]:
+    return [r.to_dict() for r in reports]
+
+
+def _no_guard_failure(caplog):
+    failures = [r.getMessage() for r in caplog.records if r.name == "repguard" and r.levelno >= logging.ERROR]
+    assert not failures, failures
+
+
+def test_one_installed_guard_called_from_two_threads_answers_each_call_as_alone(model_and_map, caplog):
+    model, nmap = model_and_map
+
+    def gen(batch):
+        out = model.generate(batch[0], attention_mask=batch[1], max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+        return out, _reports(out.repguard_reports)
+
+    with guard(model, nmap, GuardConfig(escalate_after=0)) as g:
+        alone = {"A": gen(A), "B": gen(B)}
+        assert any(r["fired"] for r in alone["A"][1]) and any(r["fired"] for r in alone["B"][1]), \
+            "precondition: the guard acts on a row of each batch"
+        with caplog.at_level(logging.WARNING, logger="repguard"):
+            for a, b in _together([lambda: gen(A), lambda: gen(B)]):
+                for name, got in (("A", a), ("B", b)):
+                    assert not isinstance(got, BaseException), got
+                    assert torch.equal(got[0], alone[name][0]), name
+                    assert got[1] == alone[name][1], name
+        assert g.errors == 0
+    _no_guard_failure(caplog)
+
+
+def test_custom_generate_from_two_threads_answers_each_call_as_alone(model_and_map, caplog):
+    model, nmap = model_and_map
+
+    def gen(batch):
+        cfg = GenerationConfig(max_new_tokens=NEW, do_sample=False, pad_token_id=0,
+                               repguard={"escalate_after": 0}, repguard_map=nmap)
+        out = model.generate(batch[0], attention_mask=batch[1], generation_config=cfg, custom_generate=custom_generate)
+        return out, _reports(out.repguard_reports)
+
+    alone = {"A": gen(A), "B": gen(B)}
+    assert any(r["fired"] for r in alone["A"][1]), "precondition: the guard acts on a row"
+    with caplog.at_level(logging.WARNING, logger="repguard"):
+        for a, b in _together([lambda: gen(A), lambda: gen(B)]):
+            for name, got in (("A", a), ("B", b)):
+                assert not isinstance(got, BaseException), got
+                assert torch.equal(got[0], alone[name][0]), name
+                assert got[1] == alone[name][1], name
+    _no_guard_failure(caplog)
+    assert "generate" not in vars(model), "no guard's wrapper is left on the model"
+
+
+@pytest.mark.parametrize("overlap", [None, False], ids=["in-place", "pass-after-pass"])
+def test_rollback_from_two_threads_keeps_each_callers_tokens(model_and_map, caplog, overlap):
+    model, nmap = model_and_map
+
+    def gen(batch):
+        out = generate_with_rollback(model, batch[0], batch[1], neuron_map=nmap, max_new_tokens=NEW,
+                                     do_sample=False, pad_token_id=0, overlap=overlap)
+        return out.sequences, out.rollbacks, _reports(out.reports)
+
+    alone = {"A": gen(R_A), "B": gen(R_B)}
+    assert sum(alone["A"][1]) and sum(alone["B"][1]), "precondition: rows of both batches are rolled back"
+    with caplog.at_level(logging.WARNING, logger="repguard"):
+        for a, b in _together([lambda: gen(R_A), lambda: gen(R_B)]):
+            for name, got in (("A", a), ("B", b)):
+                assert not isinstance(got, BaseException), got
+                assert got == alone[name], name
+    _no_guard_failure(caplog)
+    assert not {"generate", "prepare_inputs_for_generation"} & set(vars(model)), "nothing is left on the model"
+
+
+def test_another_threads_plain_forward_during_a_guarded_generation_is_left_alone(model_and_map, caplog):
+    """Scoring a text in one thread while another generates with rollback: the score is the model's own, and
+    the generation is what it is alone."""
+    model, nmap = model_and_map
+    text = torch.tensor([_prompt(5) * 4])
+    with torch.no_grad():
+        want = model(text).logits
+
+    def score():
+        with torch.no_grad():
+            return [model(text).logits for _ in range(6)]
+
+    def gen():
+        out = generate_with_rollback(model, R_A[0], R_A[1], neuron_map=nmap, max_new_tokens=NEW, do_sample=False,
+                                     pad_token_id=0)
+        return out.sequences, out.rollbacks
+
+    alone = gen()
+    assert sum(alone[1]), "precondition: a row is rolled back"
+    with caplog.at_level(logging.WARNING, logger="repguard"):
+        for scored, generated in _together([score, gen]):
+            assert not isinstance(scored, BaseException), scored
+            assert all(torch.equal(s, want) for s in scored), "the plain forward is the model's own"
+            assert generated == alone
+    _no_guard_failure(caplog)
