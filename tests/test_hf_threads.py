@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -180,3 +181,75 @@ def test_another_threads_plain_forward_during_a_guarded_generation_is_left_alone
             assert all(torch.equal(s, want) for s in scored), "the plain forward is the model's own"
             assert generated == alone
     _no_guard_failure(caplog)
+
+
+def test_each_threads_own_guard_runs_its_calls_only(model_and_map, caplog):
+    """Two request threads, each with its own guard block on the one model (other settings each): every call
+    runs under its own thread's guard alone, as if no other guard were installed."""
+    model, nmap = model_and_map
+    settings = {"A": GuardConfig(escalate_after=0), "B": GuardConfig.from_preset("monitor")}
+
+    def gen(name, batch):
+        with guard(model, nmap, settings[name]):
+            out = model.generate(batch[0], attention_mask=batch[1], max_new_tokens=NEW, do_sample=False,
+                                 pad_token_id=0)
+        return out, _reports(out.repguard_reports)
+
+    alone = {"A": gen("A", A), "B": gen("B", B)}
+    assert alone["B"][1] != gen("A", B)[1], "precondition: the two settings answer B differently"
+    with caplog.at_level(logging.WARNING, logger="repguard"):
+        for a, b in _together([lambda: gen("A", A), lambda: gen("B", B)]):
+            for name, got in (("A", a), ("B", b)):
+                assert not isinstance(got, BaseException), got
+                assert torch.equal(got[0], alone[name][0]) and got[1] == alone[name][1], name
+    _no_guard_failure(caplog)
+    assert "generate" not in vars(model)
+
+
+def test_reading_or_flushing_reports_from_another_thread_waits_for_the_running_generation(model_and_map):
+    model, nmap = model_and_map
+
+    def gen(g):
+        out = model.generate(A[0], attention_mask=A[1], max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+        return out, _reports(out.repguard_reports)
+
+    with guard(model, nmap, GuardConfig(escalate_after=0)) as g:
+        alone = gen(g)
+        def poll():
+            for _ in range(40):
+                g.flush()
+                _ = g.reports
+                time.sleep(0.0005)
+
+        for got, _ in _together([lambda: gen(g), poll]):
+            assert not isinstance(got, BaseException), got
+            assert torch.equal(got[0], alone[0]) and got[1] == alone[1]
+            assert _reports(g.reports) == alone[1]
+
+
+def test_a_generate_called_inside_a_guarded_one_runs_unguarded_and_leaves_it_alone(model_and_map):
+    """A streamer (or logits processor) that generates on the same model, on the guarded call's thread."""
+    model, nmap = model_and_map
+    side = []
+
+    class Streamer:
+        def __init__(self):
+            self.n = 0
+
+        def put(self, value):
+            self.n += 1
+            if self.n == 10:
+                side.append(model.generate(B[0], attention_mask=B[1], max_new_tokens=NEW, do_sample=False,
+                                           pad_token_id=0))
+
+        def end(self):
+            pass
+
+    plain_b = model.generate(B[0], attention_mask=B[1], max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    with guard(model, nmap, GuardConfig(escalate_after=0)) as g:
+        alone = model.generate(A[0], attention_mask=A[1], max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+        got = model.generate(A[0], attention_mask=A[1], max_new_tokens=NEW, do_sample=False, pad_token_id=0,
+                             streamer=Streamer())
+        assert torch.equal(got, alone) and _reports(got.repguard_reports) == _reports(alone.repguard_reports)
+        assert g.errors == 0
+    assert len(side) == 1 and torch.equal(side[0], plain_b), "the nested call is the model's own, unguarded"

@@ -180,8 +180,9 @@ class Guard:
         self._call_mask: torch.Tensor | None = None  # the call's 2-D attention mask (``_begin``)
         self._depth = 0  # ``generate`` calls in progress (``generation``)
         self._owner: int | None = None  # the thread running them: forwards of other threads are not this guard's
+        self._installer: int | None = None  # the thread that installed the guard (``_guard_of_call``)
+        self._nested = 0  # ``generate`` calls made inside this guard's generation on its thread: left unguarded
         self._pending_begin = False  # the next forward is a generation's prefill
-        self._generate_wrapper = None
         self._row_configs: list[GuardConfig] | None = None
         self._row_histories: list | None = None
         self._reserved: list[GuardConfig] = []  # settings rows may be switched to mid-generation (rewind_row)
@@ -226,9 +227,11 @@ class Guard:
 
     @property
     def reports(self) -> list[SequenceReport]:
-        """One report per row of the most recent ``generate`` call."""
-        self._drain()
-        return self._reports
+        """One report per row of the most recent ``generate`` call (from another thread: once the call running
+        now ends; each call's own are on its output, ``out.repguard_reports``)."""
+        with model_lock(self.model):
+            self._drain()
+            return self._reports
 
     def _checked(self, cfg: GuardConfig) -> GuardConfig:
         """``cfg`` if this model and map can run it, else ``ConfigError`` naming the setting."""
@@ -280,8 +283,9 @@ class Guard:
 
     def flush(self) -> None:
         """Record the last generation's reports in the metrics now (otherwise done when the next
-        generation starts, or on exit). Idempotent."""
-        self._finish()
+        generation starts, or on exit). Idempotent. Waits for a generation another thread is running."""
+        with model_lock(self.model):
+            self._finish()
 
     def install(self) -> "Guard":
         # Under the model's lock: a guarded generation of another thread never sees hooks half registered.
@@ -291,6 +295,8 @@ class Guard:
     def _install(self) -> "Guard":
         if self._handles:
             return self
+        self._installer = threading.get_ident()
+        _INSTALLED.setdefault(self.model, []).append(self)
         try:
             self._handles.append(self.model.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
             if self.model.get_output_embeddings() is None:
@@ -309,6 +315,9 @@ class Guard:
             self._remove()
 
     def _remove(self) -> None:
+        installed = _INSTALLED.get(self.model)
+        if installed is not None and self in installed:
+            installed.remove(self)
         for handle in [*self._handles, *self._layer_hooks.values(), self._head_hook]:
             if handle is not None:
                 handle.remove()
@@ -319,21 +328,28 @@ class Guard:
         self._finish()
 
     def _wrap_generate(self) -> None:
-        """``model.generate`` marks each call as one generation (``generation``), checked before it runs."""
+        """``model.generate`` marks each call as one generation (``generation``) of the guard that runs it
+        (``_guard_of_call``), checked before it runs. One wrapper per model, whatever the guards installed on it:
+        it stays while one is, and passes calls through once none is."""
         model = self.model
+        if model in _WRAPPERS:
+            return
         inner = model.generate
-        guard = self
-
-        def removed() -> bool:  # this guard was removed (another wrapper kept this one in place)
-            return guard._generate_wrapper is None or guard._generate_wrapper[0] is not generate
 
         @functools.wraps(inner)
         def generate(*args, **kwargs):
-            if removed():
+            if _guard_of_call(model) is None:
                 return inner(*args, **kwargs)
-            with model_lock(model):  # another thread's guarded generation first; this guard may be gone since
-                if removed():
-                    return inner(*args, **kwargs)
+            with model_lock(model):  # another thread's guarded generation first; the guards may have changed since
+                guard = _guard_of_call(model)
+                if guard is None or _own_custom_generate(kwargs):
+                    return inner(*args, **kwargs)  # no guard (any more), or repguard's drop-in: a guard of its own
+                if guard._depth:  # called inside this guard's generation, on its thread (a streamer, a processor)
+                    guard._nested += 1
+                    try:
+                        return inner(*args, **kwargs)
+                    finally:
+                        guard._nested -= 1
                 with guard.generation((), named_call(inner, args, kwargs)):
                     out = inner(*args, **kwargs)
                     guard._observe_last(out)
@@ -341,19 +357,21 @@ class Guard:
                         out.repguard_reports = guard.reports
                     return out
 
-        self._generate_wrapper = (generate, model.__dict__.get("generate"))
+        _WRAPPERS[model] = (generate, model.__dict__.get("generate"))
         model.generate = generate
 
     def _unwrap_generate(self) -> None:
-        if self._generate_wrapper is None:
+        """The last guard of the model removed: its ``generate`` is the model's own again (unless another wrapper
+        went on top of repguard's since, which then stays, passing calls through)."""
+        model = self.model
+        if _INSTALLED.get(model) or model not in _WRAPPERS:
             return
-        wrapper, own = self._generate_wrapper
-        self._generate_wrapper = None
-        if self.model.__dict__.get("generate") is wrapper:
+        wrapper, own = _WRAPPERS.pop(model)
+        if model.__dict__.get("generate") is wrapper:
             if own is None:
-                del self.model.generate
+                del model.generate
             else:
-                self.model.generate = own
+                model.generate = own
 
     @contextmanager
     def generation(self, args: tuple = (), kwargs: dict | None = None):
@@ -446,6 +464,13 @@ class Guard:
         self.remove()
 
     # -- hooks -----------------------------------------------------------------------------------------
+    def _mine(self) -> bool:
+        """This forward runs on the thread of this guard's generation. Not asked inside a compiled forward
+        (torch.compile cannot trace the thread's id, and would break its graph at every hook): guarded
+        generations are one at a time per model (``model_lock``) there too, but another thread's plain forward
+        during one is not told apart."""
+        return torch.compiler.is_compiling() or self._owner == threading.get_ident()
+
     def _fail(self, where: str, exc: BaseException) -> None:
         self.errors += 1
         self._broken = True
@@ -453,8 +478,8 @@ class Guard:
         self.runtime.fail_open(self.model_name, where, self._reports, first, "this generation continues unguarded")
 
     def _pre_hook(self, module, args, kwargs=None):
-        if not self._depth or self._owner != threading.get_ident():
-            return None  # a forward outside this guard's generation (or another thread's): left alone
+        if not self._depth or self._nested or not self._mine():
+            return None  # a forward outside this guard's generation (another thread's, a nested call's): left alone
         self.newest = None
         kwargs = kwargs or {}
         prefill, self._pending_begin = self._pending_begin, False
@@ -591,7 +616,7 @@ class Guard:
         rt = self.runtime
 
         def hook(module, inputs, output):
-            if not self._active or self._broken or not self._depth or self._owner != threading.get_ident():
+            if not self._active or self._broken or not self._depth or self._nested or not self._mine():
                 return None
             try:
                 rt.apply_layer(plan, output)
@@ -603,8 +628,8 @@ class Guard:
 
     def _logits_hook(self, module, inputs, output):
         rt = self.runtime
-        if (not rt.steering or not self._active or self._broken or not self._depth
-                or self._owner != threading.get_ident()):  # nothing to do, or another thread's forward
+        if (not rt.steering or not self._active or self._broken or not self._depth or self._nested
+                or not self._mine()):  # nothing to do, or another thread's (or a nested call's) forward
             return None
         t0 = time.perf_counter()
         try:
@@ -638,6 +663,20 @@ class Guard:
 
 _MODEL_LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
 _MODEL_LOCKS_LOCK = threading.Lock()
+# The guards installed on each model, in the order installed (``Guard.install``; changed under the model's lock).
+_INSTALLED: "weakref.WeakKeyDictionary[torch.nn.Module, list[Guard]]" = weakref.WeakKeyDictionary()
+# Each model's ``generate`` wrapper and the instance attribute it replaced (``Guard._wrap_generate``).
+_WRAPPERS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _guard_of_call(model) -> "Guard | None":
+    """The guard that runs a ``generate`` call of this thread on ``model``: the last one this thread installed,
+    else the last one installed (a guard installed once and called from a thread pool). One guard per call:
+    the other guards' wrappers pass it on, and their hooks stay out of it."""
+    installed = _INSTALLED.get(model) or []
+    me = threading.get_ident()
+    own = [g for g in installed if g._installer == me]
+    return (own or installed or [None])[-1]
 
 
 def model_lock(model) -> threading.RLock:
@@ -646,13 +685,19 @@ def model_lock(model) -> threading.RLock:
     A guard's state (its rows, reports, the step's newest tokens) belongs to one generation, and its hooks fire
     on every forward of the model: a second thread's guarded generation would read and steer the first's rows.
     ``generate`` through a guard, ``custom_generate`` and ``generate_with_rollback`` hold it for the call (a
-    thread that comes second waits); installing and removing hooks take it too. Re-entrant: a guarded call
-    may call ``generate`` again on its own thread."""
+    thread that comes second waits); installing and removing hooks take it too. Re-entrant: code on a guarded
+    call's own thread (a streamer, a logits processor) may call ``generate`` again; that call runs unguarded."""
     with _MODEL_LOCKS_LOCK:
         lock = _MODEL_LOCKS.get(model)
         if lock is None:
             lock = _MODEL_LOCKS[model] = threading.RLock()
         return lock
+
+
+def _own_custom_generate(kwargs: dict) -> bool:
+    """The call runs repguard's ``custom_generate``, which installs and runs a guard of its own."""
+    fn = kwargs.get("custom_generate")
+    return callable(fn) and getattr(fn, "__module__", None) == "repguard.hf.generate"
 
 
 def guard(model, neuron_map: NeuronMap | str | None = None, config: GuardConfig | dict | None = None, **kwargs) -> Guard:

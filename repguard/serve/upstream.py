@@ -803,7 +803,7 @@ def build_upstream_router(proxy: UpstreamProxy, settings: ServeSettings) -> APIR
     async def passthrough_get(path: str) -> Response:
         resp = await upstream.get(path)
         if resp.status_code >= 500:
-            raise error_from_body(resp.status_code, resp.content)
+            raise error_from_body(resp.status_code, resp.content, resp.headers)
         return Response(resp.content, status_code=resp.status_code,
                         media_type=resp.headers.get("content-type", "application/json"))
 
