@@ -68,6 +68,17 @@ def tiny_folder(path, seed: int = 0, edit=None):
     return path
 
 
+def left_padded(rows: list[list[int]], pad: int = 0):
+    """Token rows as a left-padded batch: (ids, attention_mask)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
 def padded_batch(lengths, seed: int = 3):
     """(input_ids, attention_mask): random prompts of ``lengths`` tokens, left-padded with 0 to the longest."""
     g = torch.Generator().manual_seed(seed)

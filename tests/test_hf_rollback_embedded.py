@@ -1,7 +1,6 @@
 """Rollback on the embedded default model (smollm2-135m): what a tiny random model does not show."""
 
-import torch
-
+from conftest import left_padded
 from repguard.hf.rollback import generate_with_rollback
 
 
@@ -15,13 +14,8 @@ def test_the_loops_next_token_is_banned_even_where_the_repair_also_penalises_it(
              "List all the countries in Africa, one per line."]
     rows = [tok.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True, tokenize=False)
             for c in chats]
-    encoded = [tok(r, add_special_tokens=False).input_ids for r in rows]
-    width = max(len(e) for e in encoded)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, e in enumerate(encoded):
-        ids[i, width - len(e):] = torch.tensor(e)
-        mask[i, width - len(e):] = 1
+    ids, mask = left_padded([tok(r, add_special_tokens=False).input_ids for r in rows])
+    width = ids.shape[1]
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     kw = dict(max_new_tokens=50, do_sample=False, pad_token_id=pad)
     plain = model.generate(ids, attention_mask=mask, **kw)[:, width:].tolist()

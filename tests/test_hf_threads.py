@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from conftest import random_map, tiny_model
+from conftest import left_padded, random_map, tiny_model
 from repguard.config import GuardConfig
 from repguard.hf import custom_generate, guard
 from repguard.hf.rollback import generate_with_rollback
@@ -29,22 +29,11 @@ def _prompt(seed: int, length: int = 6) -> list[int]:
     return torch.randint(3, 256, (1, 6), generator=g)[0, 6 - length:].tolist()
 
 
-def _batch(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ids and mask."""
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
-    return ids, mask
-
-
 # Batch A: a row that loops on the tiny model, a calm one; batch B: three rows, the second loops.
-A = _batch([_prompt(5), _prompt(0)])
-B = _batch([_prompt(4), _prompt(9), _prompt(11)])
-R_A = _batch([_prompt(5), _prompt(0, 5), _prompt(1)])
-R_B = _batch([_prompt(4, 5), _prompt(9), _prompt(10)])
+A = left_padded([_prompt(5), _prompt(0)])
+B = left_padded([_prompt(4), _prompt(9), _prompt(11)])
+R_A = left_padded([_prompt(5), _prompt(0, 5), _prompt(1)])
+R_B = left_padded([_prompt(4, 5), _prompt(9), _prompt(10)])
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +78,14 @@ def _reports(reports) -> list[dict]:
     return [r.to_dict() for r in reports]
 
 
+def _as_alone(reps: list[list], alone: dict) -> None:
+    """Every rep's (tokens, reports) of calls A and B are those of the call run alone."""
+    for a, b in reps:
+        for name, got in (("A", a), ("B", b)):
+            assert not isinstance(got, BaseException), got
+            assert torch.equal(got[0], alone[name][0]) and got[1] == alone[name][1], name
+
+
 def _no_guard_failure(caplog):
     failures = [r.getMessage() for r in caplog.records if r.name == "repguard" and r.levelno >= logging.ERROR]
     assert not failures, failures
@@ -106,11 +103,7 @@ def test_one_installed_guard_called_from_two_threads_answers_each_call_as_alone(
         assert any(r["fired"] for r in alone["A"][1]) and any(r["fired"] for r in alone["B"][1]), \
             "precondition: the guard acts on a row of each batch"
         with caplog.at_level(logging.WARNING, logger="repguard"):
-            for a, b in _together([lambda: gen(A), lambda: gen(B)]):
-                for name, got in (("A", a), ("B", b)):
-                    assert not isinstance(got, BaseException), got
-                    assert torch.equal(got[0], alone[name][0]), name
-                    assert got[1] == alone[name][1], name
+            _as_alone(_together([lambda: gen(A), lambda: gen(B)]), alone)
         assert g.errors == 0
     _no_guard_failure(caplog)
 
@@ -127,11 +120,7 @@ def test_custom_generate_from_two_threads_answers_each_call_as_alone(model_and_m
     alone = {"A": gen(A), "B": gen(B)}
     assert any(r["fired"] for r in alone["A"][1]), "precondition: the guard acts on a row"
     with caplog.at_level(logging.WARNING, logger="repguard"):
-        for a, b in _together([lambda: gen(A), lambda: gen(B)]):
-            for name, got in (("A", a), ("B", b)):
-                assert not isinstance(got, BaseException), got
-                assert torch.equal(got[0], alone[name][0]), name
-                assert got[1] == alone[name][1], name
+        _as_alone(_together([lambda: gen(A), lambda: gen(B)]), alone)
     _no_guard_failure(caplog)
     assert "generate" not in vars(model), "no guard's wrapper is left on the model"
 
@@ -198,10 +187,7 @@ def test_each_threads_own_guard_runs_its_calls_only(model_and_map, caplog):
     alone = {"A": gen("A", A), "B": gen("B", B)}
     assert alone["B"][1] != gen("A", B)[1], "precondition: the two settings answer B differently"
     with caplog.at_level(logging.WARNING, logger="repguard"):
-        for a, b in _together([lambda: gen("A", A), lambda: gen("B", B)]):
-            for name, got in (("A", a), ("B", b)):
-                assert not isinstance(got, BaseException), got
-                assert torch.equal(got[0], alone[name][0]) and got[1] == alone[name][1], name
+        _as_alone(_together([lambda: gen("A", A), lambda: gen("B", B)]), alone)
     _no_guard_failure(caplog)
     assert "generate" not in vars(model)
 
@@ -253,3 +239,70 @@ def test_a_generate_called_inside_a_guarded_one_runs_unguarded_and_leaves_it_alo
         assert torch.equal(got, alone) and _reports(got.repguard_reports) == _reports(alone.repguard_reports)
         assert g.errors == 0
     assert len(side) == 1 and torch.equal(side[0], plain_b), "the nested call is the model's own, unguarded"
+
+
+def _gen_a(model, **kw):
+    return model.generate(A[0], attention_mask=A[1], max_new_tokens=NEW, do_sample=False, pad_token_id=0, **kw)
+
+
+def test_a_guard_installed_under_another_librarys_generate_wrapper_still_guards(model_and_map):
+    """A guard removed after other code wrapped ``generate`` on top of repguard's leaves repguard's wrapper in
+    place (it cannot take it out from under the other); the next guard uses it, and guards its calls."""
+    model, nmap = model_and_map
+    with guard(model, nmap, GuardConfig(escalate_after=0)):
+        guarded = _gen_a(model)
+    first = guard(model, nmap, GuardConfig(escalate_after=0)).install()
+    below = model.generate
+    model.generate = lambda *args, **kwargs: below(*args, **kwargs)  # another library's wrapper
+    try:
+        first.remove()
+        with guard(model, nmap, GuardConfig(escalate_after=0)) as g:
+            out = _gen_a(model)
+            assert torch.equal(out, guarded) and g.steps > 0
+            assert _reports(out.repguard_reports) == _reports(guarded.repguard_reports)
+    finally:
+        del model.generate  # the other library's wrapper goes: the model's own generate again
+
+
+def test_a_guard_never_removed_does_not_keep_a_dropped_model_alive(model_and_map):
+    import gc
+    import weakref
+
+    _, nmap = model_and_map
+    model = tiny_model()
+    g = guard(model, nmap, GuardConfig(escalate_after=0)).install()
+    _gen_a(model)
+    dropped = weakref.ref(model)
+    del model, g
+    gc.collect()
+    assert dropped() is None
+
+
+def test_a_rollback_run_inside_a_guarded_generation_leaves_the_outer_guard_alone(model_and_map):
+    """A streamer that runs ``generate_with_rollback`` (its own guard) on the same model mid-generation: the
+    outer call's guard sits it out, and both calls give what they give alone."""
+    model, nmap = model_and_map
+    side = []
+
+    class Streamer:
+        def __init__(self):
+            self.n = 0
+
+        def put(self, value):
+            self.n += 1
+            if self.n == 10:
+                out = generate_with_rollback(model, R_B[0], R_B[1], neuron_map=nmap, max_new_tokens=NEW,
+                                             do_sample=False, pad_token_id=0)
+                side.append((out.sequences, out.rollbacks))
+
+        def end(self):
+            pass
+
+    inner_alone = generate_with_rollback(model, R_B[0], R_B[1], neuron_map=nmap, max_new_tokens=NEW,
+                                         do_sample=False, pad_token_id=0)
+    with guard(model, nmap, GuardConfig(escalate_after=0)) as g:
+        alone = _gen_a(model)
+        got = _gen_a(model, streamer=Streamer())
+        assert torch.equal(got, alone) and _reports(got.repguard_reports) == _reports(alone.repguard_reports)
+        assert g.errors == 0
+    assert side == [(inner_alone.sequences, inner_alone.rollbacks)] and sum(inner_alone.rollbacks)

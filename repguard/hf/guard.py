@@ -296,7 +296,7 @@ class Guard:
         if self._handles:
             return self
         self._installer = threading.get_ident()
-        _INSTALLED.setdefault(self.model, []).append(self)
+        _INSTALLED.setdefault(self.model, []).append(weakref.ref(self))
         try:
             self._handles.append(self.model.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
             if self.model.get_output_embeddings() is None:
@@ -316,8 +316,8 @@ class Guard:
 
     def _remove(self) -> None:
         installed = _INSTALLED.get(self.model)
-        if installed is not None and self in installed:
-            installed.remove(self)
+        if installed is not None:
+            installed[:] = [ref for ref in installed if ref() is not None and ref() is not self]
         for handle in [*self._handles, *self._layer_hooks.values(), self._head_hook]:
             if handle is not None:
                 handle.remove()
@@ -330,14 +330,19 @@ class Guard:
     def _wrap_generate(self) -> None:
         """``model.generate`` marks each call as one generation (``generation``) of the guard that runs it
         (``_guard_of_call``), checked before it runs. One wrapper per model, whatever the guards installed on it:
-        it stays while one is, and passes calls through once none is."""
+        it stays while one is, and passes calls through once none is. It holds the model weakly (a guard never
+        removed does not keep a dropped model alive)."""
         model = self.model
-        if model in _WRAPPERS:
-            return
-        inner = model.generate
+        if model in _WRAPPERS and "generate" in model.__dict__:
+            return  # repguard's wrapper, or another's on top of it (one taken off the instance is made again)
+        own = model.__dict__.get("generate")  # another wrapper on the instance, or None: the class's method
+        method = type(model).generate
+        ref = weakref.ref(model)
 
-        @functools.wraps(inner)
+        @functools.wraps(own if own is not None else method)
         def generate(*args, **kwargs):
+            model = ref()
+            inner = own if own is not None else method.__get__(model)
             if _guard_of_call(model) is None:
                 return inner(*args, **kwargs)
             with model_lock(model):  # another thread's guarded generation first; the guards may have changed since
@@ -357,17 +362,19 @@ class Guard:
                         out.repguard_reports = guard.reports
                     return out
 
-        _WRAPPERS[model] = (generate, model.__dict__.get("generate"))
+        _WRAPPERS[model] = (generate, own)
         model.generate = generate
 
     def _unwrap_generate(self) -> None:
-        """The last guard of the model removed: its ``generate`` is the model's own again (unless another wrapper
-        went on top of repguard's since, which then stays, passing calls through)."""
+        """The last guard of the model removed: its ``generate`` is the model's own again. Where another wrapper
+        went on top of repguard's since, repguard's stays (the model's one, passing calls through while no guard
+        is installed, and used again by the next guard)."""
         model = self.model
         if _INSTALLED.get(model) or model not in _WRAPPERS:
             return
-        wrapper, own = _WRAPPERS.pop(model)
+        wrapper, own = _WRAPPERS[model]
         if model.__dict__.get("generate") is wrapper:
+            del _WRAPPERS[model]
             if own is None:
                 del model.generate
             else:
@@ -388,6 +395,11 @@ class Guard:
                 self._call_mask = None
             if not self._depth:
                 self._owner = threading.get_ident()
+            # A guarded generation started inside another guard's on this thread (a streamer that generates
+            # with rollback, say): the outer guard's hooks sit this one out.
+            outer = [g for g in _installed(self.model) if g is not self and g._depth and g._owner == self._owner]
+            for g in outer:
+                g._nested += 1
             self._depth += 1
             self._pending_begin = True
             try:
@@ -395,6 +407,8 @@ class Guard:
             finally:
                 self._depth -= 1
                 self._pending_begin = False
+                for g in outer:
+                    g._nested -= 1
                 if not self._depth:
                     self._owner = None
 
@@ -664,16 +678,21 @@ class Guard:
 _MODEL_LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
 _MODEL_LOCKS_LOCK = threading.Lock()
 # The guards installed on each model, in the order installed (``Guard.install``; changed under the model's lock).
-_INSTALLED: "weakref.WeakKeyDictionary[torch.nn.Module, list[Guard]]" = weakref.WeakKeyDictionary()
+_INSTALLED: "weakref.WeakKeyDictionary[torch.nn.Module, list[weakref.ref]]" = weakref.WeakKeyDictionary()
 # Each model's ``generate`` wrapper and the instance attribute it replaced (``Guard._wrap_generate``).
 _WRAPPERS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _installed(model) -> "list[Guard]":
+    """The guards installed on ``model``, in the order installed."""
+    return [g for g in (ref() for ref in _INSTALLED.get(model) or ()) if g is not None]
 
 
 def _guard_of_call(model) -> "Guard | None":
     """The guard that runs a ``generate`` call of this thread on ``model``: the last one this thread installed,
     else the last one installed (a guard installed once and called from a thread pool). One guard per call:
-    the other guards' wrappers pass it on, and their hooks stay out of it."""
-    installed = _INSTALLED.get(model) or []
+    the others' hooks stay out of it."""
+    installed = _installed(model)
     me = threading.get_ident()
     own = [g for g in installed if g._installer == me]
     return (own or installed or [None])[-1]
