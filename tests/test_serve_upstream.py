@@ -380,7 +380,8 @@ def test_local_tokenizer_gives_the_same_text(vllm_url, guarded):
 
 
 # -- upstream failures (a fake upstream that can hang, fail or die mid-stream) ------------------------------
-FAKE = textwrap.dedent('''
+# The parts of every fake upstream: a threaded HTTP server that answers /v1/models and JSON.
+_FAKE_SERVER = '''
     import json, sys, time
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -398,6 +399,8 @@ FAKE = textwrap.dedent('''
             if self.path == "/v1/models":
                 return self.send_json(200, {"object": "list", "data": [{"id": "fake", "max_model_len": 4096}]})
             self.send_json(200, {})
+'''
+FAKE = textwrap.dedent(_FAKE_SERVER + '''
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             prompt = body.get("prompt")
@@ -1043,3 +1046,90 @@ def test_a_client_bias_that_leaves_no_room_for_the_ban_leaves_the_request_unguar
     assert ids == [10 + i % 6 for i in range(onset)] + [2000 + i for i in range(60 - onset)]
     (rest,) = [json.loads(line) for line in record.read_text().splitlines()]
     assert rest["logit_bias"] == own and rest["max_tokens"] == 60 - onset
+
+
+# A chat upstream with a reasoning parser: 8 reasoning tokens (500..507), then a loop (10..15 over and over),
+# as reasoning ("think") or as content ("answer"); a resubmission (/v1/completions) answers fresh tokens 2000...
+CHAT_FAKE = textwrap.dedent(_FAKE_SERVER + '''
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if self.path == "/detokenize":
+                return self.send_json(200, {"prompt": "".join(" t%d" % t for t in body["tokens"])})
+            if not body.get("stream"):  # the proxy's start-up check
+                return self.send_json(200, {"id": "x", "choices": [{"index": 0, "text": " w0", "finish_reason": "length",
+                                                                   "token_ids": [1000], "prompt_token_ids": [1, 2, 3]}]})
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            def send(event):
+                data = ("data: " + (event if isinstance(event, str) else json.dumps(event)) + "\\n\\n").encode()
+                self.wfile.write(b"%x\\r\\n%s\\r\\n" % (len(data), data))
+                self.wfile.flush()
+            n = int(body.get("max_tokens") or 16)
+            chat = self.path == "/v1/chat/completions"
+            mode, per = body["messages"][-1]["content"].split("/") if chat else (None, "1")
+            if chat:
+                send({"id": "c", "created": 1, "model": "fake", "prompt_token_ids": [1, 2, 3], "choices": [
+                    {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                     "finish_reason": None}]})
+            for start in range(0, n, int(per)):  # vLLM's stream_interval: several tokens per event
+                toks, delta = [], {}
+                for i in range(start, min(n, start + int(per))):
+                    tok = (500 + i if i < 8 else 10 + i % 6) if chat else 2000 + i
+                    key = "reasoning" if chat and (i < 8 or mode == "think") else "content"
+                    toks.append(tok)
+                    delta[key] = delta.get(key, "") + " t%d" % tok
+                fin = "length" if start + len(toks) == n else None
+                if chat:
+                    choice = {"index": 0, "delta": delta, "token_ids": toks, "logprobs": None, "finish_reason": fin}
+                else:
+                    choice = {"index": 0, "text": delta["content"], "token_ids": toks, "finish_reason": fin}
+                send({"id": "c", "created": 1, "model": "fake", "choices": [choice]})
+                time.sleep(0.002)
+            send("[DONE]")
+            self.wfile.write(b"0\\r\\n\\r\\n")
+
+    ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+''')
+
+
+@pytest.mark.parametrize("mode, stop", [("think/1", None), ("answer/1", None), ("think/3", None), ("answer/4", None),
+                                        ("think/1", ["@@@@@@@@"])],
+                         ids=["loop-in-reasoning", "loop-in-answer", "3-tokens-an-event", "4-tokens-an-event",
+                              "stop-string"])
+def test_a_rolled_back_reasoning_answer_sends_its_reasoning_once(tmp_path, mode, stop):
+    """A reasoning model's chat answer rolled back: the kept tokens' reasoning stays reasoning and is not sent
+    again as content (streamed or not); what is decoded after the rollback is content. Reasoning plus content is
+    the text of the answer's tokens, none lost, none twice, also with several tokens an event or a stop string
+    (whose characters a stream holds back)."""
+    script = tmp_path / "chat_fake.py"
+    script.write_text(CHAT_FAKE)
+    port = free_port()
+    log = tmp_path / "chat_fake.log"
+    proc = subprocess.Popen([sys.executable, str(script), str(port)], stdout=log.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    body = {"model": "fake", "messages": [{"role": "user", "content": mode}], "max_tokens": 60, "temperature": 0,
+            "return_token_ids": True, **({"stop": stop} if stop else {})}
+    reasoning0 = "".join(" t%d" % t for t in range(500, 508))
+    try:
+        _wait_http(url + "/v1/models", proc, log, 20)
+        with inprocess_proxy(upstream=url, rollback={"holdback": 20}) as proxy:
+            whole = httpx.post(proxy + "/v1/chat/completions", json=body, timeout=60).json()
+            events = [json.loads(ln[6:]) for ln in httpx.post(proxy + "/v1/chat/completions", json={
+                **body, "stream": True}, timeout=60).text.splitlines() if ln.startswith("data: ") and ln != "data: [DONE]"]
+    finally:
+        proc.kill()
+        proc.wait()
+    assert "choices" in whole, whole
+    message = whole["choices"][0]["message"]
+    assert whole["choices"][0]["repguard"]["rollbacks"] >= 1, "precondition: the loop is rolled back"
+    assert message["reasoning"].startswith(reasoning0)
+    assert " t500" not in (message["content"] or ""), message
+    assert " t20" in message["content"], "the re-decoded text is the content"
+    ids = whole["choices"][0]["token_ids"]
+    assert message["reasoning"] + message["content"] == "".join(" t%d" % t for t in ids)
+    deltas = [e["choices"][0]["delta"] for e in events if e.get("choices")]
+    reasoning = "".join(d.get("reasoning") or "" for d in deltas)
+    content = "".join(d.get("content") or "" for d in deltas)
+    assert (reasoning, content) == (message["reasoning"], message["content"])

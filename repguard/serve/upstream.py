@@ -310,6 +310,8 @@ class GuardedCall:
         self.reasoning: list[tuple[int, str]] = [(0, "")]  # chat, submission 0: (tokens so far, reasoning so far)
         self.reasoning_key = REASONING_KEYS[0]  # the name the upstream gives its reasoning parser's text
         self.n0 = 0
+        self.ids0: list[int] = []  # submission 0's token ids
+        self.kept0: int | None = None  # how many of them every resubmission kept (the rest were rolled back)
         self.last_stop: Any = None
         self.resp: httpx.Response | None = None
         self.sub: Submission | None = None
@@ -375,6 +377,9 @@ class GuardedCall:
         leaves the request unguarded from there (``RequestGuard.refused``)."""
         while (sub := self.rg.next_submission()) is not None:
             self.sub = sub
+            kept = next((i for i, (a, b) in enumerate(zip(sub.generated, self.ids0)) if a != b),
+                        min(len(sub.generated), len(self.ids0)))
+            self.kept0 = kept if self.kept0 is None else min(self.kept0, kept)
             try:
                 self.resp = await self._open(sub)
                 return
@@ -416,6 +421,7 @@ class GuardedCall:
                         ids = [int(t) for t in ids]
                         if sub.index == 0:
                             self.n0 += len(ids)
+                            self.ids0 += ids
                             self.text0 += self._delta_text(choice)
                             self.pieces.append((self.n0, self.text0))
                             if self.chat:
@@ -491,10 +497,11 @@ class GuardedCall:
 
     def reasoning_of(self, upto: int | None = None) -> str:
         """The upstream's ``reasoning_content`` (its reasoning parser's) for the first ``upto`` final tokens (None:
-        all): passed through for a request never resubmitted. After a resubmission, the text of every token is
-        the content (as from an upstream without a reasoning parser): no reasoning beyond what was sent."""
+        all): passed through for a request never resubmitted. After a resubmission, the tokens every
+        resubmission kept (``kept0``) keep the upstream's split into reasoning and content; the text of the
+        tokens decoded after them is content (a resubmission goes to ``/v1/completions``, with no parser)."""
         if self.resubmitted:
-            return ""
+            upto = (self.kept0 or 0) if upto is None else min(upto, self.kept0 or 0)
         if upto is None:
             return self.reasoning[-1][1]
         return next(text for n, text in reversed(self.reasoning) if n <= upto)
@@ -510,7 +517,21 @@ class GuardedCall:
         decode_ids = text_ids(ids, rg.finish_reason, self.last_stop, self.include_stop) if final else list(ids)
         text = await self._decode(decode_ids)
         after = await self._min_chars() if final else 0
-        return end_text(text, rg.finish_reason, self.last_stop, self.include_stop, final, self.stops, after)
+        text = end_text(text, rg.finish_reason, self.last_stop, self.include_stop, final, self.stops, after)
+        # The upstream's split holds up to the last of its events within the kept tokens (an event may carry
+        # several tokens): the reasoning there went out as reasoning, the content there is the upstream's, and
+        # only the tokens after it are decoded into content (not the reasoning text again).
+        k = next(n for n, _ in reversed(self.pieces) if n <= min(len(ids), self.kept0 or 0))
+        if self.chat and self.reasoning_of(k):
+            content = next(t for n, t in reversed(self.pieces) if n <= k)
+            if not final and len(ids) <= (self.kept0 or 0):
+                return content  # the upstream's split of the kept tokens after its event k: known at its next
+            head = await self._decode(list(ids[:k]))
+            if text.startswith(head):
+                return content + text[len(head):]
+            if head.startswith(text):  # a stop string's characters held back reach into the kept tokens' text
+                return content[:max(0, len(content) - (len(head) - len(text)))]
+        return text
 
     async def _min_chars(self) -> int:
         """The characters of the output's first ``min_tokens`` tokens, where the upstream looks for no stop
