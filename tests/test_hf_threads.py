@@ -86,6 +86,21 @@ def _as_alone(reps: list[list], alone: dict) -> None:
             assert torch.equal(got[0], alone[name][0]) and got[1] == alone[name][1], name
 
 
+class _Streamer:
+    """A streamer that runs ``call`` on the generating thread when the 10th piece of tokens arrives."""
+
+    def __init__(self, call):
+        self.call, self.n = call, 0
+
+    def put(self, value):
+        self.n += 1
+        if self.n == 10:
+            self.call()
+
+    def end(self):
+        pass
+
+
 def _no_guard_failure(caplog):
     failures = [r.getMessage() for r in caplog.records if r.name == "repguard" and r.levelno >= logging.ERROR]
     assert not failures, failures
@@ -217,25 +232,14 @@ def test_a_generate_called_inside_a_guarded_one_runs_unguarded_and_leaves_it_alo
     """A streamer (or logits processor) that generates on the same model, on the guarded call's thread."""
     model, nmap = model_and_map
     side = []
-
-    class Streamer:
-        def __init__(self):
-            self.n = 0
-
-        def put(self, value):
-            self.n += 1
-            if self.n == 10:
-                side.append(model.generate(B[0], attention_mask=B[1], max_new_tokens=NEW, do_sample=False,
-                                           pad_token_id=0))
-
-        def end(self):
-            pass
+    streamer = _Streamer(lambda: side.append(model.generate(B[0], attention_mask=B[1], max_new_tokens=NEW,
+                                                            do_sample=False, pad_token_id=0)))
 
     plain_b = model.generate(B[0], attention_mask=B[1], max_new_tokens=NEW, do_sample=False, pad_token_id=0)
     with guard(model, nmap, GuardConfig(escalate_after=0)) as g:
         alone = model.generate(A[0], attention_mask=A[1], max_new_tokens=NEW, do_sample=False, pad_token_id=0)
         got = model.generate(A[0], attention_mask=A[1], max_new_tokens=NEW, do_sample=False, pad_token_id=0,
-                             streamer=Streamer())
+                             streamer=streamer)
         assert torch.equal(got, alone) and _reports(got.repguard_reports) == _reports(alone.repguard_reports)
         assert g.errors == 0
     assert len(side) == 1 and torch.equal(side[0], plain_b), "the nested call is the model's own, unguarded"
@@ -284,25 +288,18 @@ def test_a_rollback_run_inside_a_guarded_generation_leaves_the_outer_guard_alone
     model, nmap = model_and_map
     side = []
 
-    class Streamer:
-        def __init__(self):
-            self.n = 0
+    def rollback_b():
+        out = generate_with_rollback(model, R_B[0], R_B[1], neuron_map=nmap, max_new_tokens=NEW, do_sample=False,
+                                     pad_token_id=0)
+        side.append((out.sequences, out.rollbacks))
 
-        def put(self, value):
-            self.n += 1
-            if self.n == 10:
-                out = generate_with_rollback(model, R_B[0], R_B[1], neuron_map=nmap, max_new_tokens=NEW,
-                                             do_sample=False, pad_token_id=0)
-                side.append((out.sequences, out.rollbacks))
-
-        def end(self):
-            pass
+    streamer = _Streamer(rollback_b)
 
     inner_alone = generate_with_rollback(model, R_B[0], R_B[1], neuron_map=nmap, max_new_tokens=NEW,
                                          do_sample=False, pad_token_id=0)
     with guard(model, nmap, GuardConfig(escalate_after=0)) as g:
         alone = _gen_a(model)
-        got = _gen_a(model, streamer=Streamer())
+        got = _gen_a(model, streamer=streamer)
         assert torch.equal(got, alone) and _reports(got.repguard_reports) == _reports(alone.repguard_reports)
         assert g.errors == 0
     assert side == [(inner_alone.sequences, inner_alone.rollbacks)] and sum(inner_alone.rollbacks)

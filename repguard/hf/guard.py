@@ -29,13 +29,13 @@ rest of that generation: generation itself continues, unguarded.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
 import threading
 import time
 import weakref
-import contextlib
 from contextlib import contextmanager
 from typing import Sequence
 

@@ -309,7 +309,6 @@ class GuardedCall:
         self.pieces: list[tuple[int, str]] = [(0, "")]  # submission 0: (tokens so far, text so far)
         self.reasoning: list[tuple[int, str]] = [(0, "")]  # chat, submission 0: (tokens so far, reasoning so far)
         self.reasoning_key = REASONING_KEYS[0]  # the name the upstream gives its reasoning parser's text
-        self.n0 = 0
         self.ids0: list[int] = []  # submission 0's token ids
         self.kept0: int | None = None  # how many of them every resubmission kept (the rest were rolled back)
         self.last_stop: Any = None
@@ -420,17 +419,16 @@ class GuardedCall:
                             ids = []
                         ids = [int(t) for t in ids]
                         if sub.index == 0:
-                            self.n0 += len(ids)
                             self.ids0 += ids
                             self.text0 += self._delta_text(choice)
-                            self.pieces.append((self.n0, self.text0))
+                            self.pieces.append((len(self.ids0), self.text0))
                             if self.chat:
                                 delta = choice.get("delta") or {}
                                 for key in REASONING_KEYS:  # vLLM 0.32 says "reasoning"; earlier builds the other
                                     if delta.get(key):
                                         self.reasoning_key = key
                                 more = delta.get(self.reasoning_key) or ""
-                                self.reasoning.append((self.n0, self.reasoning[-1][1] + more))
+                                self.reasoning.append((len(self.ids0), self.reasoning[-1][1] + more))
                         self.last_stop = choice.get("stop_reason")
                         cancel = feed_chunk(rg, sub, ids, fin, self.last_stop)
                         if rg.stop_may_straddle(self.stops):  # a stop string across the resubmission's start
@@ -521,8 +519,8 @@ class GuardedCall:
         # The upstream's split holds up to the last of its events within the kept tokens (an event may carry
         # several tokens): the reasoning there went out as reasoning, the content there is the upstream's, and
         # only the tokens after it are decoded into content (not the reasoning text again).
-        k = next(n for n, _ in reversed(self.pieces) if n <= min(len(ids), self.kept0 or 0))
-        if self.chat and self.reasoning_of(k):
+        k = next(n for n, _ in reversed(self.pieces) if n <= min(len(ids), self.kept0 or 0)) if self.chat else 0
+        if k and self.reasoning_of(k):
             content = next(t for n, t in reversed(self.pieces) if n <= k)
             if not final and len(ids) <= (self.kept0 or 0):
                 return content  # the upstream's split of the kept tokens after its event k: known at its next
