@@ -288,3 +288,79 @@ def test_the_method_table_shows_copied_rows_as_not_measured():
     assert "| 1/3 (rest copied from none) |" in row
     assert row.count("n/a (copied rows)") == 4  # distortion, loop-free distortion, identity, Pareto front
     assert "0%" not in row.split("|")[8] and "100%" not in row.split("|")[11]
+
+
+def _targets_chat(strict_none, strict_rb, rolled, judge=None, seconds=(10.0, 12.0)):
+    outs = [[i, i + 1, i + 2, i + 3] for i in range(len(strict_none))]
+    rb_outs = [o if not r else [0, 0, 0, 0] for o, r in zip(outs, rolled)]
+    data = {"model": "smollm2-135m", "half": "heldout", "max_new_tokens": 200, "sampling": "greedy",
+            "prompts": [[1]] * len(outs), "methods": {
+                "none": {"outputs": outs, "labels": [_chat_row(s) for s in strict_none],
+                         "reports": [{"rollbacks": 0}] * len(outs), "seconds": seconds[0], "load": 1.0},
+                "rollback": {"outputs": rb_outs, "labels": [_chat_row(s) for s in strict_rb],
+                             "reports": [{"rollbacks": int(r)} for r in rolled], "seconds": seconds[1], "load": 1.0},
+                "rep_penalty_1.2": {"outputs": [[9] * 4] * len(outs), "labels": [_chat_row() for _ in outs],
+                                    "reports": [{}] * len(outs), "seconds": 11.0, "load": 1.0}}}
+    if judge:
+        data["judge"] = judge
+    return data
+
+
+def test_the_targets_table_marks_each_target_met_or_missed_from_the_stored_runs(tmp_path, monkeypatch):
+    """One row per held-out setting: the loop cut on the strict label against 90%, the judge ratio against 1.2,
+    the time of the latest paired timing against 1.3 (the unpaired whole-run ratio only without one), and the
+    remedy with the lowest loop rate beside its distortion; the README's marked section is replaced by it."""
+    import json
+
+    from benchmarks.evidence import report
+
+    (tmp_path / "chat").mkdir()
+    (tmp_path / "timing").mkdir()
+    # 10 loops unguarded, 1 left: cut 90% (met); the calm rows untouched: distortion 0%, identity 100%
+    loops = [True] * 10 + [False] * 4
+    a = _targets_chat(loops, [True] + [False] * 13, [True] * 10 + [False] * 4,
+                      judge={"judge_model": "j", "rows": 10, "calm_rows": 4, "calm": 2.0, "rollback": 2.6})
+    b = _targets_chat([True] * 4, [True, True, False, False], [True] * 4, seconds=(10.0, 12.0))
+    b.update(model="gemma3-270m")
+    (tmp_path / "chat" / "a.json").write_text(json.dumps(a))
+    (tmp_path / "chat" / "b.json").write_text(json.dumps(b))
+    for started, ratio in (("2026-12-05 10:00:00 UTC", 1.1), ("2026-12-07 10:00:00 UTC", 1.4)):
+        (tmp_path / "timing" / f"t{ratio}.json").write_text(json.dumps(
+            {"model": "smollm2-135m", "max_new_tokens": 200, "sampling": "greedy", "rows": "loop",
+             "started": started, "ratio": {"none": 1.0, "rollback": ratio}}))
+    monkeypatch.setattr(report, "RES", tmp_path)
+    rows = report.targets_table().splitlines()
+    head = [c.strip() for c in rows[0].strip("|").split("|")]
+    cells = [dict(zip(head, (c.strip() for c in r.strip("|").split("|")))) for r in rows[2:]]
+    assert [c["model"] for c in cells] == ["smollm2-135m", "gemma3-270m"]
+    sm, ge = cells
+    assert sm["loops, no guard (strict)"] == "71% (10/14)" and sm["loops, rollback"] == "7% (1/14)"
+    assert sm["loop cut (target >= 90%)"] == "90% met"
+    assert sm["distortion"] == "0%" and sm["identity"] == "100%"
+    assert sm["judge ppl ratio (target <= 1.2)"] == "1.30 **missed**"
+    assert sm["time ratio (target <= 1.3)"] == "1.40 **missed** (paired)", "the latest paired timing"
+    assert sm["lowest strict rate of today's remedies (its distortion)"] == "`rep_penalty_1.2`: 0% (100%)"
+    assert ge["loop cut (target >= 90%)"] == "50% **missed**"
+    assert ge["distortion"].startswith("n/a") and ge["identity"].startswith("n/a")
+    assert ge["judge ppl ratio (target <= 1.2)"].startswith("not measured")
+    assert ge["time ratio (target <= 1.3)"] == "1.20 met (unpaired, whole runs)"
+
+    readme = "intro\n" + report.README_MARKS[0] + "\nold table\n" + report.README_MARKS[1] + "\nrest\n"
+    made = report.with_section(readme, report.README_MARKS, "\n".join(rows))
+    assert "old table" not in made and rows[2] in made and made.startswith("intro\n") and made.endswith("\nrest\n")
+    assert report.with_section("no markers\n", report.README_MARKS, "x") == "no markers\n"
+
+
+def test_the_readme_and_results_show_the_targets_table_of_the_stored_runs():
+    """The README's results table and RESULTS.md's are the ones the stored runs make (regenerate both with
+    ``python -m benchmarks.evidence.report`` after a run)."""
+    from pathlib import Path
+
+    from benchmarks.evidence import report
+
+    table = report.targets_table()
+    assert table.count("\n") >= 3
+    root = Path(report.ROOT).parent
+    readme = (root / "README.md").read_text()
+    assert report.with_section(readme, report.README_MARKS, table) == readme
+    assert table in (root / "benchmarks" / "RESULTS.md").read_text()

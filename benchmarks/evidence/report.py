@@ -7,7 +7,9 @@ is ``benchmarks/results/notes.md`` with ``{{tables}}`` replaced by those tables 
 table per setting of the instruct-prompt runs (``benchmarks/results/chat/*.json``, ``benchmarks.evidence.chat``)
 and their loop-rate/distortion plot, ``{{length_table}}`` by the loop rate against length
 (``benchmarks.evidence.length``, from ``benchmarks/results/loop_vs_length.json``), and ``{{timing_table}}`` by
-the paired timings of ``benchmarks.evidence.timing`` (``benchmarks/results/timing/*.json``).
+the paired timings of ``benchmarks.evidence.timing`` (``benchmarks/results/timing/*.json``), and
+``{{targets_table}}`` by the held-out targets per setting (``targets_table``), which also replaces the section
+of ``README.md`` between its two ``README_MARKS`` lines.
 """
 
 from __future__ import annotations
@@ -336,9 +338,80 @@ def chat_section() -> str:
         parts.append(chat_title(d) + f"\n\n(`benchmarks/results/chat/{p.name}`)\n")
         parts.append(chat_table(d))
         parts.append("")
-    if chat_plot(RES / "chat_loop_vs_distortion.png", files):
-        parts.append("![strict-label loop rate against distortion, one point per method](results/chat_loop_vs_distortion.png)\n")
+    chat_plot(RES / "chat_loop_vs_distortion.png", files)  # shown at the top of the page, beside the targets
     return "\n".join(parts)
+
+
+TARGETS = {"cut": 0.9, "judge": 1.2, "time": 1.3}  # the held-out targets: loop cut >=, judge ratio <=, time ratio <=
+
+
+def verdict(value: float | None, target: float, at_least: bool) -> str:
+    if value is None:
+        return ""
+    return " met" if (value >= target if at_least else value <= target) else " **missed**"
+
+
+def paired_timing(model: str, tokens: int, sampling: str) -> dict | None:
+    """The latest paired timing (``benchmarks.evidence.timing``) of a setting's loop-prone rows, or None."""
+    found = []
+    for p in sorted((RES / "timing").glob("*.json")):
+        d = json.loads(p.read_text())
+        if (d["model"], d["max_new_tokens"], d["sampling"], d["rows"]) == (model, tokens, sampling, "loop"):
+            found.append((d.get("started", ""), p.name, d))
+    return max(found, key=lambda f: f[:2])[2] | {"file": max(found, key=lambda f: f[:2])[1]} if found else None
+
+
+def _setting_key(data: dict) -> tuple:
+    return (MODELS.index(data["model"]) if data["model"] in MODELS else len(MODELS), data["max_new_tokens"],
+            data["sampling"] != "greedy")
+
+
+def targets_table(method: str = "rollback") -> str:
+    """One row per held-out setting of ``benchmarks.evidence.chat``: the issue's four targets for ``method``,
+    each read from the stored runs (every row decoded by every method) and marked met or missed. Loop cut on
+    the strict label; identity over the outputs the method never touched; judge perplexity of the method's
+    outputs on the rows that loop unguarded over that of the unguarded outputs that never looped; time from
+    the latest paired timing of the loop-prone rows (``benchmarks/results/timing``), else the unpaired ratio
+    of the two whole runs (marked). The strongest of today's remedies on the strict label is shown beside it."""
+    datas = sorted((d for d in (json.loads(p.read_text()) for p in chat_files())
+                    if d["half"] == "heldout" and method in d["methods"]), key=_setting_key)
+    if not datas:
+        return ""
+    lines = [f"| model | new tokens | decoding | loops, no guard (strict) | loops, {method} | loop cut (target >= 90%) "
+             "| cut on the independent label | distortion | identity | judge ppl ratio (target <= 1.2) "
+             "| time ratio (target <= 1.3) | lowest strict rate of today's remedies (its distortion) |",
+             "|" + "---|" * 12]
+    for d in datas:
+        ms, summ = d["methods"], chat_summaries(d)
+        s, s0, n = summ[method], summ["none"], len(d["prompts"])
+        cut = s["strict_cut"]
+        _, ind_cut = independent_label(d, method)
+        judge = d.get("judge", {})
+        if judge.get(method) is not None and judge.get("calm"):
+            ratio = judge[method] / judge["calm"]
+            jcell = f"{ratio:.2f}{verdict(ratio, TARGETS['judge'], False)}"
+        elif judge and not judge.get("calm"):
+            jcell = "n/a: no unguarded output is loop-free"
+        else:
+            jcell = "not measured" + (": no unguarded output is loop-free" if s0["strict"] == 1 else "")
+        t = paired_timing(d["model"], d["max_new_tokens"], d["sampling"])
+        if t is not None and t["ratio"].get(method) is not None:
+            tcell = f"{t['ratio'][method]:.2f}{verdict(t['ratio'][method], TARGETS['time'], False)} (paired)"
+        elif s["time_ratio"] is not None:
+            tcell = f"{s['time_ratio']:.2f}{verdict(s['time_ratio'], TARGETS['time'], False)} (unpaired, whole runs)"
+        else:
+            tcell = "n/a"
+        base = [b for b in ms if is_baseline(b) and b != "none" and not b.startswith("rollback")]
+        best = min(base, key=lambda b: (summ[b]["strict"], summ[b]["distortion"] or 0, b)) if base else None
+        bcell = "" if best is None else f"`{best}`: {pct(summ[best]['strict'])} ({pct(summ[best]['distortion'])})"
+        lines.append(
+            f"| {d['model']} | {d['max_new_tokens']} | {d['sampling']} | {pct(s0['strict'])} "
+            f"({round(s0['strict'] * n)}/{n}) | {pct(s['strict'])} ({round(s['strict'] * n)}/{n}) | "
+            f"{pct(cut)}{verdict(cut, TARGETS['cut'], True)} | {pct(ind_cut)} | "
+            f"{'n/a: no output is loop-free unguarded' if s['distortion'] is None else pct(s['distortion'])} | "
+            f"{'n/a: every row rolled back' if s['identity'] is None else pct(s['identity'])} | {jcell} | {tcell} | "
+            f"{bcell} |")
+    return "\n".join(lines)
 
 
 def timing_table() -> str:
@@ -402,6 +475,7 @@ def main() -> None:
             parts += [f"| {r['method']} | {r['rows']} | {r['ppl']:.1f} |" for r in d["rows"]]
             parts.append("")
     tables = "\n".join(parts)
+    targets = targets_table()
     (RES / "tables.md").write_text(tables)
     plot(RES / "loop_vs_distortion.png")
     notes = RES / "notes.md"
@@ -409,8 +483,22 @@ def main() -> None:
         from .length import table as length_table
 
         text = notes.read_text().replace("{{chat_tables}}", chat_section()).replace("{{length_table}}", length_table())
-        text = text.replace("{{timing_table}}", timing_table())
+        text = text.replace("{{timing_table}}", timing_table()).replace("{{targets_table}}", targets)
         (ROOT / "RESULTS.md").write_text(text.replace("{{tables}}", tables))
+    readme = ROOT.parent / "README.md"
+    if readme.exists():
+        readme.write_text(with_section(readme.read_text(), README_MARKS, targets))
+
+
+README_MARKS = ("<!-- targets: made by benchmarks.evidence.report -->", "<!-- end of targets -->")
+
+
+def with_section(text: str, marks: tuple[str, str], body: str) -> str:
+    """``text`` with what lies between the two marker lines replaced by ``body`` (unchanged without them)."""
+    start, end = text.find(marks[0]), text.find(marks[1])
+    if start < 0 or end < start:
+        return text
+    return text[: start + len(marks[0])] + "\n" + body + "\n" + text[end:]
 
 
 if __name__ == "__main__":
