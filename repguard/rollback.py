@@ -33,6 +33,7 @@ Framework adapters only run the passes. Nothing here imports a framework.
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,9 +47,11 @@ from .repair import BAN, RepeatPenalty
 
 
 class RollbackConfig(BaseModel):
-    """How rollback runs. ``holdback`` None: half the watch window plus the n-gram (210 by default), enough to
-    take back any loop the watch window confirms: its second copy starts at most (window + n-gram) / 2 tokens
-    before the token that confirms it (with ``paper_spacing="first"``, the whole window plus the n-gram).
+    """How rollback runs. ``holdback`` None: enough to take back any loop a pass's triggers fire on (210 by
+    default: half the watch window plus the n-gram). A loop the watch window confirms has its second copy start
+    at most (window + n-gram) / 2 tokens before the token that confirms it (with ``paper_spacing="first"``, the
+    whole window plus the n-gram); the suffix trigger's onset lies at most (min_copies - 1) x its longest period
+    back (the re-decodes': ``redecode_max_period``).
 
     The defaults were chosen on the tuning half of ``benchmarks.evidence.chat`` (benchmarks/results/notes.md)."""
 
@@ -97,15 +100,32 @@ class RollbackConfig(BaseModel):
         return self.model_dump(mode="json")
 
 
+def _onset_reach(cfg: GuardConfig) -> int:
+    """How far back from the token that fires it a trigger of ``cfg`` can put a loop's onset: the hold-back that
+    lets any loop it fires on be taken back. The paper's criterion, three copies in a row within the window: the
+    second starts at most (window + n) / 2 tokens back (the paper's first-three rule: almost a whole window). The
+    suffix trigger fires once the text ends in ``min_copies`` copies of a period up to ``max_period`` (and
+    ``min_repeat`` repeated tokens): its onset lies at most that repeat back."""
+    reach = 0
+    if cfg.paper_trigger:
+        reach = cfg.window // 2 + cfg.ngram if cfg.paper_spacing == "consecutive" else cfg.window + cfg.ngram
+    if cfg.suffix_trigger:
+        reach = max(reach, cfg.min_repeat, math.ceil((cfg.min_copies - 1) * cfg.max_period) + 1)
+    return reach
+
+
 class RollbackPolicy:
     """The rollback decisions for one guard configuration (shared by every sequence that uses it)."""
 
     def __init__(self, config: GuardConfig | dict | None = None, settings: RollbackConfig | dict | None = None,
-                 *, repairs: bool | None = None, **overrides: Any) -> None:
+                 *, repairs: bool | None = None, single_pass: bool | None = None, **overrides: Any) -> None:
         self.config = config if isinstance(config, GuardConfig) else GuardConfig.from_dict(config)
         # Whether loops are repaired at all: not for a config that only watches (the monitor). ``repairs``: the
         # decision of the config this policy was derived from (``token_level`` drops the neuron step, not it).
         self.repairs = self.config.repairs if repairs is None else bool(repairs)
+        # The paper's method (``always_on``) switches the neurons off from the first token: no pass is left
+        # untouched to roll back to, so it runs as its one pass, as configured.
+        self.single_pass = self.config.always_on if single_pass is None else bool(single_pass)
         base = settings if isinstance(settings, RollbackConfig) else RollbackConfig.from_dict(settings)
         # Overrides are validated with the rest (an unknown or misspelled key is refused, not dropped).
         self.settings = RollbackConfig.from_dict({**base.model_dump(), **overrides}) if overrides else base
@@ -124,8 +144,8 @@ class RollbackPolicy:
                                   f"{cfg.ngram}): {exc}") from None
         # The first pass decides which sequences are touched at all. A config that repairs nothing (the monitor)
         # never rolls back: its one pass watches with its own triggers.
-        self.first = (cfg.replace(suffix_trigger=False, paper_trigger=True) if st.precise_trigger and self.repairs
-                      else cfg)
+        self.first = (cfg.replace(suffix_trigger=False, paper_trigger=True)
+                      if st.precise_trigger and self.repairs and not self.single_pass else cfg)
         redecode = cfg
         if st.redecode_max_period is not None and redecode.suffix_trigger:
             try:
@@ -133,6 +153,9 @@ class RollbackPolicy:
             except ConfigError as exc:
                 raise ConfigError(f"redecode_max_period ({st.redecode_max_period}) does not fit the guard config "
                                   f"(min_repeat {cfg.min_repeat}): {exc}") from None
+        if self.single_pass:  # one pass, as configured (it may have no trigger to watch with at all)
+            self._configs = (self.first,) * 3
+            return
         self._configs = (
             # Watch only; end the pass the moment a loop is confirmed.
             self.first.replace(deactivate=False, escalate=False, stop=True, always_on=False),
@@ -148,13 +171,15 @@ class RollbackPolicy:
         if not (cfg.deactivate or cfg.always_on):
             return self
         if self._token_level is None:
-            self._token_level = RollbackPolicy(cfg.replace(deactivate=False, always_on=False), self.settings,
-                                               repairs=self.repairs)
+            # The paper's method with no trigger leaves nothing to do without the neuron step: the pass is unguarded.
+            off = {} if cfg.paper_trigger or cfg.suffix_trigger else {"enabled": False}
+            self._token_level = RollbackPolicy(cfg.replace(deactivate=False, always_on=False, **off), self.settings,
+                                               repairs=self.repairs, single_pass=self.single_pass)
         return self._token_level
 
     @property
     def max_rollbacks(self) -> int:
-        return self.settings.max_rollbacks if self.settings.enabled and self.repairs else 0
+        return self.settings.max_rollbacks if self.settings.enabled and self.repairs and not self.single_pass else 0
 
     @property
     def holdback(self) -> int:
@@ -163,11 +188,7 @@ class RollbackPolicy:
         hb = self.settings.holdback
         if hb is not None:
             return hb
-        first = self.first
-        # Three copies in a row within the window: the second starts at most (window + n) / 2 tokens before the
-        # token that confirms them. The paper's first-three rule may confirm a loop whose onset lies almost a
-        # whole window back.
-        return first.window // 2 + first.ngram if first.paper_spacing == "consecutive" else first.window + first.ngram
+        return max(_onset_reach(cfg) for cfg in self._configs)
 
     def pass_config(self, attempt: int) -> GuardConfig:
         """Settings of pass ``attempt`` (0 = the first)."""

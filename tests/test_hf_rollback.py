@@ -178,3 +178,24 @@ def test_min_new_tokens_counts_the_whole_text_and_yields_to_the_guards_stop(samp
     assert any(free.rollbacks)
     assert held.sequences == free.sequences  # every row is longer than 5 tokens anyway
     assert [r.finish_reason for r in held.reports] == [r.finish_reason for r in free.reports]
+
+
+def test_the_paper_preset_under_rollback_is_the_papers_single_pass():
+    """The paper's method switches the neurons off from the first token, so no pass is left untouched to roll back
+    to: rollback runs it as its one pass (the same tokens and report as the guard without rollback), not a first
+    pass with the neurons on."""
+    from repguard.config import GuardConfig
+    from repguard.hf.guard import guard
+
+    model = tiny_model()
+    ids, mask = padded_batch([5, 9])
+    nmap = random_map(model, num_selected=64, num_stored=64)
+    cfg = GuardConfig.from_preset("paper")
+    out = generate_with_rollback(model, ids, mask, neuron_map=nmap, config=cfg, max_new_tokens=24, do_sample=False)
+    with guard(model, nmap, cfg) as g:
+        plain = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False)
+    for row, rep in enumerate(out.reports):
+        assert out.sequences[row] == plain[row, ids.shape[1]:].tolist()
+        assert rep.tokens_under_intervention == rep.tokens_observed == 24
+        assert [(a.position, a.reason) for a in rep.actions][:1] == [(0, "always_on")] and out.rollbacks[row] == 0
+    assert [r.tokens_under_intervention for r in g.reports] == [24, 24]

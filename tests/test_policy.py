@@ -112,3 +112,19 @@ def test_report_serialises():
     d = g.report.to_dict()
     assert d["fired"] and d["first_detection"] == 58 and d["finish_reason"] == "repetition"
     assert d["tokens_under_intervention"] > 0
+
+
+def test_the_paper_preset_is_one_pass_that_never_rolls_back_on_any_engine():
+    """No pass of the paper's method is untouched (the neurons are off from the first token), so a rollback policy
+    of it runs one pass with the preset as configured, holds nothing back, and its token-level form (an engine
+    without the neuron step) does not start rolling back either."""
+    from repguard.rollback import RollbackPolicy
+
+    policy = RollbackPolicy(GuardConfig.from_preset("paper"))
+    assert policy.max_rollbacks == 0 and policy.holdback == 0
+    first, paper = policy.pass_config(0), GuardConfig.from_preset("paper")
+    assert (first.always_on, first.deactivate, first.escalate, first.stop) == (True, True, False, False)
+    assert first == paper.replace(window=policy.settings.watch_window), "as configured, watched over rollback's window"
+    token = policy.token_level()
+    assert token.max_rollbacks == 0 and not token.pass_config(0).always_on
+    assert RollbackPolicy(GuardConfig()).max_rollbacks == 2, "the default still rolls back"

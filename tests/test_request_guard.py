@@ -653,7 +653,10 @@ def test_the_default_holdback_covers_any_loop_the_first_three_rule_confirms():
 
     policy = RollbackPolicy(GuardConfig(paper_spacing="first", escalate=False), max_rollbacks=1)
     assert policy.holdback == 410
-    assert RollbackPolicy(GuardConfig(paper_spacing="first"), watch_window=100).holdback == 110
+    # a 100-token window: 110 for the paper criterion, but the re-decodes' suffix trigger (periods up to 256, 1.5
+    # copies) can put an onset 128 tokens back, and the hold-back covers it
+    assert RollbackPolicy(GuardConfig(paper_spacing="first"), watch_window=100).holdback == 129
+    assert RollbackPolicy(GuardConfig(paper_spacing="first"), watch_window=100, redecode_max_period=64).holdback == 110
     guard = RequestGuard(policy, max_new_tokens=len(tokens) + 20)
     sub = guard.next_submission()
     for token in tokens:  # streamed: what is older than the hold-back is handed out as it comes
@@ -755,3 +758,45 @@ def test_a_finished_sequence_releases_no_more_than_its_budget():
     off the final output: released text that the output does not hold."""
     state = RollbackPolicy(max_rollbacks=1).start(max_new_tokens=5)
     assert state.releasable(list(range(10, 17)), finished=True) == [10, 11, 12, 13, 14]
+
+
+def test_the_default_hold_back_covers_every_trigger_a_pass_watches_with():
+    """With the suffix trigger in the first pass (``precise_trigger=False``) and long periods, a streamed request
+    takes a loop back however the engine chunks its tokens: the hold-back covers the suffix trigger's reach too (it
+    covered the paper criterion's only: a loop of period 500, seen 250 tokens after its onset, was released at one
+    token per step and ended the request with "repetition", and rolled back in chunks of 300)."""
+    import random
+
+    rnd = random.Random(0)
+    head = [rnd.randrange(1000, 2000) for _ in range(50)]
+    block = [rnd.randrange(2000, 3000) for _ in range(500)]
+    stream = head + block * 2
+    policy = RollbackPolicy(GuardConfig(max_period=600), precise_trigger=False)
+    assert policy.holdback >= 250
+    assert RollbackPolicy(GuardConfig()).holdback == 210, "the defaults' hold-back is unchanged"
+    outcomes = []
+    for streamed, chunk in ((False, 1), (True, 1), (True, 300)):
+        g = RequestGuard(policy, max_new_tokens=2000)
+        sub = g.next_submission()
+        for i in range(0, len(stream), chunk):
+            cancel = g.feed(sub, stream[i:i + chunk])
+            if streamed and not g.done:
+                g.take_released()
+            if cancel:
+                break
+        outcomes.append((g.rollbacks, g.finish_reason, g.report.detections[0].onset))
+    assert outcomes == [(1, None, 550)] * 3
+
+
+def test_the_papers_method_without_a_trigger_runs_on_any_engine():
+    """The paper preset with both triggers off is a valid config (the neurons are simply off throughout): a
+    request-level guard of it runs one pass with the neuron step where the engine has it, and passes the tokens
+    through unguarded where it has not (its rollback policy could not be made, on every path)."""
+    cfg = GuardConfig.from_preset("paper", paper_trigger=False, suffix_trigger=False)
+    tokens = [5, 6, 7] * 20
+    for neuron_step in (True, False):
+        g = RequestGuard(RollbackPolicy(cfg), max_new_tokens=len(tokens), neuron_step=neuron_step)
+        sub = g.next_submission()
+        assert sub.neurons_off is neuron_step and g.policy.max_rollbacks == 0
+        g.feed_output(sub, tokens, finish_reason="length")
+        assert g.next_submission() is None and g.tokens == tokens and not g.broken and g.finish_reason == "length"
