@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 from .errors import NeuronMapError
 from .neuron_map import META_KEY, NeuronMap
@@ -24,13 +25,15 @@ def map_dirs() -> list[Path]:
     return extra + shipped
 
 
-def find_map(name_or_path: str, shape_key: str | None = None) -> NeuronMap:
+def find_map(name_or_path: str, shape_key: str | None = None,
+             fits: Callable[[NeuronMap], bool] | None = None) -> NeuronMap:
     """Load a map from a file path, or the map named ``<name>.safetensors`` in the map folders.
 
     With ``shape_key`` (a model's shape fingerprint), a model without a map of its own name (a ``.gguf``
-    file, a renamed folder) gets the first map in the map folders calibrated on a model of that shape;
-    the weight half of the fingerprint is checked when the model loads, so another checkpoint of the same
-    shape is still refused there."""
+    file, a renamed folder) gets a map in the map folders calibrated on a model of that shape: the first
+    for which ``fits`` (the model's weights, where they are loaded already: ``NeuronMap.fits_weights``) holds,
+    else the first; the weight half of the fingerprint is checked when the model loads, so another checkpoint
+    of the same shape is still refused there."""
     path = Path(name_or_path)
     if path.suffix == ".safetensors" or path.is_file():
         return NeuronMap.load(path)
@@ -39,10 +42,16 @@ def find_map(name_or_path: str, shape_key: str | None = None) -> NeuronMap:
         if candidate.is_file():
             return NeuronMap.load(candidate)
     if shape_key is not None:
+        first = None
         for folder in map_dirs():
             for candidate in sorted(folder.glob("*.safetensors")):
                 if _shape_key_of(candidate) == shape_key:
-                    return NeuronMap.load(candidate)
+                    nmap = NeuronMap.load(candidate)
+                    if fits is None or fits(nmap):
+                        return nmap
+                    first = first or nmap
+        if first is not None:
+            return first
     found = "a folder (a map is a file: NAME.safetensors)" if path.is_dir() else "no such file"
     raise NeuronMapError(
         f"no neuron map for '{name_or_path}': {found}, and no map of that name in "

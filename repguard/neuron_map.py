@@ -74,6 +74,7 @@ class MapMetadata(BaseModel):
     created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # float8: no isfinite, no compare
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)
 _STATS = ("mean_before", "std_before", "mean_after", "std_after")
 _KNOWN_EXTRA = ("random_layer", "random_neuron", "score_matrix", "fingerprint_weights")
@@ -121,8 +122,9 @@ def _check_tensors(tensors: dict[str, torch.Tensor], meta: MapMetadata, where: s
         t = tensors.get(name)
         if t is None:
             continue
-        if not t.dtype.is_floating_point:
-            raise CorruptMapError(f"{where}: tensor '{name}' must hold floats, not {t.dtype}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise CorruptMapError(f"{where}: tensor '{name}' must hold floats (float16, bfloat16, float32 or "
+                                  f"float64), not {t.dtype}")
         if not bool(torch.isfinite(t).all()):
             raise CorruptMapError(f"{where}: tensor '{name}' contains NaN or infinite values")
     for name in ("std_before", "std_after"):
@@ -417,18 +419,36 @@ def _read(path: Path, where: str) -> NeuronMap:
     return NeuronMap.from_tensors(tensors, raw_meta, where=where)
 
 
-def is_map_file(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a safetensors file with repguard's metadata (an earlier map, loadable or not): only
-    such a file is replaced by ``repguard calibrate --out``. Reads the header alone."""
+def _header(path: str | os.PathLike) -> dict | None:
+    """The JSON header of a safetensors file (None: not one, or unreadable)."""
     try:
         with Path(path).open("rb") as f:
             size = int.from_bytes(f.read(8), "little")
             if not 2 <= size <= 100_000_000:
-                return False
+                return None
             header = json.loads(f.read(size))
-    except (OSError, ValueError):
-        return False
-    return isinstance(header, dict) and META_KEY in (header.get("__metadata__") or {})
+    except (OSError, ValueError, RecursionError):
+        return None
+    return header if isinstance(header, dict) else None
+
+
+def is_map_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a safetensors file with repguard's metadata (an earlier map, loadable or not): only
+    such a file is replaced by ``repguard calibrate --out``. Reads the header alone."""
+    header = _header(path)
+    return header is not None and META_KEY in (header.get("__metadata__") or {})
+
+
+def header_metadata(path: str | os.PathLike) -> dict | None:
+    """A map file's metadata as recorded, read from its header alone and not validated (None: none readable): what
+    a map this repguard cannot load (another format version, damaged tensors) still says of its model."""
+    header = _header(path)
+    raw = (header or {}).get("__metadata__") or {}
+    try:
+        meta = json.loads(raw.get(META_KEY, "null")) if isinstance(raw, dict) else None
+    except (TypeError, ValueError, RecursionError):
+        return None
+    return meta if isinstance(meta, dict) else None
 
 
 def _umask() -> int:

@@ -343,6 +343,48 @@ def test_out_never_overwrites_a_file_that_is_not_a_map(tmp_path, capsys):
     assert map_path.read_bytes() == before
 
 
+def _edit_metadata(path: Path, **changes) -> bytes:
+    """Rewrite a map's recorded metadata (as another repguard version would have written it)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from repguard.neuron_map import META_KEY
+
+    with safe_open(str(path), framework="pt") as f:
+        raw = dict(f.metadata())
+    meta = json.loads(raw[META_KEY])
+    meta.update(changes)
+    raw[META_KEY] = json.dumps(meta)
+    save_file(load_file(str(path)), str(path), metadata=raw)
+    return path.read_bytes()
+
+
+def test_out_judges_a_map_it_cannot_load_by_what_its_header_records(tmp_path, capsys):
+    """A map this repguard cannot load (a newer format version, a metadata field it does not know) is still
+    another model's map, or a newer repguard's, and is never replaced; a damaged map of this model is, and the
+    run says so."""
+    folder = tiny_folder(tmp_path / "model")
+    map_path = tmp_path / "m.safetensors"
+    _good_map(map_path)  # another model's
+    for changes in ({"format_version": 2}, {"added_by_a_newer_version": 1}):
+        old = _edit_metadata(map_path, **changes)
+        with pytest.raises(RepGuardError):
+            NeuronMap.load(map_path)
+        rc, _, err = _calibrate(capsys, "--model", folder, "--out", map_path, *SMALL, "--no-report")
+        assert rc == 2 and "another model than" in err and "'previous'" in err, err
+        assert map_path.read_bytes() == old
+    _good_map(map_path, of=folder)  # this model's, written by a newer repguard
+    old = _edit_metadata(map_path, format_version=2)
+    rc, _, err = _calibrate(capsys, "--model", folder, "--out", map_path, *SMALL, "--no-report")
+    assert rc == 2 and "format version 2" in err and "refusing to replace it" in err, err
+    assert map_path.read_bytes() == old
+    _good_map(map_path, of=folder)  # this model's, damaged
+    _edit_metadata(map_path, num_selected=-1)
+    rc, _, err = _calibrate(capsys, "--model", folder, "--out", map_path, *SMALL, "--no-report")
+    assert rc == 0 and "replacing the damaged map" in err, err
+    assert NeuronMap.load(map_path).meta.num_selected == 4
+
+
 def test_report_files_are_checked_before_the_run_and_a_users_file_is_never_replaced(tmp_path, capsys):
     from repguard.hf.calibration_report import is_report_file
 
@@ -371,6 +413,7 @@ def test_report_files_are_checked_before_the_run_and_a_users_file_is_never_repla
 @pytest.mark.parametrize("flags, message", [
     (["--store", "abc"], "--store must be a count"), (["--store", "nan"], "--store must be a count"),
     (["--num-texts", "1"], "--num-texts must be >= 2"),
+    (["--num-texts", "8", "--max-generated", "4"], "--max-generated must be >= --num-texts (8), got 4"),
 ])
 def test_bad_flags_are_named(tmp_path, capsys, flags, message):
     rc, _, err = _calibrate(capsys, "--model", tmp_path / "absent", "--out", tmp_path / "m.safetensors", *flags)

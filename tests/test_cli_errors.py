@@ -184,6 +184,29 @@ def test_generate_with_the_monitor_preset_changes_no_output(capsys, tiny):
     assert row["report"]["detections"], "the text loops, and the monitor reports it"
 
 
+def test_generate_with_the_paper_preset_runs_the_papers_method_with_or_without_rollback(capsys, tiny):
+    """``--preset paper`` switches the neurons off from the first token, as the paper does: rollback (on by
+    default) runs it as its one pass, the same text and report as ``--no-rollback`` (it ran an untouched first pass,
+    then rolled back)."""
+    folder, nmap = tiny
+    rows = []
+    for extra in ([], ["--no-rollback"]):
+        rc = main(["generate", "--model", str(folder), "--map", str(nmap), "--prompt", "Once upon a time",
+                   "--max-new-tokens", "40", "--preset", "paper", "--json", "--threads", "1", *extra])
+        assert rc == 0
+        rows.append(json.loads(capsys.readouterr().out.splitlines()[0]))
+    assert rows[0]["guarded"] == rows[1]["guarded"]
+    for row in rows:  # the neurons off from the first token, and nothing rolled back
+        assert [(a["position"], a["level"], a["reason"]) for a in row["report"]["actions"]] == \
+            [(0, "deactivate", "always_on")]
+        assert row["report"]["tokens_under_intervention"] == 40
+
+
+def test_models_convert_of_a_local_folder_says_it_needs_no_conversion(capsys, tiny):
+    folder, _ = tiny
+    _fails(capsys, ["models", "convert", str(folder)], "a local Hugging Face folder needs no conversion")
+
+
 @pytest.mark.parametrize("cache", ["inside-a-file", "/proc/repguard-cache"])
 def test_a_cache_location_that_cannot_be_written_is_a_clear_error(capsys, tmp_path, monkeypatch, cache):
     if cache == "inside-a-file":

@@ -96,8 +96,8 @@ META_FIELDS = ["format_version", "model_name", "architecture", "num_layers", "in
                "calibration", "repguard_version", "created", "unknown_field"]
 TENSOR_NAMES = ["layer", "neuron", "score", "mean_before", "std_before", "mean_after", "std_after",
                 "random_layer", "random_neuron", "score_matrix", "fingerprint_weights", "payload"]
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.uint8, torch.int16,
-          torch.int32, torch.int64, torch.bool]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2,
+          torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool]
 SPECIAL = [float("nan"), float("inf"), -float("inf"), -1.0, 0.0, 1e30, 999.0, 3.0, -999.0]
 
 tensor_edits = st.lists(

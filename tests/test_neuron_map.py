@@ -297,6 +297,8 @@ BAD_MAPS = [
     ("score_int", _set("score", lambda t: (t["score"] * 10).to(torch.int32)), "'score' must hold floats"),
     ("score_bool", _set("score", lambda t: t["score"] > 0), "'score' must hold floats"),
     ("mean_before_int", _set("mean_before", lambda t: t["mean_before"].to(torch.int64)), "'mean_before' must hold floats"),
+    ("score_float8", _set("score", lambda t: t["score"].to(torch.float8_e4m3fn)), "'score' must hold floats"),
+    ("std_before_float8", _set("std_before", lambda t: t["std_before"].to(torch.float8_e5m2)), "'std_before' must hold"),
     ("score_nan", _edit("score", 0, float("nan")), "'score' contains NaN"),
     ("score_inf", _edit("score", 1, float("inf")), "'score' contains NaN or infinite"),
     ("mean_before_nan", _edit("mean_before", 0, float("nan")), "'mean_before' contains NaN"),
@@ -367,3 +369,36 @@ def test_shipped_maps_pass_every_check():
     assert {p.stem for p in files} >= {"smollm2-135m", "gemma3-270m"}
     for path in files:
         assert len(NeuronMap.load(path).selected()) > 0, path
+
+
+def test_a_model_found_by_shape_gets_the_map_of_its_own_weights_among_maps_of_that_shape(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """Two fine-tunes of one shape, a map for each in the map path, the model in a renamed folder: the lookup by
+    shape picks the map its weights fit (it took the first in name order, which the weight check then refused)."""
+    from conftest import tiny_folder
+    from repguard.cli import main
+    from repguard.hf.introspect import fingerprint
+    from repguard.hf.models import load_model
+    from repguard.maps import find_map
+    from serve_support import make_random_map
+
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    a = tiny_folder(tmp_path / "checkpoint-a", seed=0)
+    b = tiny_folder(tmp_path / "checkpoint-b", seed=0, edit=lambda m: m.model.norm.weight.mul_(3))
+    for folder in (a, b):
+        model, _, name = load_model(str(folder))
+        make_random_map(model, name, maps / f"{name}-map.safetensors")
+    monkeypatch.setenv("REPGUARD_MAP_PATH", str(maps))
+    renamed = b.rename(tmp_path / "run2-final")
+    model, _, _ = load_model(str(renamed))
+    fp = fingerprint(model)
+    assert find_map("run2-final", shape_key=fp.config).meta.model_name == "checkpoint-a", "name order, no weights"
+    assert find_map("run2-final", shape_key=fp.config, fits=lambda m: m.fits_weights(fp)).meta.model_name == \
+        "checkpoint-b"
+    capsys.readouterr()
+    rc = main(["generate", "--model", str(renamed), "--prompt", "t5 t6", "--max-new-tokens", "3", "--no-rollback",
+               "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert json.loads(out.splitlines()[-1])["report"] is not None

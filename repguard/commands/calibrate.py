@@ -66,6 +66,8 @@ def run(args) -> int:
     device = checks.device("--device", args.device)
     checks.at_least("--num-texts", args.num_texts, 2)  # split-half stability needs two halves
     checks.at_least("--max-generated", args.max_generated, 1)
+    if args.max_generated is not None and args.max_generated < args.num_texts:
+        raise ConfigError(f"--max-generated must be >= --num-texts ({args.num_texts}), got {args.max_generated}")
     checks.at_least("--batch-size", args.batch_size, 1)
     checks.at_least("--heldout", args.heldout, 0)
     checks.at_least("--threads", args.threads, 1)
@@ -160,20 +162,33 @@ def run(args) -> int:
 def _check_replaced_map(out: Path, info):
     """``--out`` may replace an earlier map of this model (a new calibration), never the map of another: one of
     another shape is refused now; the map of this shape is returned, for its weights to be compared with the
-    model's once it is loaded (None: no map there, or a damaged one, with nothing in it to keep)."""
+    model's once it is loaded (None: no map there, or a damaged one of this model, said on stderr). A map this
+    repguard cannot load is judged by what its header records: another model's, or one of another format
+    version (a newer repguard's), is refused too."""
     from ..errors import ConfigError, RepGuardError
-    from ..neuron_map import NeuronMap
+    from ..neuron_map import FORMAT_VERSION, NeuronMap, header_metadata
 
     if not out.is_file():
         return None
+    refuse = "refusing to replace it: pass another --out PATH, or move the file away"
     try:
         nmap = NeuronMap.load(out)
-    except RepGuardError:
+    except RepGuardError as exc:
+        meta = header_metadata(out) or {}
+        name, key = meta.get("model_name"), meta.get("fingerprint")
+        if (key is not None and info.shape_key is not None and key != info.shape_key) or (
+                name is not None and (key is None or info.shape_key is None) and name != info.name):
+            raise ConfigError(f"--out {out}: holds a neuron map of '{name}', another model than '{info.name}', "
+                              f"which this repguard cannot read ({exc}); {refuse}") from None
+        if "format_version" in meta and meta["format_version"] != FORMAT_VERSION:
+            raise ConfigError(f"--out {out}: holds a neuron map of format version {meta['format_version']!r}, which "
+                              f"this repguard (format version {FORMAT_VERSION}) cannot read; {refuse}") from None
+        print(f"replacing the damaged map at {out} once the new one is written ({exc})", file=sys.stderr)
         return None
     meta = nmap.meta
     other = meta.fingerprint != info.shape_key if info.shape_key is not None else meta.model_name != info.name
     if other:
         raise ConfigError(f"--out {out}: holds the neuron map of '{meta.model_name}' ({meta.architecture}, "
                           f"{meta.num_layers} layers x {meta.intermediate_size} neurons), another model than "
-                          f"'{info.name}'; refusing to replace it: pass another --out PATH, or move the file away")
+                          f"'{info.name}'; {refuse}")
     return nmap

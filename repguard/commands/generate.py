@@ -129,6 +129,13 @@ def run(args) -> int:
     nmap = neuron_map_for("--map", args.map, info)  # before the (slow) model load
     guard_fits("--config/--set", config, nmap)
     model, tok, name = load_model(args.model, dtype=args.dtype, device=device("--device", args.device))
+    if args.map is None and info.shape_key is not None:  # found by shape: the one calibrated on these weights
+        from ..hf.introspect import fingerprint
+        from ..maps import find_map
+
+        fp = fingerprint(model)
+        if not nmap.fits_weights(fp):
+            nmap = find_map(info.name, shape_key=info.shape_key, fits=lambda m: m.fits_weights(fp))
     texts = [_render(tok, p, args.chat) for p in prompts]
     context = int(getattr(model.config, "max_position_embeddings", 0) or 0)
     longest = max(len(tok(t, add_special_tokens=not args.chat)["input_ids"]) for t in texts)

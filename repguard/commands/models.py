@@ -37,7 +37,14 @@ def run_list(args) -> int:
 
 
 def run_convert(args) -> int:
-    from ..hf.models import ensure_converted, ensure_converted_gguf, is_gguf
+    from pathlib import Path
 
+    from ..errors import ConfigError
+    from ..hf.models import EMBEDDED, ensure_converted, ensure_converted_gguf, is_gguf
+
+    if not is_gguf(args.name) and args.name not in EMBEDDED and Path(args.name).is_dir():
+        raise ConfigError(f"models convert {args.name}: a local Hugging Face folder needs no conversion; pass it "
+                          "as --model wherever a model is asked for (convert takes an embedded model's name or a "
+                          ".gguf file)")
     print(ensure_converted_gguf(args.name) if is_gguf(args.name) else ensure_converted(args.name))
     return 0

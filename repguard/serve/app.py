@@ -46,7 +46,8 @@ def build_engine(settings: ServeSettings) -> Engine:
     if neuron_map is None:  # a .gguf file or a renamed folder: the shipped map of a model of its shape
         from ..hf.introspect import fingerprint
 
-        neuron_map = find_map(name, shape_key=fingerprint(model).config)
+        fp = fingerprint(model)
+        neuron_map = find_map(name, shape_key=fp.config, fits=lambda m: m.fits_weights(fp))
     guard = Guard(model, neuron_map, settings.guard_config(), model_name=served)
     guard.install()
     return Engine(
