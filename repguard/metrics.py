@@ -149,10 +149,10 @@ def record_rollback(model: str, rollbacks: int, discarded_tokens: int) -> None:
 
 
 @never_raises
-def record_error(model: str, where: str) -> None:
-    """Count one fault of the guard at ``where`` (``ERROR_SITES``, "unavailable", "repair"); the guard went on
-    unguarded there."""
-    ERRORS.labels(model, where).inc()
+def record_error(model: str, where: str, count: int = 1) -> None:
+    """Count ``count`` faults of the guard at ``where`` (``ERROR_SITES``; "unavailable": one per request that asked
+    for the neuron step where it cannot run; "repair"); the guard went on unguarded there."""
+    ERRORS.labels(model, where).inc(count)
 
 
 @never_raises

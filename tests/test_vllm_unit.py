@@ -272,6 +272,12 @@ def test_a_neuron_request_on_an_engine_without_the_plugin_is_logged_and_counted(
         proc.update_state(BatchUpdate(batch_size=1, removed=[], moved=[], added=[(0, SamplingParams(extra_args=no),
                                                                                   [1, 2], [])]))
     assert metrics.ERRORS.labels(label, "unavailable")._value.get() == before + 2
+    # five requests admitted in one step, one of them asking for no guard: four more run without it
+    asks = [{"repguard": True}] * 2 + [{"repguard": False}] + [{"repguard": True}] * 2
+    proc.update_state(BatchUpdate(batch_size=5, removed=[], moved=[],
+                                  added=[(i, SamplingParams(extra_args=a), [1, 2], []) for i, a in enumerate(asks)]))
+    assert metrics.ERRORS.labels(label, "unavailable")._value.get() == before + 6
+    assert len([r for r in caplog.records if "asked for the neuron step" in r.getMessage()]) == 1
 
 
 # -- the request-level guard's repair, applied in the engine ---------------------------------------------

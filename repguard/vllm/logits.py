@@ -188,16 +188,17 @@ class RepGuardLogitsProcessor(compat.LogitsProcessor):
         # Not active: the repguard_neurons plugin is not loaded in this engine (VLLM_PLUGINS leaves it out).
         guard = self._guard() if self.active else None
         if guard is None:
-            if batch_update is not None and not self._warned and self._wants_guard(batch_update):
+            wanting = self._wants_guard(batch_update) if batch_update is not None else 0
+            if wanting and not self._warned:
                 self._warned = True
                 log.warning("repguard: a request asked for the neuron step, but it is not running on this engine (%s); "
                             "such requests run unguarded",
                             "see the plugin's warning at start" if self.active else "the repguard_neurons plugin is "
                             "not loaded: VLLM_PLUGINS leaves it out")
-            if batch_update is not None and self._wants_guard(batch_update):
+            if wanting:  # one count per request admitted without it (a preempted one resumed counts again)
                 from .. import metrics
 
-                metrics.record_error(compat.model_label(self.vllm_config), "unavailable")
+                metrics.record_error(compat.model_label(self.vllm_config), "unavailable", wanting)
             return
         configs: dict[int, GuardConfig] = {}
         if batch_update is not None:
@@ -282,16 +283,16 @@ class RepGuardLogitsProcessor(compat.LogitsProcessor):
             return None
 
     @staticmethod
-    def _wants_guard(batch_update) -> bool:
-        """Does a request just added ask for the neuron step ({"repguard": false} and the "off" preset do not)?"""
+    def _wants_guard(batch_update) -> int:
+        """How many requests just added ask for the neuron step ({"repguard": false} and the "off" preset do not)."""
+        wanting = 0
         for _i, params, _a, _b in batch_update.added:
             try:
                 cfg = request_config(compat.extra_args(params))
             except ConfigError:  # refused at admission
                 continue
-            if cfg is not None and cfg.enabled:
-                return True
-        return False
+            wanting += cfg is not None and cfg.enabled
+        return wanting
 
 
 def _owner(vllm_config, processor) -> bool:
