@@ -516,11 +516,11 @@ class GuardedCall:
         text = await self._decode(decode_ids)
         after = await self._min_chars() if final else 0
         text = end_text(text, rg.finish_reason, self.last_stop, self.include_stop, final, self.stops, after)
-        # The upstream's split holds up to the last of its events within the kept tokens (an event may carry
-        # several tokens): the reasoning there went out as reasoning, the content there is the upstream's, and
-        # only the tokens after it are decoded into content (not the reasoning text again).
-        k = next(n for n, _ in reversed(self.pieces) if n <= min(len(ids), self.kept0 or 0)) if self.chat else 0
-        if k and self.reasoning_of(k):
+        # The upstream's text holds up to the last of its events within the kept tokens (an event may carry
+        # several tokens): that text went out as the upstream wrote it (special tokens skipped; a reasoning
+        # model's reasoning as reasoning), and only the tokens after it are decoded (into content).
+        k = next(n for n, _ in reversed(self.pieces) if n <= min(len(ids), self.kept0 or 0))
+        if k:
             content = next(t for n, t in reversed(self.pieces) if n <= k)
             if not final and len(ids) <= (self.kept0 or 0):
                 return content  # the upstream's split of the kept tokens after its event k: known at its next
