@@ -78,6 +78,8 @@ def test_rows_ended_by_stopping_criteria_come_back_without_padding():
     ((torch.ones(2, 4).long(),), {"output_scores": True, "overlap": False}, "output_scores"),
     ((torch.ones(2, 4).long(),), {"max_length": 4}, "max_length: 4 leaves no new token"),
     ((torch.ones(2, 4).long(),), {"streamer": object()}, "streamer: a transformers streamer takes one row"),
+    ((torch.ones(2, 4).long(),), {"past_key_values": object()}, "past_key_values: rollback decodes each pass"),
+    ((torch.ones(2, 4).long(),), {"guidance_scale": 1.5}, "guidance_scale: classifier-free guidance"),
 ])
 def test_inputs_it_cannot_run_are_refused_by_name(args, kwargs, named):
     model = tiny_model()
@@ -155,3 +157,33 @@ def test_length_settings_from_several_places_are_resolved_as_generate_resolves_t
     out = generate_with_rollback(model, ids, mask, neuron_map=random_map(model, 32, 64), eos_token_id=None, **extra,
                                  **call)
     assert [len(s) for s in out.sequences] == [want, want]
+
+
+def test_a_tensor_of_eos_ids_and_no_mask_is_read_as_generate_reads_it():
+    """``eos_token_id`` as a tensor of several ids, as generate takes it, with no attention mask (it raised:
+    a tensor's truth value)."""
+    model = tiny_model()
+    ids, _ = padded_batch([4, 6, 5])
+    eos = torch.tensor([EOS, 7])
+    plain = model.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0, eos_token_id=eos)
+    out = generate_with_rollback(model, ids, neuron_map=random_map(model, 32, 64), max_new_tokens=NEW,
+                                 do_sample=False, pad_token_id=0, eos_token_id=eos)
+    for i, row in enumerate(plain[:, ids.shape[1]:].tolist()):
+        if out.rollbacks[i] == 0 and not out.reports[i].fired:
+            end = next((j + 1 for j, t in enumerate(row) if t in (EOS, 7)), len(row))
+            assert out.sequences[i] == row[:end]
+
+
+def test_the_guard_refuses_classifier_free_guidance_before_any_work():
+    """Its second forward at every step would be counted as a decoding step: reports counted twice and a stop
+    held for min_new_tokens let go early (a pad id mid-text)."""
+    from repguard.hf.guard import guard
+
+    model = tiny_model()
+    ids, mask = padded_batch([4, 6])
+    calls = []
+    with guard(model, random_map(model)):
+        model.register_forward_pre_hook(lambda *a: calls.append(1))
+        with pytest.raises(ConfigError, match="guidance_scale"):
+            model.generate(ids, attention_mask=mask, max_new_tokens=5, guidance_scale=1.5)
+    assert not calls

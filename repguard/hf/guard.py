@@ -427,6 +427,9 @@ class Guard:
         if setting("prefill_chunk_size") is not None:
             raise ConfigError("repguard: prefill_chunk_size: a chunked prefill is not supported (the guard takes "
                               "a generation's first forward for its whole prefill)")
+        if (setting("guidance_scale") or 1) > 1:
+            raise ConfigError("repguard: guidance_scale: classifier-free guidance is not supported (its second "
+                              "forward at every step would count as a decoding step of its own)")
         ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
         if kwargs.get("inputs_embeds") is not None:
             raise ConfigError("repguard: generate with inputs_embeds cannot be guarded (the guard reads each row's "

@@ -52,7 +52,7 @@ from ..errors import ConfigError
 from ..policy import SequenceReport
 from ..repair import BAN
 from ..rollback import RollbackConfig, RollbackPolicy
-from ..runtime import force_token, host_to_device
+from ..runtime import force_token, host_to_device, token_id_list
 from .guard import Guard, call_setting, model_lock
 
 log = logging.getLogger("repguard")
@@ -436,6 +436,13 @@ def _check_inputs(model, input_ids, attention_mask, max_new_tokens, generate_kwa
     if (setting("num_return_sequences") or 1) > 1:
         raise ConfigError("num_return_sequences: rollback decodes one sequence per row of input_ids; repeat the "
                           "rows (input_ids.repeat_interleave(n, 0)) and sample for several")
+    if generate_kwargs.get("past_key_values") is not None:
+        raise ConfigError("past_key_values: rollback decodes each pass from its own prompt and cache (a cache the "
+                          "first pass grew would hold its discarded tokens); pass the whole conversation as "
+                          "input_ids")
+    if (setting("guidance_scale") or 1) > 1:
+        raise ConfigError("guidance_scale: classifier-free guidance is not supported (its second forward at every "
+                          "step would count as a decoding step of its own)")
     for key in _OUTPUTS:
         if setting(key):
             raise ConfigError(f"{key}: rollback returns each row's final tokens and report (RollbackOutput), not "
@@ -519,8 +526,7 @@ class _Streamer:
 def _inferred_mask(input_ids: torch.Tensor, pad: int | None, eos) -> torch.Tensor:
     """The attention mask ``generate`` infers when none is given: pad tokens masked where the pad id is in the
     batch and is not an EOS, else every token attended."""
-    eos_ids = eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos]
-    if pad is not None and pad not in eos_ids and bool((input_ids == pad).any()):
+    if pad is not None and int(pad) not in token_id_list(eos) and bool((input_ids == pad).any()):
         return input_ids.ne(pad).long()
     return torch.ones_like(input_ids)
 
