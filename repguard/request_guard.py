@@ -51,6 +51,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Sequence
@@ -595,19 +596,25 @@ class RequestGuard:
         the guard's to absorb (the caller's own request, or that plain rest): the adapter raises it then."""
         if sub.index == 0 or sub.plain or sub is not self._current or self.broken:
             return False
-        self._fail(sub, where="rollback")
+        self._fail(sub, where="rollback", refusal=True)
         if not self.done:
             self._current = None  # never ran: the plain rest goes in its place
         return True
 
-    def _fail(self, sub: Submission | None = None, where: str = "observe") -> None:
+    def _fail(self, sub: Submission | None = None, where: str = "observe", refusal: bool = False) -> None:
         """An exception inside the guard (called in its ``except``): count it, log it, go on unguarded with
-        the tokens the engine produced so far (``sub``: the submission still running, now passed through)."""
+        the tokens the engine produced so far (``sub``: the submission still running, now passed through).
+        ``refusal``: the engine refused a resubmission (a request's own settings can cause it): one line, no
+        traceback."""
         if self.broken:
             return
         self.broken = True
         metrics.record_error(self.model_name, where)
-        log.exception("repguard: the request guard failed; this request continues unguarded")
+        if refusal:
+            log.warning("repguard: a rollback's resubmission was refused (%s); this request continues unguarded",
+                        sys.exc_info()[1])
+        else:
+            log.exception("repguard: the request guard failed; this request continues unguarded")
         try:
             report = self.report
         except Exception:

@@ -687,10 +687,11 @@ def test_a_resubmission_bias_never_exceeds_what_vllms_v2_runner_accepts():
     assert submission_bias(None, short, presence=0.0, frequency=None) is None
 
 
-def test_a_refused_resubmission_fails_open_and_the_rest_carries_nothing_of_the_guard():
+def test_a_refused_resubmission_fails_open_and_the_rest_carries_nothing_of_the_guard(caplog):
     """The engine refuses a resubmission (``RequestGuard.refused``): the request goes on unguarded from the tokens
     kept, with a plain submission (no bias of the guard's, the caller's own kept); the caller's own request, or
-    that plain rest, is not the guard's to absorb."""
+    that plain rest, is not the guard's to absorb. The refusal, which a client's own settings can cause on every
+    request, is logged in one line with the engine's reason, not as a guard failure with a traceback."""
     from repguard.request_guard import add_bias, carried_bias, submission_bias
 
     g = RequestGuard(RollbackPolicy(), max_new_tokens=80)
@@ -700,7 +701,13 @@ def test_a_refused_resubmission_fails_open_and_the_rest_carries_nothing_of_the_g
     assert g.feed(first, [1, 2] + loop * 3)
     ban = g.next_submission()
     assert ban.bias and not ban.plain
-    assert g.refused(ban) is True and g.broken and g.report.errors == 1
+    with caplog.at_level("WARNING", logger="repguard"):
+        try:
+            raise ValueError("logit_bias is not supported")
+        except ValueError:
+            assert g.refused(ban) is True and g.broken and g.report.errors == 1
+    (rec,) = [r for r in caplog.records if r.name.startswith("repguard")]
+    assert rec.levelname == "WARNING" and rec.exc_info is None and "logit_bias is not supported" in rec.getMessage()
     rest = g.next_submission()
     assert rest.plain and rest.bias is None and rest.generated == ban.generated
     assert rest.max_tokens == 80 - len(ban.generated)
