@@ -538,6 +538,25 @@ def test_resubmissions_carry_the_request_and_the_neuron_step(tmp_path):
         assert (cfg["always_on"], cfg["escalate"], cfg["stop"]) == (True, False, False)
 
 
+def test_the_paper_preset_through_the_proxy_asks_the_upstream_for_the_neuron_step_from_the_first_token(tmp_path):
+    """The paper's method is one pass with the neurons off from the first token: the client's request goes to an
+    upstream with repguard's plugin with the neuron step asked for and its KV salted apart, and nothing is
+    resubmitted (it went as the client's body alone, while the report said the neurons were off)."""
+    with fake(tmp_path, "plugin") as (url, _, record), inprocess_proxy(upstream=url) as proxy:
+        client = openai.OpenAI(base_url=proxy + "/v1", api_key="x", timeout=30, max_retries=0)
+        got = client.completions.create(model="fake", prompt="loop", max_tokens=40, temperature=0,
+                                        extra_body={"repguard": {"preset": "paper"}, "vllm_xargs": {"mine": 1}})
+    sent = [json.loads(line) for line in Path(str(record) + ".requests").read_text().splitlines()]
+    sent = [r["body"] for r in sent if r["path"] == "/v1/completions" and r["body"].get("stream")]
+    assert len(sent) == 1 and sent[0]["prompt"] == "loop", "one pass, the client's prompt"
+    xargs = sent[0]["vllm_xargs"]
+    assert xargs["mine"] == 1 and xargs["repguard"] == "true"
+    assert json.loads(xargs["repguard_config"])["always_on"] is True
+    assert sent[0]["cache_salt"], "neurons-off KV is salted apart from unguarded requests"
+    rep = got.choices[0].model_extra["repguard"]
+    assert rep["rollbacks"] == 0 and rep["actions"][0]["reason"] == "always_on"
+
+
 def test_a_resubmission_carries_the_presence_and_frequency_penalties_of_the_kept_tokens(tmp_path):
     """vLLM's presence and frequency penalties count a request's output only, and a resubmission sends the kept
     tokens as prompt: the proxy adds their penalties to each resubmission's logit_bias, on top of the client's
@@ -1139,3 +1158,29 @@ def test_a_rolled_back_reasoning_answer_sends_its_reasoning_once(tmp_path, mode,
     reasoning = "".join(d.get("reasoning") or "" for d in deltas)
     content = "".join(d.get("content") or "" for d in deltas)
     assert (reasoning, content) == (message["reasoning"], message["content"])
+
+
+def test_the_kept_text_of_a_rolled_back_answer_with_stop_strings_loses_no_characters():
+    """vLLM's streamed text holds back a stop string's length of characters at every event: after a rollback, the
+    kept tokens' text is not the upstream's text at its last event (which lacks them) but their whole text."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from repguard.serve.upstream import GuardedCall
+
+    words = {1: "Hello", 2: " world", 3: " again", 4: " there", 5: " friend"}
+
+    async def decode(ids):
+        return "".join(words[i] for i in ids)
+
+    call = object.__new__(GuardedCall)  # the state a call has after submission 0 streamed [1, 2, 3], kept [1, 2]
+    call.rg = SimpleNamespace(submissions=2, finish_reason="length", tokens=[1, 2, 4, 5])
+    call.last_stop, call.include_stop, call.body, call.chat = None, False, {}, False
+    call.reasoning, call.kept0, call._decode = [(0, "")], 2, decode
+    for stops, hold in ((["STOP!"], 4), ([], 0)):
+        call.stops = stops
+        text, call.pieces = "", [(0, "")]
+        for n, t in enumerate([1, 2, 3], 1):
+            text += words[t]
+            call.pieces.append((n, text[: len(text) - hold]))
+        assert asyncio.run(call.text_of([1, 2, 4, 5], True)) == "Hello world there friend", stops

@@ -325,6 +325,11 @@ class GuardedCall:
         if sub.index == 0:
             first = {k: v for k, v in body.items() if k not in ("stream_options", "repguard")}
             first.update(stream=True, return_token_ids=True)
+            if sub.neurons_off:  # the paper's method: the neuron step from the first token, its KV salted apart
+                first["vllm_xargs"] = {**(body.get("vllm_xargs") or {}), "repguard": "true",
+                                       "repguard_config": neurons_off_config(self.rg.policy.config),
+                                       RESUBMISSION_KEY: True}  # this proxy counts the request
+                first["cache_salt"] = submission_salt(body.get("cache_salt"), sub)
             return ("/v1/chat/completions" if self.chat else "/v1/completions"), first
         if self.prompt_ids is None:
             raise APIError(502, "the upstream did not return the prompt's token ids (return_token_ids); "
@@ -520,7 +525,10 @@ class GuardedCall:
         # several tokens): that text went out as the upstream wrote it (special tokens skipped; a reasoning
         # model's reasoning as reasoning), and only the tokens after it are decoded (into content).
         k = next(n for n, _ in reversed(self.pieces) if n <= min(len(ids), self.kept0 or 0))
-        if k:
+        # With stop strings the upstream's text at an event holds back a stop's length of characters, which the
+        # kept tokens' text must have: there it is decoded whole (but a reasoning model's split is kept).
+        held = bool(self.stops) and not self.include_stop
+        if k and (not held or self.reasoning_of(k)):
             content = next(t for n, t in reversed(self.pieces) if n <= k)
             if not final and len(ids) <= (self.kept0 or 0):
                 return content  # the upstream's split of the kept tokens after its event k: known at its next
