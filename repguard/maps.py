@@ -49,7 +49,8 @@ def find_map(name_or_path: str, shape_key: str | None = None,
                     nmap = NeuronMap.load(candidate)
                     if fits is None or fits(nmap):
                         return nmap
-                    first = first or nmap
+                    if first is None:
+                        first = nmap
         if first is not None:
             return first
     found = "a folder (a map is a file: NAME.safetensors)" if path.is_dir() else "no such file"

@@ -610,9 +610,10 @@ class RequestGuard:
             return
         self.broken = True
         metrics.record_error(self.model_name, where)
-        if refusal:
+        if refusal:  # the traceback at DEBUG: an error of the adapter's own is told apart there
             log.warning("repguard: a rollback's resubmission was refused (%s); this request continues unguarded",
                         sys.exc_info()[1])
+            log.debug("repguard: the refused resubmission", exc_info=True)
         else:
             log.exception("repguard: the request guard failed; this request continues unguarded")
         try:

@@ -80,6 +80,7 @@ def test_rows_ended_by_stopping_criteria_come_back_without_padding():
     ((torch.ones(2, 4).long(),), {"streamer": object()}, "streamer: a transformers streamer takes one row"),
     ((torch.ones(2, 4).long(),), {"past_key_values": object()}, "past_key_values: rollback decodes each pass"),
     ((torch.ones(2, 4).long(),), {"guidance_scale": 1.5}, "guidance_scale: classifier-free guidance"),
+    ((torch.ones(2, 4).long(),), {"guidance_scale": 0.0}, "guidance_scale: classifier-free guidance"),
 ])
 def test_inputs_it_cannot_run_are_refused_by_name(args, kwargs, named):
     model = tiny_model()

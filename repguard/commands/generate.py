@@ -136,6 +136,7 @@ def run(args) -> int:
         fp = fingerprint(model)
         if not nmap.fits_weights(fp):
             nmap = find_map(info.name, shape_key=info.shape_key, fits=lambda m: m.fits_weights(fp))
+            guard_fits("--config/--set", config, nmap)
     texts = [_render(tok, p, args.chat) for p in prompts]
     context = int(getattr(model.config, "max_position_embeddings", 0) or 0)
     longest = max(len(tok(t, add_special_tokens=not args.chat)["input_ids"]) for t in texts)

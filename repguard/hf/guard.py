@@ -427,7 +427,7 @@ class Guard:
         if setting("prefill_chunk_size") is not None:
             raise ConfigError("repguard: prefill_chunk_size: a chunked prefill is not supported (the guard takes "
                               "a generation's first forward for its whole prefill)")
-        if (setting("guidance_scale") or 1) > 1:
+        if setting("guidance_scale") not in (None, 1):  # generate runs a second forward for any other
             raise ConfigError("repguard: guidance_scale: classifier-free guidance is not supported (its second "
                               "forward at every step would count as a decoding step of its own)")
         ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))

@@ -440,7 +440,7 @@ def _check_inputs(model, input_ids, attention_mask, max_new_tokens, generate_kwa
         raise ConfigError("past_key_values: rollback decodes each pass from its own prompt and cache (a cache the "
                           "first pass grew would hold its discarded tokens); pass the whole conversation as "
                           "input_ids")
-    if (setting("guidance_scale") or 1) > 1:
+    if setting("guidance_scale") not in (None, 1):  # generate runs a second forward for any other
         raise ConfigError("guidance_scale: classifier-free guidance is not supported (its second forward at every "
                           "step would count as a decoding step of its own)")
     for key in _OUTPUTS:
