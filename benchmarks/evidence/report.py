@@ -358,7 +358,7 @@ def paired_timing(model: str, tokens: int, sampling: str) -> dict | None:
         d = json.loads(p.read_text())
         if (d["model"], d["max_new_tokens"], d["sampling"], d["rows"]) == (model, tokens, sampling, "loop"):
             found.append((d.get("started", ""), p.name, d))
-    return max(found, key=lambda f: f[:2])[2] | {"file": max(found, key=lambda f: f[:2])[1]} if found else None
+    return max(found, key=lambda f: f[:2])[2] if found else None
 
 
 def _setting_key(data: dict) -> tuple:

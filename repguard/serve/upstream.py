@@ -325,11 +325,8 @@ class GuardedCall:
         if sub.index == 0:
             first = {k: v for k, v in body.items() if k not in ("stream_options", "repguard")}
             first.update(stream=True, return_token_ids=True)
-            if sub.neurons_off:  # the paper's method: the neuron step from the first token, its KV salted apart
-                first["vllm_xargs"] = {**(body.get("vllm_xargs") or {}), "repguard": "true",
-                                       "repguard_config": neurons_off_config(self.rg.policy.config),
-                                       RESUBMISSION_KEY: True}  # this proxy counts the request
-                first["cache_salt"] = submission_salt(body.get("cache_salt"), sub)
+            if sub.neurons_off:  # the paper's method: the neuron step from the first token
+                self._engine_args(sub, first)
             return ("/v1/chat/completions" if self.chat else "/v1/completions"), first
         if self.prompt_ids is None:
             raise APIError(502, "the upstream did not return the prompt's token ids (return_token_ids); "
@@ -345,6 +342,12 @@ class GuardedCall:
         bias = submission_bias(own, sub, _number(body.get("presence_penalty")), _number(body.get("frequency_penalty")))
         if bias:
             out["logit_bias"] = {str(t): _clamp(a) for t, a in bias.items()}  # a ban (-inf) is -100
+        self._engine_args(sub, out)
+        return "/v1/completions", out
+
+    def _engine_args(self, sub: Submission, out: dict[str, Any]) -> None:
+        """The guard's ``vllm_xargs`` and ``cache_salt`` of ``sub``, added to its request body ``out``."""
+        body = self.body
         xargs = dict(body.get("vllm_xargs") or {})
         if sub.neurons_off:
             xargs.update(repguard="true", repguard_config=neurons_off_config(self.rg.policy.config))
@@ -354,9 +357,7 @@ class GuardedCall:
         if sub.repair is not None:
             xargs[WIRE_KEY] = sub.engine_repair(len(self.prompt_ids)).to_json()
         xargs[RESUBMISSION_KEY] = True  # this proxy counts the request; an upstream's neuron step must not again
-        if xargs:
-            out["vllm_xargs"] = xargs
-        return "/v1/completions", out
+        out["vllm_xargs"] = xargs
 
     def _headers(self, sub: Submission) -> dict[str, str]:
         """The tracing headers of a submission: the client's; a resubmission's request id gets its index (the
